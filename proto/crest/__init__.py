@@ -1,0 +1,1 @@
+"""Wire contract of the CREST selection service (generated code plus array codecs)."""

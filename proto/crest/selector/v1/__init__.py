@@ -1,0 +1,5 @@
+"""Version 1 of the selection-service wire contract.
+
+``selector_pb2*`` are generated from ``selector.proto`` by ``proto/generate.py`` and never edited by hand;
+``codec`` packs and unpacks the numpy arrays that travel in ``bytes`` fields.
+"""

@@ -1,0 +1,117 @@
+"""Coreset selection on embeddings: per-class facility location and CREST mini-batch coresets.
+
+Pure numpy plus FAISS; no gRPC, Ray or torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from selector_service.errors import InvalidArgument
+from selector_service.facility_location import Coreset, facility_location
+from selector_service.similarity import similarity_matrix
+from selector_service.subsets import split_budget
+
+log = logging.getLogger(__name__)
+
+
+def _check_embeddings(embeddings: np.ndarray) -> np.ndarray:
+    x = np.asarray(embeddings)
+    if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
+        raise InvalidArgument(f"embeddings must be a non-empty (n, d) array, received shape {x.shape}")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if not np.isfinite(x).all():
+        bad = np.argwhere(~np.isfinite(x))[0]
+        raise InvalidArgument(f"embeddings must be finite, received {x[tuple(bad)]} at row {bad[0]}, col {bad[1]}")
+    return x
+
+
+def select_coreset(
+    embeddings: np.ndarray,
+    k: int,
+    *,
+    labels: np.ndarray | None = None,
+    method: str = "lazy",
+    similarity: str = "exp",
+) -> Coreset:
+    """Select ``k`` weighted representatives of ``embeddings`` by facility location.
+
+    With ``labels`` the selection runs per class, the budget split by class share (at least one per class
+    present), and every cluster stays within its class.
+
+    Args:
+        embeddings: float32 (n, d) finite rows.
+        k: number to select, between the number of classes present (1 without labels) and n.
+        labels: optional int (n,) class of each row.
+        method: ``"lazy"`` or ``"naive"`` (see ``facility_location.OPTIMIZERS``).
+        similarity: ``"exp"`` or ``"maxdist"`` (see ``similarity.KERNELS``).
+
+    Returns:
+        ``Coreset`` with row positions in selection order within each class (classes ascending) and cluster
+        sizes that sum to n (per class: to the class size).
+    """
+    x = _check_embeddings(embeddings)
+    n = x.shape[0]
+    if labels is None:
+        return facility_location(similarity_matrix(x, similarity), k, method)
+    labels = np.asarray(labels)
+    if labels.shape != (n,):
+        raise InvalidArgument(f"labels must have shape ({n},) to match the embeddings, received {labels.shape}")
+    classes, counts = np.unique(labels, return_counts=True)
+    budgets = split_budget(counts, k)
+    parts: list[Coreset] = []
+    members_of = []
+    for c, b in zip(classes, budgets, strict=True):
+        members = np.flatnonzero(labels == c)
+        parts.append(facility_location(similarity_matrix(x[members], similarity), int(b), method))
+        members_of.append(members)
+    return Coreset(
+        indices=np.concatenate([m[p.indices] for m, p in zip(members_of, parts, strict=True)]),
+        weights=np.concatenate([p.weights for p in parts]),
+        gains=np.concatenate([p.gains for p in parts]),
+    )
+
+
+@dataclass(frozen=True)
+class MinibatchCoreset:
+    """The weighted mini-batch coreset of one random subset.
+
+    Attributes:
+        ids: int64 (m,) example ids, unique.
+        weights: float32 (m,) loss weights, positive, mean 1: cluster size * m / subset size, so the batch
+            mean of weight * loss estimates the subset's mean loss (CRAIG's gamma, normalised as in CREST).
+        selection_ms: wall time of the selection, in milliseconds.
+    """
+
+    ids: np.ndarray
+    weights: np.ndarray
+    selection_ms: float
+
+
+def minibatch_coreset(
+    ids: np.ndarray,
+    labels: np.ndarray,
+    embeddings: np.ndarray,
+    batch_size: int,
+    similarity: str = "exp",
+    method: str = "lazy",
+) -> MinibatchCoreset:
+    """CREST mini-batch coreset of one random subset (crest-algorithm.md section 3.1).
+
+    Args:
+        ids: int64 (r,) example ids of the subset.
+        labels: int64 (r,) their classes.
+        embeddings: float32 (r, d) their gradient embeddings.
+        batch_size: coreset size m; capped at r.
+    """
+    start = time.perf_counter()
+    k = min(batch_size, len(ids))
+    coreset = select_coreset(embeddings, k, labels=labels, method=method, similarity=similarity)
+    weights = coreset.weights * np.float32(k / coreset.weights.sum())
+    elapsed = (time.perf_counter() - start) * 1e3
+    log.debug("selected %d/%d in %.1f ms", k, len(ids), elapsed)
+    return MinibatchCoreset(ids=np.asarray(ids)[coreset.indices], weights=weights, selection_ms=elapsed)

@@ -1,0 +1,90 @@
+"""Selection on Ray actors: the only module that imports ``ray``.
+
+With no address the backend starts a local Ray bound to 127.0.0.1 (the embedded default); with an address
+(``auto`` or ``HOST:PORT``) it attaches to a running cluster. Each ``SelectorWorker`` actor selects one random
+subset per call; Ray restarts a dead actor and retries its calls.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import socket
+from concurrent.futures import Future
+from typing import Any
+
+import ray
+
+from selector_service.backends import SelectionResult, SelectionTask, run_task
+
+log = logging.getLogger(__name__)
+
+# Object store of an embedded Ray: selection inputs are a few MB per round, so keep it small on small boxes.
+EMBEDDED_OBJECT_STORE_BYTES = 512 * 1024 * 1024
+
+
+class SelectorWorker:
+    """A Ray actor that selects mini-batch coresets. Stateless: any call can be retried on any worker."""
+
+    def __init__(self, name: str, num_threads: int) -> None:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        from selector_service._faiss import faiss
+
+        faiss().omp_set_num_threads(num_threads)
+        self.name = f"{name}@{socket.gethostname()}:{os.getpid()}"
+
+    def select(self, task: SelectionTask) -> SelectionResult:
+        return run_task(task, self.name)
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+
+class RayBackend:
+    """A pool of ``SelectorWorker`` actors, used round-robin."""
+
+    name = "ray"
+
+    def __init__(
+        self,
+        address: str | None = None,
+        num_workers: int = 2,
+        cpus_per_worker: float = 0.5,
+        threads_per_worker: int = 1,
+    ) -> None:
+        self._started_ray = False
+        if not ray.is_initialized():
+            if address:
+                ray.init(address=address, include_dashboard=False, log_to_driver=False)
+            else:
+                # Embedded: loopback only, so the disabled token auth exposes nothing beyond this machine.
+                os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+                ray.init(
+                    _node_ip_address="127.0.0.1",
+                    object_store_memory=EMBEDDED_OBJECT_STORE_BYTES,
+                    include_dashboard=False,
+                    log_to_driver=False,
+                )
+                self._started_ray = True
+        actor = ray.remote(max_restarts=3, max_task_retries=3)(SelectorWorker)
+        self._actors = [
+            actor.options(num_cpus=cpus_per_worker).remote(f"selector-{i}", threads_per_worker)
+            for i in range(num_workers)
+        ]
+        self._next = itertools.cycle(self._actors)
+        log.info("ray backend: %d selector actors (%.2f CPU each), address=%s", num_workers, cpus_per_worker,
+                 address or "embedded")
+
+    def submit(self, task: SelectionTask) -> Future[SelectionResult]:
+        return next(self._next).select.remote(task).future()
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.name, "workers": len(self._actors), "embedded": self._started_ray}
+
+    def close(self) -> None:
+        for a in self._actors:
+            ray.kill(a)
+        self._actors = []
+        if self._started_ray:
+            ray.shutdown()

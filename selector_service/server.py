@@ -1,0 +1,159 @@
+"""Builds and runs the gRPC server: the selector service, standard health checking and reflection."""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from crest.selector.v1 import codec
+from crest.selector.v1 import selector_pb2 as pb
+from crest.selector.v1 import selector_pb2_grpc as pb_grpc
+from selector_service.backends import SelectionBackend, make_backend
+from selector_service.servicer import SelectorServicer
+from selector_service.sessions import Limits, SessionManager
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SelectorService"].full_name
+# Methods callable without a token, so load balancers and grpcurl can probe the server.
+_PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+GRPC_OPTIONS = [
+    ("grpc.max_receive_message_length", codec.MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", codec.MAX_MESSAGE_BYTES),
+]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerConfig:
+    """How ``crest serve`` runs."""
+
+    # Address to bind; loopback by default. Any other address requires ``auth_token``.
+    host: str = "127.0.0.1"
+    # TCP port; 0 picks a free one (printed on start).
+    port: int = 50051
+    # Selection backend: "ray" (actors) or "local" (threads in the server process).
+    backend: str = "ray"
+    # Ray cluster to attach to ("auto" or HOST:PORT); None starts an embedded local Ray.
+    ray_address: str | None = None
+    # Selector workers (Ray actors or threads).
+    num_workers: int = 2
+    # CPUs each Ray actor reserves; fractional so several fit on a small machine.
+    cpus_per_worker: float = 0.5
+    # Threads of the gRPC server; each open stream holds one.
+    grpc_threads: int = 16
+    # Bearer token clients must send as "authorization: Bearer <token>"; None disables auth (loopback only).
+    auth_token: str | None = None
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class _TokenAuth(grpc.ServerInterceptor):
+    """Rejects calls without the configured bearer token (health and reflection stay open)."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+
+    def intercept_service(self, continuation: Callable[..., Any], details: grpc.HandlerCallDetails) -> Any:
+        if details.method.startswith(_PUBLIC_PREFIXES):
+            return continuation(details)
+        sent = dict(details.invocation_metadata or ()).get("authorization", "")
+        if hmac.compare_digest(str(sent).encode(), self._expected):
+            return continuation(details)
+        reason = "missing" if not sent else "invalid"
+
+        def deny(request: Any, context: grpc.ServicerContext) -> Any:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{reason} bearer token in 'authorization' metadata")
+
+        handler = continuation(details)
+        if handler is None:
+            return None
+        if handler.request_streaming:
+            if handler.response_streaming:
+                return grpc.stream_stream_rpc_method_handler(deny)
+            return grpc.stream_unary_rpc_method_handler(deny)
+        if handler.response_streaming:
+            return grpc.unary_stream_rpc_method_handler(deny)
+        return grpc.unary_unary_rpc_method_handler(deny)
+
+
+class RunningServer:
+    """A started server. ``stop()`` ends it and closes the backend."""
+
+    def __init__(self, server: grpc.Server, port: int, host: str, manager: SessionManager,
+                 health_servicer: health.HealthServicer) -> None:
+        self.server, self.port, self.host, self.manager = server, port, host, manager
+        self._health = health_servicer
+
+    @property
+    def target(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    def stop(self, grace: float = 2.0) -> None:
+        self._health.enter_graceful_shutdown()
+        self.server.stop(grace).wait()
+        self.manager.backend.close()
+
+
+def start_server(config: ServerConfig, backend: SelectionBackend | None = None,
+                 limits: Limits | None = None) -> RunningServer:
+    """Build the backend (unless given), bind, start, and mark the service SERVING."""
+    if not is_loopback(config.host) and not config.auth_token:
+        raise ValueError(f"refusing to bind {config.host} without an auth token: set --auth-token (or "
+                         "CREST_AUTH_TOKEN) to serve beyond this machine")
+    if backend is None:
+        options: dict[str, Any] = {"num_workers": config.num_workers}
+        if config.backend == "ray":
+            options |= {"address": config.ray_address, "cpus_per_worker": config.cpus_per_worker}
+        backend = make_backend(config.backend, **options)
+    manager = SessionManager(backend, limits)
+    interceptors = [_TokenAuth(config.auth_token)] if config.auth_token else []
+    server = grpc.server(ThreadPoolExecutor(max_workers=config.grpc_threads, thread_name_prefix="grpc"),
+                         interceptors=interceptors, options=GRPC_OPTIONS)
+    pb_grpc.add_SelectorServiceServicer_to_server(SelectorServicer(manager), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    try:
+        port = server.add_insecure_port(f"{config.host}:{config.port}")
+    except RuntimeError as exc:
+        backend.close()
+        raise OSError(f"cannot bind {config.host}:{config.port}: {exc}") from exc
+    server.start()
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("serving %s on %s:%d (%s)", SERVICE_NAME, config.host, port, backend.describe())
+    return RunningServer(server, port, config.host, manager, health_servicer)
+
+
+def serve_forever(config: ServerConfig, on_ready: Callable[[RunningServer], None] | None = None) -> None:
+    """Run until SIGTERM or SIGINT, then stop gracefully."""
+    running = start_server(config)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        if on_ready:
+            on_ready(running)
+        stop.wait()
+    finally:
+        log.info("shutting down")
+        running.stop()

@@ -1,0 +1,174 @@
+"""The gRPC servicer: converts proto messages to domain types, calls one ``SessionManager`` method, converts
+back. Errors are mapped to status codes through ``STATUS_OF`` only."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import grpc
+
+from crest.selector.v1 import codec
+from crest.selector.v1 import selector_pb2 as pb
+from crest.selector.v1 import selector_pb2_grpc as pb_grpc
+from selector_service.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    SelectionError,
+    SelectorFailure,
+)
+from selector_service.sessions import Batch, EmbeddingPart, SessionConfig, SessionManager
+
+log = logging.getLogger(__name__)
+
+STATUS_OF: dict[type[SelectionError], grpc.StatusCode] = {
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    SelectorFailure: grpc.StatusCode.INTERNAL,
+}
+
+_SIMILARITY = {pb.SIMILARITY_EXP: "exp", pb.SIMILARITY_MAXDIST: "maxdist"}
+_EMBEDDING = {pb.EMBEDDING_LOGIT_GRADIENT: "logit_gradient", pb.EMBEDDING_LAST_LAYER_GRADIENT: "last_layer_gradient"}
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _abort(context: grpc.ServicerContext, exc: Exception) -> None:
+    code = next((c for t, c in STATUS_OF.items() if isinstance(exc, t)), grpc.StatusCode.INTERNAL)
+    if code == grpc.StatusCode.INTERNAL:
+        log.error("internal error: %s", exc, exc_info=exc)
+    context.abort(code, str(exc))
+
+
+def _unary(method: F) -> F:
+    @functools.wraps(method)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return method(self, request, context)
+        except (SelectionError, ValueError) as exc:
+            _abort(context, exc if isinstance(exc, SelectionError) else InvalidArgument(str(exc)))
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _streaming(method: F) -> F:
+    @functools.wraps(method)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        try:
+            yield from method(self, request, context)
+        except (SelectionError, ValueError) as exc:
+            _abort(context, exc if isinstance(exc, SelectionError) else InvalidArgument(str(exc)))
+
+    return wrapper  # type: ignore[return-value]
+
+
+def config_from_proto(c: pb.CrestConfig) -> SessionConfig:
+    if c.similarity not in (pb.SIMILARITY_UNSPECIFIED, *_SIMILARITY):
+        raise InvalidArgument(f"config.similarity: unknown enum value {c.similarity}")
+    if c.embedding_kind not in (pb.EMBEDDING_KIND_UNSPECIFIED, *_EMBEDDING):
+        raise InvalidArgument(f"config.embedding_kind: unknown enum value {c.embedding_kind}")
+    d = SessionConfig()
+    return SessionConfig(
+        subset_fraction=c.subset_fraction or d.subset_fraction,
+        num_subsets=c.num_subsets or d.num_subsets,
+        batch_size=c.batch_size or d.batch_size,
+        similarity=_SIMILARITY.get(c.similarity, d.similarity),
+        seed=c.seed,
+        embedding_dim=c.embedding_dim or None,
+        embedding_kind=_EMBEDDING.get(c.embedding_kind, d.embedding_kind),
+    )
+
+
+def config_to_proto(c: SessionConfig) -> pb.CrestConfig:
+    return pb.CrestConfig(
+        subset_fraction=c.subset_fraction,
+        num_subsets=c.num_subsets,
+        batch_size=c.batch_size,
+        similarity={v: k for k, v in _SIMILARITY.items()}[c.similarity],
+        seed=c.seed,
+        embedding_dim=c.embedding_dim or 0,
+        embedding_kind={v: k for k, v in _EMBEDDING.items()}[c.embedding_kind],
+    )
+
+
+def part_from_proto(chunk: pb.EmbeddingChunk, index: int) -> EmbeddingPart:
+    where = f"message {index}"
+    ids = codec.decode(f"{where}.ids", chunk.ids, codec.INT64)
+    if chunk.dim == 0:
+        raise InvalidArgument(f"{where}.dim is 0; set it to the embedding dimension")
+    emb = codec.decode(f"{where}.embeddings", chunk.embeddings, codec.FLOAT32, rows=len(ids), cols=chunk.dim)
+    labels = codec.decode(f"{where}.labels", chunk.labels, codec.INT64, rows=len(ids)) if chunk.labels else None
+    losses = codec.decode(f"{where}.losses", chunk.losses, codec.FLOAT32, rows=len(ids)) if chunk.losses else None
+    return EmbeddingPart(chunk.session_id, chunk.round_id, ids, emb, labels, losses)
+
+
+def batch_to_proto(b: Batch) -> pb.WeightedBatch:
+    return pb.WeightedBatch(
+        session_id=b.session_id,
+        round_id=b.round_id,
+        subset_index=b.subset_index,
+        ids=codec.encode(b.ids, codec.INT64),
+        weights=codec.encode(b.weights, codec.FLOAT32),
+        size=len(b.ids),
+        trainer_step=b.trainer_step,
+        selection_ms=b.selection_ms,
+        worker=b.worker,
+    )
+
+
+class SelectorServicer(pb_grpc.SelectorServiceServicer):
+    """``crest.selector.v1.SelectorService`` over a ``SessionManager``."""
+
+    def __init__(self, manager: SessionManager) -> None:
+        self.manager = manager
+
+    @_unary
+    def CreateSession(self, request: pb.CreateSessionRequest, context: grpc.ServicerContext) -> Any:
+        labels = codec.decode("labels", request.labels, codec.INT64)
+        if request.dataset_size != len(labels):
+            raise InvalidArgument(f"dataset_size is {request.dataset_size} but labels holds {len(labels)} int64 "
+                                  f"values ({len(request.labels)} bytes)")
+        config = config_from_proto(request.config)
+        s = self.manager.create(labels, request.num_classes, config, request.client_name)
+        return pb.CreateSessionResponse(session_id=s.id, config=config_to_proto(s.config),
+                                        num_classes=s.num_classes, subset_size=s.subset_size)
+
+    @_unary
+    def CloseSession(self, request: pb.CloseSessionRequest, context: grpc.ServicerContext) -> Any:
+        return pb.CloseSessionResponse(rounds_completed=self.manager.close(request.session_id))
+
+    @_unary
+    def StartRound(self, request: pb.StartRoundRequest, context: grpc.ServicerContext) -> Any:
+        plan = self.manager.start_round(request.session_id, request.round_id, request.trainer_step)
+        return pb.RoundPlan(session_id=plan.session_id, round_id=plan.round_id,
+                            ids=codec.encode(plan.ids, codec.INT64), num_ids=len(plan.ids),
+                            num_subsets=plan.num_subsets)
+
+    @_unary
+    def SubmitEmbeddings(self, request_iterator: Iterator[pb.EmbeddingChunk], context: grpc.ServicerContext) -> Any:
+        parts = (part_from_proto(chunk, i) for i, chunk in enumerate(request_iterator))
+        session_id, round_id, n = self.manager.submit_embeddings(parts)
+        return pb.SubmitEmbeddingsResponse(session_id=session_id, round_id=round_id, num_received=n)
+
+    @_streaming
+    def StreamBatches(self, request: pb.StreamBatchesRequest, context: grpc.ServicerContext) -> Iterator[Any]:
+        for batch in self.manager.batches(request.session_id, request.round_id):
+            yield batch_to_proto(batch)
+
+    @_unary
+    def GetSessionState(self, request: pb.GetSessionStateRequest, context: grpc.ServicerContext) -> Any:
+        s = self.manager.snapshot(request.session_id)
+        return pb.SessionState(
+            session_id=s.session_id, dataset_size=s.dataset_size, active_size=s.active_size,
+            rounds_started=s.rounds_started, rounds_completed=s.rounds_completed,
+            batches_delivered=s.batches_delivered, examples_delivered=s.examples_delivered,
+            config=config_to_proto(s.config), num_classes=s.num_classes, next_round_id=s.next_round_id,
+        )

@@ -1,0 +1,415 @@
+"""Sessions and selection rounds: the service's domain state, with no gRPC in it.
+
+A session holds one training job's dataset labels, active pool and configuration. Each round draws P
+class-balanced random subsets from the active pool, receives the trainer's embeddings of their union, hands
+one selection task per subset to the backend, and yields each weighted batch as soon as it is selected.
+Every method validates its whole input before it changes anything, so a rejected call leaves the session
+as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, as_completed
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+import numpy as np
+
+from selector_service.backends import SelectionBackend, SelectionResult, SelectionTask
+from selector_service.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    SelectorFailure,
+)
+from selector_service.similarity import KERNELS
+from selector_service.subsets import class_balanced_subsets, per_class_quota
+
+log = logging.getLogger(__name__)
+
+EMBEDDING_KINDS = ("logit_gradient", "last_layer_gradient")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SessionConfig:
+    """Selection settings of one session (defaults follow the released CREST code)."""
+
+    # Random-subset size r as a fraction of N; 1% as in CREST (r = 500 on CIFAR-10).
+    subset_fraction: float = 0.01
+    # P, random subsets (and coresets) per round; CREST starts at 5.
+    num_subsets: int = 5
+    # m, coreset size per subset: the training mini-batch size.
+    batch_size: int = 128
+    # Facility-location kernel, a key of similarity.KERNELS.
+    similarity: str = "exp"
+    # Seed of every random step; round t uses the generator seeded by (seed, t).
+    seed: int = 0
+    # Embedding row dimension d; None means the number of classes (logit-gradient embedding).
+    embedding_dim: int | None = None
+    # What the rows are, one of EMBEDDING_KINDS.
+    embedding_kind: str = "logit_gradient"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Limits:
+    """Bounds that keep one client from exhausting the service."""
+
+    # Concurrent open sessions.
+    max_sessions: int = 64
+    # Rounds started but not yet delivered, per session.
+    max_rounds_in_flight: int = 4
+    # Largest dataset a session may declare.
+    max_dataset_size: int = 1 << 31
+    # Largest embedding dimension.
+    max_embedding_dim: int = 65536
+    # Most random subsets per round.
+    max_subsets: int = 1024
+
+
+class RoundState(IntEnum):
+    """Life of a round.
+
+    PLANNED -> EMBEDDED (SubmitEmbeddings accepted; selection tasks dispatched)
+    EMBEDDED -> DELIVERED (every batch streamed; the round is then dropped)
+    EMBEDDED -> FAILED (a selector failed; StreamBatches reports it)
+    """
+
+    PLANNED = 0
+    EMBEDDED = 1
+    DELIVERED = 2
+    FAILED = 3
+
+
+@dataclass
+class _Round:
+    round_id: int
+    trainer_step: int
+    subsets: list[np.ndarray]
+    ids: np.ndarray  # sorted union of the subsets
+    state: RoundState = RoundState.PLANNED
+    futures: list[Future[SelectionResult]] = field(default_factory=list)
+    delivered: set[int] = field(default_factory=set)
+    streaming: bool = False
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """Ids the trainer must embed for a round: int64 (n,), sorted, unique."""
+
+    session_id: str
+    round_id: int
+    ids: np.ndarray
+    num_subsets: int
+
+
+@dataclass(frozen=True)
+class EmbeddingPart:
+    """One streamed piece of a round's embeddings, already decoded (shapes agree with ``ids``)."""
+
+    session_id: str
+    round_id: int
+    ids: np.ndarray  # int64 (n,)
+    embeddings: np.ndarray  # float32 (n, d)
+    labels: np.ndarray | None  # int64 (n,) or None when not sent
+    losses: np.ndarray | None  # float32 (n,) or None when not sent
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One weighted mini-batch coreset of a round."""
+
+    session_id: str
+    round_id: int
+    subset_index: int
+    ids: np.ndarray  # int64 (m,)
+    weights: np.ndarray  # float32 (m,), mean 1
+    trainer_step: int
+    selection_ms: float
+    worker: str
+
+
+@dataclass(frozen=True)
+class SessionSnapshot:
+    session_id: str
+    dataset_size: int
+    active_size: int
+    rounds_started: int
+    rounds_completed: int
+    batches_delivered: int
+    examples_delivered: int
+    config: SessionConfig
+    num_classes: int
+    next_round_id: int
+
+
+class Session:
+    """One training job's state. All mutation happens under ``lock``."""
+
+    def __init__(self, session_id: str, labels: np.ndarray, num_classes: int, config: SessionConfig,
+                 client_name: str) -> None:
+        self.id = session_id
+        self.labels = labels
+        self.num_classes = num_classes
+        self.config = config
+        self.client_name = client_name
+        self.quota = per_class_quota(len(labels), num_classes, config.subset_fraction)
+        self.active = np.ones(len(labels), dtype=bool)
+        self.rounds: dict[int, _Round] = {}
+        self.next_round_id = 0
+        self.rounds_completed = 0
+        self.batches_delivered = 0
+        self.examples_delivered = 0
+        self.lock = threading.Lock()
+
+    @property
+    def dim(self) -> int:
+        return self.config.embedding_dim or self.num_classes
+
+    @property
+    def subset_size(self) -> int:
+        """Nominal random-subset size r = C * quota."""
+        return self.num_classes * self.quota
+
+
+def _validate_config(config: SessionConfig, num_classes: int, limits: Limits) -> SessionConfig:
+    if not 0.0 < config.subset_fraction <= 1.0:
+        raise InvalidArgument(f"subset_fraction must be in (0, 1], received {config.subset_fraction}")
+    if not 1 <= config.num_subsets <= limits.max_subsets:
+        raise InvalidArgument(f"num_subsets must be in [1, {limits.max_subsets}], received {config.num_subsets}")
+    if config.batch_size < num_classes:
+        raise InvalidArgument(
+            f"batch_size {config.batch_size} is smaller than the number of classes {num_classes}: "
+            "every class needs at least one slot in a coreset"
+        )
+    if config.similarity not in KERNELS:
+        raise InvalidArgument(f"similarity must be one of {sorted(KERNELS)}, received {config.similarity!r}")
+    if config.embedding_kind not in EMBEDDING_KINDS:
+        raise InvalidArgument(f"embedding_kind must be one of {EMBEDDING_KINDS}, received {config.embedding_kind!r}")
+    dim = config.embedding_dim or num_classes
+    if not 1 <= dim <= limits.max_embedding_dim:
+        raise InvalidArgument(f"embedding_dim must be in [1, {limits.max_embedding_dim}], received {dim}")
+    if config.embedding_kind == "logit_gradient" and dim != num_classes:
+        raise InvalidArgument(
+            f"a logit-gradient embedding has one value per class: embedding_dim must be {num_classes}, received {dim}"
+        )
+    return SessionConfig(**{**config.__dict__, "embedding_dim": dim})
+
+
+class SessionManager:
+    """All sessions of one service, and the backend their selection runs on."""
+
+    def __init__(self, backend: SelectionBackend, limits: Limits | None = None) -> None:
+        self.backend = backend
+        self.limits = limits or Limits()
+        self._sessions: dict[str, Session] = {}
+        self._lock = threading.Lock()
+
+    # -- sessions -------------------------------------------------------------------------------------------
+
+    def create(self, labels: np.ndarray, num_classes: int, config: SessionConfig, client_name: str = "") -> Session:
+        """Register a dataset by its labels (int64 (N,)); ``num_classes`` 0 means max(labels) + 1."""
+        n = len(labels)
+        if n == 0:
+            raise InvalidArgument("labels is empty: a session needs the label of every example")
+        if n > self.limits.max_dataset_size:
+            raise ResourceExhausted(f"dataset_size {n} exceeds the limit {self.limits.max_dataset_size}")
+        lo, hi = int(labels.min()), int(labels.max())
+        num_classes = num_classes or hi + 1
+        if num_classes < 2:
+            raise InvalidArgument(f"num_classes must be >= 2, received {num_classes} (labels in [{lo}, {hi}])")
+        if lo < 0 or hi >= num_classes:
+            raise InvalidArgument(f"labels must be in [0, {num_classes}), received values in [{lo}, {hi}]")
+        config = _validate_config(config, num_classes, self.limits)
+        with self._lock:
+            if len(self._sessions) >= self.limits.max_sessions:
+                raise ResourceExhausted(f"{len(self._sessions)} sessions are open, the limit is "
+                                        f"{self.limits.max_sessions}; close one first")
+            session = Session(uuid.uuid4().hex, labels.astype(np.int64, copy=True), num_classes, config,
+                              client_name or "unnamed")
+            self._sessions[session.id] = session
+        log.info("session %s (%s): N=%d C=%d r=%d m=%d P=%d", session.id, session.client_name, n, num_classes,
+                 session.subset_size, config.batch_size, config.num_subsets)
+        return session
+
+    def get(self, session_id: str) -> Session:
+        with self._lock:
+            session = self._sessions.get(session_id)
+        if session is None:
+            raise NotFound(f"unknown session {session_id!r} (never created, or closed)")
+        return session
+
+    def close(self, session_id: str) -> int:
+        """Close a session; returns its number of completed rounds."""
+        with self._lock:
+            session = self._sessions.pop(session_id, None)
+        if session is None:
+            raise NotFound(f"unknown session {session_id!r} (never created, or already closed)")
+        with session.lock:
+            for rnd in session.rounds.values():
+                for f in rnd.futures:
+                    f.cancel()
+            session.rounds.clear()
+        log.info("session %s closed after %d rounds", session_id, session.rounds_completed)
+        return session.rounds_completed
+
+    def snapshot(self, session_id: str) -> SessionSnapshot:
+        s = self.get(session_id)
+        with s.lock:
+            return SessionSnapshot(s.id, len(s.labels), int(s.active.sum()), s.next_round_id, s.rounds_completed,
+                                   s.batches_delivered, s.examples_delivered, s.config, s.num_classes,
+                                   s.next_round_id)
+
+    # -- rounds ---------------------------------------------------------------------------------------------
+
+    def start_round(self, session_id: str, round_id: int, trainer_step: int) -> RoundPlan:
+        """Draw the round's random subsets and return the ids to embed."""
+        s = self.get(session_id)
+        with s.lock:
+            if round_id < s.next_round_id:
+                raise AlreadyExists(f"round {round_id} of session {session_id} was already started; "
+                                    f"the next round is {s.next_round_id}")
+            if round_id > s.next_round_id:
+                raise FailedPrecondition(f"round {round_id} is out of order: session {session_id} expects round "
+                                         f"{s.next_round_id} next")
+            in_flight = len(s.rounds)
+            if in_flight >= self.limits.max_rounds_in_flight:
+                raise ResourceExhausted(f"session {session_id} has {in_flight} rounds in flight, the limit is "
+                                        f"{self.limits.max_rounds_in_flight}; stream their batches first")
+            rng = np.random.default_rng([s.config.seed, round_id])
+            subsets = class_balanced_subsets(s.labels, s.active, s.quota, s.config.num_subsets, rng)
+            ids = np.unique(np.concatenate(subsets))
+            s.rounds[round_id] = _Round(round_id, trainer_step, subsets, ids)
+            s.next_round_id += 1
+        return RoundPlan(session_id, round_id, ids, len(subsets))
+
+    def _planned_round(self, s: Session, round_id: int) -> _Round:
+        rnd = s.rounds.get(round_id)
+        if rnd is None:
+            raise NotFound(f"session {s.id} has no open round {round_id} (next round is {s.next_round_id}; "
+                           "delivered rounds are closed)")
+        if rnd.state != RoundState.PLANNED:
+            raise FailedPrecondition(f"round {round_id} of session {s.id} already received its embeddings "
+                                     f"(state {rnd.state.name})")
+        return rnd
+
+    def submit_embeddings(self, parts: Iterable[EmbeddingPart]) -> tuple[str, int, int]:
+        """Receive a round's embeddings, validate them as a whole, then dispatch selection.
+
+        Returns (session_id, round_id, number of rows received).
+        """
+        it = iter(parts)
+        first = next(it, None)
+        if first is None:
+            raise InvalidArgument("received no embedding messages; send every id of the round's plan")
+        s = self.get(first.session_id)
+        with s.lock:
+            rnd = self._planned_round(s, first.round_id)
+        plan = rnd.ids
+        emb = np.empty((len(plan), s.dim), dtype=np.float32)
+        seen = np.zeros(len(plan), dtype=bool)
+        for index, part in enumerate(_chain(first, it)):
+            self._stage(s, rnd, part, index, emb, seen)
+        if not seen.all():
+            missing = plan[~seen]
+            raise InvalidArgument(f"received {int(seen.sum())} of the {len(plan)} ids of round {rnd.round_id}; "
+                                  f"missing {len(missing)}, e.g. {missing[:5].tolist()}")
+        with s.lock:
+            rnd = self._planned_round(s, first.round_id)  # a concurrent submit may have won the race
+            rnd.state = RoundState.EMBEDDED
+            rnd.futures = [self.backend.submit(self._task(s, rnd, i, sub, emb))
+                           for i, sub in enumerate(rnd.subsets)]
+        return s.id, rnd.round_id, len(plan)
+
+    def _stage(self, s: Session, rnd: _Round, part: EmbeddingPart, index: int, emb: np.ndarray,
+               seen: np.ndarray) -> None:
+        where = f"message {index} of round {rnd.round_id}"
+        if (part.session_id, part.round_id) != (s.id, rnd.round_id):
+            raise InvalidArgument(f"{where} names session {part.session_id!r} round {part.round_id}, but the stream "
+                                  f"started with session {s.id!r} round {rnd.round_id}")
+        if part.embeddings.shape[1] != s.dim:
+            raise InvalidArgument(f"{where}: embedding dim {part.embeddings.shape[1]}, the session expects {s.dim}")
+        pos = np.searchsorted(rnd.ids, part.ids)
+        pos = np.minimum(pos, len(rnd.ids) - 1)
+        foreign = rnd.ids[pos] != part.ids
+        if foreign.any():
+            raise InvalidArgument(f"{where}: id {int(part.ids[foreign][0])} is not in the round's plan "
+                                  f"({int(foreign.sum())} such ids)")
+        if seen[pos].any():
+            raise InvalidArgument(f"{where}: id {int(part.ids[seen[pos]][0])} was already sent in an earlier message")
+        uniq, counts = np.unique(pos, return_counts=True)
+        if (counts > 1).any():
+            raise InvalidArgument(f"{where}: id {int(rnd.ids[uniq[counts > 1][0]])} appears more than once")
+        if not np.isfinite(part.embeddings).all():
+            row = int(np.flatnonzero(~np.isfinite(part.embeddings).all(axis=1))[0])
+            raise InvalidArgument(f"{where}: embedding of id {int(part.ids[row])} is not finite: "
+                                  f"{part.embeddings[row][:8].tolist()}")
+        if part.labels is not None and not np.array_equal(part.labels, s.labels[part.ids]):
+            row = int(np.flatnonzero(part.labels != s.labels[part.ids])[0])
+            raise InvalidArgument(f"{where}: label {int(part.labels[row])} for id {int(part.ids[row])}, but the "
+                                  f"session was created with label {int(s.labels[part.ids[row]])}")
+        if part.losses is not None and not (np.isfinite(part.losses).all() and (part.losses >= 0).all()):
+            row = int(np.flatnonzero(~(np.isfinite(part.losses) & (part.losses >= 0)))[0])
+            raise InvalidArgument(f"{where}: loss {float(part.losses[row])} for id {int(part.ids[row])} is not a "
+                                  "finite non-negative number")
+        emb[pos] = part.embeddings
+        seen[pos] = True
+
+    def _task(self, s: Session, rnd: _Round, index: int, subset: np.ndarray, emb: np.ndarray) -> SelectionTask:
+        rows = np.searchsorted(rnd.ids, subset)
+        return SelectionTask(s.id, rnd.round_id, index, subset, s.labels[subset], emb[rows], s.config.batch_size,
+                             s.config.similarity)
+
+    def batches(self, session_id: str, round_id: int) -> Iterator[Batch]:
+        """Yield the round's undelivered batches as their selection finishes (completion order).
+
+        A stream that stops early leaves the rest of the batches for the next call; a batch is yielded once.
+        """
+        s = self.get(session_id)
+        with s.lock:
+            rnd = s.rounds.get(round_id)
+            if rnd is None:
+                raise NotFound(f"session {session_id} has no open round {round_id} (next round is "
+                               f"{s.next_round_id}; delivered rounds are closed)")
+            if rnd.state == RoundState.PLANNED:
+                raise FailedPrecondition(f"round {round_id} of session {session_id} has no embeddings yet; call "
+                                         "SubmitEmbeddings first")
+            if rnd.state == RoundState.FAILED:
+                raise SelectorFailure(f"round {round_id} of session {session_id} failed in selection")
+            if rnd.streaming:
+                raise FailedPrecondition(f"round {round_id} of session {session_id} is already being streamed")
+            rnd.streaming = True
+            pending = [f for i, f in enumerate(rnd.futures) if i not in rnd.delivered]
+        try:
+            for future in as_completed(pending):
+                try:
+                    result = future.result()
+                except Exception as exc:
+                    with s.lock:
+                        rnd.state = RoundState.FAILED
+                    raise SelectorFailure(f"selection of round {round_id} of session {session_id} failed: "
+                                          f"{type(exc).__name__}: {exc}") from exc
+                batch = Batch(s.id, round_id, result.subset_index, result.ids, result.weights, rnd.trainer_step,
+                              result.selection_ms, result.worker)
+                yield batch
+                with s.lock:
+                    rnd.delivered.add(result.subset_index)
+                    s.batches_delivered += 1
+                    s.examples_delivered += len(result.ids)
+            with s.lock:
+                rnd.state = RoundState.DELIVERED
+                s.rounds.pop(round_id, None)
+                s.rounds_completed += 1
+        finally:
+            with s.lock:
+                rnd.streaming = False
+
+
+def _chain(first: EmbeddingPart, rest: Iterator[EmbeddingPart]) -> Iterator[EmbeddingPart]:
+    yield first
+    yield from rest
