@@ -10,19 +10,30 @@ import queue
 import subprocess
 import sys
 import threading
-from typing import Any
+from typing import IO, Any
 
 READY_PREFIX = "READY "
 
 
 def _add_server_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", choices=["ray", "local"], default="ray",
-                   help="where selection runs: Ray actors (default) or threads inside the server process")
-    p.add_argument("--ray-address", default=None,
-                   help="Ray cluster to attach to ('auto' or HOST:PORT); default: start an embedded local Ray")
+    p.add_argument(
+        "--backend",
+        choices=["ray", "local"],
+        default="ray",
+        help="where selection runs: Ray actors (default) or threads inside the server process",
+    )
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        help="Ray cluster to attach to ('auto' or HOST:PORT); default: start an embedded local Ray",
+    )
     p.add_argument("--num-workers", type=int, default=2, help="selector workers (Ray actors or threads); default 2")
-    p.add_argument("--cpus-per-worker", type=float, default=0.5,
-                   help="CPUs each Ray selector actor reserves (fractional fits several on a small box); default 0.5")
+    p.add_argument(
+        "--cpus-per-worker",
+        type=float,
+        default=0.5,
+        help="CPUs each Ray selector actor reserves (fractional fits several on a small box); default 0.5",
+    )
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
@@ -30,19 +41,38 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=0.05, help="peak SGD learning rate, cosine-annealed; default 0.05")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum; default 0.9")
     p.add_argument("--batch-size", type=int, default=128, help="coreset size m = training batch size; default 128")
-    p.add_argument("--subset-fraction", type=float, default=0.01,
-                   help="random-subset size r as a fraction of the dataset; default 0.01 (CREST)")
+    p.add_argument(
+        "--subset-fraction",
+        type=float,
+        default=0.01,
+        help="random-subset size r as a fraction of the dataset; default 0.01 (CREST)",
+    )
     p.add_argument("--num-subsets", type=int, default=5, help="random subsets (coresets) per round P; default 5")
-    p.add_argument("--steps-per-round", type=int, default=50,
-                   help="steps trained on one round's coresets before switching to the next; default 50")
-    p.add_argument("--lookahead-steps", type=int, default=10,
-                   help="steps before a round ends at which the next is requested; default 10")
-    p.add_argument("--similarity", choices=["exp", "maxdist"], default="exp",
-                   help="facility-location kernel: exp(-dist/d) as in CREST, or max-dist minus dist as in CRAIG")
+    p.add_argument(
+        "--steps-per-round",
+        type=int,
+        default=50,
+        help="steps trained on one round's coresets before switching to the next; default 50",
+    )
+    p.add_argument(
+        "--lookahead-steps",
+        type=int,
+        default=10,
+        help="steps before a round ends at which the next is requested; default 10",
+    )
+    p.add_argument(
+        "--similarity",
+        choices=["exp", "maxdist"],
+        default="exp",
+        help="facility-location kernel: exp(-dist/d) as in CREST, or max-dist minus dist as in CRAIG",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of model init, subset sampling and shuffling")
-    p.add_argument("--data-dir", default=os.environ.get("CREST_DATA_DIR"),
-                   help="directory with the four Fashion-MNIST .gz files (default: $CREST_DATA_DIR, then "
-                        "/usr/share/datasets/fashion-mnist)")
+    p.add_argument(
+        "--data-dir",
+        default=os.environ.get("CREST_DATA_DIR"),
+        help="directory with the four Fashion-MNIST .gz files (default: $CREST_DATA_DIR, then "
+        "/usr/share/datasets/fashion-mnist)",
+    )
     p.add_argument("--train-limit", type=int, default=None, help="use only the first N training examples")
     p.add_argument("--test-limit", type=int, default=None, help="evaluate on only the first N test examples")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the trainer; default 1")
@@ -51,32 +81,52 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="crest", description="CREST data selection as a service.")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                        help="logging verbosity on stderr; default INFO")
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="logging verbosity on stderr; default INFO",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = sub.add_parser("serve", help="run the selection service",
-                           description="Run the gRPC selection service until SIGTERM/SIGINT. Prints "
-                                       f"'{READY_PREFIX}HOST:PORT' on stdout once it serves.")
-    serve.add_argument("--host", default="127.0.0.1",
-                       help="address to bind; default 127.0.0.1. Other addresses require an auth token")
+    serve = sub.add_parser(
+        "serve",
+        help="run the selection service",
+        description="Run the gRPC selection service until SIGTERM/SIGINT. Prints "
+        f"'{READY_PREFIX}HOST:PORT' on stdout once it serves.",
+    )
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="address to bind; default 127.0.0.1. Other addresses require an auth token"
+    )
     serve.add_argument("--port", type=int, default=50051, help="TCP port, 0 for any free port; default 50051")
     serve.add_argument("--grpc-threads", type=int, default=16, help="gRPC server threads; default 16")
-    serve.add_argument("--auth-token", default=os.environ.get("CREST_AUTH_TOKEN"),
-                       help="bearer token clients must send (default: $CREST_AUTH_TOKEN; none on loopback)")
+    serve.add_argument(
+        "--auth-token",
+        default=os.environ.get("CREST_AUTH_TOKEN"),
+        help="bearer token clients must send (default: $CREST_AUTH_TOKEN; none on loopback)",
+    )
     _add_server_flags(serve)
 
-    train = sub.add_parser("train", help="train the Fashion-MNIST CNN against a running service",
-                           description="Train a small CNN on Fashion-MNIST with CREST coresets from the service "
-                                       "at --endpoint, then print test accuracy and cost.")
+    train = sub.add_parser(
+        "train",
+        help="train the Fashion-MNIST CNN against a running service",
+        description="Train a small CNN on Fashion-MNIST with CREST coresets from the service "
+        "at --endpoint, then print test accuracy and cost.",
+    )
     train.add_argument("--endpoint", default="127.0.0.1:50051", help="service address HOST:PORT")
-    train.add_argument("--token", default=os.environ.get("CREST_AUTH_TOKEN"),
-                       help="bearer token for the service (default: $CREST_AUTH_TOKEN)")
+    train.add_argument(
+        "--token",
+        default=os.environ.get("CREST_AUTH_TOKEN"),
+        help="bearer token for the service (default: $CREST_AUTH_TOKEN)",
+    )
     _add_train_flags(train)
 
-    demo = sub.add_parser("demo", help="start a local service and train against it",
-                          description="Start the service on localhost (embedded Ray), train the Fashion-MNIST "
-                                      "CNN through it over gRPC, print the results, stop the service.")
+    demo = sub.add_parser(
+        "demo",
+        help="start a local service and train against it",
+        description="Start the service on localhost (embedded Ray), train the Fashion-MNIST "
+        "CNN through it over gRPC, print the results, stop the service.",
+    )
     _add_server_flags(demo)
     _add_train_flags(demo)
     return parser
@@ -86,21 +136,43 @@ def _train_config(args: argparse.Namespace) -> Any:
     from trainer_client.loader import LoaderConfig
     from trainer_client.train import TrainConfig
 
-    loader = LoaderConfig(batch_size=args.batch_size, subset_fraction=args.subset_fraction,
-                          num_subsets=args.num_subsets, similarity=args.similarity, seed=args.seed,
-                          steps_per_round=args.steps_per_round, lookahead_steps=args.lookahead_steps,
-                          client_name=f"crest-{args.command}")
-    return TrainConfig(steps=args.steps, lr=args.lr, momentum=args.momentum, loader=loader, seed=args.seed,
-                       data_dir=args.data_dir, train_limit=args.train_limit, test_limit=args.test_limit,
-                       threads=args.threads, log_every=args.log_every)
+    loader = LoaderConfig(
+        batch_size=args.batch_size,
+        subset_fraction=args.subset_fraction,
+        num_subsets=args.num_subsets,
+        similarity=args.similarity,
+        seed=args.seed,
+        steps_per_round=args.steps_per_round,
+        lookahead_steps=args.lookahead_steps,
+        client_name=f"crest-{args.command}",
+    )
+    return TrainConfig(
+        steps=args.steps,
+        lr=args.lr,
+        momentum=args.momentum,
+        loader=loader,
+        seed=args.seed,
+        data_dir=args.data_dir,
+        train_limit=args.train_limit,
+        test_limit=args.test_limit,
+        threads=args.threads,
+        log_every=args.log_every,
+    )
 
 
 def _run_serve(args: argparse.Namespace) -> int:
     from selector_service.server import ServerConfig, serve_forever
 
-    config = ServerConfig(host=args.host, port=args.port, backend=args.backend, ray_address=args.ray_address,
-                          num_workers=args.num_workers, cpus_per_worker=args.cpus_per_worker,
-                          grpc_threads=args.grpc_threads, auth_token=args.auth_token)
+    config = ServerConfig(
+        host=args.host,
+        port=args.port,
+        backend=args.backend,
+        ray_address=args.ray_address,
+        num_workers=args.num_workers,
+        cpus_per_worker=args.cpus_per_worker,
+        grpc_threads=args.grpc_threads,
+        auth_token=args.auth_token,
+    )
     serve_forever(config, on_ready=lambda running: print(f"{READY_PREFIX}{running.target}", flush=True))
     return 0
 
@@ -118,8 +190,10 @@ def _run_train(args: argparse.Namespace, endpoint: str, token: str | None) -> in
         ("test accuracy", f"{result.test_accuracy:.4f}"),
         ("wall time", f"{result.wall_s:.1f} s"),
         ("optimizer steps", f"{result.steps}"),
-        ("examples back-propagated", f"{result.examples_backpropagated:,} ({result.examples_backpropagated / n:.2f} "
-                                     "epochs)"),
+        (
+            "examples back-propagated",
+            f"{result.examples_backpropagated:,} ({result.examples_backpropagated / n:.2f} epochs)",
+        ),
         ("examples embedded (forward only)", f"{result.examples_embedded:,}"),
         ("selection rounds", f"{result.rounds}"),
         ("trainer wait for coresets", f"{result.wait_s:.2f} s ({100 * result.wait_s / result.wall_s:.1f}% of wall)"),
@@ -133,15 +207,34 @@ def _run_train(args: argparse.Namespace, endpoint: str, token: str | None) -> in
     return 0
 
 
+def _pump(stream: IO[str] | None, lines: queue.Queue[str]) -> None:
+    """Forward a child's stdout lines into ``lines`` (run in a thread so the reader can time out)."""
+    for line in stream or ():
+        lines.put(line)
+
+
 def _run_demo(args: argparse.Namespace) -> int:
-    cmd = [sys.executable, "-m", "selector_service.cli", "--log-level", args.log_level, "serve", "--port", "0",
-           "--backend", args.backend, "--num-workers", str(args.num_workers),
-           "--cpus-per-worker", str(args.cpus_per_worker)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "selector_service.cli",
+        "--log-level",
+        args.log_level,
+        "serve",
+        "--port",
+        "0",
+        "--backend",
+        args.backend,
+        "--num-workers",
+        str(args.num_workers),
+        "--cpus-per-worker",
+        str(args.cpus_per_worker),
+    ]
     if args.ray_address:
         cmd += ["--ray-address", args.ray_address]
     server = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in server.stdout or []], daemon=True).start()
+    threading.Thread(target=_pump, args=(server.stdout, lines), daemon=True).start()
     try:
         try:
             line = lines.get(timeout=120)
@@ -149,7 +242,7 @@ def _run_demo(args: argparse.Namespace) -> int:
             raise RuntimeError("the selection service did not report ready within 120 s") from None
         if not line.startswith(READY_PREFIX):
             raise RuntimeError(f"unexpected output from the selection service: {line!r}")
-        endpoint = line[len(READY_PREFIX):].strip()
+        endpoint = line[len(READY_PREFIX) :].strip()
         logging.getLogger("crest").info("service ready at %s (pid %d)", endpoint, server.pid)
         return _run_train(args, endpoint, None)
     finally:

@@ -41,13 +41,14 @@ def _naive_greedy(sim: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     n = sim.shape[0]
     cover = np.zeros(n, dtype=np.float64)
     taken = np.zeros(n, dtype=bool)
-    order, gains = [], []
+    order: list[int] = []
+    gains: list[float] = []
     for _ in range(k):
         g = np.maximum(sim - cover, 0.0).sum(axis=1, dtype=np.float64)  # row j: gain of adding j
         g[taken] = -np.inf
         j = int(np.argmax(g))  # first maximum: lowest index wins a tie
         order.append(j)
-        gains.append(g[j])
+        gains.append(float(g[j]))
         taken[j] = True
         np.maximum(cover, sim[j], out=cover)
     return np.asarray(order, dtype=np.int64), np.asarray(gains, dtype=np.float64)
@@ -60,7 +61,8 @@ def _lazy_greedy(sim: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     bounds = sim.sum(axis=1, dtype=np.float64)
     heap = [(-float(b), j) for j, b in enumerate(bounds)]
     heapq.heapify(heap)
-    order, gains = [], []
+    order: list[int] = []
+    gains: list[float] = []
     while len(order) < k:
         _, j = heapq.heappop(heap)
         g = float(np.maximum(sim[j] - cover, 0.0).sum(dtype=np.float64))

@@ -67,14 +67,18 @@ class RayBackend:
                     log_to_driver=False,
                 )
                 self._started_ray = True
-        actor = ray.remote(max_restarts=3, max_task_retries=3)(SelectorWorker)
-        self._actors = [
+        actor: Any = ray.remote(max_restarts=3, max_task_retries=3)(SelectorWorker)
+        self._actors: list[Any] = [
             actor.options(num_cpus=cpus_per_worker).remote(f"selector-{i}", threads_per_worker)
             for i in range(num_workers)
         ]
         self._next = itertools.cycle(self._actors)
-        log.info("ray backend: %d selector actors (%.2f CPU each), address=%s", num_workers, cpus_per_worker,
-                 address or "embedded")
+        log.info(
+            "ray backend: %d selector actors (%.2f CPU each), address=%s",
+            num_workers,
+            cpus_per_worker,
+            address or "embedded",
+        )
 
     def submit(self, task: SelectionTask) -> Future[SelectionResult]:
         return next(self._next).select.remote(task).future()

@@ -97,8 +97,9 @@ class _TokenAuth(grpc.ServerInterceptor):
 class RunningServer:
     """A started server. ``stop()`` ends it and closes the backend."""
 
-    def __init__(self, server: grpc.Server, port: int, host: str, manager: SessionManager,
-                 health_servicer: health.HealthServicer) -> None:
+    def __init__(
+        self, server: grpc.Server, port: int, host: str, manager: SessionManager, health_servicer: health.HealthServicer
+    ) -> None:
         self.server, self.port, self.host, self.manager = server, port, host, manager
         self._health = health_servicer
 
@@ -113,12 +114,15 @@ class RunningServer:
         self.manager.backend.close()
 
 
-def start_server(config: ServerConfig, backend: SelectionBackend | None = None,
-                 limits: Limits | None = None) -> RunningServer:
+def start_server(
+    config: ServerConfig, backend: SelectionBackend | None = None, limits: Limits | None = None
+) -> RunningServer:
     """Build the backend (unless given), bind, start, and mark the service SERVING."""
     if not is_loopback(config.host) and not config.auth_token:
-        raise ValueError(f"refusing to bind {config.host} without an auth token: set --auth-token (or "
-                         "CREST_AUTH_TOKEN) to serve beyond this machine")
+        raise ValueError(
+            f"refusing to bind {config.host} without an auth token: set --auth-token (or "
+            "CREST_AUTH_TOKEN) to serve beyond this machine"
+        )
     if backend is None:
         options: dict[str, Any] = {"num_workers": config.num_workers}
         if config.backend == "ray":
@@ -126,8 +130,11 @@ def start_server(config: ServerConfig, backend: SelectionBackend | None = None,
         backend = make_backend(config.backend, **options)
     manager = SessionManager(backend, limits)
     interceptors = [_TokenAuth(config.auth_token)] if config.auth_token else []
-    server = grpc.server(ThreadPoolExecutor(max_workers=config.grpc_threads, thread_name_prefix="grpc"),
-                         interceptors=interceptors, options=GRPC_OPTIONS)
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=config.grpc_threads, thread_name_prefix="grpc"),
+        interceptors=interceptors,
+        options=GRPC_OPTIONS,
+    )
     pb_grpc.add_SelectorServiceServicer_to_server(SelectorServicer(manager), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

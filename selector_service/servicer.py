@@ -134,12 +134,15 @@ class SelectorServicer(pb_grpc.SelectorServiceServicer):
     def CreateSession(self, request: pb.CreateSessionRequest, context: grpc.ServicerContext) -> Any:
         labels = codec.decode("labels", request.labels, codec.INT64)
         if request.dataset_size != len(labels):
-            raise InvalidArgument(f"dataset_size is {request.dataset_size} but labels holds {len(labels)} int64 "
-                                  f"values ({len(request.labels)} bytes)")
+            raise InvalidArgument(
+                f"dataset_size is {request.dataset_size} but labels holds {len(labels)} int64 "
+                f"values ({len(request.labels)} bytes)"
+            )
         config = config_from_proto(request.config)
         s = self.manager.create(labels, request.num_classes, config, request.client_name)
-        return pb.CreateSessionResponse(session_id=s.id, config=config_to_proto(s.config),
-                                        num_classes=s.num_classes, subset_size=s.subset_size)
+        return pb.CreateSessionResponse(
+            session_id=s.id, config=config_to_proto(s.config), num_classes=s.num_classes, subset_size=s.subset_size
+        )
 
     @_unary
     def CloseSession(self, request: pb.CloseSessionRequest, context: grpc.ServicerContext) -> Any:
@@ -148,9 +151,13 @@ class SelectorServicer(pb_grpc.SelectorServiceServicer):
     @_unary
     def StartRound(self, request: pb.StartRoundRequest, context: grpc.ServicerContext) -> Any:
         plan = self.manager.start_round(request.session_id, request.round_id, request.trainer_step)
-        return pb.RoundPlan(session_id=plan.session_id, round_id=plan.round_id,
-                            ids=codec.encode(plan.ids, codec.INT64), num_ids=len(plan.ids),
-                            num_subsets=plan.num_subsets)
+        return pb.RoundPlan(
+            session_id=plan.session_id,
+            round_id=plan.round_id,
+            ids=codec.encode(plan.ids, codec.INT64),
+            num_ids=len(plan.ids),
+            num_subsets=plan.num_subsets,
+        )
 
     @_unary
     def SubmitEmbeddings(self, request_iterator: Iterator[pb.EmbeddingChunk], context: grpc.ServicerContext) -> Any:
@@ -167,8 +174,14 @@ class SelectorServicer(pb_grpc.SelectorServiceServicer):
     def GetSessionState(self, request: pb.GetSessionStateRequest, context: grpc.ServicerContext) -> Any:
         s = self.manager.snapshot(request.session_id)
         return pb.SessionState(
-            session_id=s.session_id, dataset_size=s.dataset_size, active_size=s.active_size,
-            rounds_started=s.rounds_started, rounds_completed=s.rounds_completed,
-            batches_delivered=s.batches_delivered, examples_delivered=s.examples_delivered,
-            config=config_to_proto(s.config), num_classes=s.num_classes, next_round_id=s.next_round_id,
+            session_id=s.session_id,
+            dataset_size=s.dataset_size,
+            active_size=s.active_size,
+            rounds_started=s.rounds_started,
+            rounds_completed=s.rounds_completed,
+            batches_delivered=s.batches_delivered,
+            examples_delivered=s.examples_delivered,
+            config=config_to_proto(s.config),
+            num_classes=s.num_classes,
+            next_round_id=s.next_round_id,
         )

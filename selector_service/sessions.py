@@ -151,8 +151,9 @@ class SessionSnapshot:
 class Session:
     """One training job's state. All mutation happens under ``lock``."""
 
-    def __init__(self, session_id: str, labels: np.ndarray, num_classes: int, config: SessionConfig,
-                 client_name: str) -> None:
+    def __init__(
+        self, session_id: str, labels: np.ndarray, num_classes: int, config: SessionConfig, client_name: str
+    ) -> None:
         self.id = session_id
         self.labels = labels
         self.num_classes = num_classes
@@ -228,13 +229,23 @@ class SessionManager:
         config = _validate_config(config, num_classes, self.limits)
         with self._lock:
             if len(self._sessions) >= self.limits.max_sessions:
-                raise ResourceExhausted(f"{len(self._sessions)} sessions are open, the limit is "
-                                        f"{self.limits.max_sessions}; close one first")
-            session = Session(uuid.uuid4().hex, labels.astype(np.int64, copy=True), num_classes, config,
-                              client_name or "unnamed")
+                raise ResourceExhausted(
+                    f"{len(self._sessions)} sessions are open, the limit is {self.limits.max_sessions}; close one first"
+                )
+            session = Session(
+                uuid.uuid4().hex, labels.astype(np.int64, copy=True), num_classes, config, client_name or "unnamed"
+            )
             self._sessions[session.id] = session
-        log.info("session %s (%s): N=%d C=%d r=%d m=%d P=%d", session.id, session.client_name, n, num_classes,
-                 session.subset_size, config.batch_size, config.num_subsets)
+        log.info(
+            "session %s (%s): N=%d C=%d r=%d m=%d P=%d",
+            session.id,
+            session.client_name,
+            n,
+            num_classes,
+            session.subset_size,
+            config.batch_size,
+            config.num_subsets,
+        )
         return session
 
     def get(self, session_id: str) -> Session:
@@ -261,9 +272,18 @@ class SessionManager:
     def snapshot(self, session_id: str) -> SessionSnapshot:
         s = self.get(session_id)
         with s.lock:
-            return SessionSnapshot(s.id, len(s.labels), int(s.active.sum()), s.next_round_id, s.rounds_completed,
-                                   s.batches_delivered, s.examples_delivered, s.config, s.num_classes,
-                                   s.next_round_id)
+            return SessionSnapshot(
+                s.id,
+                len(s.labels),
+                int(s.active.sum()),
+                s.next_round_id,
+                s.rounds_completed,
+                s.batches_delivered,
+                s.examples_delivered,
+                s.config,
+                s.num_classes,
+                s.next_round_id,
+            )
 
     # -- rounds ---------------------------------------------------------------------------------------------
 
@@ -272,15 +292,19 @@ class SessionManager:
         s = self.get(session_id)
         with s.lock:
             if round_id < s.next_round_id:
-                raise AlreadyExists(f"round {round_id} of session {session_id} was already started; "
-                                    f"the next round is {s.next_round_id}")
+                raise AlreadyExists(
+                    f"round {round_id} of session {session_id} was already started; the next round is {s.next_round_id}"
+                )
             if round_id > s.next_round_id:
-                raise FailedPrecondition(f"round {round_id} is out of order: session {session_id} expects round "
-                                         f"{s.next_round_id} next")
+                raise FailedPrecondition(
+                    f"round {round_id} is out of order: session {session_id} expects round {s.next_round_id} next"
+                )
             in_flight = len(s.rounds)
             if in_flight >= self.limits.max_rounds_in_flight:
-                raise ResourceExhausted(f"session {session_id} has {in_flight} rounds in flight, the limit is "
-                                        f"{self.limits.max_rounds_in_flight}; stream their batches first")
+                raise ResourceExhausted(
+                    f"session {session_id} has {in_flight} rounds in flight, the limit is "
+                    f"{self.limits.max_rounds_in_flight}; stream their batches first"
+                )
             rng = np.random.default_rng([s.config.seed, round_id])
             subsets = class_balanced_subsets(s.labels, s.active, s.quota, s.config.num_subsets, rng)
             ids = np.unique(np.concatenate(subsets))
@@ -291,11 +315,14 @@ class SessionManager:
     def _planned_round(self, s: Session, round_id: int) -> _Round:
         rnd = s.rounds.get(round_id)
         if rnd is None:
-            raise NotFound(f"session {s.id} has no open round {round_id} (next round is {s.next_round_id}; "
-                           "delivered rounds are closed)")
+            raise NotFound(
+                f"session {s.id} has no open round {round_id} (next round is {s.next_round_id}; "
+                "delivered rounds are closed)"
+            )
         if rnd.state != RoundState.PLANNED:
-            raise FailedPrecondition(f"round {round_id} of session {s.id} already received its embeddings "
-                                     f"(state {rnd.state.name})")
+            raise FailedPrecondition(
+                f"round {round_id} of session {s.id} already received its embeddings (state {rnd.state.name})"
+            )
         return rnd
 
     def submit_embeddings(self, parts: Iterable[EmbeddingPart]) -> tuple[str, int, int]:
@@ -317,29 +344,34 @@ class SessionManager:
             self._stage(s, rnd, part, index, emb, seen)
         if not seen.all():
             missing = plan[~seen]
-            raise InvalidArgument(f"received {int(seen.sum())} of the {len(plan)} ids of round {rnd.round_id}; "
-                                  f"missing {len(missing)}, e.g. {missing[:5].tolist()}")
+            raise InvalidArgument(
+                f"received {int(seen.sum())} of the {len(plan)} ids of round {rnd.round_id}; "
+                f"missing {len(missing)}, e.g. {missing[:5].tolist()}"
+            )
         with s.lock:
             rnd = self._planned_round(s, first.round_id)  # a concurrent submit may have won the race
             rnd.state = RoundState.EMBEDDED
-            rnd.futures = [self.backend.submit(self._task(s, rnd, i, sub, emb))
-                           for i, sub in enumerate(rnd.subsets)]
+            rnd.futures = [self.backend.submit(self._task(s, rnd, i, sub, emb)) for i, sub in enumerate(rnd.subsets)]
         return s.id, rnd.round_id, len(plan)
 
-    def _stage(self, s: Session, rnd: _Round, part: EmbeddingPart, index: int, emb: np.ndarray,
-               seen: np.ndarray) -> None:
+    def _stage(
+        self, s: Session, rnd: _Round, part: EmbeddingPart, index: int, emb: np.ndarray, seen: np.ndarray
+    ) -> None:
         where = f"message {index} of round {rnd.round_id}"
         if (part.session_id, part.round_id) != (s.id, rnd.round_id):
-            raise InvalidArgument(f"{where} names session {part.session_id!r} round {part.round_id}, but the stream "
-                                  f"started with session {s.id!r} round {rnd.round_id}")
+            raise InvalidArgument(
+                f"{where} names session {part.session_id!r} round {part.round_id}, but the stream "
+                f"started with session {s.id!r} round {rnd.round_id}"
+            )
         if part.embeddings.shape[1] != s.dim:
             raise InvalidArgument(f"{where}: embedding dim {part.embeddings.shape[1]}, the session expects {s.dim}")
         pos = np.searchsorted(rnd.ids, part.ids)
         pos = np.minimum(pos, len(rnd.ids) - 1)
         foreign = rnd.ids[pos] != part.ids
         if foreign.any():
-            raise InvalidArgument(f"{where}: id {int(part.ids[foreign][0])} is not in the round's plan "
-                                  f"({int(foreign.sum())} such ids)")
+            raise InvalidArgument(
+                f"{where}: id {int(part.ids[foreign][0])} is not in the round's plan ({int(foreign.sum())} such ids)"
+            )
         if seen[pos].any():
             raise InvalidArgument(f"{where}: id {int(part.ids[seen[pos]][0])} was already sent in an earlier message")
         uniq, counts = np.unique(pos, return_counts=True)
@@ -347,23 +379,29 @@ class SessionManager:
             raise InvalidArgument(f"{where}: id {int(rnd.ids[uniq[counts > 1][0]])} appears more than once")
         if not np.isfinite(part.embeddings).all():
             row = int(np.flatnonzero(~np.isfinite(part.embeddings).all(axis=1))[0])
-            raise InvalidArgument(f"{where}: embedding of id {int(part.ids[row])} is not finite: "
-                                  f"{part.embeddings[row][:8].tolist()}")
+            raise InvalidArgument(
+                f"{where}: embedding of id {int(part.ids[row])} is not finite: {part.embeddings[row][:8].tolist()}"
+            )
         if part.labels is not None and not np.array_equal(part.labels, s.labels[part.ids]):
             row = int(np.flatnonzero(part.labels != s.labels[part.ids])[0])
-            raise InvalidArgument(f"{where}: label {int(part.labels[row])} for id {int(part.ids[row])}, but the "
-                                  f"session was created with label {int(s.labels[part.ids[row]])}")
+            raise InvalidArgument(
+                f"{where}: label {int(part.labels[row])} for id {int(part.ids[row])}, but the "
+                f"session was created with label {int(s.labels[part.ids[row]])}"
+            )
         if part.losses is not None and not (np.isfinite(part.losses).all() and (part.losses >= 0).all()):
             row = int(np.flatnonzero(~(np.isfinite(part.losses) & (part.losses >= 0)))[0])
-            raise InvalidArgument(f"{where}: loss {float(part.losses[row])} for id {int(part.ids[row])} is not a "
-                                  "finite non-negative number")
+            raise InvalidArgument(
+                f"{where}: loss {float(part.losses[row])} for id {int(part.ids[row])} is not a "
+                "finite non-negative number"
+            )
         emb[pos] = part.embeddings
         seen[pos] = True
 
     def _task(self, s: Session, rnd: _Round, index: int, subset: np.ndarray, emb: np.ndarray) -> SelectionTask:
         rows = np.searchsorted(rnd.ids, subset)
-        return SelectionTask(s.id, rnd.round_id, index, subset, s.labels[subset], emb[rows], s.config.batch_size,
-                             s.config.similarity)
+        return SelectionTask(
+            s.id, rnd.round_id, index, subset, s.labels[subset], emb[rows], s.config.batch_size, s.config.similarity
+        )
 
     def batches(self, session_id: str, round_id: int) -> Iterator[Batch]:
         """Yield the round's undelivered batches as their selection finishes (completion order).
@@ -374,11 +412,14 @@ class SessionManager:
         with s.lock:
             rnd = s.rounds.get(round_id)
             if rnd is None:
-                raise NotFound(f"session {session_id} has no open round {round_id} (next round is "
-                               f"{s.next_round_id}; delivered rounds are closed)")
+                raise NotFound(
+                    f"session {session_id} has no open round {round_id} (next round is "
+                    f"{s.next_round_id}; delivered rounds are closed)"
+                )
             if rnd.state == RoundState.PLANNED:
-                raise FailedPrecondition(f"round {round_id} of session {session_id} has no embeddings yet; call "
-                                         "SubmitEmbeddings first")
+                raise FailedPrecondition(
+                    f"round {round_id} of session {session_id} has no embeddings yet; call SubmitEmbeddings first"
+                )
             if rnd.state == RoundState.FAILED:
                 raise SelectorFailure(f"round {round_id} of session {session_id} failed in selection")
             if rnd.streaming:
@@ -392,10 +433,19 @@ class SessionManager:
                 except Exception as exc:
                     with s.lock:
                         rnd.state = RoundState.FAILED
-                    raise SelectorFailure(f"selection of round {round_id} of session {session_id} failed: "
-                                          f"{type(exc).__name__}: {exc}") from exc
-                batch = Batch(s.id, round_id, result.subset_index, result.ids, result.weights, rnd.trainer_step,
-                              result.selection_ms, result.worker)
+                    raise SelectorFailure(
+                        f"selection of round {round_id} of session {session_id} failed: {type(exc).__name__}: {exc}"
+                    ) from exc
+                batch = Batch(
+                    s.id,
+                    round_id,
+                    result.subset_index,
+                    result.ids,
+                    result.weights,
+                    rnd.trainer_step,
+                    result.selection_ms,
+                    result.worker,
+                )
                 yield batch
                 with s.lock:
                     rnd.delivered.add(result.subset_index)

@@ -7,14 +7,14 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-from collections.abc import Iterator  # noqa: E402
+from collections.abc import Iterator
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
+import numpy as np
+import pytest
 
-from selector_service.backends import LocalBackend  # noqa: E402
-from selector_service.server import RunningServer, ServerConfig, start_server  # noqa: E402
-from trainer_client.client import SelectionClient  # noqa: E402
+from selector_service.backends import LocalBackend
+from selector_service.server import RunningServer, ServerConfig, start_server
+from trainer_client.client import SelectionClient
 
 
 @pytest.fixture

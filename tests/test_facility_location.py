@@ -105,8 +105,9 @@ def test_minibatch_coreset_weights_have_mean_one_and_estimate_subset_mean() -> N
     # Batch-mean of w * f over the coreset == (1/r) sum gamma_s f_s, the cluster-weighted subset mean.
     rows = np.searchsorted(ids, c.ids)
     gamma = c.weights * 600 / 128
-    np.testing.assert_allclose((c.weights[:, None] * emb[rows]).mean(0), (gamma[:, None] * emb[rows]).sum(0) / 600,
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        (c.weights[:, None] * emb[rows]).mean(0), (gamma[:, None] * emb[rows]).sum(0) / 600, atol=1e-5
+    )
 
 
 def test_invalid_inputs_name_what_was_received() -> None:

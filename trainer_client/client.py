@@ -54,10 +54,13 @@ class SelectionClient:
 
     def __init__(self, target: str, token: str | None = None, timeout_s: float = 60.0) -> None:
         self.target = target
-        self._channel = grpc.insecure_channel(target, options=[
-            ("grpc.max_receive_message_length", codec.MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", codec.MAX_MESSAGE_BYTES),
-        ])
+        self._channel = grpc.insecure_channel(
+            target,
+            options=[
+                ("grpc.max_receive_message_length", codec.MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", codec.MAX_MESSAGE_BYTES),
+            ],
+        )
         self._stub = pb_grpc.SelectorServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
@@ -65,37 +68,70 @@ class SelectionClient:
 
     def wait_ready(self, timeout_s: float = 30.0) -> None:
         """Block until the service reports SERVING (raises ``grpc.RpcError`` on timeout)."""
-        reply = self._health.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout_s,
-                                   wait_for_ready=True)
+        reply = self._health.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout_s, wait_for_ready=True)
         if reply.status != health_pb2.HealthCheckResponse.SERVING:
             raise RuntimeError(f"selection service at {self.target} is not serving (status {reply.status})")
 
-    def create_session(self, labels: np.ndarray, *, num_classes: int = 0, subset_fraction: float = 0.01,
-                       num_subsets: int = 5, batch_size: int = 128, similarity: str = "exp", seed: int = 0,
-                       client_name: str = "") -> SessionInfo:
+    def create_session(
+        self,
+        labels: np.ndarray,
+        *,
+        num_classes: int = 0,
+        subset_fraction: float = 0.01,
+        num_subsets: int = 5,
+        batch_size: int = 128,
+        similarity: str = "exp",
+        seed: int = 0,
+        client_name: str = "",
+    ) -> SessionInfo:
         """Register the dataset by its labels (int (N,)) and the selection settings."""
-        config = pb.CrestConfig(subset_fraction=subset_fraction, num_subsets=num_subsets, batch_size=batch_size,
-                                similarity=_SIMILARITY[similarity], seed=seed)
-        reply = self._stub.CreateSession(pb.CreateSessionRequest(
-            dataset_size=len(labels), labels=codec.encode(labels, codec.INT64), num_classes=num_classes,
-            config=config, client_name=client_name), timeout=self._timeout, metadata=self._metadata)
-        return SessionInfo(reply.session_id, reply.num_classes, reply.subset_size, reply.config.batch_size,
-                           reply.config.num_subsets)
+        config = pb.CrestConfig(
+            subset_fraction=subset_fraction,
+            num_subsets=num_subsets,
+            batch_size=batch_size,
+            similarity=_SIMILARITY[similarity],
+            seed=seed,
+        )
+        reply = self._stub.CreateSession(
+            pb.CreateSessionRequest(
+                dataset_size=len(labels),
+                labels=codec.encode(labels, codec.INT64),
+                num_classes=num_classes,
+                config=config,
+                client_name=client_name,
+            ),
+            timeout=self._timeout,
+            metadata=self._metadata,
+        )
+        return SessionInfo(
+            reply.session_id, reply.num_classes, reply.subset_size, reply.config.batch_size, reply.config.num_subsets
+        )
 
     def close_session(self, session_id: str) -> int:
-        reply = self._stub.CloseSession(pb.CloseSessionRequest(session_id=session_id), timeout=self._timeout,
-                                        metadata=self._metadata)
+        reply = self._stub.CloseSession(
+            pb.CloseSessionRequest(session_id=session_id), timeout=self._timeout, metadata=self._metadata
+        )
         return int(reply.rounds_completed)
 
     def start_round(self, session_id: str, round_id: int, trainer_step: int) -> RoundPlan:
-        reply = self._stub.StartRound(pb.StartRoundRequest(session_id=session_id, round_id=round_id,
-                                                           trainer_step=trainer_step),
-                                      timeout=self._timeout, metadata=self._metadata)
-        return RoundPlan(reply.round_id, codec.decode("ids", reply.ids, codec.INT64, rows=reply.num_ids),
-                         reply.num_subsets)
+        reply = self._stub.StartRound(
+            pb.StartRoundRequest(session_id=session_id, round_id=round_id, trainer_step=trainer_step),
+            timeout=self._timeout,
+            metadata=self._metadata,
+        )
+        return RoundPlan(
+            reply.round_id, codec.decode("ids", reply.ids, codec.INT64, rows=reply.num_ids), reply.num_subsets
+        )
 
-    def submit_embeddings(self, session_id: str, round_id: int, ids: np.ndarray, embeddings: np.ndarray,
-                          labels: np.ndarray | None = None, losses: np.ndarray | None = None) -> int:
+    def submit_embeddings(
+        self,
+        session_id: str,
+        round_id: int,
+        ids: np.ndarray,
+        embeddings: np.ndarray,
+        labels: np.ndarray | None = None,
+        losses: np.ndarray | None = None,
+    ) -> int:
         """Stream a round's embeddings (float32 (n, d)) in messages of at most ``codec.CHUNK_BYTES``."""
         n, dim = embeddings.shape
         step = codec.chunk_rows(dim)
@@ -104,7 +140,9 @@ class SelectionClient:
             for lo in range(0, n, step):
                 sl = slice(lo, lo + step)
                 yield pb.EmbeddingChunk(
-                    session_id=session_id, round_id=round_id, dim=dim,
+                    session_id=session_id,
+                    round_id=round_id,
+                    dim=dim,
                     ids=codec.encode(ids[sl], codec.INT64),
                     embeddings=codec.encode(embeddings[sl], codec.FLOAT32),
                     labels=b"" if labels is None else codec.encode(labels[sl], codec.INT64),
@@ -116,16 +154,26 @@ class SelectionClient:
 
     def stream_batches(self, session_id: str, round_id: int) -> Iterator[WeightedBatch]:
         """Yield the round's weighted batches as the service finishes them."""
-        stream = self._stub.StreamBatches(pb.StreamBatchesRequest(session_id=session_id, round_id=round_id),
-                                          timeout=self._timeout, metadata=self._metadata)
+        stream = self._stub.StreamBatches(
+            pb.StreamBatchesRequest(session_id=session_id, round_id=round_id),
+            timeout=self._timeout,
+            metadata=self._metadata,
+        )
         for b in stream:
-            yield WeightedBatch(b.round_id, b.subset_index, codec.decode("ids", b.ids, codec.INT64, rows=b.size),
-                                codec.decode("weights", b.weights, codec.FLOAT32, rows=b.size), b.trainer_step,
-                                b.selection_ms, b.worker)
+            yield WeightedBatch(
+                b.round_id,
+                b.subset_index,
+                codec.decode("ids", b.ids, codec.INT64, rows=b.size),
+                codec.decode("weights", b.weights, codec.FLOAT32, rows=b.size),
+                b.trainer_step,
+                b.selection_ms,
+                b.worker,
+            )
 
     def session_state(self, session_id: str) -> pb.SessionState:
-        return self._stub.GetSessionState(pb.GetSessionStateRequest(session_id=session_id), timeout=self._timeout,
-                                          metadata=self._metadata)
+        return self._stub.GetSessionState(
+            pb.GetSessionStateRequest(session_id=session_id), timeout=self._timeout, metadata=self._metadata
+        )
 
     def close(self) -> None:
         self._channel.close()

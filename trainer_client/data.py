@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import struct
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -31,25 +30,28 @@ def read_idx(path: Path) -> np.ndarray:
     zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
     if zero != 0 or dtype_code != 0x08:
         raise ValueError(f"{path}: not an unsigned-byte IDX file (magic {data[:4].hex()}, expected 0000 08 xx)")
-    shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(shape)):
-        raise ValueError(f"{path}: header declares shape {shape} ({int(np.prod(shape))} bytes), file holds "
-                         f"{body.size} bytes: truncated or corrupt")
+        raise ValueError(
+            f"{path}: header declares shape {shape} ({int(np.prod(shape))} bytes), file holds "
+            f"{body.size} bytes: truncated or corrupt"
+        )
     return body.reshape(shape)
 
 
-def find_dir(candidates: Sequence[Path | str | None]) -> Path:
-    """First directory among ``candidates`` (then the Debian location) holding all four files."""
-    looked = [Path(c) for c in candidates if c] + [DEBIAN_DIR]
+def find_dir(data_dir: Path | str | None = None) -> Path:
+    """``data_dir`` when given, else the Debian location, checked to hold all four files."""
+    looked = [Path(data_dir) if data_dir else DEBIAN_DIR]
     needed = [name for pair in FILES.values() for name in pair]
     for d in looked:
         if all((d / name).is_file() for name in needed):
             return d
     raise FileNotFoundError(
-        "Fashion-MNIST not found; looked in: " + ", ".join(str(d) for d in looked) + ". "
+        "Fashion-MNIST not found; looked in " + ", ".join(str(d) for d in looked) + ". "
         "On Debian/Ubuntu: apt-get install dataset-fashion-mnist. Elsewhere download "
-        + ", ".join(needed) + " from the Fashion-MNIST project (github.com/zalandoresearch/fashion-mnist) "
+        + ", ".join(needed)
+        + " from the Fashion-MNIST project (github.com/zalandoresearch/fashion-mnist) "
         "into one directory and pass --data-dir (or set CREST_DATA_DIR)."
     )
 
@@ -62,13 +64,12 @@ class FashionMNIST(Dataset):
         targets: int64 (n,), classes 0..9.
     """
 
-    classes = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-               "Ankle boot")
+    classes = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 
     def __init__(self, split: str = "train", data_dir: Path | str | None = None, limit: int | None = None) -> None:
         if split not in FILES:
             raise ValueError(f"split must be one of {sorted(FILES)}, received {split!r}")
-        root = find_dir([data_dir])
+        root = find_dir(data_dir)
         images = read_idx(root / FILES[split][0])
         labels = read_idx(root / FILES[split][1])
         if len(images) != len(labels):

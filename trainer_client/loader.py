@@ -21,12 +21,13 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+from numpy.typing import ArrayLike
 from torch.utils.data import Dataset, default_collate
 
 from trainer_client.client import RoundPlan, SelectionClient, WeightedBatch
@@ -123,19 +124,33 @@ class CoresetLoader:
         forward_fn: ``(model, batch) -> (logits, targets)``; the default takes ``batch[0]``, ``batch[1]``.
     """
 
-    def __init__(self, dataset: Dataset, model: torch.nn.Module, client: SelectionClient, labels: Sequence[int],
-                 *, num_classes: int = 0, config: LoaderConfig | None = None,
-                 collate_fn: Callable[[list[Any]], Any] = default_collate,
-                 forward_fn: ForwardFn = default_forward) -> None:
+    def __init__(
+        self,
+        dataset: Dataset,
+        model: torch.nn.Module,
+        client: SelectionClient,
+        labels: ArrayLike,
+        *,
+        num_classes: int = 0,
+        config: LoaderConfig | None = None,
+        collate_fn: Callable[[list[Any]], Any] = default_collate,
+        forward_fn: ForwardFn = default_forward,
+    ) -> None:
         self.dataset, self.model, self.client = dataset, model, client
         self.config = config or LoaderConfig()
         self.labels = np.asarray(labels, dtype=np.int64)
         self.collate_fn, self.forward_fn = collate_fn, forward_fn
         self.stats = LoaderStats()
         self.session = client.create_session(
-            self.labels, num_classes=num_classes, subset_fraction=self.config.subset_fraction,
-            num_subsets=self.config.num_subsets, batch_size=self.config.batch_size,
-            similarity=self.config.similarity, seed=self.config.seed, client_name=self.config.client_name)
+            self.labels,
+            num_classes=num_classes,
+            subset_fraction=self.config.subset_fraction,
+            num_subsets=self.config.num_subsets,
+            batch_size=self.config.batch_size,
+            similarity=self.config.similarity,
+            seed=self.config.seed,
+            client_name=self.config.client_name,
+        )
         self._rng = np.random.default_rng(self.config.seed)
         self._batches: queue.Queue[WeightedBatch | _RoundEnd | BaseException] = queue.Queue(self.config.queue_size)
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
@@ -182,15 +197,14 @@ class CoresetLoader:
         embs, targets, losses = [], [], []
         try:
             for lo in range(0, len(ids), self.config.embed_batch_size):
-                chunk = ids[lo:lo + self.config.embed_batch_size]
+                chunk = ids[lo : lo + self.config.embed_batch_size]
                 logits, y = self.forward_fn(self.model, self._fetch(chunk))
                 embs.append(logit_gradient(logits, y).cpu())
                 losses.append(per_example_loss(logits, y).cpu())
                 targets.append(y.cpu())
         finally:
             self.model.train(was_training)
-        return (torch.cat(embs).numpy(), torch.cat(targets).numpy().astype(np.int64),
-                torch.cat(losses).numpy())
+        return (torch.cat(embs).numpy(), torch.cat(targets).numpy().astype(np.int64), torch.cat(losses).numpy())
 
     def _fetch(self, ids: np.ndarray) -> Any:
         return self.collate_fn([self.dataset[int(i)] for i in ids])
@@ -207,8 +221,10 @@ class CoresetLoader:
                     item = self._batches.get_nowait()
             except queue.Empty:
                 if block:
-                    raise TimeoutError(f"no batch from the selection service at {self.client.target} within "
-                                       f"{self.config.first_batch_timeout_s:.0f} s") from None
+                    raise TimeoutError(
+                        f"no batch from the selection service at {self.client.target} within "
+                        f"{self.config.first_batch_timeout_s:.0f} s"
+                    ) from None
                 return
             if isinstance(item, BaseException):
                 raise item
@@ -263,8 +279,10 @@ class CoresetLoader:
             self._advance_region()
             cur = self._current
             assert cur is not None
-            if (self._next_round == cur.round_id + 1
-                    and cur.steps >= self.config.steps_per_round - self.config.lookahead_steps):
+            if (
+                self._next_round == cur.round_id + 1
+                and cur.steps >= self.config.steps_per_round - self.config.lookahead_steps
+            ):
                 self._request_round()
             ids, weights = self._next_batch()
             batch = self._fetch(ids)

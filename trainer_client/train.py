@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -32,7 +32,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     # Selection and scheduling settings of the loader.
-    loader: LoaderConfig = LoaderConfig()
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
     # Seeds model initialisation (the loader config seeds selection).
     seed: int = 0
     # Directory holding the four Fashion-MNIST files; None searches the default places.
@@ -69,7 +69,7 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor
     model.eval()
     correct = 0
     for lo in range(0, len(targets), batch_size):
-        correct += int((model(images[lo:lo + batch_size]).argmax(1) == targets[lo:lo + batch_size]).sum())
+        correct += int((model(images[lo : lo + batch_size]).argmax(1) == targets[lo : lo + batch_size]).sum())
     model.train(was_training)
     return correct / len(targets)
 
@@ -81,8 +81,7 @@ def train(config: TrainConfig, client: SelectionClient) -> TrainResult:
     train_set = FashionMNIST("train", config.data_dir, limit=config.train_limit)
     test_set = FashionMNIST("test", config.data_dir, limit=config.test_limit)
     model = SmallCNN(num_classes=len(FashionMNIST.classes))
-    opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                          weight_decay=config.weight_decay)
+    opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.steps)
     start = time.perf_counter()
     loss_value = float("nan")
@@ -95,10 +94,26 @@ def train(config: TrainConfig, client: SelectionClient) -> TrainResult:
             schedule.step()
             loss_value = loss.item()
             if config.log_every and (step + 1) % config.log_every == 0:
-                log.info("step %d/%d loss %.3f (%.1f s, %d rounds)", step + 1, config.steps, loss_value,
-                         time.perf_counter() - start, loader.stats.rounds_started)
+                log.info(
+                    "step %d/%d loss %.3f (%.1f s, %d rounds)",
+                    step + 1,
+                    config.steps,
+                    loss_value,
+                    time.perf_counter() - start,
+                    loader.stats.rounds_started,
+                )
         stats = loader.stats
     wall = time.perf_counter() - start
     accuracy = evaluate(model, test_set.images, test_set.targets)
-    return TrainResult(accuracy, wall, stats.steps, stats.examples_backpropagated, stats.examples_embedded,
-                       stats.wait_s, stats.embed_s, stats.rounds_started, stats.late_steps, loss_value)
+    return TrainResult(
+        accuracy,
+        wall,
+        stats.steps,
+        stats.examples_backpropagated,
+        stats.examples_embedded,
+        stats.wait_s,
+        stats.embed_s,
+        stats.rounds_started,
+        stats.late_steps,
+        loss_value,
+    )

@@ -1,0 +1,120 @@
+"""End to end: the real server on a free loopback port, selecting on real Ray actor processes, and real torch
+training on Fashion-MNIST through the real client."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from selector_service.server import RunningServer, ServerConfig, start_server
+from trainer_client.client import RoundPlan, SelectionClient, WeightedBatch
+from trainer_client.loader import LoaderConfig
+from trainer_client.train import TrainConfig, train
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ray_server() -> Iterator[RunningServer]:
+    running = start_server(ServerConfig(port=0, backend="ray", num_workers=2, cpus_per_worker=0.5))
+    yield running
+    running.stop(grace=0)
+
+
+class RecordingClient(SelectionClient):
+    """The real client, keeping a copy of every plan and batch it receives."""
+
+    def __init__(self, target: str) -> None:
+        super().__init__(target, timeout_s=120)
+        self.plans: dict[int, RoundPlan] = {}
+        self.batches: list[WeightedBatch] = []
+
+    def start_round(self, session_id: str, round_id: int, trainer_step: int) -> RoundPlan:
+        plan = super().start_round(session_id, round_id, trainer_step)
+        self.plans[round_id] = plan
+        return plan
+
+    def stream_batches(self, session_id: str, round_id: int) -> Iterator[WeightedBatch]:
+        for b in super().stream_batches(session_id, round_id):
+            self.batches.append(b)
+            yield b
+
+
+def test_selection_runs_on_ray_actor_processes(ray_server: RunningServer) -> None:
+    labels = np.random.default_rng(0).integers(0, 10, size=5000)
+    with SelectionClient(ray_server.target, timeout_s=120) as client:
+        sid = client.create_session(labels, subset_fraction=0.02, num_subsets=4, batch_size=30).session_id
+        plan = client.start_round(sid, 0, 0)
+        emb = np.random.default_rng(1).normal(size=(len(plan.ids), 10)).astype(np.float32)
+        client.submit_embeddings(sid, 0, plan.ids, emb)
+        batches = list(client.stream_batches(sid, 0))
+    assert sorted(b.subset_index for b in batches) == [0, 1, 2, 3]
+    workers = {b.worker for b in batches}
+    assert all(w.startswith("selector-") for w in workers)
+    assert all(int(w.rsplit(":", 1)[1]) != os.getpid() for w in workers)  # other processes: Ray actors
+    for b in batches:
+        assert np.isin(b.ids, plan.ids).all() and (b.weights > 0).all()
+
+
+def test_training_through_the_service_learns_from_valid_batches(ray_server: RunningServer) -> None:
+    config = TrainConfig(
+        steps=150,
+        lr=0.05,
+        train_limit=6000,
+        test_limit=2000,
+        log_every=0,
+        loader=LoaderConfig(batch_size=64, subset_fraction=0.05, num_subsets=3, steps_per_round=30, lookahead_steps=5),
+    )
+    with RecordingClient(ray_server.target) as client:
+        result = train(config, client)
+    assert result.steps == 150
+    assert result.test_accuracy > 0.6, result  # chance is 0.1
+    assert result.rounds >= 5 and len(client.batches) >= 3 * (result.rounds - 1)
+    assert result.examples_backpropagated == 150 * 64
+    subsets_of = {r: set(p.ids.tolist()) for r, p in client.plans.items()}
+    for b in client.batches:
+        assert ((b.ids >= 0) & (b.ids < 6000)).all()
+        assert set(b.ids.tolist()) <= subsets_of[b.round_id]  # drawn from that round's random subsets
+        assert len(np.unique(b.ids)) == len(b.ids) == 64
+        assert (b.weights > 0).all() and np.isfinite(b.weights).all()
+
+
+def test_crest_demo_command_runs_end_to_end() -> None:
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "RAY_AUTH_MODE": "disabled"}
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "selector_service.cli",
+            "--log-level",
+            "WARNING",
+            "demo",
+            "--steps",
+            "60",
+            "--train-limit",
+            "3000",
+            "--test-limit",
+            "1000",
+            "--batch-size",
+            "32",
+            "--subset-fraction",
+            "0.05",
+            "--steps-per-round",
+            "20",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "test accuracy" in out.stdout and "examples back-propagated" in out.stdout
+    assert "1,920" in out.stdout  # 60 steps x 32 examples
+    accuracy = float(next(line for line in out.stdout.splitlines() if "test accuracy" in line).split()[-1])
+    assert accuracy > 0.3, out.stdout

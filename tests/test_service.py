@@ -1,0 +1,246 @@
+"""The gRPC contract over real loopback: the happy path, and every bad input rejected without effect."""
+
+from __future__ import annotations
+
+import re
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from crest.selector.v1 import codec
+from crest.selector.v1 import selector_pb2 as pb
+from crest.selector.v1 import selector_pb2_grpc as pb_grpc
+from selector_service.backends import LocalBackend
+from selector_service.server import ServerConfig, start_server
+from trainer_client.client import SelectionClient
+
+
+def _embed(ids: np.ndarray, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(len(ids), 10)).astype(np.float32)
+
+
+def _state(client: SelectionClient, sid: str) -> pb.SessionState:
+    return client.session_state(sid)
+
+
+def _stub(client: SelectionClient) -> pb_grpc.SelectorServiceStub:
+    return client._stub
+
+
+def test_round_trip_delivers_valid_weighted_batches(client: SelectionClient, small_labels: np.ndarray) -> None:
+    info = client.create_session(small_labels, subset_fraction=0.05, num_subsets=3, batch_size=20, seed=1)
+    assert (info.num_classes, info.subset_size, info.batch_size, info.num_subsets) == (10, 100, 20, 3)
+    plan = client.start_round(info.session_id, 0, trainer_step=0)
+    assert len(plan.ids) <= 300 and (np.diff(plan.ids) > 0).all() and plan.num_subsets == 3
+    assert client.submit_embeddings(info.session_id, 0, plan.ids, _embed(plan.ids), small_labels[plan.ids]) == len(
+        plan.ids
+    )
+    batches = list(client.stream_batches(info.session_id, 0))
+    assert sorted(b.subset_index for b in batches) == [0, 1, 2]
+    for b in batches:
+        assert len(b.ids) == 20 and len(np.unique(b.ids)) == 20
+        assert np.isin(b.ids, plan.ids).all()
+        assert (b.weights > 0).all() and np.isclose(b.weights.mean(), 1.0, atol=1e-5)
+        assert (np.bincount(small_labels[b.ids], minlength=10) == 2).all()  # 20 slots over 10 balanced classes
+    state = _state(client, info.session_id)
+    assert (state.rounds_completed, state.batches_delivered, state.examples_delivered) == (1, 3, 60)
+    assert client.close_session(info.session_id) == 1
+
+
+def test_same_seed_same_coresets(client: SelectionClient, small_labels: np.ndarray) -> None:
+    runs = []
+    for _ in range(2):
+        info = client.create_session(small_labels, subset_fraction=0.05, num_subsets=2, batch_size=20, seed=5)
+        plan = client.start_round(info.session_id, 0, 0)
+        client.submit_embeddings(info.session_id, 0, plan.ids, _embed(plan.ids, seed=3))
+        runs.append(
+            sorted(
+                (b.subset_index, b.ids.tolist(), b.weights.tolist()) for b in client.stream_batches(info.session_id, 0)
+            )
+        )
+    assert runs[0] == runs[1]
+
+
+def test_unknown_session_is_not_found_naming_the_id(client: SelectionClient) -> None:
+    for call in (
+        lambda: client.start_round("nope", 0, 0),
+        lambda: client.session_state("nope"),
+        lambda: client.close_session("nope"),
+        lambda: list(client.stream_batches("nope", 0)),
+        lambda: client.submit_embeddings("nope", 0, np.arange(3), _embed(np.arange(3))),
+    ):
+        with pytest.raises(grpc.RpcError) as err:
+            call()
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "'nope'" in err.value.details()
+
+
+@pytest.fixture
+def planned(client: SelectionClient, small_labels: np.ndarray) -> tuple[str, np.ndarray]:
+    info = client.create_session(small_labels, subset_fraction=0.05, num_subsets=2, batch_size=20)
+    return info.session_id, client.start_round(info.session_id, 0, 0).ids
+
+
+def _chunk(sid: str, ids: np.ndarray, emb: np.ndarray, **kw: object) -> pb.EmbeddingChunk:
+    return pb.EmbeddingChunk(
+        session_id=sid,
+        round_id=0,
+        ids=codec.encode(ids, codec.INT64),
+        embeddings=codec.encode(emb, codec.FLOAT32),
+        dim=emb.shape[1] if emb.ndim == 2 else 10,
+        **kw,
+    )
+
+
+BAD_SUBMISSIONS = {
+    "embeddings shorter than ids x dim": (
+        lambda sid, ids: [
+            pb.EmbeddingChunk(
+                session_id=sid,
+                round_id=0,
+                ids=codec.encode(ids, codec.INT64),
+                embeddings=b"\0" * (4 * 10 * len(ids) - 4),
+                dim=10,
+            )
+        ],
+        r"received \d+ bytes, expected \d+ x 10 float32",
+    ),
+    "wrong dim": (
+        lambda sid, ids: [_chunk(sid, ids, np.zeros((len(ids), 7), np.float32))],
+        "embedding dim 7, the session expects 10",
+    ),
+    "NaN": (lambda sid, ids: [_chunk(sid, ids, np.full((len(ids), 10), np.nan, np.float32))], "is not finite"),
+    "id outside the plan": (
+        lambda sid, ids: [_chunk(sid, np.append(ids[:-1], 1_000_000), _embed(ids))],
+        "id 1000000 is not in the round's plan",
+    ),
+    "id sent twice": (
+        lambda sid, ids: [_chunk(sid, ids, _embed(ids)), _chunk(sid, ids[:1], _embed(ids[:1]))],
+        "already sent in an earlier message",
+    ),
+    "missing ids": (lambda sid, ids: [_chunk(sid, ids[:-5], _embed(ids[:-5]))], "missing 5"),
+    "wrong labels": (
+        lambda sid, ids: [_chunk(sid, ids, _embed(ids), labels=codec.encode((np.zeros(len(ids)) + 11), codec.INT64))],
+        "label 11 for id",
+    ),
+    "negative loss": (
+        lambda sid, ids: [_chunk(sid, ids, _embed(ids), losses=codec.encode(-np.ones(len(ids)), codec.FLOAT32))],
+        "loss -1.0",
+    ),
+    "empty stream": (lambda sid, ids: [], "received no embedding messages"),
+    "zero dim": (
+        lambda sid, ids: [pb.EmbeddingChunk(session_id=sid, round_id=0, ids=codec.encode(ids, codec.INT64))],
+        "dim is 0",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SUBMISSIONS))
+def test_bad_embeddings_are_invalid_argument_and_change_nothing(
+    client: SelectionClient, planned: tuple[str, np.ndarray], case: str
+) -> None:
+    sid, ids = planned
+    before = _state(client, sid)
+    make, message = BAD_SUBMISSIONS[case]
+    with pytest.raises(grpc.RpcError) as err:
+        _stub(client).SubmitEmbeddings(iter(make(sid, ids)), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert re.search(message, err.value.details()), err.value.details()
+    assert _state(client, sid) == before
+    # The round is untouched: a correct submission is still accepted and selected.
+    assert client.submit_embeddings(sid, 0, ids, _embed(ids)) == len(ids)
+    assert len(list(client.stream_batches(sid, 0))) == 2
+
+
+def test_round_order_is_enforced(client: SelectionClient, planned: tuple[str, np.ndarray]) -> None:
+    sid, _ = planned
+    before = _state(client, sid)
+    for round_id, code, text in (
+        (0, grpc.StatusCode.ALREADY_EXISTS, "round 0 of session"),
+        (5, grpc.StatusCode.FAILED_PRECONDITION, "expects round 1 next"),
+    ):
+        with pytest.raises(grpc.RpcError) as err:
+            client.start_round(sid, round_id, 0)
+        assert err.value.code() == code and text in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        list(client.stream_batches(sid, 0))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "no embeddings yet" in err.value.details()
+    assert _state(client, sid) == before
+
+
+def test_rounds_in_flight_are_bounded(client: SelectionClient, small_labels: np.ndarray) -> None:
+    sid = client.create_session(small_labels, subset_fraction=0.05, num_subsets=1, batch_size=10).session_id
+    for r in range(4):
+        client.start_round(sid, r, r)
+    with pytest.raises(grpc.RpcError) as err:
+        client.start_round(sid, 4, 4)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "4 rounds in flight" in err.value.details()
+
+
+BAD_SESSIONS = {
+    "labels not int64-sized": (dict(dataset_size=3, labels=b"\0" * 20), "not a whole number of int64"),
+    "size mismatch": (
+        dict(dataset_size=5, labels=codec.encode(np.arange(4) % 2, codec.INT64)),
+        "dataset_size is 5 but labels holds 4",
+    ),
+    "label out of range": (
+        dict(dataset_size=4, labels=codec.encode(np.array([0, 1, 2, 3]), codec.INT64), num_classes=3),
+        r"labels must be in \[0, 3\), received values in \[0, 3\]",
+    ),
+    "batch smaller than classes": (
+        dict(
+            dataset_size=100, labels=codec.encode(np.arange(100) % 10, codec.INT64), config=pb.CrestConfig(batch_size=4)
+        ),
+        "batch_size 4 is smaller",
+    ),
+    "bad fraction": (
+        dict(
+            dataset_size=100,
+            labels=codec.encode(np.arange(100) % 10, codec.INT64),
+            config=pb.CrestConfig(subset_fraction=1.5),
+        ),
+        r"subset_fraction must be in \(0, 1\]",
+    ),
+    "no labels": (dict(dataset_size=0), "labels is empty"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SESSIONS))
+def test_bad_session_requests_are_invalid_argument(client: SelectionClient, case: str) -> None:
+    fields, message = BAD_SESSIONS[case]
+    with pytest.raises(grpc.RpcError) as err:
+        _stub(client).CreateSession(pb.CreateSessionRequest(**fields), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert re.search(message, err.value.details()), err.value.details()
+
+
+def test_health_service_reports_serving(client: SelectionClient) -> None:
+    health = health_pb2_grpc.HealthStub(client._channel)
+    for name in ("", "crest.selector.v1.SelectorService"):
+        assert (
+            health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5).status
+            == health_pb2.HealthCheckResponse.SERVING
+        )
+
+
+def test_bearer_token_is_required_when_configured(small_labels: np.ndarray) -> None:
+    running = start_server(ServerConfig(port=0, backend="local", auth_token="s3cret"), backend=LocalBackend(1))
+    try:
+        for token, reason in ((None, "missing"), ("wrong", "invalid")):
+            with SelectionClient(running.target, token=token, timeout_s=10) as c:
+                c.wait_ready(timeout_s=10)  # health stays open for probes
+                with pytest.raises(grpc.RpcError) as err:
+                    c.create_session(small_labels)
+                assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED and reason in err.value.details()
+        with SelectionClient(running.target, token="s3cret", timeout_s=10) as c:
+            assert c.create_session(small_labels).num_classes == 10
+    finally:
+        running.stop(grace=0)
+
+
+def test_binding_beyond_loopback_requires_a_token() -> None:
+    with pytest.raises(ValueError, match=r"refusing to bind 0\.0\.0\.0 without an auth token"):
+        start_server(ServerConfig(host="0.0.0.0", port=0, backend="local"), backend=LocalBackend(1))

@@ -1,0 +1,123 @@
+"""Frozen public surface: package exports, the CLI's commands and flags, and what each package imports."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+import selector_service
+import trainer_client
+from selector_service.cli import build_parser
+
+CLI_FLAGS = {
+    "serve": [
+        "--host",
+        "--port",
+        "--grpc-threads",
+        "--auth-token",
+        "--backend",
+        "--ray-address",
+        "--num-workers",
+        "--cpus-per-worker",
+    ],
+    "train": [
+        "--endpoint",
+        "--token",
+        "--steps",
+        "--lr",
+        "--momentum",
+        "--batch-size",
+        "--subset-fraction",
+        "--num-subsets",
+        "--steps-per-round",
+        "--lookahead-steps",
+        "--similarity",
+        "--seed",
+        "--data-dir",
+        "--train-limit",
+        "--test-limit",
+        "--threads",
+        "--log-every",
+    ],
+    "demo": [
+        "--backend",
+        "--ray-address",
+        "--num-workers",
+        "--cpus-per-worker",
+        "--steps",
+        "--lr",
+        "--momentum",
+        "--batch-size",
+        "--subset-fraction",
+        "--num-subsets",
+        "--steps-per-round",
+        "--lookahead-steps",
+        "--similarity",
+        "--seed",
+        "--data-dir",
+        "--train-limit",
+        "--test-limit",
+        "--threads",
+        "--log-every",
+    ],
+}
+
+
+def test_package_exports_are_frozen() -> None:
+    assert sorted(selector_service.__all__) == [
+        "AlreadyExists",
+        "Coreset",
+        "FailedPrecondition",
+        "InvalidArgument",
+        "MinibatchCoreset",
+        "MissingExtra",
+        "NotFound",
+        "ResourceExhausted",
+        "SelectionError",
+        "SelectorFailure",
+        "facility_location",
+        "minibatch_coreset",
+        "select_coreset",
+    ]
+    assert sorted(trainer_client.__all__) == [
+        "CoresetLoader",
+        "LoaderConfig",
+        "LoaderStats",
+        "RoundPlan",
+        "SelectionClient",
+        "SessionInfo",
+        "WeightedBatch",
+        "logit_gradient",
+        "per_example_loss",
+        "weighted_loss",
+    ]
+
+
+@pytest.mark.parametrize("command", sorted(CLI_FLAGS))
+def test_cli_flags_are_frozen_and_documented(command: str) -> None:
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices[command]
+    flags = [opt for a in sub._actions for opt in a.option_strings if opt.startswith("--") and opt != "--help"]
+    assert flags == CLI_FLAGS[command]
+    assert all(a.help for a in sub._actions), "every flag needs help text"
+
+
+def test_cli_help_runs() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "selector_service.cli", "serve", "--help"], capture_output=True, text=True, check=True
+    )
+    assert "--ray-address" in out.stdout
+
+
+@pytest.mark.parametrize(
+    ("package", "forbidden"),
+    [
+        ("trainer_client", ["faiss", "ray"]),
+        ("selector_service", ["ray", "torch", "grpc", "faiss"]),
+    ],
+)
+def test_imports_stay_light(package: str, forbidden: list[str]) -> None:
+    code = f"import sys, {package}; print([m for m in {forbidden!r} if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", f"importing {package} loaded {out.stdout.strip()}"
