@@ -1,25 +1,28 @@
-"""Facility location: maximise F(S) = sum_i max_{j in S} s_ij over a dense similarity matrix.
+"""Facility location: maximise F(S) = sum_i max_{j in S} s_ji, with cluster-size weights.
 
 F is monotone submodular, so greedy selection is within (1 - 1/e) of the optimum (Nemhauser et al., 1978).
-Two optimizers, chosen by name from ``OPTIMIZERS``:
+Optimizers, chosen by name from ``OPTIMIZERS``:
 
-- ``naive``: recompute every marginal gain at every step (the reference);
-- ``lazy``: Minoux's lazy greedy; re-evaluates only the top of a max-heap of stale upper bounds. It returns
-  exactly the naive selection, ties broken towards the lowest index in both.
+- ``naive``: recompute every marginal gain at every step (numpy; the reference, dense only in cost);
+- ``lazy``: Minoux's lazy greedy, compiled; returns exactly the naive selection (ties to the lowest index);
+- ``stochastic``: lazier-than-lazy greedy with parameter ``epsilon``, compiled and seeded.
 
 Weights follow CRAIG/CREST: each selected point's weight is the size of its cluster, the number of ground-set
-points whose most similar selected point it is.
+points whose most similar selected point it is (every selected point belongs to its own cluster).
 """
 
 from __future__ import annotations
 
-import heapq
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+from numba import njit
 
+from selector_service._greedy import dense_greedy, sparse_greedy
 from selector_service.errors import InvalidArgument
+from selector_service.similarity import Coverage, nearest
+
+OPTIMIZERS = ("naive", "lazy", "stochastic")
 
 
 @dataclass(frozen=True)
@@ -29,7 +32,7 @@ class Coreset:
     Attributes:
         indices: int64 (k,), positions in the ground set, unique, in selection order.
         weights: float32 (k,), cluster sizes: positive integers summing to the ground-set size.
-        gains: float64 (k,), marginal gain F(S + j) - F(S) of each pick, non-increasing.
+        gains: float64 (k,), marginal gain F(S + j) - F(S) of each pick (non-increasing for naive and lazy).
     """
 
     indices: np.ndarray
@@ -37,7 +40,8 @@ class Coreset:
     gains: np.ndarray
 
 
-def _naive_greedy(sim: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def naive_greedy(sim: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Reference greedy on a dense (n, n) kernel: O(k n^2) numpy, first maximum wins a tie."""
     n = sim.shape[0]
     cover = np.zeros(n, dtype=np.float64)
     taken = np.zeros(n, dtype=bool)
@@ -46,7 +50,7 @@ def _naive_greedy(sim: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     for _ in range(k):
         g = np.maximum(sim - cover, 0.0).sum(axis=1, dtype=np.float64)  # row j: gain of adding j
         g[taken] = -np.inf
-        j = int(np.argmax(g))  # first maximum: lowest index wins a tie
+        j = int(np.argmax(g))
         order.append(j)
         gains.append(float(g[j]))
         taken[j] = True
@@ -54,74 +58,77 @@ def _naive_greedy(sim: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(order, dtype=np.int64), np.asarray(gains, dtype=np.float64)
 
 
-def _lazy_greedy(sim: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    n = sim.shape[0]
-    cover = np.zeros(n, dtype=np.float64)
-    # Heap of (-upper bound on gain, index): gains only shrink as the cover grows (submodularity).
-    bounds = sim.sum(axis=1, dtype=np.float64)
-    heap = [(-float(b), j) for j, b in enumerate(bounds)]
-    heapq.heapify(heap)
-    order: list[int] = []
-    gains: list[float] = []
-    while len(order) < k:
-        _, j = heapq.heappop(heap)
-        g = float(np.maximum(sim[j] - cover, 0.0).sum(dtype=np.float64))
-        entry = (-g, j)
-        # Fresh gain still beats every stale bound (lower index on a tie): it is the naive argmax.
-        if not heap or entry <= heap[0]:
-            order.append(j)
-            gains.append(g)
-            np.maximum(cover, sim[j], out=cover)
-        else:
-            heapq.heappush(heap, entry)
-    return np.asarray(order, dtype=np.int64), np.asarray(gains, dtype=np.float64)
+def objective(sim: np.ndarray, selected: np.ndarray) -> float:
+    """F(S) on a dense kernel (0 for an empty S)."""
+    if len(selected) == 0:
+        return 0.0
+    return float(sim[selected].max(axis=0).sum(dtype=np.float64))
 
 
-OPTIMIZERS: dict[str, Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]] = {
-    "naive": _naive_greedy,
-    "lazy": _lazy_greedy,
-}
+def _check(n: int, k: int, method: str, epsilon: float) -> None:
+    if not 1 <= k <= n:
+        raise InvalidArgument(f"budget k={k} must be between 1 and the ground-set size {n}")
+    if method not in OPTIMIZERS:
+        raise InvalidArgument(f"unknown method {method!r}; expected one of {list(OPTIMIZERS)}")
+    if not 0.0 < epsilon < 1.0:
+        raise InvalidArgument(f"epsilon must be in (0, 1), received {epsilon}")
 
 
-def cluster_sizes(sim: np.ndarray, selected: np.ndarray) -> np.ndarray:
-    """Number of ground-set points assigned to each selected point.
-
-    Each point goes to its most similar selected point (the earliest pick wins a tie); each selected point is
-    assigned to itself, so every size is >= 1 even when embeddings repeat.
-
-    Args:
-        sim: float (n, n) similarity matrix.
-        selected: int64 (k,) unique positions.
-
-    Returns:
-        float32 (k,), positive integers summing to n.
-    """
-    owner = np.argmax(sim[:, selected], axis=1)
+def _sizes(owner: np.ndarray, selected: np.ndarray) -> np.ndarray:
     owner[selected] = np.arange(len(selected))
     return np.bincount(owner, minlength=len(selected)).astype(np.float32)
 
 
-def objective(sim: np.ndarray, selected: np.ndarray) -> float:
-    """F(S) = sum_i max_{j in S} s_ij (0 for an empty S)."""
-    if len(selected) == 0:
-        return 0.0
-    return float(sim[:, selected].max(axis=1).sum(dtype=np.float64))
-
-
-def facility_location(sim: np.ndarray, k: int, method: str = "lazy") -> Coreset:
-    """Greedy facility location on a dense similarity matrix.
+def facility_location(sim: np.ndarray, k: int, method: str = "lazy", *, epsilon: float = 0.1, seed: int = 0) -> Coreset:
+    """Greedy facility location on a dense kernel.
 
     Args:
-        sim: float32 (n, n), symmetric, non-negative.
+        sim: float32 (n, n), non-negative; row j = how well candidate j covers each point.
         k: number of points to select, 1 <= k <= n.
-        method: a key of ``OPTIMIZERS``.
+        method: a name in ``OPTIMIZERS``.
+        epsilon: stochastic greedy's accuracy parameter in (0, 1).
+        seed: stochastic greedy's sampling seed.
     """
     n = sim.shape[0]
     if sim.ndim != 2 or sim.shape[1] != n:
         raise InvalidArgument(f"similarity matrix must be square, received shape {sim.shape}")
-    if not 1 <= k <= n:
-        raise InvalidArgument(f"budget k={k} must be between 1 and the ground-set size {n}")
-    if method not in OPTIMIZERS:
-        raise InvalidArgument(f"unknown method {method!r}; expected one of {sorted(OPTIMIZERS)}")
-    order, gains = OPTIMIZERS[method](sim, k)
-    return Coreset(indices=order, weights=cluster_sizes(sim, order), gains=gains)
+    _check(n, k, method, epsilon)
+    sim = np.ascontiguousarray(sim, dtype=np.float32)
+    if method == "naive":
+        order, gains = naive_greedy(sim, k)
+    else:
+        order, gains, _ = dense_greedy(sim, k, method, epsilon, seed)
+    owner = np.argmax(sim[order], axis=0)  # first pick wins a tie
+    return Coreset(indices=order, weights=_sizes(owner, order), gains=gains)
+
+
+@njit(cache=True)
+def _owner_from_graph(neighbours: np.ndarray, rank: np.ndarray) -> np.ndarray:
+    """Each point's first selected neighbour (by selection rank), or -1 when none is in its kNN list."""
+    owner = np.full(neighbours.shape[0], -1, dtype=np.int64)
+    for i in range(neighbours.shape[0]):
+        for t in range(neighbours.shape[1]):
+            j = neighbours[i, t]
+            if j >= 0 and rank[j] >= 0:
+                owner[i] = rank[j]
+                break
+    return owner
+
+
+def sparse_facility_location(
+    coverage: Coverage, x: np.ndarray, k: int, method: str = "lazy", *, epsilon: float = 0.1, seed: int = 0
+) -> Coreset:
+    """Greedy facility location on a kNN coverage; ``x`` (float32 (n, d)) assigns points no pick covers."""
+    n = len(coverage.indptr) - 1
+    _check(n, k, method, epsilon)
+    if method == "naive":
+        order, gains = naive_greedy(coverage.to_dense(), k)
+    else:
+        order, gains, _ = sparse_greedy(coverage.indptr, coverage.points, coverage.values, n, k, method, epsilon, seed)
+    rank = np.full(n, -1, dtype=np.int64)
+    rank[order] = np.arange(k)
+    owner = _owner_from_graph(coverage.neighbours, rank)
+    orphans = np.flatnonzero(owner < 0)
+    if len(orphans):
+        owner[orphans] = nearest(x[orphans], x[order])
+    return Coreset(indices=order, weights=_sizes(owner, order), gains=gains)

@@ -1,0 +1,283 @@
+"""Compiled greedy maximisation of facility location (numba, cached on disk; no per-call JIT).
+
+Two ground-set representations share one algorithm:
+
+- dense: ``sim`` float32 (n, n); row j lists how well candidate j covers every point (a contiguous O(n) gain);
+- sparse: CSR by candidate (``indptr`` int64 (n+1,), ``points`` int64 (nnz,), ``values`` float32 (nnz,)):
+  candidate j covers exactly the listed points (reverse kNN coverage, see ``similarity.knn_coverage``).
+
+Lazy greedy (Minoux) keeps a max-heap of stale upper bounds and re-evaluates only its top; it returns the
+naive greedy selection exactly, with ties broken towards the lowest index. Stochastic greedy (Mirzasoleiman
+et al., "Lazier than lazy greedy", 2015) picks the best of a random sample of (n/k)·ln(1/ε) remaining
+candidates per step, evaluated lazily within the sample; expected value >= (1 - 1/e - ε)·OPT.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+# -- a max-heap of (gain bound, candidate) with the lower candidate first on equal bounds --------------------
+
+
+@njit(cache=True, inline="always")
+def _before(ka: float, ia: int, kb: float, ib: int) -> bool:
+    return ka > kb or (ka == kb and ia < ib)
+
+
+@njit(cache=True)
+def _sift_down(keys: np.ndarray, ids: np.ndarray, size: int, pos: int) -> None:
+    while True:
+        left = 2 * pos + 1
+        if left >= size:
+            return
+        best = left
+        right = left + 1
+        if right < size and _before(keys[right], ids[right], keys[left], ids[left]):
+            best = right
+        if not _before(keys[best], ids[best], keys[pos], ids[pos]):
+            return
+        keys[pos], keys[best] = keys[best], keys[pos]
+        ids[pos], ids[best] = ids[best], ids[pos]
+        pos = best
+
+
+@njit(cache=True)
+def _heapify(keys: np.ndarray, ids: np.ndarray, size: int) -> None:
+    for pos in range(size // 2 - 1, -1, -1):
+        _sift_down(keys, ids, size, pos)
+
+
+# -- gains -----------------------------------------------------------------------------------------------------
+
+
+@njit(cache=True, fastmath=True)
+def _dense_gain(sim: np.ndarray, j: int, cover: np.ndarray) -> float:
+    # fastmath lets LLVM vectorise the reduction (reassociated sum: differs from numpy only in the last bits).
+    row = sim[j]
+    total = 0.0
+    for i in range(row.shape[0]):
+        total += max(row[i] - cover[i], 0.0)
+    return total
+
+
+@njit(cache=True)
+def _sparse_gain(indptr: np.ndarray, points: np.ndarray, values: np.ndarray, j: int, cover: np.ndarray) -> float:
+    total = 0.0
+    for e in range(indptr[j], indptr[j + 1]):
+        d = values[e] - cover[points[e]]
+        if d > 0.0:
+            total += d
+    return total
+
+
+@njit(cache=True, parallel=True)
+def _dense_bounds(sim: np.ndarray) -> np.ndarray:
+    n = sim.shape[0]
+    out = np.empty(n, dtype=np.float64)
+    for j in prange(n):
+        total = 0.0
+        row = sim[j]
+        for i in range(row.shape[0]):
+            total += max(row[i], 0.0)
+        out[j] = total
+    return out
+
+
+@njit(cache=True)
+def _sparse_bounds(indptr: np.ndarray, values: np.ndarray) -> np.ndarray:
+    n = indptr.shape[0] - 1
+    out = np.empty(n, dtype=np.float64)
+    for j in range(n):
+        total = 0.0
+        for e in range(indptr[j], indptr[j + 1]):
+            total += max(values[e], 0.0)
+        out[j] = total
+    return out
+
+
+@njit(cache=True)
+def _dense_cover(sim: np.ndarray, j: int, cover: np.ndarray) -> None:
+    row = sim[j]
+    for i in range(row.shape[0]):
+        if row[i] > cover[i]:
+            cover[i] = row[i]
+
+
+@njit(cache=True)
+def _sparse_cover(indptr: np.ndarray, points: np.ndarray, values: np.ndarray, j: int, cover: np.ndarray) -> None:
+    for e in range(indptr[j], indptr[j + 1]):
+        if values[e] > cover[points[e]]:
+            cover[points[e]] = values[e]
+
+
+# -- lazy greedy ---------------------------------------------------------------------------------------------
+
+
+@njit(cache=True)
+def _lazy(
+    dense: bool,
+    sim: np.ndarray,
+    indptr: np.ndarray,
+    points: np.ndarray,
+    values: np.ndarray,
+    bounds: np.ndarray,
+    n_points: int,
+    k: int,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    n = bounds.shape[0]
+    keys = bounds.copy()
+    ids = np.arange(n)
+    _heapify(keys, ids, n)
+    size = n
+    cover = np.zeros(n_points, dtype=np.float64)
+    order = np.empty(k, dtype=np.int64)
+    gains = np.empty(k, dtype=np.float64)
+    evals = 0
+    picked = 0
+    while picked < k:
+        j = ids[0]
+        if dense:
+            g = _dense_gain(sim, j, cover)
+        else:
+            g = _sparse_gain(indptr, points, values, j, cover)
+        evals += 1
+        # Take j if its fresh gain still comes first against the best stale bound among the others.
+        if size == 1:
+            take = True
+        else:
+            c = 1
+            if size > 2 and _before(keys[2], ids[2], keys[1], ids[1]):
+                c = 2
+            take = not _before(keys[c], ids[c], g, j)
+        if take:
+            order[picked] = j
+            gains[picked] = g
+            picked += 1
+            if dense:
+                _dense_cover(sim, j, cover)
+            else:
+                _sparse_cover(indptr, points, values, j, cover)
+            size -= 1
+            keys[0], ids[0] = keys[size], ids[size]
+        else:
+            keys[0] = g
+        _sift_down(keys, ids, size, 0)
+    return order, gains, evals
+
+
+# -- stochastic greedy ---------------------------------------------------------------------------------------
+
+
+@njit(cache=True)
+def _stochastic(
+    dense: bool,
+    sim: np.ndarray,
+    indptr: np.ndarray,
+    points: np.ndarray,
+    values: np.ndarray,
+    bounds: np.ndarray,
+    n_points: int,
+    k: int,
+    sample: int,
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    np.random.seed(seed)
+    n = bounds.shape[0]
+    bound = bounds.copy()
+    remaining = np.arange(n)
+    left = n
+    cover = np.zeros(n_points, dtype=np.float64)
+    order = np.empty(k, dtype=np.int64)
+    gains = np.empty(k, dtype=np.float64)
+    keys = np.empty(n, dtype=np.float64)
+    ids = np.empty(n, dtype=np.int64)
+    slots = np.empty(n, dtype=np.int64)
+    evals = 0
+    for step in range(k):
+        s = min(sample, left)
+        # Partial Fisher-Yates: the first s entries of `remaining` become a uniform sample without replacement.
+        for a in range(s):
+            b = a + np.random.randint(0, left - a)
+            remaining[a], remaining[b] = remaining[b], remaining[a]
+        for a in range(s):
+            keys[a] = bound[remaining[a]]
+            ids[a] = remaining[a]
+            slots[remaining[a]] = a
+        _heapify(keys, ids, s)
+        # Lazy evaluation inside the sample: stop when a fresh gain beats every other stale bound.
+        while True:
+            j = ids[0]
+            if dense:
+                g = _dense_gain(sim, j, cover)
+            else:
+                g = _sparse_gain(indptr, points, values, j, cover)
+            evals += 1
+            bound[j] = g
+            if s == 1:
+                break
+            c = 1
+            if s > 2 and _before(keys[2], ids[2], keys[1], ids[1]):
+                c = 2
+            if not _before(keys[c], ids[c], g, j):
+                break
+            keys[0] = g
+            _sift_down(keys, ids, s, 0)
+        order[step] = j
+        gains[step] = g
+        if dense:
+            _dense_cover(sim, j, cover)
+        else:
+            _sparse_cover(indptr, points, values, j, cover)
+        # Remove j from `remaining` by swapping in the last live candidate.
+        for a in range(s):
+            if remaining[a] == j:
+                left -= 1
+                remaining[a], remaining[left] = remaining[left], remaining[a]
+                break
+    return order, gains, evals
+
+
+def stochastic_sample_size(n: int, k: int, epsilon: float) -> int:
+    """Candidates sampled per step: ceil((n / k) * ln(1 / epsilon)), at least 1, at most n."""
+    return int(min(n, max(1, math.ceil(n / k * math.log(1.0 / epsilon)))))
+
+
+_EMPTY_I = np.zeros(1, dtype=np.int64)
+_EMPTY_F = np.zeros(1, dtype=np.float32)
+_EMPTY_SIM = np.zeros((1, 1), dtype=np.float32)
+
+
+def dense_greedy(
+    sim: np.ndarray, k: int, method: str, epsilon: float = 0.1, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Greedy on a dense float32 (n, n) similarity: (order int64 (k,), gains float64 (k,), gain evaluations)."""
+    n = sim.shape[0]
+    bounds = _dense_bounds(sim)
+    if method == "lazy":
+        return _lazy(True, sim, _EMPTY_I, _EMPTY_I, _EMPTY_F, bounds, n, k)
+    return _stochastic(
+        True, sim, _EMPTY_I, _EMPTY_I, _EMPTY_F, bounds, n, k, stochastic_sample_size(n, k, epsilon), seed
+    )
+
+
+def sparse_greedy(
+    indptr: np.ndarray,
+    points: np.ndarray,
+    values: np.ndarray,
+    n_points: int,
+    k: int,
+    method: str,
+    epsilon: float = 0.1,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Greedy on a candidate-major CSR coverage graph; returns like ``dense_greedy``."""
+    n = indptr.shape[0] - 1
+    bounds = _sparse_bounds(indptr, values)
+    if method == "lazy":
+        return _lazy(False, _EMPTY_SIM, indptr, points, values, bounds, n_points, k)
+    return _stochastic(
+        False, _EMPTY_SIM, indptr, points, values, bounds, n_points, k, stochastic_sample_size(n, k, epsilon), seed
+    )
