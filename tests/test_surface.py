@@ -82,15 +82,24 @@ def test_package_exports_are_frozen() -> None:
         "select_coreset",
     ]
     assert sorted(trainer_client.__all__) == [
+        "CheckResult",
         "CoresetLoader",
+        "Embedder",
         "LoaderConfig",
         "LoaderStats",
+        "QuadraticFit",
+        "RegionConfig",
+        "RegionController",
         "RoundPlan",
         "SelectionClient",
+        "SelectionUnavailable",
         "SessionInfo",
         "WeightedBatch",
+        "default_forward",
+        "last_layer_gradient",
         "logit_gradient",
         "per_example_loss",
+        "random_projection",
         "weighted_loss",
     ]
 

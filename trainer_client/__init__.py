@@ -1,21 +1,38 @@
-"""CREST trainer client: embeddings, the gRPC client, and a PyTorch loader of weighted coresets.
+"""CREST trainer client: embeddings, the gRPC client, region control, and a PyTorch loader of weighted coresets.
 
 Never imports faiss or Ray.
 """
 
+from trainer_client.batches import Embedder, default_forward
 from trainer_client.client import RoundPlan, SelectionClient, SessionInfo, WeightedBatch
-from trainer_client.embeddings import logit_gradient, per_example_loss, weighted_loss
-from trainer_client.loader import CoresetLoader, LoaderConfig, LoaderStats
+from trainer_client.embeddings import (
+    last_layer_gradient,
+    logit_gradient,
+    per_example_loss,
+    random_projection,
+    weighted_loss,
+)
+from trainer_client.loader import CoresetLoader, LoaderConfig, LoaderStats, SelectionUnavailable
+from trainer_client.region import CheckResult, QuadraticFit, RegionConfig, RegionController
 
 __all__ = [
+    "CheckResult",
     "CoresetLoader",
+    "Embedder",
     "LoaderConfig",
     "LoaderStats",
+    "QuadraticFit",
+    "RegionConfig",
+    "RegionController",
     "RoundPlan",
     "SelectionClient",
+    "SelectionUnavailable",
     "SessionInfo",
     "WeightedBatch",
+    "default_forward",
+    "last_layer_gradient",
     "logit_gradient",
     "per_example_loss",
+    "random_projection",
     "weighted_loss",
 ]

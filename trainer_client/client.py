@@ -14,6 +14,10 @@ from crest.selector.v1 import selector_pb2 as pb
 from crest.selector.v1 import selector_pb2_grpc as pb_grpc
 
 _SIMILARITY = {"exp": pb.SIMILARITY_EXP, "maxdist": pb.SIMILARITY_MAXDIST}
+_EMBEDDING = {
+    "logit_gradient": pb.EMBEDDING_LOGIT_GRADIENT,
+    "last_layer_gradient": pb.EMBEDDING_LAST_LAYER_GRADIENT,
+}
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,11 @@ class SelectionClient:
             options=[
                 ("grpc.max_receive_message_length", codec.MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", codec.MAX_MESSAGE_BYTES),
+                # Reconnect soon after the service comes back (gRPC's default backoff grows to 120 s); the
+                # loader keeps training on uniform batches meanwhile.
+                ("grpc.initial_reconnect_backoff_ms", 200),
+                ("grpc.min_reconnect_backoff_ms", 200),
+                ("grpc.max_reconnect_backoff_ms", 2000),
             ],
         )
         self._stub = pb_grpc.SelectorServiceStub(self._channel)
@@ -83,14 +92,25 @@ class SelectionClient:
         similarity: str = "exp",
         seed: int = 0,
         client_name: str = "",
+        embedding_kind: str = "logit_gradient",
+        embedding_dim: int = 0,
+        timeout_s: float | None = None,
     ) -> SessionInfo:
-        """Register the dataset by its labels (int (N,)) and the selection settings."""
+        """Register the dataset by its labels (int (N,)) and the selection settings.
+
+        ``embedding_kind`` is "logit_gradient" or "last_layer_gradient"; ``embedding_dim`` 0 means C (logit
+        gradient). ``timeout_s`` overrides the client's deadline for this call.
+        """
+        if embedding_kind not in _EMBEDDING:
+            raise ValueError(f"embedding_kind must be one of {sorted(_EMBEDDING)}, received {embedding_kind!r}")
         config = pb.CrestConfig(
             subset_fraction=subset_fraction,
             num_subsets=num_subsets,
             batch_size=batch_size,
             similarity=_SIMILARITY[similarity],
             seed=seed,
+            embedding_kind=_EMBEDDING[embedding_kind],
+            embedding_dim=embedding_dim,
         )
         reply = self._stub.CreateSession(
             pb.CreateSessionRequest(
@@ -100,23 +120,25 @@ class SelectionClient:
                 config=config,
                 client_name=client_name,
             ),
-            timeout=self._timeout,
+            timeout=timeout_s or self._timeout,
             metadata=self._metadata,
         )
         return SessionInfo(
             reply.session_id, reply.num_classes, reply.subset_size, reply.config.batch_size, reply.config.num_subsets
         )
 
-    def close_session(self, session_id: str) -> int:
+    def close_session(self, session_id: str, timeout_s: float | None = None) -> int:
         reply = self._stub.CloseSession(
-            pb.CloseSessionRequest(session_id=session_id), timeout=self._timeout, metadata=self._metadata
+            pb.CloseSessionRequest(session_id=session_id), timeout=timeout_s or self._timeout, metadata=self._metadata
         )
         return int(reply.rounds_completed)
 
-    def start_round(self, session_id: str, round_id: int, trainer_step: int) -> RoundPlan:
+    def start_round(
+        self, session_id: str, round_id: int, trainer_step: int, timeout_s: float | None = None
+    ) -> RoundPlan:
         reply = self._stub.StartRound(
             pb.StartRoundRequest(session_id=session_id, round_id=round_id, trainer_step=trainer_step),
-            timeout=self._timeout,
+            timeout=timeout_s or self._timeout,
             metadata=self._metadata,
         )
         return RoundPlan(
@@ -170,9 +192,11 @@ class SelectionClient:
                 b.worker,
             )
 
-    def session_state(self, session_id: str) -> pb.SessionState:
+    def session_state(self, session_id: str, timeout_s: float | None = None) -> pb.SessionState:
         return self._stub.GetSessionState(
-            pb.GetSessionStateRequest(session_id=session_id), timeout=self._timeout, metadata=self._metadata
+            pb.GetSessionStateRequest(session_id=session_id),
+            timeout=timeout_s or self._timeout,
+            metadata=self._metadata,
         )
 
     def close(self) -> None:

@@ -31,3 +31,39 @@ def weighted_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Te
     """Batch mean of weight * cross-entropy: the CREST training loss for a weighted coreset batch."""
     losses = F.cross_entropy(logits, targets, reduction="none")
     return (losses * weights.to(losses.dtype)).mean()
+
+
+def random_projection(num_classes: int, feature_dim: int, dim: int, seed: int) -> torch.Tensor:
+    """The fixed Gaussian projection of last-layer gradients: float32 (C, H + 1, d), entries N(0, 1/d).
+
+    Seeded and generated on the CPU, so every process (and every DDP rank) builds the same matrix. The extra
+    row of H + 1 projects the bias gradient.
+    """
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(num_classes, feature_dim + 1, dim, generator=g) / dim**0.5
+
+
+def last_layer_gradient(
+    logits: torch.Tensor, targets: torch.Tensor, features: torch.Tensor, projection: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per-example gradient of cross-entropy with respect to the last linear layer (weight and bias).
+
+    For a layer z = W h + b the gradient is (softmax(z) - onehot(y)) ⊗ [h, 1], computed in closed form from one
+    forward pass (no per-example backward).
+
+    Args:
+        logits: float (n, C), the layer's output.
+        targets: int64 (n,).
+        features: float (n, H), the layer's input h.
+        projection: optional float32 (C, H + 1, d) from ``random_projection``; applied without materialising
+            the (n, C·(H+1)) gradients.
+
+    Returns:
+        float32 (n, C·(H+1)) laid out as [dW row-major (C, H), db (C)], or (n, d) when projected.
+    """
+    e = logit_gradient(logits, targets)
+    h = features.detach().float()
+    if projection is not None:
+        proj = projection.to(h.device)
+        return torch.einsum("nc,nh,chd->nd", e, h, proj[:, :-1]) + e @ proj[:, -1]
+    return torch.cat([(e[:, :, None] * h[:, None, :]).reshape(len(e), -1), e], dim=1)

@@ -60,6 +60,12 @@ class TrainResult:
     rounds: int
     late_steps: int
     final_loss: float
+    checks: int = 0  # Taylor checks run
+    reselections: int = 0  # regions ended by a failed check (or the fixed rule)
+    fallback_batches: int = 0  # uniform batches yielded because no coreset was ready or the service was down
+    service_errors: int = 0
+    check_s: float = 0.0  # forward passes on the random subsets for the checks
+    fit_s: float = 0.0  # quadratic-model fits (Hutchinson)
 
 
 @torch.no_grad()
@@ -116,4 +122,10 @@ def train(config: TrainConfig, client: SelectionClient) -> TrainResult:
         stats.rounds_started,
         stats.late_steps,
         loss_value,
+        stats.checks,
+        stats.reselections,
+        stats.fallback_batches,
+        stats.service_errors,
+        stats.check_s,
+        stats.fit_s,
     )

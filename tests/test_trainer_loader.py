@@ -1,0 +1,201 @@
+"""The loader against a real gRPC server on loopback: CREST region control, never-block fallback when the
+service is down or dies, dict batches with a forward_fn, and state checks. Real torch training, small data."""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from selector_service.backends import LocalBackend
+from selector_service.server import RunningServer, ServerConfig, start_server
+from trainer_client.client import SelectionClient
+from trainer_client.data import FashionMNIST
+from trainer_client.embeddings import weighted_loss
+from trainer_client.loader import CoresetLoader, LoaderConfig, SelectionUnavailable
+from trainer_client.models import SmallCNN
+from trainer_client.region import RegionConfig
+
+torch.set_num_threads(1)
+SMALL = {"batch_size": 32, "subset_fraction": 0.05, "num_subsets": 2, "check_examples": 128}
+
+
+@pytest.fixture(scope="module")
+def fmnist() -> FashionMNIST:
+    return FashionMNIST("train", limit=1000)
+
+
+def _train(loader: CoresetLoader, model: nn.Module, steps: int, on_step: object = None) -> list[float]:
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    losses = []
+    for step, (x, y, w) in zip(range(steps), loader, strict=False):
+        assert (w > 0).all() and w.dtype == torch.float32 and len(w) == len(y)
+        loss = weighted_loss(model(x), y, w)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if callable(on_step):
+            on_step(step)
+    return losses
+
+
+def test_crest_regions_check_and_reselect_against_a_real_server(
+    client: SelectionClient, fmnist: FashionMNIST, caplog: pytest.LogCaptureFixture
+) -> None:
+    torch.manual_seed(0)
+    model = SmallCNN()
+    config = LoaderConfig(**SMALL, lookahead_steps=2)  # type: ignore[arg-type]
+    caplog.set_level(logging.INFO, logger="trainer_client")
+    with CoresetLoader(fmnist, model, client, fmnist.targets.numpy(), config=config) as loader:
+        _train(loader, model, 30)
+        stats, ctl = loader.stats, loader.controller.stats
+        region_ids = loader._region.ids if loader._region else np.zeros(0)
+    assert stats.steps == 30 and stats.fallback_batches == 0 and stats.service_errors == 0
+    assert stats.checks >= 5 and stats.reselections >= 1  # early training: the loss moves fast
+    assert stats.regions == ctl.fits >= 2 and ctl.checks == stats.checks
+    assert stats.rounds_started in (stats.regions, stats.regions + 1)
+    assert set(loader.last_ids.tolist()) <= set(region_ids.tolist())
+    logged = caplog.text
+    assert "check" in logged and "predicted" in logged and "quadratic model" in logged
+    assert logged.count("-> reselect") == stats.reselections
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _server(port: int = 0) -> RunningServer:
+    return start_server(ServerConfig(port=port, backend="local"), backend=LocalBackend(num_workers=2))
+
+
+def test_killing_the_server_mid_training_falls_back_then_reconnects(fmnist: FashionMNIST) -> None:
+    server = _server()
+    port = server.port
+    torch.manual_seed(0)
+    model = SmallCNN()
+    config = LoaderConfig(
+        **SMALL,  # type: ignore[arg-type]
+        steps_per_round=4,
+        lookahead_steps=1,
+        reconnect_initial_s=0.05,
+        reconnect_max_s=0.2,
+    )
+    client = SelectionClient(server.target, timeout_s=10)
+    restarted: list[RunningServer] = []
+    try:
+        with CoresetLoader(fmnist, model, client, fmnist.targets.numpy(), config=config) as loader:
+
+            def chaos(step: int) -> None:
+                if step == 10:
+                    server.stop(grace=0)
+                if step == 20:
+                    restarted.append(_server(port))
+
+            losses = _train(loader, model, 25, chaos)
+            before = loader.stats.regions
+            assert loader.stats.fallback_batches > 0 and loader.stats.service_errors > 0
+            # Keep training until the loader has reconnected and trains on coresets again (bounded).
+            for _ in range(400):
+                losses += _train(loader, model, 1)
+                if loader.stats.regions > before + 1:
+                    break
+            stats = loader.stats
+    finally:
+        for s in restarted:
+            s.stop(grace=0)
+        client.close()
+    assert np.isfinite(losses).all()
+    assert stats.sessions_opened == 2  # the restarted server had lost the first session
+    assert stats.regions > before + 1
+    assert stats.steps == len(losses) and stats.fallback_batches < stats.steps
+
+
+def test_unreachable_service_trains_on_uniform_batches_and_strict_mode_raises(fmnist: FashionMNIST) -> None:
+    target = f"127.0.0.1:{_free_port()}"
+    torch.manual_seed(0)
+    model = SmallCNN()
+    with SelectionClient(target, timeout_s=5) as client:
+        with CoresetLoader(fmnist, model, client, fmnist.targets.numpy(), config=LoaderConfig(**SMALL)) as loader:  # type: ignore[arg-type]
+            losses = _train(loader, model, 8)
+            assert loader.stats.fallback_batches == 8 and loader.stats.regions == 0
+            assert loader.stats.service_errors >= 1 and loader.stats.wait_s < 1.0
+        assert losses[-1] < losses[0]  # it really trained, on uniform batches
+        strict = LoaderConfig(**SMALL, strict=True)  # type: ignore[arg-type]
+        loader = CoresetLoader(fmnist, model, client, fmnist.targets.numpy(), config=strict)
+        with loader, pytest.raises(SelectionUnavailable, match=target):
+            next(iter(loader))
+
+
+class _Tokens(torch.utils.data.Dataset):
+    """A toy text classification set: the label is which half of the vocabulary dominates the sequence."""
+
+    def __init__(self, n: int = 600, length: int = 12, vocab: int = 50) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.labels = torch.randint(0, 2, (n,), generator=g)
+        lo = torch.randint(0, vocab // 2, (n, length), generator=g)
+        self.ids = lo + self.labels[:, None] * (vocab // 2)
+        noise = torch.rand(n, length, generator=g) < 0.3
+        self.ids[noise] = torch.randint(0, vocab, (int(noise.sum()),), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.labels[i]}
+
+
+class _BagClassifier(nn.Module):
+    def __init__(self, vocab: int = 50) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, 16)  # EmbeddingBag has no double backward, which Hutchinson needs
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.embed(input_ids).mean(1)))
+
+
+def test_dict_batches_with_a_forward_fn_and_projected_last_layer_embeddings(client: SelectionClient) -> None:
+    data = _Tokens()
+    torch.manual_seed(0)
+    model = _BagClassifier()
+    config = LoaderConfig(
+        batch_size=24, subset_fraction=0.1, num_subsets=2, embedding="last_layer_gradient", embedding_dim=8
+    )
+    calls = []
+
+    def forward_fn(m: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append(len(batch["labels"]))
+        return m(batch["input_ids"]), batch["labels"]
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    with CoresetLoader(data, model, client, data.labels.numpy(), config=config, forward_fn=forward_fn) as loader:
+        for _, batch in zip(range(15), loader, strict=False):
+            assert sorted(batch) == ["input_ids", "labels", "weights"]
+            loss = weighted_loss(model(batch["input_ids"]), batch["labels"], batch.pop("weights"))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        stats, session = loader.stats, loader.session
+    assert session is not None and stats.regions >= 1 and stats.fallback_batches == 0
+    assert stats.examples_embedded > 0 and calls  # embeddings and checks went through forward_fn
+
+
+def test_state_from_another_dataset_or_version_is_refused(client: SelectionClient, fmnist: FashionMNIST) -> None:
+    model = SmallCNN()
+    with CoresetLoader(fmnist, model, client, fmnist.targets.numpy(), config=LoaderConfig(**SMALL)) as loader:  # type: ignore[arg-type]
+        _train(loader, model, 2)
+        state = loader.state_dict()
+    other = FashionMNIST("train", limit=500)
+    with CoresetLoader(other, model, client, other.targets.numpy(), config=LoaderConfig(**SMALL)) as fresh:  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="dataset_size 1000; this loader has 500"):
+            fresh.load_state_dict(state)
+        with pytest.raises(ValueError, match="version 99"):
+            fresh.load_state_dict({**state, "version": 99})
+    assert RegionConfig().mode == "crest"

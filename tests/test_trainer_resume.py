@@ -1,0 +1,86 @@
+"""Resume: train N steps, checkpoint model, optimizer and loader, restore in a new process; the next batches
+equal those of an uninterrupted run with the same seed (against one real server, CREST region control)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from selector_service.server import RunningServer
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    from trainer_client.client import SelectionClient
+    from trainer_client.data import FashionMNIST
+    from trainer_client.embeddings import weighted_loss
+    from trainer_client.loader import CoresetLoader, LoaderConfig
+    from trainer_client.models import SmallCNN
+
+    target, phase, ckpt, first, total = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    data = FashionMNIST("train", limit=1000)
+    model = SmallCNN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    config = LoaderConfig(batch_size=32, subset_fraction=0.05, num_subsets=2, check_examples=128,
+                          lookahead_steps=2, deadline_s=60.0)
+    client = SelectionClient(target, timeout_s=60)
+    loader = CoresetLoader(data, model, client, data.targets.numpy(), config=config)
+    start, stop = {"full": (0, total), "first": (0, first), "rest": (first, total)}[phase]
+    if phase == "rest":
+        state = torch.load(ckpt, weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        loader.load_state_dict(state["loader"])
+    ids = []
+    for step, (x, y, w) in zip(range(start, stop), loader):
+        loss = weighted_loss(model(x), y, w)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        ids.append(loader.last_ids.tolist())
+    if phase == "first":
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "loader": loader.state_dict()}, ckpt)
+        loader.close(end_session=False)  # as if preempted: the session stays on the service
+    else:
+        loader.close()
+    print(json.dumps({"ids": ids, "regions": loader.stats.regions, "checks": loader.stats.checks,
+                      "fallback": loader.stats.fallback_batches}))
+    """
+)
+
+
+def _run(tmp_path: Path, target: str, phase: str, first: int, total: int) -> dict:
+    script = tmp_path / "resume_run.py"
+    script.write_text(SCRIPT)
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    out = subprocess.run(
+        [sys.executable, str(script), target, phase, str(tmp_path / "ckpt.pt"), str(first), str(total)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=240,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_restored_loader_continues_with_the_batches_of_an_uninterrupted_run(
+    local_server: RunningServer, tmp_path: Path
+) -> None:
+    first, total = 14, 30
+    full = _run(tmp_path, local_server.target, "full", first, total)
+    head = _run(tmp_path, local_server.target, "first", first, total)
+    rest = _run(tmp_path, local_server.target, "rest", first, total)
+    assert full["fallback"] == head["fallback"] == rest["fallback"] == 0
+    assert head["ids"] == full["ids"][:first]
+    assert rest["ids"] == full["ids"][first:]  # the next batches, not a fresh start
+    assert full["regions"] >= 3 and rest["regions"] == full["regions"]  # regions switched after the restore too
+    assert rest["checks"] == full["checks"]  # counters travelled with the state

@@ -1,0 +1,98 @@
+"""The loader's background thread: submits a round's embeddings and streams its weighted batches back.
+
+Every item it puts on the queue carries the loader's round number, so the consumer can drop what belongs to
+a round it gave up on. Errors are queued as ``StreamFailure`` and re-raised (strict) or handled (fallback)
+by the training loop; the thread itself survives them and serves the next job.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from trainer_client.client import SelectionClient, WeightedBatch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StreamJob:
+    round: int  # the loader's round number (survives reconnects, unlike the session's round id)
+    session_id: str
+    session_round: int
+    ids: np.ndarray  # int64 (n,)
+    embeddings: np.ndarray  # float32 (n, d)
+    labels: np.ndarray  # int64 (n,)
+    losses: np.ndarray  # float32 (n,)
+
+
+@dataclass(frozen=True)
+class StreamBatch:
+    round: int
+    batch: WeightedBatch
+
+
+@dataclass(frozen=True)
+class StreamEnd:
+    round: int
+
+
+@dataclass(frozen=True)
+class StreamFailure:
+    round: int
+    error: BaseException
+
+
+StreamItem = StreamBatch | StreamEnd | StreamFailure
+
+
+class RoundStreamer:
+    """Owns the thread; ``submit`` a job, read ``items``."""
+
+    def __init__(self, client: SelectionClient, queue_size: int) -> None:
+        self.client = client
+        self.items: queue.Queue[StreamItem] = queue.Queue(queue_size)
+        self._jobs: queue.Queue[StreamJob | None] = queue.Queue()
+        self.stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="crest-stream", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: StreamJob) -> None:
+        self._jobs.put(job)
+
+    def _put(self, item: StreamItem) -> bool:
+        """Queue an item, giving up when the loader is stopping (nobody will read it)."""
+        while not self.stopping.is_set():
+            try:
+                self.items.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                self.client.submit_embeddings(
+                    job.session_id, job.session_round, job.ids, job.embeddings, job.labels, job.losses
+                )
+                for batch in self.client.stream_batches(job.session_id, job.session_round):
+                    if not self._put(StreamBatch(job.round, batch)):
+                        return
+                self._put(StreamEnd(job.round))
+            except BaseException as exc:  # handed to the training loop
+                if self.stopping.is_set():
+                    return
+                log.debug("round %d stream failed: %s", job.round, exc)
+                if not self._put(StreamFailure(job.round, exc)):
+                    return
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop the thread (it may be blocked in an rpc until that rpc ends)."""
+        self.stopping.set()
+        self._jobs.put(None)
+        self._thread.join(timeout_s)
