@@ -51,14 +51,32 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--steps-per-round",
         type=int,
-        default=50,
-        help="steps trained on one round's coresets before switching to the next; default 50",
+        default=None,
+        help="use the fixed rule: every region lasts this many steps (default: CREST's Taylor check decides)",
     )
     p.add_argument(
         "--lookahead-steps",
         type=int,
-        default=10,
-        help="steps before a round ends at which the next is requested; default 10",
+        default=4,
+        help="steps between asking for the next round and switching to it; default 4",
+    )
+    p.add_argument(
+        "--tau",
+        type=float,
+        default=0.1,
+        help="CREST check threshold: reselect when the quadratic model is off by more than tau x loss; default 0.1",
+    )
+    p.add_argument(
+        "--check-examples",
+        type=int,
+        default=256,
+        help="random-subset ids the check evaluates (a fixed sample per round; 0: all, as CREST); default 256",
+    )
+    p.add_argument(
+        "--embedding",
+        choices=["logit_gradient", "last_layer_gradient"],
+        default="logit_gradient",
+        help="selection feature: softmax(z) - onehot(y) (default) or its outer product with the last features",
     )
     p.add_argument(
         "--similarity",
@@ -134,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _train_config(args: argparse.Namespace) -> Any:
     from trainer_client.loader import LoaderConfig
+    from trainer_client.region import RegionConfig
     from trainer_client.train import TrainConfig
 
     loader = LoaderConfig(
@@ -144,6 +163,9 @@ def _train_config(args: argparse.Namespace) -> Any:
         seed=args.seed,
         steps_per_round=args.steps_per_round,
         lookahead_steps=args.lookahead_steps,
+        region=RegionConfig(tau=args.tau),
+        check_examples=args.check_examples,
+        embedding=args.embedding,
         client_name=f"crest-{args.command}",
     )
     return TrainConfig(
@@ -198,7 +220,10 @@ def _run_train(args: argparse.Namespace, endpoint: str, token: str | None) -> in
         ("selection rounds", f"{result.rounds}"),
         ("trainer wait for coresets", f"{result.wait_s:.2f} s ({100 * result.wait_s / result.wall_s:.1f}% of wall)"),
         ("embedding time", f"{result.embed_s:.2f} s"),
-        ("steps past round end (next round late)", f"{result.late_steps}"),
+        ("Taylor checks / reselections", f"{result.checks} / {result.reselections}"),
+        ("check time / quadratic-model time", f"{result.check_s:.2f} s / {result.fit_s:.2f} s"),
+        ("uniform fallback batches (late rounds)", f"{result.fallback_batches} ({result.late_steps})"),
+        ("service errors ridden out", f"{result.service_errors}"),
     ]
     width = max(len(k) for k, _ in rows)
     print(f"\nCREST on Fashion-MNIST via {endpoint}")
