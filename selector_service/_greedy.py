@@ -10,6 +10,12 @@ Lazy greedy (Minoux) keeps a max-heap of stale upper bounds and re-evaluates onl
 naive greedy selection exactly, with ties broken towards the lowest index. Stochastic greedy (Mirzasoleiman
 et al., "Lazier than lazy greedy", 2015) picks the best of a random sample of (n/k)·ln(1/ε) remaining
 candidates per step, evaluated lazily within the sample; expected value >= (1 - 1/e - ε)·OPT.
+
+``select_groups`` solves many small problems (the CREST workload: 50 points, budget 13, per class) in one
+compiled call: each group's kernel (direct float32 differences, no GEMM), greedy and cluster sizes.
+
+Every compiled function that calls another lives in this file: numba's on-disk cache is invalidated per
+source file, so a caller cached against a dependency in another file could run stale machine code.
 """
 
 from __future__ import annotations
@@ -75,6 +81,7 @@ def _sparse_gain(indptr: np.ndarray, points: np.ndarray, values: np.ndarray, j: 
 
 @njit(cache=True, parallel=True)
 def _dense_bounds(sim: np.ndarray) -> np.ndarray:
+    # Called from Python only: a parallel function nested in another cached one crashes when loaded from cache.
     n = sim.shape[0]
     out = np.empty(n, dtype=np.float64)
     for j in prange(n):
@@ -82,6 +89,17 @@ def _dense_bounds(sim: np.ndarray) -> np.ndarray:
         row = sim[j]
         for i in range(row.shape[0]):
             total += max(row[i], 0.0)
+        out[j] = total
+    return out
+
+
+@njit(cache=True)
+def _row_sums(sim: np.ndarray) -> np.ndarray:
+    out = np.empty(sim.shape[0], dtype=np.float64)
+    for j in range(sim.shape[0]):
+        total = 0.0
+        for i in range(sim.shape[1]):
+            total += max(sim[j, i], 0.0)
         out[j] = total
     return out
 
@@ -281,3 +299,125 @@ def sparse_greedy(
     return _stochastic(
         False, _EMPTY_SIM, indptr, points, values, bounds, n_points, k, stochastic_sample_size(n, k, epsilon), seed
     )
+
+
+# -- many small groups in one call -----------------------------------------------------------------------
+
+# Groups up to this size take the batched path (its kernel is m^2 float32 per group, built serially without
+# BLAS, so larger groups are faster through the blocked GEMM path).
+BATCH_MAX = 512
+
+
+@njit(cache=True, fastmath=True)
+def _group_kernel(x: np.ndarray, rows: np.ndarray, exp_kernel: bool) -> np.ndarray:
+    m = rows.shape[0]
+    d = x.shape[1]
+    neg_inv_d = np.float32(-1.0 / d)
+    sim = np.empty((m, m), dtype=np.float32)
+    top = np.float32(0.0)
+    for a in range(m):
+        for b in range(a + 1, m):
+            acc = np.float32(0.0)
+            for c in range(d):
+                diff = x[rows[a], c] - x[rows[b], c]
+                acc += diff * diff
+            dist = np.sqrt(acc)
+            sim[a, b] = dist
+            top = max(top, dist)
+    # The kernel is symmetric: transform the upper triangle once, mirror it.
+    for a in range(m):
+        sim[a, a] = np.float32(1.0) if exp_kernel else top
+        for b in range(a + 1, m):
+            v = np.exp(sim[a, b] * neg_inv_d) if exp_kernel else top - sim[a, b]
+            sim[a, b] = v
+            sim[b, a] = v
+    return sim
+
+
+@njit(cache=True)
+def _select_groups(
+    x: np.ndarray,
+    members: np.ndarray,
+    offsets: np.ndarray,
+    budgets: np.ndarray,
+    exp_kernel: bool,
+    stochastic: bool,
+    sample_mult: float,
+    seed: int,
+    out_idx: np.ndarray,
+    out_w: np.ndarray,
+    out_gain: np.ndarray,
+) -> None:
+    out = 0
+    for g in range(offsets.shape[0] - 1):
+        rows = members[offsets[g] : offsets[g + 1]]
+        m = rows.shape[0]
+        k = budgets[g]
+        sim = _group_kernel(x, rows, exp_kernel)
+        bounds = _row_sums(sim)
+        if stochastic:
+            sample = min(m, max(1, int(math.ceil(m / k * sample_mult))))  # noqa: RUF046 (numba typing)
+            order, gains, _ = _stochastic(True, sim, _EMPTY_I, _EMPTY_I, _EMPTY_F, bounds, m, k, sample, seed + g)
+        else:
+            order, gains, _ = _lazy(True, sim, _EMPTY_I, _EMPTY_I, _EMPTY_F, bounds, m, k)
+        counts = np.zeros(k, dtype=np.int64)
+        rank = np.full(m, -1, dtype=np.int64)
+        for t in range(k):
+            rank[order[t]] = t
+        for i in range(m):
+            if rank[i] >= 0:
+                counts[rank[i]] += 1
+                continue
+            best = 0
+            for t in range(1, k):  # the earliest pick wins a tie
+                if sim[order[t], i] > sim[order[best], i]:
+                    best = t
+            counts[best] += 1
+        for t in range(k):
+            out_idx[out + t] = rows[order[t]]
+            out_w[out + t] = counts[t]
+            out_gain[out + t] = gains[t]
+        out += k
+
+
+def select_groups(
+    x: np.ndarray,
+    members: np.ndarray,
+    offsets: np.ndarray,
+    budgets: np.ndarray,
+    similarity: str,
+    method: str,
+    epsilon: float,
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Select ``budgets[g]`` points from each group ``members[offsets[g]:offsets[g + 1]]`` of rows of ``x``.
+
+    Args:
+        x: float32 (n, d) embeddings.
+        members: int64 row indices, grouped.
+        offsets: int64 (g + 1,) group boundaries in ``members``.
+        budgets: int64 (g,) per-group budgets, 1 <= budget <= group size.
+        similarity: "exp" or "maxdist"; method: "lazy" or "stochastic" (seeded with seed + group number).
+
+    Returns:
+        (indices int64, weights float32, gains float64), each (sum(budgets),), groups in order.
+    """
+    total = int(budgets.sum())
+    idx = np.empty(total, dtype=np.int64)
+    w = np.empty(total, dtype=np.float32)
+    gains = np.empty(total, dtype=np.float64)
+    sample_mult = math.log(1.0 / epsilon)
+    _select_groups(
+        np.ascontiguousarray(x, dtype=np.float32),
+        members,
+        offsets,
+        budgets,
+        similarity == "exp",
+        method == "stochastic",
+        sample_mult,
+        seed,
+        idx,
+        w,
+        gains,
+    )
+    return idx, w, gains

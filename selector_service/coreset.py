@@ -5,14 +5,16 @@ Pure numpy plus FAISS; no gRPC, Ray or torch.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
+from selector_service._greedy import BATCH_MAX, select_groups
 from selector_service.errors import InvalidArgument
-from selector_service.facility_location import Coreset, facility_location, sparse_facility_location
+from selector_service.facility_location import Coreset, check_budget, facility_location, sparse_facility_location
 from selector_service.similarity import check_kernel, dense_similarity, knn_coverage
 from selector_service.subsets import split_budget
 
@@ -33,7 +35,7 @@ def _check_embeddings(embeddings: np.ndarray) -> np.ndarray:
 # Largest ground set (per class) selected on a dense kernel by default: 4 n^2 bytes = 1 GiB at this size.
 DENSE_MAX = 16_384
 # Above this many points (per class) the automatic kNN path uses an IVF index instead of an exact one.
-EXACT_KNN_MAX = 50_000
+EXACT_KNN_MAX = 20_000
 
 
 def auto_neighbours(n: int, k: int) -> int:
@@ -78,7 +80,8 @@ def select_coreset(
         method: ``"lazy"`` (exact greedy), ``"stochastic"`` (lazier than lazy, see ``epsilon``) or ``"naive"``
             (the reference).
         similarity: ``"exp"`` (CREST) or ``"maxdist"`` (CRAIG); see ``similarity.KERNELS``.
-        knn: ``None`` chooses: a dense kernel up to ``DENSE_MAX`` points per class, else a kNN graph with
+        knn: ``None`` chooses: a dense kernel up to ``DENSE_MAX`` points per class (groups of at most
+            ``BATCH_MAX`` are all solved in one compiled call), else a kNN graph with
             ``auto_neighbours`` neighbours (exact FAISS up to ``EXACT_KNN_MAX`` points, IVF above). ``0`` forces
             the dense kernel; ``K > 0`` forces an exact kNN graph with K neighbours.
         seed: seeds stochastic greedy and the IVF training sample; same inputs and seed, same coreset.
@@ -94,20 +97,27 @@ def select_coreset(
     if knn is not None and knn < 0:
         raise InvalidArgument(f"knn must be None (automatic), 0 (dense) or a neighbour count > 0, received {knn}")
     if labels is None:
-        return _select_group(x, k, method, similarity, knn, seed, epsilon)
-    labels = np.asarray(labels)
-    if labels.shape != (n,):
-        raise InvalidArgument(f"labels must have shape ({n},) to match the embeddings, received {labels.shape}")
-    classes, counts = np.unique(labels, return_counts=True)
-    budgets = split_budget(counts, k)
-    parts: list[Coreset] = []
-    members_of = []
-    for c, b in zip(classes, budgets, strict=True):
-        members = np.flatnonzero(labels == c)
-        parts.append(_select_group(x[members], int(b), method, similarity, knn, seed, epsilon))
-        members_of.append(members)
+        members, offsets, budgets = np.arange(n, dtype=np.int64), np.array([0, n], dtype=np.int64), np.array([k])
+    else:
+        labels = np.asarray(labels)
+        if labels.shape != (n,):
+            raise InvalidArgument(f"labels must have shape ({n},) to match the embeddings, received {labels.shape}")
+        members = np.argsort(labels, kind="stable").astype(np.int64)  # rows grouped by class, ascending
+        _, starts, counts = np.unique(labels[members], return_index=True, return_counts=True)
+        offsets = np.append(starts, n).astype(np.int64)
+        budgets = split_budget(counts, k)
+    check_budget(n, k, method, epsilon)
+    budgets = budgets.astype(np.int64)
+    if method != "naive" and not knn and int(np.diff(offsets).max()) <= BATCH_MAX:
+        idx, weights, gains = select_groups(x, members, offsets, budgets, similarity, method, epsilon, seed)
+        return Coreset(indices=idx, weights=weights, gains=gains)
+    groups = [members[lo:hi] for lo, hi in itertools.pairwise(offsets)]
+    parts = [
+        _select_group(x[g], int(b), method, similarity, knn, seed, epsilon)
+        for g, b in zip(groups, budgets, strict=True)
+    ]
     return Coreset(
-        indices=np.concatenate([m[p.indices] for m, p in zip(members_of, parts, strict=True)]),
+        indices=np.concatenate([g[p.indices] for g, p in zip(groups, parts, strict=True)]),
         weights=np.concatenate([p.weights for p in parts]),
         gains=np.concatenate([p.gains for p in parts]),
     )

@@ -65,7 +65,8 @@ def objective(sim: np.ndarray, selected: np.ndarray) -> float:
     return float(sim[selected].max(axis=0).sum(dtype=np.float64))
 
 
-def _check(n: int, k: int, method: str, epsilon: float) -> None:
+def check_budget(n: int, k: int, method: str, epsilon: float) -> None:
+    """Raise ``InvalidArgument`` unless 1 <= k <= n, ``method`` is known and 0 < epsilon < 1."""
     if not 1 <= k <= n:
         raise InvalidArgument(f"budget k={k} must be between 1 and the ground-set size {n}")
     if method not in OPTIMIZERS:
@@ -92,7 +93,7 @@ def facility_location(sim: np.ndarray, k: int, method: str = "lazy", *, epsilon:
     n = sim.shape[0]
     if sim.ndim != 2 or sim.shape[1] != n:
         raise InvalidArgument(f"similarity matrix must be square, received shape {sim.shape}")
-    _check(n, k, method, epsilon)
+    check_budget(n, k, method, epsilon)
     sim = np.ascontiguousarray(sim, dtype=np.float32)
     if method == "naive":
         order, gains = naive_greedy(sim, k)
@@ -120,7 +121,7 @@ def sparse_facility_location(
 ) -> Coreset:
     """Greedy facility location on a kNN coverage; ``x`` (float32 (n, d)) assigns points no pick covers."""
     n = len(coverage.indptr) - 1
-    _check(n, k, method, epsilon)
+    check_budget(n, k, method, epsilon)
     if method == "naive":
         order, gains = naive_greedy(coverage.to_dense(), k)
     else:

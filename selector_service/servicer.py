@@ -22,6 +22,7 @@ from selector_service.errors import (
     SelectionError,
     SelectorFailure,
 )
+from selector_service.exclusion import ExclusionConfig
 from selector_service.sessions import Batch, EmbeddingPart, SessionConfig, SessionManager
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,14 @@ def config_from_proto(c: pb.CrestConfig) -> SessionConfig:
         raise InvalidArgument(f"config.similarity: unknown enum value {c.similarity}")
     if c.embedding_kind not in (pb.EMBEDDING_KIND_UNSPECIFIED, *_EMBEDDING):
         raise InvalidArgument(f"config.embedding_kind: unknown enum value {c.embedding_kind}")
-    d = SessionConfig()
+    d, e = SessionConfig(), ExclusionConfig()
+    exclusion = ExclusionConfig(
+        enabled=c.drop_learned,
+        threshold=c.drop_threshold or e.threshold,
+        window=c.drop_window or e.window,
+        min_pool_fraction=c.min_pool_fraction or e.min_pool_fraction,
+        readmit=not c.keep_excluded,
+    )
     return SessionConfig(
         subset_fraction=c.subset_fraction or d.subset_fraction,
         num_subsets=c.num_subsets or d.num_subsets,
@@ -84,6 +92,7 @@ def config_from_proto(c: pb.CrestConfig) -> SessionConfig:
         seed=c.seed,
         embedding_dim=c.embedding_dim or None,
         embedding_kind=_EMBEDDING.get(c.embedding_kind, d.embedding_kind),
+        exclusion=exclusion,
     )
 
 
@@ -96,6 +105,11 @@ def config_to_proto(c: SessionConfig) -> pb.CrestConfig:
         seed=c.seed,
         embedding_dim=c.embedding_dim or 0,
         embedding_kind={v: k for k, v in _EMBEDDING.items()}[c.embedding_kind],
+        drop_learned=c.exclusion.enabled,
+        drop_threshold=c.exclusion.threshold,
+        drop_window=c.exclusion.window,
+        min_pool_fraction=c.exclusion.min_pool_fraction,
+        keep_excluded=not c.exclusion.readmit,
     )
 
 
@@ -184,4 +198,6 @@ class SelectorServicer(pb_grpc.SelectorServiceServicer):
             config=config_to_proto(s.config),
             num_classes=s.num_classes,
             next_round_id=s.next_round_id,
+            excluded_size=s.excluded_size,
+            readmitted_total=s.readmitted_total,
         )

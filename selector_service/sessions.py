@@ -28,6 +28,7 @@ from selector_service.errors import (
     ResourceExhausted,
     SelectorFailure,
 )
+from selector_service.exclusion import ExclusionConfig, ExclusionState, validate_config
 from selector_service.similarity import KERNELS
 from selector_service.subsets import class_balanced_subsets, per_class_quota
 
@@ -54,6 +55,10 @@ class SessionConfig:
     embedding_dim: int | None = None
     # What the rows are, one of EMBEDDING_KINDS.
     embedding_kind: str = "logit_gradient"
+    # Learned-example exclusion (off by default, as in CREST).
+    exclusion: ExclusionConfig = field(default_factory=ExclusionConfig)
+    # With exclusion and re-admission, excluded ids re-tested per round, as a fraction of the round's ids.
+    retest_fraction: float = 0.05
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -146,6 +151,8 @@ class SessionSnapshot:
     config: SessionConfig
     num_classes: int
     next_round_id: int
+    excluded_size: int
+    readmitted_total: int
 
 
 class Session:
@@ -160,7 +167,7 @@ class Session:
         self.config = config
         self.client_name = client_name
         self.quota = per_class_quota(len(labels), num_classes, config.subset_fraction)
-        self.active = np.ones(len(labels), dtype=bool)
+        self.exclusion = ExclusionState(self.labels, config.exclusion, min_per_class=self.quota)
         self.rounds: dict[int, _Round] = {}
         self.next_round_id = 0
         self.rounds_completed = 0
@@ -199,6 +206,7 @@ def _validate_config(config: SessionConfig, num_classes: int, limits: Limits) ->
         raise InvalidArgument(
             f"a logit-gradient embedding has one value per class: embedding_dim must be {num_classes}, received {dim}"
         )
+    validate_config(config.exclusion)
     return SessionConfig(**{**config.__dict__, "embedding_dim": dim})
 
 
@@ -272,10 +280,11 @@ class SessionManager:
     def snapshot(self, session_id: str) -> SessionSnapshot:
         s = self.get(session_id)
         with s.lock:
+            excluded = int(s.exclusion.excluded.sum())
             return SessionSnapshot(
                 s.id,
                 len(s.labels),
-                int(s.active.sum()),
+                len(s.labels) - excluded,
                 s.next_round_id,
                 s.rounds_completed,
                 s.batches_delivered,
@@ -283,6 +292,8 @@ class SessionManager:
                 s.config,
                 s.num_classes,
                 s.next_round_id,
+                excluded,
+                s.exclusion.readmitted_total,
             )
 
     # -- rounds ---------------------------------------------------------------------------------------------
@@ -306,8 +317,11 @@ class SessionManager:
                     f"{self.limits.max_rounds_in_flight}; stream their batches first"
                 )
             rng = np.random.default_rng([s.config.seed, round_id])
-            subsets = class_balanced_subsets(s.labels, s.active, s.quota, s.config.num_subsets, rng)
+            subsets = class_balanced_subsets(s.labels, s.exclusion.active, s.quota, s.config.num_subsets, rng)
             ids = np.unique(np.concatenate(subsets))
+            if s.config.exclusion.enabled:
+                retest = s.exclusion.retest_ids(int(np.ceil(s.config.retest_fraction * len(ids))), rng)
+                ids = np.union1d(ids, retest)
             s.rounds[round_id] = _Round(round_id, trainer_step, subsets, ids)
             s.next_round_id += 1
         return RoundPlan(session_id, round_id, ids, len(subsets))
@@ -339,9 +353,10 @@ class SessionManager:
             rnd = self._planned_round(s, first.round_id)
         plan = rnd.ids
         emb = np.empty((len(plan), s.dim), dtype=np.float32)
+        losses = np.full(len(plan), np.nan, dtype=np.float32)  # NaN: not sent
         seen = np.zeros(len(plan), dtype=bool)
         for index, part in enumerate(_chain(first, it)):
-            self._stage(s, rnd, part, index, emb, seen)
+            self._stage(s, rnd, part, index, emb, losses, seen)
         if not seen.all():
             missing = plan[~seen]
             raise InvalidArgument(
@@ -351,11 +366,36 @@ class SessionManager:
         with s.lock:
             rnd = self._planned_round(s, first.round_id)  # a concurrent submit may have won the race
             rnd.state = RoundState.EMBEDDED
+            if s.config.exclusion.enabled:
+                self._update_exclusion(s, rnd.round_id, plan, losses)
             rnd.futures = [self.backend.submit(self._task(s, rnd, i, sub, emb)) for i, sub in enumerate(rnd.subsets)]
         return s.id, rnd.round_id, len(plan)
 
+    @staticmethod
+    def _update_exclusion(s: Session, round_id: int, ids: np.ndarray, losses: np.ndarray) -> None:
+        sent = ~np.isnan(losses)
+        s.exclusion.record(ids[sent], losses[sent])
+        update = s.exclusion.update()
+        if len(update.excluded) or len(update.readmitted):
+            log.info(
+                "session %s round %d: excluded %d learned examples, re-admitted %d; active %d/%d",
+                s.id,
+                round_id,
+                len(update.excluded),
+                len(update.readmitted),
+                int(s.exclusion.active.sum()),
+                len(s.labels),
+            )
+
     def _stage(
-        self, s: Session, rnd: _Round, part: EmbeddingPart, index: int, emb: np.ndarray, seen: np.ndarray
+        self,
+        s: Session,
+        rnd: _Round,
+        part: EmbeddingPart,
+        index: int,
+        emb: np.ndarray,
+        losses: np.ndarray,
+        seen: np.ndarray,
     ) -> None:
         where = f"message {index} of round {rnd.round_id}"
         if (part.session_id, part.round_id) != (s.id, rnd.round_id):
@@ -395,6 +435,8 @@ class SessionManager:
                 "finite non-negative number"
             )
         emb[pos] = part.embeddings
+        if part.losses is not None:
+            losses[pos] = part.losses
         seen[pos] = True
 
     def _task(self, s: Session, rnd: _Round, index: int, subset: np.ndarray, emb: np.ndarray) -> SelectionTask:

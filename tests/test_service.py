@@ -244,3 +244,32 @@ def test_bearer_token_is_required_when_configured(small_labels: np.ndarray) -> N
 def test_binding_beyond_loopback_requires_a_token() -> None:
     with pytest.raises(ValueError, match=r"refusing to bind 0\.0\.0\.0 without an auth token"):
         start_server(ServerConfig(host="0.0.0.0", port=0, backend="local"), backend=LocalBackend(1))
+
+
+def test_learned_examples_leave_the_pool_and_come_back_when_their_loss_rises(client: SelectionClient) -> None:
+    labels = np.random.default_rng(3).permutation(np.repeat(np.arange(10), 100)).astype(np.int64)
+    config = pb.CrestConfig(
+        subset_fraction=0.1, num_subsets=2, batch_size=20, drop_learned=True, drop_window=1, min_pool_fraction=0.5
+    )
+    reply = _stub(client).CreateSession(
+        pb.CreateSessionRequest(dataset_size=1000, labels=codec.encode(labels, codec.INT64), config=config), timeout=10
+    )
+    sid = reply.session_id
+    assert reply.config.drop_learned and reply.config.drop_threshold == pytest.approx(0.1)
+    plan0 = client.start_round(sid, 0, 0)
+    client.submit_embeddings(sid, 0, plan0.ids, _embed(plan0.ids), losses=np.zeros(len(plan0.ids), np.float32))
+    list(client.stream_batches(sid, 0))
+    state = _state(client, sid)
+    assert state.excluded_size == len(plan0.ids) and state.active_size == 1000 - len(plan0.ids)
+    excluded = set(plan0.ids.tolist())
+    plan1 = client.start_round(sid, 1, 10)
+    retested = np.array(sorted(set(plan1.ids.tolist()) & excluded))
+    assert len(retested) >= 1  # a few excluded ids come back in the plan to be re-tested
+    losses = np.where(np.isin(plan1.ids, retested), 5.0, 1.0).astype(np.float32)
+    client.submit_embeddings(sid, 1, plan1.ids, _embed(plan1.ids), losses=losses)
+    batches = list(client.stream_batches(sid, 1))
+    for b in batches:
+        assert not set(b.ids.tolist()) & excluded  # excluded examples are never selected
+    state = _state(client, sid)
+    assert state.readmitted_total == len(retested)
+    assert state.excluded_size == len(excluded) - len(retested)

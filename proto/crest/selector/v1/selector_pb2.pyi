@@ -25,7 +25,7 @@ EMBEDDING_LOGIT_GRADIENT: EmbeddingKind
 EMBEDDING_LAST_LAYER_GRADIENT: EmbeddingKind
 
 class CrestConfig(_message.Message):
-    __slots__ = ("subset_fraction", "num_subsets", "batch_size", "similarity", "seed", "embedding_dim", "embedding_kind")
+    __slots__ = ("subset_fraction", "num_subsets", "batch_size", "similarity", "seed", "embedding_dim", "embedding_kind", "drop_learned", "drop_threshold", "drop_window", "min_pool_fraction", "keep_excluded")
     SUBSET_FRACTION_FIELD_NUMBER: _ClassVar[int]
     NUM_SUBSETS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -33,6 +33,11 @@ class CrestConfig(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_DIM_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_KIND_FIELD_NUMBER: _ClassVar[int]
+    DROP_LEARNED_FIELD_NUMBER: _ClassVar[int]
+    DROP_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    DROP_WINDOW_FIELD_NUMBER: _ClassVar[int]
+    MIN_POOL_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    KEEP_EXCLUDED_FIELD_NUMBER: _ClassVar[int]
     subset_fraction: float
     num_subsets: int
     batch_size: int
@@ -40,7 +45,12 @@ class CrestConfig(_message.Message):
     seed: int
     embedding_dim: int
     embedding_kind: EmbeddingKind
-    def __init__(self, subset_fraction: _Optional[float] = ..., num_subsets: _Optional[int] = ..., batch_size: _Optional[int] = ..., similarity: _Optional[_Union[Similarity, str]] = ..., seed: _Optional[int] = ..., embedding_dim: _Optional[int] = ..., embedding_kind: _Optional[_Union[EmbeddingKind, str]] = ...) -> None: ...
+    drop_learned: bool
+    drop_threshold: float
+    drop_window: int
+    min_pool_fraction: float
+    keep_excluded: bool
+    def __init__(self, subset_fraction: _Optional[float] = ..., num_subsets: _Optional[int] = ..., batch_size: _Optional[int] = ..., similarity: _Optional[_Union[Similarity, str]] = ..., seed: _Optional[int] = ..., embedding_dim: _Optional[int] = ..., embedding_kind: _Optional[_Union[EmbeddingKind, str]] = ..., drop_learned: _Optional[bool] = ..., drop_threshold: _Optional[float] = ..., drop_window: _Optional[int] = ..., min_pool_fraction: _Optional[float] = ..., keep_excluded: _Optional[bool] = ...) -> None: ...
 
 class CreateSessionRequest(_message.Message):
     __slots__ = ("dataset_size", "labels", "num_classes", "config", "client_name")
@@ -169,7 +179,7 @@ class GetSessionStateRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ...) -> None: ...
 
 class SessionState(_message.Message):
-    __slots__ = ("session_id", "dataset_size", "active_size", "rounds_started", "rounds_completed", "batches_delivered", "examples_delivered", "config", "num_classes", "next_round_id")
+    __slots__ = ("session_id", "dataset_size", "active_size", "rounds_started", "rounds_completed", "batches_delivered", "examples_delivered", "config", "num_classes", "next_round_id", "excluded_size", "readmitted_total")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     DATASET_SIZE_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -180,6 +190,8 @@ class SessionState(_message.Message):
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
     NEXT_ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDED_SIZE_FIELD_NUMBER: _ClassVar[int]
+    READMITTED_TOTAL_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     dataset_size: int
     active_size: int
@@ -190,4 +202,6 @@ class SessionState(_message.Message):
     config: CrestConfig
     num_classes: int
     next_round_id: int
-    def __init__(self, session_id: _Optional[str] = ..., dataset_size: _Optional[int] = ..., active_size: _Optional[int] = ..., rounds_started: _Optional[int] = ..., rounds_completed: _Optional[int] = ..., batches_delivered: _Optional[int] = ..., examples_delivered: _Optional[int] = ..., config: _Optional[_Union[CrestConfig, _Mapping]] = ..., num_classes: _Optional[int] = ..., next_round_id: _Optional[int] = ...) -> None: ...
+    excluded_size: int
+    readmitted_total: int
+    def __init__(self, session_id: _Optional[str] = ..., dataset_size: _Optional[int] = ..., active_size: _Optional[int] = ..., rounds_started: _Optional[int] = ..., rounds_completed: _Optional[int] = ..., batches_delivered: _Optional[int] = ..., examples_delivered: _Optional[int] = ..., config: _Optional[_Union[CrestConfig, _Mapping]] = ..., num_classes: _Optional[int] = ..., next_round_id: _Optional[int] = ..., excluded_size: _Optional[int] = ..., readmitted_total: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,243 @@
+"""Facility location: this project against apricot and submodlib, side by side on the same seeded inputs.
+
+    python benchmarks/facility_location.py            # full grid (about 10-15 minutes on 2 cores)
+    python benchmarks/facility_location.py --quick    # small grid, used by the test suite
+
+Each (configuration, library) runs in a fresh child process that generates the same clustered data from the
+seed, warms its library up on a tiny input, then times one selection and reads its peak memory increase
+(ru_maxrss). Every selection is then scored in the parent under one objective, CREST's facility location with
+s_ij = exp(-||x_i - x_j|| / d) (submodlib's "euclidean" kernel; apricot optimises max - squared distance, so its
+score can be a little lower), relative to the best library on that configuration. A library whose dense kernel
+cannot fit in memory is skipped with the reason. Writes JSON (default results/facility_location.json).
+Needs the bench extra: pip install 'crest-selection[bench]'.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+LIBRARIES = ("ours", "submodlib", "apricot")
+MEMORY_BYTES = 20 * 1024**3  # what a dense peer may use on a 24 GiB box
+
+
+@dataclass(frozen=True)
+class Config:
+    n: int
+    d: int
+    k: int
+    seed: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"n={self.n} d={self.d} k={self.k}"
+
+
+def clustered(config: Config) -> np.ndarray:
+    """float32 (n, d): Gaussian blobs around sqrt(n) centres, the same for every library."""
+    rng = np.random.default_rng(config.seed)
+    centres = rng.normal(size=(max(2, int(math.sqrt(config.n))), config.d)).astype(np.float32) * 3
+    return (centres[rng.integers(0, len(centres), config.n)] + rng.normal(size=(config.n, config.d))).astype(np.float32)
+
+
+def dense_bytes(library: str, n: int) -> int:
+    """Memory a library's dense n x n kernel needs (float64 plus a copy for apricot; float32 twice for submodlib)."""
+    return {"apricot": 16, "submodlib": 8, "ours": 0}[library] * n * n
+
+
+def _select(library: str, x: np.ndarray, k: int) -> np.ndarray:
+    if library == "ours":
+        from selector_service import select_coreset
+
+        return select_coreset(x, k).indices
+    if library == "submodlib":
+        from submodlib import FacilityLocationFunction
+
+        f = FacilityLocationFunction(n=len(x), data=x, mode="dense", metric="euclidean")
+        picks = f.maximize(
+            budget=k,
+            optimizer="LazyGreedy",
+            stopIfZeroGain=False,
+            stopIfNegativeGain=False,
+            verbose=False,
+            show_progress=False,
+        )
+        return np.array([i for i, _ in picks], dtype=np.int64)
+    import apricot
+
+    return np.asarray(
+        apricot.FacilityLocationSelection(k, metric="euclidean", optimizer="lazy", verbose=False).fit(x).ranking,
+        dtype=np.int64,
+    )
+
+
+def _child(library: str, config: Config, conn: Any) -> None:
+    try:
+        x = clustered(config)
+        _select(library, clustered(Config(200, config.d, 5, seed=99)), 5)  # warm-up: imports, JIT, caches
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        start = time.perf_counter()
+        picks = _select(library, x, config.k)
+        elapsed = time.perf_counter() - start
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        conn.send({"seconds": elapsed, "peak_mib": (peak - base) / 1024, "picks": picks})
+    except BaseException as exc:
+        conn.send({"error": f"{type(exc).__name__}: {exc}"})
+
+
+def run_one(library: str, config: Config, timeout_s: float) -> dict[str, Any]:
+    need = dense_bytes(library, config.n)
+    if need > MEMORY_BYTES:
+        return {"skipped": f"dense n x n kernel needs ~{need / 1024**3:.0f} GiB"}
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(library, config, child))
+    proc.start()
+    child.close()
+    if not parent.poll(timeout_s):
+        proc.kill()
+        proc.join()
+        return {"skipped": f"no result within {timeout_s:.0f} s"}
+    result = parent.recv()
+    proc.join()
+    return result
+
+
+def score(x: np.ndarray, picks: np.ndarray) -> tuple[float, float]:
+    """(F_exp(S), k-medoid cost) of a selection: every point counted at its nearest pick."""
+    from selector_service.similarity import nearest
+
+    owner = nearest(x, x[picks])
+    dist = np.linalg.norm(x - x[picks][owner], axis=1).astype(np.float64)
+    return float(np.exp(-dist / x.shape[1]).sum()), float(dist.sum())
+
+
+def crest_workload(repeats: int, libraries: tuple[str, ...]) -> dict[str, Any]:
+    """5 random subsets x 10 classes x 50 points, budget 13 per class, ``repeats`` times (CIFAR-10 defaults)."""
+    rng = np.random.default_rng(1)
+    subsets = [rng.normal(size=(500, 10)).astype(np.float32) for _ in range(5)]
+    labels = np.repeat(np.arange(10), 50)
+    out: dict[str, Any] = {"problems": repeats * 5 * 10}
+    if "ours" in libraries:
+        from selector_service import select_coreset
+
+        select_coreset(subsets[0], 130, labels=labels)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            for x in subsets:  # one call per subset, all ten classes inside it (as a selector actor does)
+                select_coreset(x, 130, labels=labels)
+        out["ours_seconds"] = time.perf_counter() - start
+    if "submodlib" in libraries:
+        from submodlib import FacilityLocationFunction
+
+        start = time.perf_counter()
+        for _ in range(repeats):
+            for x in subsets:
+                for c in range(10):  # per class, as the released CREST code calls it
+                    f = FacilityLocationFunction(n=50, data=x[labels == c], mode="dense", metric="euclidean")
+                    f.maximize(
+                        budget=13,
+                        optimizer="LazyGreedy",
+                        stopIfZeroGain=False,
+                        stopIfNegativeGain=False,
+                        verbose=False,
+                        show_progress=False,
+                    )
+        out["submodlib_seconds"] = time.perf_counter() - start
+    if "ours_seconds" in out and "submodlib_seconds" in out:
+        out["throughput_ratio"] = out["submodlib_seconds"] / out["ours_seconds"]
+    return out
+
+
+def grid(quick: bool) -> list[Config]:
+    if quick:
+        return [Config(2000, 10, 20), Config(2000, 128, 200)]
+    return [
+        Config(n, d, max(1, round(n * f)))
+        for n in (2000, 10_000, 50_000, 200_000)
+        for d in (10, 128)
+        for f in (0.01, 0.1)
+    ]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="two small configurations and 20 CREST repeats")
+    parser.add_argument(
+        "--libraries", default=",".join(LIBRARIES), help="comma-separated subset of " + ",".join(LIBRARIES)
+    )
+    parser.add_argument("--timeout", type=float, default=600, help="seconds per library and configuration")
+    parser.add_argument("--out", default="results/facility_location.json", help="JSON output path")
+    args = parser.parse_args()
+    libraries = tuple(lib for lib in args.libraries.split(",") if lib)
+    unknown = set(libraries) - set(LIBRARIES)
+    if unknown:
+        parser.error(f"unknown libraries {sorted(unknown)}; choose from {LIBRARIES}")
+    rows = []
+    print(f"{'configuration':<24}{'library':<11}{'time s':>9}{'peak MiB':>10}{'F rel':>9}{'cost rel':>10}  note")
+    for config in grid(args.quick):
+        x = clustered(config)
+        results = {lib: run_one(lib, config, args.timeout) for lib in libraries}
+        scored = {lib: score(x, r["picks"]) for lib, r in results.items() if "picks" in r}
+        best_f = max((f for f, _ in scored.values()), default=1.0)
+        best_cost = min((c for _, c in scored.values()), default=1.0)
+        for lib, r in results.items():
+            row: dict[str, Any] = {**asdict(config), "library": lib}
+            if lib in scored:
+                f, cost = scored[lib]
+                row |= {
+                    "seconds": r["seconds"],
+                    "peak_mib": r["peak_mib"],
+                    "objective": f,
+                    "objective_rel": f / best_f,
+                    "kmedoid_cost": cost,
+                    "cost_rel": cost / best_cost,
+                }
+                print(
+                    f"{config.name:<24}{lib:<11}{r['seconds']:>9.3f}{r['peak_mib']:>10.0f}"
+                    f"{f / best_f:>9.4f}{cost / best_cost:>10.4f}"
+                )
+            else:
+                row["skipped"] = r.get("skipped") or r.get("error")
+                print(f"{config.name:<24}{lib:<11}{'-':>9}{'-':>10}{'-':>9}{'-':>10}  {row['skipped']}")
+            rows.append(row)
+        peers = [r["seconds"] for r in rows[-len(libraries) :] if r["library"] != "ours" and "seconds" in r]
+        ours = next((r for r in rows[-len(libraries) :] if r["library"] == "ours" and "seconds" in r), None)
+        if peers and ours:
+            print(f"{'':<24}speedup over the faster peer: {min(peers) / ours['seconds']:.1f}x")
+    crest = crest_workload(20 if args.quick else 1000, libraries)
+    print(
+        f"CREST-shaped workload ({crest['problems']} problems of 50 points, budget 13): "
+        + ", ".join(f"{k}={v:.3f}" for k, v in crest.items() if k != "problems")
+    )
+    report = {
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": sys.version.split()[0]},
+        "quick": args.quick,
+        "results": rows,
+        "crest_workload": crest,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(out)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
