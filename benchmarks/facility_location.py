@@ -54,9 +54,14 @@ def clustered(config: Config) -> np.ndarray:
     return (centres[rng.integers(0, len(centres), config.n)] + rng.normal(size=(config.n, config.d))).astype(np.float32)
 
 
+# Peak bytes per kernel entry measured at n = 10,000 (apricot: float64 kernel plus copies; submodlib: a numpy
+# copy plus nested std::vector rows). Ours stays linear above the dense size limit (kNN path).
+BYTES_PER_PAIR = {"apricot": 12, "submodlib": 52, "ours": 0}
+
+
 def dense_bytes(library: str, n: int) -> int:
-    """Memory a library's dense n x n kernel needs (float64 plus a copy for apricot; float32 twice for submodlib)."""
-    return {"apricot": 16, "submodlib": 8, "ours": 0}[library] * n * n
+    """Memory a library's dense n x n kernel needs."""
+    return BYTES_PER_PAIR[library] * n * n
 
 
 def _select(library: str, x: np.ndarray, k: int) -> np.ndarray:
@@ -112,7 +117,11 @@ def run_one(library: str, config: Config, timeout_s: float) -> dict[str, Any]:
         proc.kill()
         proc.join()
         return {"skipped": f"no result within {timeout_s:.0f} s"}
-    result = parent.recv()
+    try:
+        result = parent.recv()
+    except EOFError:
+        proc.join()
+        return {"error": f"child exited with code {proc.exitcode} before reporting (out of memory?)"}
     proc.join()
     return result
 
@@ -182,6 +191,13 @@ def main() -> int:
     )
     parser.add_argument("--timeout", type=float, default=600, help="seconds per library and configuration")
     parser.add_argument("--out", default="results/facility_location.json", help="JSON output path")
+    parser.add_argument("--sizes", default="", help="comma-separated ground-set sizes to keep from the grid")
+    parser.add_argument(
+        "--crest-repeats",
+        type=int,
+        default=None,
+        help="repeats of the CREST-shaped workload (default 1000, quick 20; 0 skips it)",
+    )
     args = parser.parse_args()
     libraries = tuple(lib for lib in args.libraries.split(",") if lib)
     unknown = set(libraries) - set(LIBRARIES)
@@ -189,7 +205,8 @@ def main() -> int:
         parser.error(f"unknown libraries {sorted(unknown)}; choose from {LIBRARIES}")
     rows = []
     print(f"{'configuration':<24}{'library':<11}{'time s':>9}{'peak MiB':>10}{'F rel':>9}{'cost rel':>10}  note")
-    for config in grid(args.quick):
+    sizes = {int(v) for v in args.sizes.split(",") if v}
+    for config in (c for c in grid(args.quick) if not sizes or c.n in sizes):
         x = clustered(config)
         results = {lib: run_one(lib, config, args.timeout) for lib in libraries}
         scored = {lib: score(x, r["picks"]) for lib, r in results.items() if "picks" in r}
@@ -219,7 +236,8 @@ def main() -> int:
         ours = next((r for r in rows[-len(libraries) :] if r["library"] == "ours" and "seconds" in r), None)
         if peers and ours:
             print(f"{'':<24}speedup over the faster peer: {min(peers) / ours['seconds']:.1f}x")
-    crest = crest_workload(20 if args.quick else 1000, libraries)
+    repeats = args.crest_repeats if args.crest_repeats is not None else (20 if args.quick else 1000)
+    crest = crest_workload(repeats, libraries) if repeats else {"problems": 0}
     print(
         f"CREST-shaped workload ({crest['problems']} problems of 50 points, budget 13): "
         + ", ".join(f"{k}={v:.3f}" for k, v in crest.items() if k != "problems")

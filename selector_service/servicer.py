@@ -164,7 +164,7 @@ class SelectorServicer(pb_grpc.SelectorServiceServicer):
 
     @_unary
     def StartRound(self, request: pb.StartRoundRequest, context: grpc.ServicerContext) -> Any:
-        plan = self.manager.start_round(request.session_id, request.round_id, request.trainer_step)
+        plan = self.manager.start_round(request.session_id, request.round_id, request.trainer_step, request.num_subsets)
         return pb.RoundPlan(
             session_id=plan.session_id,
             round_id=plan.round_id,

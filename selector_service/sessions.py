@@ -298,9 +298,13 @@ class SessionManager:
 
     # -- rounds ---------------------------------------------------------------------------------------------
 
-    def start_round(self, session_id: str, round_id: int, trainer_step: int) -> RoundPlan:
-        """Draw the round's random subsets and return the ids to embed."""
+    def start_round(self, session_id: str, round_id: int, trainer_step: int, num_subsets: int = 0) -> RoundPlan:
+        """Draw the round's random subsets (``num_subsets``, 0: the session's P) and return the ids to embed."""
         s = self.get(session_id)
+        if not 0 <= num_subsets <= s.config.num_subsets:
+            raise InvalidArgument(
+                f"num_subsets {num_subsets} exceeds the session's {s.config.num_subsets} (0 means the session's)"
+            )
         with s.lock:
             if round_id < s.next_round_id:
                 raise AlreadyExists(
@@ -317,7 +321,8 @@ class SessionManager:
                     f"{self.limits.max_rounds_in_flight}; stream their batches first"
                 )
             rng = np.random.default_rng([s.config.seed, round_id])
-            subsets = class_balanced_subsets(s.labels, s.exclusion.active, s.quota, s.config.num_subsets, rng)
+            count = num_subsets or s.config.num_subsets
+            subsets = class_balanced_subsets(s.labels, s.exclusion.active, s.quota, count, rng)
             ids = np.unique(np.concatenate(subsets))
             if s.config.exclusion.enabled:
                 retest = s.exclusion.retest_ids(int(np.ceil(s.config.retest_fraction * len(ids))), rng)

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -34,8 +35,8 @@ class RecordingClient(SelectionClient):
         self.plans: dict[int, RoundPlan] = {}
         self.batches: list[WeightedBatch] = []
 
-    def start_round(self, session_id: str, round_id: int, trainer_step: int) -> RoundPlan:
-        plan = super().start_round(session_id, round_id, trainer_step)
+    def start_round(self, session_id: str, round_id: int, trainer_step: int, **kwargs: Any) -> RoundPlan:
+        plan = super().start_round(session_id, round_id, trainer_step, **kwargs)
         self.plans[round_id] = plan
         return plan
 

@@ -126,3 +126,17 @@ def test_batched_small_groups_agree_with_the_per_group_reference() -> None:
             assert objective(sim, np.searchsorted(members, mine)) == pytest.approx(
                 objective(sim, ref.indices), rel=1e-5
             )
+
+
+def test_blocked_exact_knn_matches_faiss_flat() -> None:
+    from selector_service._faiss import faiss
+    from selector_service.similarity import exact_knn
+
+    x = _clustered(9, 2500, 16, 25)  # more rows than one block
+    nbrs, dist = exact_knn(x, 40)
+    index = faiss().IndexFlatL2(16)
+    index.add(x)
+    ref_d2, _ = index.search(x, 40)
+    assert (nbrs[:, 0] == np.arange(2500)).all()
+    np.testing.assert_allclose(dist, np.sqrt(np.maximum(ref_d2, 0)), atol=2e-3)  # same distances, nearest first
+    assert (np.diff(dist, axis=1) >= 0).all()

@@ -273,3 +273,19 @@ def test_learned_examples_leave_the_pool_and_come_back_when_their_loss_rises(cli
     state = _state(client, sid)
     assert state.readmitted_total == len(retested)
     assert state.excluded_size == len(excluded) - len(retested)
+
+
+def test_rounds_can_ask_for_fewer_subsets_and_share_the_first_ones(
+    client: SelectionClient, small_labels: np.ndarray
+) -> None:
+    plans = []
+    for count in (2, 4):
+        sid = client.create_session(small_labels, subset_fraction=0.05, num_subsets=4, batch_size=20, seed=9).session_id
+        plan = client.start_round(sid, 0, 0, num_subsets=count)
+        assert plan.num_subsets == count
+        client.submit_embeddings(sid, 0, plan.ids, _embed(plan.ids))
+        plans.append({b.subset_index: b.ids.tolist() for b in client.stream_batches(sid, 0)})
+        with pytest.raises(grpc.RpcError) as err:
+            client.start_round(sid, 1, 0, num_subsets=5)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "exceeds the session's 4" in err.value.details()
+    assert sorted(plans[0]) == [0, 1] and sorted(plans[1]) == [0, 1, 2, 3]

@@ -134,10 +134,18 @@ class SelectionClient:
         return int(reply.rounds_completed)
 
     def start_round(
-        self, session_id: str, round_id: int, trainer_step: int, timeout_s: float | None = None
+        self,
+        session_id: str,
+        round_id: int,
+        trainer_step: int,
+        timeout_s: float | None = None,
+        num_subsets: int = 0,
     ) -> RoundPlan:
+        """Open a round of ``num_subsets`` random subsets (0: the session's P); returns the ids to embed."""
         reply = self._stub.StartRound(
-            pb.StartRoundRequest(session_id=session_id, round_id=round_id, trainer_step=trainer_step),
+            pb.StartRoundRequest(
+                session_id=session_id, round_id=round_id, trainer_step=trainer_step, num_subsets=num_subsets
+            ),
             timeout=timeout_s or self._timeout,
             metadata=self._metadata,
         )

@@ -318,6 +318,9 @@ class CoresetLoader:
     def _fit(self) -> None:
         """Fit the quadratic model on the new region's weighted pool (eval mode: no BN side effects)."""
         assert self._region is not None
+        if self.controller.config.mode == "fixed":
+            self.controller.start_region()  # the fixed rule needs no model: skip the Hessian estimate
+            return
         region, bs = self._region, self.config.batch_size
 
         def batches() -> Iterator[tuple[torch.Tensor, int]]:
@@ -368,7 +371,11 @@ class CoresetLoader:
         for _ in range(3):
             session = self.session or self._open_session()
             try:
-                return self.client.start_round(session.session_id, self._session_round, self.stats.steps)
+                # Only the coresets this region will use are drawn, embedded and selected.
+                count = min(self.controller.num_coresets, self.config.num_subsets)
+                return self.client.start_round(
+                    session.session_id, self._session_round, self.stats.steps, num_subsets=count
+                )
             except grpc.RpcError as exc:
                 if exc.code() == grpc.StatusCode.NOT_FOUND:
                     log.warning("session %s is gone (%s); opening a new one", session.session_id, exc.details())

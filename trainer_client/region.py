@@ -166,6 +166,10 @@ class RegionController:
             hdiag += _flat(v * hv for v, hv in zip(vs, hvs, strict=True)).detach().float().cpu()
         return _flat(g.detach() for g in grads).float().cpu(), hdiag / self.config.hutchinson_probes
 
+    def start_region(self) -> None:
+        """Begin a region without a quadratic model: in fixed mode only the step count decides."""
+        self.steps_since_fit = 0
+
     def fit(
         self, params: Sequence[torch.Tensor], batches: Iterable[tuple[torch.Tensor, int]], step: int
     ) -> QuadraticFit:

@@ -91,14 +91,16 @@ class CloseSessionResponse(_message.Message):
     def __init__(self, rounds_completed: _Optional[int] = ...) -> None: ...
 
 class StartRoundRequest(_message.Message):
-    __slots__ = ("session_id", "round_id", "trainer_step")
+    __slots__ = ("session_id", "round_id", "trainer_step", "num_subsets")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     TRAINER_STEP_FIELD_NUMBER: _ClassVar[int]
+    NUM_SUBSETS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     round_id: int
     trainer_step: int
-    def __init__(self, session_id: _Optional[str] = ..., round_id: _Optional[int] = ..., trainer_step: _Optional[int] = ...) -> None: ...
+    num_subsets: int
+    def __init__(self, session_id: _Optional[str] = ..., round_id: _Optional[int] = ..., trainer_step: _Optional[int] = ..., num_subsets: _Optional[int] = ...) -> None: ...
 
 class RoundPlan(_message.Message):
     __slots__ = ("session_id", "round_id", "ids", "num_ids", "num_subsets")

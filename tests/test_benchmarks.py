@@ -1,0 +1,36 @@
+"""The facility-location benchmark runs end to end (quick mode) against the real peers and writes its JSON."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_facility_location_benchmark_quick(tmp_path: Path) -> None:
+    out = tmp_path / "fl.json"
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "facility_location.py"), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rows = report["results"]
+    assert {r["library"] for r in rows} == {"ours", "submodlib", "apricot"}
+    for r in rows:
+        assert "seconds" in r, r  # nothing skipped at these sizes
+        assert r["seconds"] > 0 and 0 < r["objective_rel"] <= 1.0 + 1e-12
+    ours = [r for r in rows if r["library"] == "ours"]
+    assert all(r["objective_rel"] >= 0.999 for r in ours)  # exact lazy greedy: as good as the peers
+    crest = report["crest_workload"]
+    assert crest["problems"] == 1000 and crest["ours_seconds"] > 0 and crest["submodlib_seconds"] > 0
+    assert "speedup over the faster peer" in run.stdout
