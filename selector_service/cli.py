@@ -128,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("CREST_AUTH_TOKEN"),
         help="bearer token clients must send (default: $CREST_AUTH_TOKEN; none on loopback)",
     )
+    serve.add_argument(
+        "--state-dir",
+        default=None,
+        help="directory for session checkpoints; a restarted service resumes the sessions it finds there "
+        "(default: sessions live in memory only)",
+    )
     _add_server_flags(serve)
 
     train = sub.add_parser(
@@ -201,6 +207,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         num_workers=args.num_workers,
         cpus_per_worker=args.cpus_per_worker,
         grpc_threads=args.grpc_threads,
+        state_dir=args.state_dir,
         auth_token=args.auth_token,
     )
     serve_forever(config, on_ready=lambda running: print(f"{READY_PREFIX}{running.target}", flush=True))

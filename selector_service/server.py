@@ -20,6 +20,7 @@ from crest.selector.v1 import codec
 from crest.selector.v1 import selector_pb2 as pb
 from crest.selector.v1 import selector_pb2_grpc as pb_grpc
 from selector_service.backends import SelectionBackend, make_backend
+from selector_service.persistence import SessionStore
 from selector_service.servicer import SelectorServicer
 from selector_service.sessions import Limits, SessionManager
 
@@ -54,6 +55,8 @@ class ServerConfig:
     grpc_threads: int = 16
     # Bearer token clients must send as "authorization: Bearer <token>"; None disables auth (loopback only).
     auth_token: str | None = None
+    # Directory for session checkpoints; a restarted service resumes every session found there. None: memory only.
+    state_dir: str | None = None
 
 
 def is_loopback(host: str) -> bool:
@@ -128,7 +131,7 @@ def start_server(
         if config.backend == "ray":
             options |= {"address": config.ray_address, "cpus_per_worker": config.cpus_per_worker}
         backend = make_backend(config.backend, **options)
-    manager = SessionManager(backend, limits)
+    manager = SessionManager(backend, limits, SessionStore(config.state_dir) if config.state_dir else None)
     interceptors = [_TokenAuth(config.auth_token)] if config.auth_token else []
     server = grpc.server(
         ThreadPoolExecutor(max_workers=config.grpc_threads, thread_name_prefix="grpc"),

@@ -14,8 +14,9 @@ import threading
 import uuid
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, as_completed
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from enum import IntEnum
+from typing import Any
 
 import numpy as np
 
@@ -29,12 +30,14 @@ from selector_service.errors import (
     SelectorFailure,
 )
 from selector_service.exclusion import ExclusionConfig, ExclusionState, validate_config
+from selector_service.persistence import SessionStore
 from selector_service.similarity import KERNELS
 from selector_service.subsets import class_balanced_subsets, per_class_quota
 
 log = logging.getLogger(__name__)
 
 EMBEDDING_KINDS = ("logit_gradient", "last_layer_gradient")
+SESSION_STATE_VERSION = 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -174,6 +177,50 @@ class Session:
         self.batches_delivered = 0
         self.examples_delivered = 0
         self.lock = threading.Lock()
+        self.save_lock = threading.Lock()  # orders checkpoint writes of this session
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a restarted service needs to continue this session (call under ``lock``).
+
+        Rounds in flight are not saved: their subsets are a function of (seed, round id, pool), and a trainer
+        whose round was lost asks for the next one.
+        """
+        return {
+            "version": SESSION_STATE_VERSION,
+            "session_id": self.id,
+            "client_name": self.client_name,
+            "labels": self.labels.copy(),
+            "num_classes": self.num_classes,
+            "config": asdict(self.config),
+            "next_round_id": self.next_round_id,
+            "rounds_completed": self.rounds_completed,
+            "batches_delivered": self.batches_delivered,
+            "examples_delivered": self.examples_delivered,
+            "exclusion": self.exclusion.state_dict(),
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> Session:
+        version = state.get("version")
+        if version != SESSION_STATE_VERSION:
+            raise InvalidArgument(
+                f"session state version {version!r} is not supported; this build reads {SESSION_STATE_VERSION}"
+            )
+        raw = dict(state["config"])
+        raw["exclusion"] = ExclusionConfig(**raw["exclusion"])
+        session = cls(
+            state["session_id"],
+            np.asarray(state["labels"], dtype=np.int64),
+            int(state["num_classes"]),
+            SessionConfig(**raw),
+            state["client_name"],
+        )
+        session.exclusion.load_state_dict(state["exclusion"])
+        session.next_round_id = int(state["next_round_id"])
+        session.rounds_completed = int(state["rounds_completed"])
+        session.batches_delivered = int(state["batches_delivered"])
+        session.examples_delivered = int(state["examples_delivered"])
+        return session
 
     @property
     def dim(self) -> int:
@@ -213,11 +260,40 @@ def _validate_config(config: SessionConfig, num_classes: int, limits: Limits) ->
 class SessionManager:
     """All sessions of one service, and the backend their selection runs on."""
 
-    def __init__(self, backend: SelectionBackend, limits: Limits | None = None) -> None:
+    def __init__(
+        self, backend: SelectionBackend, limits: Limits | None = None, store: SessionStore | None = None
+    ) -> None:
         self.backend = backend
         self.limits = limits or Limits()
+        self.store = store
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
+        if store is not None:
+            for state in store.load_all():
+                try:
+                    session = Session.from_state_dict(state)
+                except (InvalidArgument, KeyError, TypeError, ValueError) as exc:
+                    log.error("cannot restore session %s: %s", state.get("session_id"), exc)
+                    continue
+                self._sessions[session.id] = session
+                log.info(
+                    "restored session %s (%s): next round %d, %d of %d examples active",
+                    session.id,
+                    session.client_name,
+                    session.next_round_id,
+                    int(session.exclusion.active.sum()),
+                    len(session.labels),
+                )
+
+    def _checkpoint(self, s: Session) -> None:
+        """Write the session's state when a store is configured (ordered per session, atomic on disk)."""
+        if self.store is None:
+            return
+        with s.save_lock:
+            with s.lock:
+                state = s.state_dict()
+            if s.id in self._sessions:  # a session closed meanwhile stays deleted
+                self.store.save(state)
 
     # -- sessions -------------------------------------------------------------------------------------------
 
@@ -254,6 +330,7 @@ class SessionManager:
             config.batch_size,
             config.num_subsets,
         )
+        self._checkpoint(session)
         return session
 
     def get(self, session_id: str) -> Session:
@@ -274,6 +351,9 @@ class SessionManager:
                 for f in rnd.futures:
                     f.cancel()
             session.rounds.clear()
+        if self.store is not None:
+            with session.save_lock:
+                self.store.delete(session_id)
         log.info("session %s closed after %d rounds", session_id, session.rounds_completed)
         return session.rounds_completed
 
@@ -329,6 +409,7 @@ class SessionManager:
                 ids = np.union1d(ids, retest)
             s.rounds[round_id] = _Round(round_id, trainer_step, subsets, ids)
             s.next_round_id += 1
+        self._checkpoint(s)  # round ids stay unique across a restart
         return RoundPlan(session_id, round_id, ids, len(subsets))
 
     def _planned_round(self, s: Session, round_id: int) -> _Round:
@@ -374,6 +455,8 @@ class SessionManager:
             if s.config.exclusion.enabled:
                 self._update_exclusion(s, rnd.round_id, plan, losses)
             rnd.futures = [self.backend.submit(self._task(s, rnd, i, sub, emb)) for i, sub in enumerate(rnd.subsets)]
+        if s.config.exclusion.enabled:
+            self._checkpoint(s)
         return s.id, rnd.round_id, len(plan)
 
     @staticmethod
@@ -502,6 +585,7 @@ class SessionManager:
                 rnd.state = RoundState.DELIVERED
                 s.rounds.pop(round_id, None)
                 s.rounds_completed += 1
+            self._checkpoint(s)
         finally:
             with s.lock:
                 rnd.streaming = False

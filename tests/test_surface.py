@@ -17,6 +17,7 @@ CLI_FLAGS = {
         "--port",
         "--grpc-threads",
         "--auth-token",
+        "--state-dir",
         "--backend",
         "--ray-address",
         "--num-workers",

@@ -1,0 +1,102 @@
+"""Session checkpoints on disk, so a restarted service resumes every session where it was.
+
+One file per session, ``<state_dir>/sessions/<session_id>.npz``: numpy arrays plus one JSON document, no
+pickle. Writes are atomic (temporary file, fsync, rename, fsync of the directory), so a crash leaves either
+the previous checkpoint or the new one. A file that cannot be read (truncated, corrupt zip CRC, wrong version)
+is moved aside as ``.corrupt`` and reported; it never stops the service.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+_META = "__meta__"
+
+
+def _split(state: dict[str, Any], prefix: str = "") -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Separate a nested state dict into its JSON part and its arrays (keys joined with '/')."""
+    meta: dict[str, Any] = {}
+    arrays: dict[str, np.ndarray] = {}
+    for key, value in state.items():
+        if isinstance(value, np.ndarray):
+            arrays[prefix + key] = value
+        elif isinstance(value, dict):
+            sub_meta, sub_arrays = _split(value, prefix + key + "/")
+            meta[key] = sub_meta
+            arrays.update(sub_arrays)
+        else:
+            meta[key] = value
+    return meta, arrays
+
+
+def _join(meta: dict[str, Any], arrays: dict[str, np.ndarray], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in meta.items():
+        out[key] = _join(value, arrays, prefix + key + "/") if isinstance(value, dict) else value
+    for name, array in arrays.items():
+        if name.startswith(prefix) and "/" not in name[len(prefix) :]:
+            out[name[len(prefix) :]] = array
+    return out
+
+
+class SessionStore:
+    """Atomic per-session checkpoint files under ``root``."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.dir = Path(root) / "sessions"
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def path(self, session_id: str) -> Path:
+        if not session_id.isalnum():
+            raise ValueError(f"session id {session_id!r} is not alphanumeric")
+        return self.dir / f"{session_id}.npz"
+
+    def save(self, state: dict[str, Any]) -> None:
+        """Write one session's ``state_dict`` atomically (must hold a ``session_id``)."""
+        final = self.path(state["session_id"])
+        meta, arrays = _split(state)
+        tmp = final.with_suffix(".tmp")
+        with open(tmp, "wb") as f:
+            entries = {**arrays, _META: np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)}
+            np.savez(f, **entries)  # type: ignore[arg-type]
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        fd = os.open(self.dir, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def load(self, path: Path) -> dict[str, Any]:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {name: data[name] for name in data.files if name != _META}
+            meta = json.loads(bytes(data[_META]).decode())
+        return _join(meta, arrays)
+
+    def load_all(self) -> list[dict[str, Any]]:
+        """Every readable checkpoint; unreadable ones are renamed ``*.corrupt`` and logged."""
+        states = []
+        for path in sorted(self.dir.glob("*.npz")):
+            try:
+                states.append(self.load(path))
+            except Exception as exc:
+                aside = path.with_suffix(".corrupt")
+                os.replace(path, aside)
+                log.error(
+                    "session checkpoint %s is unreadable (%s: %s); moved to %s", path, type(exc).__name__, exc, aside
+                )
+        for stale in self.dir.glob("*.tmp"):  # a write interrupted before its rename
+            stale.unlink()
+        return states
+
+    def delete(self, session_id: str) -> None:
+        self.path(session_id).unlink(missing_ok=True)

@@ -1,0 +1,116 @@
+"""Session checkpoints: a restarted service resumes its sessions; bad files are set aside, never fatal."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from crest.selector.v1 import codec
+from crest.selector.v1 import selector_pb2 as pb
+from selector_service.backends import LocalBackend
+from selector_service.persistence import SessionStore
+from selector_service.server import RunningServer, ServerConfig, start_server
+from trainer_client.client import SelectionClient
+
+
+def _server(state_dir: Path) -> RunningServer:
+    return start_server(ServerConfig(port=0, backend="local", state_dir=str(state_dir)), backend=LocalBackend(2))
+
+
+def _labels() -> np.ndarray:
+    return np.random.default_rng(0).permutation(np.repeat(np.arange(10), 100)).astype(np.int64)
+
+
+def _create_with_exclusion(client: SelectionClient) -> str:
+    config = pb.CrestConfig(
+        subset_fraction=0.1,
+        num_subsets=2,
+        batch_size=20,
+        drop_learned=True,
+        drop_window=1,
+        min_pool_fraction=0.5,
+        seed=4,
+    )
+    request = pb.CreateSessionRequest(
+        dataset_size=1000, labels=codec.encode(_labels(), codec.INT64), config=config, client_name="resume-test"
+    )
+    return client._stub.CreateSession(request, timeout=10).session_id
+
+
+def _round(client: SelectionClient, sid: str, round_id: int, loss: float) -> list[np.ndarray]:
+    plan = client.start_round(sid, round_id, round_id)
+    emb = np.random.default_rng(round_id).normal(size=(len(plan.ids), 10)).astype(np.float32)
+    client.submit_embeddings(sid, round_id, plan.ids, emb, losses=np.full(len(plan.ids), loss, np.float32))
+    return [b.ids for b in client.stream_batches(sid, round_id)]
+
+
+def test_store_round_trips_nested_state(tmp_path: Path) -> None:
+    store = SessionStore(tmp_path)
+    state = {"session_id": "abc123", "n": 3, "labels": np.arange(5), "inner": {"x": np.ones((2, 2)), "k": "v"}}
+    store.save(state)
+    (loaded,) = store.load_all()
+    assert loaded["n"] == 3 and loaded["inner"]["k"] == "v"
+    np.testing.assert_array_equal(loaded["labels"], np.arange(5))
+    np.testing.assert_array_equal(loaded["inner"]["x"], np.ones((2, 2)))
+    with pytest.raises(ValueError, match="not alphanumeric"):
+        store.path("../etc")
+
+
+def test_restarted_service_resumes_sessions_with_identical_exclusion_state(tmp_path: Path) -> None:
+    first = _server(tmp_path)
+    try:
+        with SelectionClient(first.target, timeout_s=30) as client:
+            sid = _create_with_exclusion(client)
+            _round(client, sid, 0, loss=0.0)  # every example of round 0 is learned and excluded
+            before_state = client.session_state(sid)
+            closed = client.create_session(_labels()).session_id
+            client.close_session(closed)
+        before = first.manager.get(sid).exclusion.state_dict()
+        excluded = np.flatnonzero(before["excluded"])
+        assert len(excluded) > 0
+    finally:
+        first.stop(grace=0)
+    second = _server(tmp_path)
+    try:
+        after = second.manager.get(sid).exclusion.state_dict()
+        for key in ("history", "counts", "excluded"):
+            np.testing.assert_array_equal(after[key], before[key])
+        with SelectionClient(second.target, timeout_s=30) as client:
+            assert client.session_state(sid) == before_state
+            with pytest.raises(grpc.RpcError) as err:
+                client.start_round(sid, 0, 0)
+            assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS  # round ids stay unique
+            for ids in _round(client, sid, 1, loss=1.0):
+                assert not np.isin(ids, excluded).any()
+            with pytest.raises(grpc.RpcError) as err:
+                client.session_state(closed)
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND  # closed sessions stay closed
+    finally:
+        second.stop(grace=0)
+
+
+def test_corrupt_checkpoint_is_set_aside_and_the_rest_restored(tmp_path: Path) -> None:
+    first = _server(tmp_path)
+    try:
+        with SelectionClient(first.target, timeout_s=30) as client:
+            good = client.create_session(_labels(), client_name="good").session_id
+            bad = client.create_session(_labels(), client_name="bad").session_id
+    finally:
+        first.stop(grace=0)
+    path = tmp_path / "sessions" / f"{bad}.npz"
+    path.write_bytes(path.read_bytes()[:100])  # truncated, as by a torn write without the atomic rename
+    (tmp_path / "sessions" / "deadbeef.tmp").write_bytes(b"interrupted write")
+    second = _server(tmp_path)
+    try:
+        with SelectionClient(second.target, timeout_s=30) as client:
+            assert client.session_state(good).dataset_size == 1000
+            with pytest.raises(grpc.RpcError) as err:
+                client.session_state(bad)
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        assert (tmp_path / "sessions" / f"{bad}.corrupt").exists()
+        assert not (tmp_path / "sessions" / "deadbeef.tmp").exists()
+    finally:
+        second.stop(grace=0)
