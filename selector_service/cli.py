@@ -129,10 +129,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="bearer token clients must send (default: $CREST_AUTH_TOKEN; none on loopback)",
     )
     serve.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (0: any free port; default: off)",
+    )
+    serve.add_argument(
         "--state-dir",
         default=None,
-        help="directory for session checkpoints; a restarted service resumes the sessions it finds there "
-        "(default: sessions live in memory only)",
+        help="directory for session checkpoints and provenance logs; a restarted service resumes the sessions "
+        "it finds there (default: sessions live in memory only, no provenance)",
     )
     _add_server_flags(serve)
 
@@ -149,6 +155,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="bearer token for the service (default: $CREST_AUTH_TOKEN)",
     )
     _add_train_flags(train)
+
+    inspect = sub.add_parser(
+        "inspect",
+        help="show which batches a session was served (provenance)",
+        description="Read a session's provenance log from the service's --state-dir: every delivered batch "
+        "with its round, the trainer step its embeddings came from, staleness, worker, ids and weights.",
+    )
+    inspect.add_argument("--state-dir", required=True, help="the --state-dir the service ran with")
+    inspect.add_argument("--session", required=True, help="session id (as logged by the service and the trainer)")
+    inspect.add_argument(
+        "--step", type=int, default=None, help="only batches whose embeddings were computed at this trainer step"
+    )
+    inspect.add_argument(
+        "--export", default=None, help="write the records to this file: .csv, or .jsonl for JSON lines"
+    )
 
     demo = sub.add_parser(
         "demo",
@@ -208,6 +229,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         cpus_per_worker=args.cpus_per_worker,
         grpc_threads=args.grpc_threads,
         state_dir=args.state_dir,
+        metrics_port=args.metrics_port,
         auth_token=args.auth_token,
     )
     serve_forever(config, on_ready=lambda running: print(f"{READY_PREFIX}{running.target}", flush=True))
@@ -293,6 +315,28 @@ def _run_demo(args: argparse.Namespace) -> int:
             server.kill()
 
 
+def _run_inspect(args: argparse.Namespace) -> int:
+    from selector_service.provenance import ProvenanceLog
+
+    log = ProvenanceLog(args.state_dir)
+    try:
+        records = log.read(args.session, step=args.step)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"crest inspect: {exc}", file=sys.stderr)
+        return 2
+    print(f"{'round':>6} {'subset':>6} {'step':>7} {'behind':>6} {'size':>5} {'sel ms':>7}  worker")
+    for r in records:
+        print(
+            f"{r['round_id']:>6} {r['subset_index']:>6} {r['trainer_step']:>7} {r['rounds_behind']:>6} "
+            f"{r['size']:>5} {r['selection_ms']:>7.1f}  {r['worker']}"
+        )
+    print(f"{len(records)} batches, {sum(r['size'] for r in records)} examples")
+    if args.export:
+        log.export(records, args.export)
+        print(f"wrote {args.export}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     # Before torch loads anywhere: OpenMP spin-waiting slows torch 10-70x next to other busy processes.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -302,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
         return _run_serve(args)
     if args.command == "train":
         return _run_train(args, args.endpoint, args.token)
+    if args.command == "inspect":
+        return _run_inspect(args)
     return _run_demo(args)
 
 

@@ -20,7 +20,9 @@ from crest.selector.v1 import codec
 from crest.selector.v1 import selector_pb2 as pb
 from crest.selector.v1 import selector_pb2_grpc as pb_grpc
 from selector_service.backends import SelectionBackend, make_backend
+from selector_service.metrics import Metrics
 from selector_service.persistence import SessionStore
+from selector_service.provenance import ProvenanceLog
 from selector_service.servicer import SelectorServicer
 from selector_service.sessions import Limits, SessionManager
 
@@ -55,8 +57,11 @@ class ServerConfig:
     grpc_threads: int = 16
     # Bearer token clients must send as "authorization: Bearer <token>"; None disables auth (loopback only).
     auth_token: str | None = None
-    # Directory for session checkpoints; a restarted service resumes every session found there. None: memory only.
+    # Directory for session checkpoints and provenance logs; a restarted service resumes every session found
+    # there. None: sessions live in memory only and no provenance is kept.
     state_dir: str | None = None
+    # Port of the Prometheus /metrics endpoint on ``host``; None: no endpoint, 0: any free port.
+    metrics_port: int | None = None
 
 
 def is_loopback(host: str) -> bool:
@@ -101,10 +106,17 @@ class RunningServer:
     """A started server. ``stop()`` ends it and closes the backend."""
 
     def __init__(
-        self, server: grpc.Server, port: int, host: str, manager: SessionManager, health_servicer: health.HealthServicer
+        self,
+        server: grpc.Server,
+        port: int,
+        host: str,
+        manager: SessionManager,
+        health_servicer: health.HealthServicer,
+        metrics: Metrics,
     ) -> None:
         self.server, self.port, self.host, self.manager = server, port, host, manager
         self._health = health_servicer
+        self.metrics = metrics
 
     @property
     def target(self) -> str:
@@ -114,6 +126,7 @@ class RunningServer:
     def stop(self, grace: float = 2.0) -> None:
         self._health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
+        self.metrics.close()
         self.manager.backend.close()
 
 
@@ -131,7 +144,11 @@ def start_server(
         if config.backend == "ray":
             options |= {"address": config.ray_address, "cpus_per_worker": config.cpus_per_worker}
         backend = make_backend(config.backend, **options)
-    manager = SessionManager(backend, limits, SessionStore(config.state_dir) if config.state_dir else None)
+    store = SessionStore(config.state_dir) if config.state_dir else None
+    provenance = ProvenanceLog(config.state_dir) if config.state_dir else None
+    manager = SessionManager(backend, limits, store, provenance)
+    metrics = Metrics(manager)
+    manager.batch_hooks.append(metrics.on_batch)
     interceptors = [_TokenAuth(config.auth_token)] if config.auth_token else []
     server = grpc.server(
         ThreadPoolExecutor(max_workers=config.grpc_threads, thread_name_prefix="grpc"),
@@ -148,10 +165,13 @@ def start_server(
         backend.close()
         raise OSError(f"cannot bind {config.host}:{config.port}: {exc}") from exc
     server.start()
+    if config.metrics_port is not None:
+        metrics_port = metrics.serve(config.host, config.metrics_port)
+        log.info("metrics on http://%s:%d/metrics", config.host, metrics_port)
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("serving %s on %s:%d (%s)", SERVICE_NAME, config.host, port, backend.describe())
-    return RunningServer(server, port, config.host, manager, health_servicer)
+    return RunningServer(server, port, config.host, manager, health_servicer, metrics)
 
 
 def serve_forever(config: ServerConfig, on_ready: Callable[[RunningServer], None] | None = None) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, as_completed
 from dataclasses import asdict, dataclass, field
 from enum import IntEnum
@@ -31,6 +31,7 @@ from selector_service.errors import (
 )
 from selector_service.exclusion import ExclusionConfig, ExclusionState, validate_config
 from selector_service.persistence import SessionStore
+from selector_service.provenance import ProvenanceLog
 from selector_service.similarity import KERNELS
 from selector_service.subsets import class_balanced_subsets, per_class_quota
 
@@ -261,11 +262,18 @@ class SessionManager:
     """All sessions of one service, and the backend their selection runs on."""
 
     def __init__(
-        self, backend: SelectionBackend, limits: Limits | None = None, store: SessionStore | None = None
+        self,
+        backend: SelectionBackend,
+        limits: Limits | None = None,
+        store: SessionStore | None = None,
+        provenance: ProvenanceLog | None = None,
     ) -> None:
         self.backend = backend
         self.limits = limits or Limits()
         self.store = store
+        self.provenance = provenance
+        # Called with every delivered batch (metrics); exceptions in hooks propagate to the stream.
+        self.batch_hooks: list[Callable[[Batch], None]] = []
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
         if store is not None:
@@ -332,6 +340,32 @@ class SessionManager:
         )
         self._checkpoint(session)
         return session
+
+    def totals(self) -> dict[str, int]:
+        """Counts over all open sessions (for metrics)."""
+        with self._lock:
+            sessions = list(self._sessions.values())
+        out = dict.fromkeys(
+            (
+                "rounds_started",
+                "rounds_completed",
+                "batches_delivered",
+                "examples_delivered",
+                "rounds_in_flight",
+                "excluded",
+            ),
+            0,
+        )
+        for s in sessions:
+            with s.lock:
+                out["rounds_started"] += s.next_round_id
+                out["rounds_completed"] += s.rounds_completed
+                out["batches_delivered"] += s.batches_delivered
+                out["examples_delivered"] += s.examples_delivered
+                out["rounds_in_flight"] += len(s.rounds)
+                out["excluded"] += int(s.exclusion.excluded.sum())
+        out["sessions"] = len(sessions)
+        return out
 
     def get(self, session_id: str) -> Session:
         with self._lock:
@@ -533,6 +567,12 @@ class SessionManager:
             s.id, rnd.round_id, index, subset, s.labels[subset], emb[rows], s.config.batch_size, s.config.similarity
         )
 
+    def _record(self, batch: Batch, rounds_behind: int) -> None:
+        if self.provenance is not None:
+            self.provenance.append(_provenance_record(batch, rounds_behind))
+        for hook in self.batch_hooks:
+            hook(batch)
+
     def batches(self, session_id: str, round_id: int) -> Iterator[Batch]:
         """Yield the round's undelivered batches as their selection finishes (completion order).
 
@@ -581,6 +621,8 @@ class SessionManager:
                     rnd.delivered.add(result.subset_index)
                     s.batches_delivered += 1
                     s.examples_delivered += len(result.ids)
+                    behind = s.next_round_id - 1 - round_id
+                self._record(batch, behind)
             with s.lock:
                 rnd.state = RoundState.DELIVERED
                 s.rounds.pop(round_id, None)
@@ -589,6 +631,21 @@ class SessionManager:
         finally:
             with s.lock:
                 rnd.streaming = False
+
+
+def _provenance_record(batch: Batch, rounds_behind: int) -> dict[str, Any]:
+    return {
+        "session_id": batch.session_id,
+        "round_id": batch.round_id,
+        "subset_index": batch.subset_index,
+        "trainer_step": batch.trainer_step,
+        "rounds_behind": rounds_behind,
+        "worker": batch.worker,
+        "selection_ms": round(batch.selection_ms, 3),
+        "size": len(batch.ids),
+        "ids": batch.ids.tolist(),
+        "weights": [round(float(w), 6) for w in batch.weights],
+    }
 
 
 def _chain(first: EmbeddingPart, rest: Iterator[EmbeddingPart]) -> Iterator[EmbeddingPart]:

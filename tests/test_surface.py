@@ -12,11 +12,13 @@ import trainer_client
 from selector_service.cli import build_parser
 
 CLI_FLAGS = {
+    "inspect": ["--state-dir", "--session", "--step", "--export"],
     "serve": [
         "--host",
         "--port",
         "--grpc-threads",
         "--auth-token",
+        "--metrics-port",
         "--state-dir",
         "--backend",
         "--ray-address",
