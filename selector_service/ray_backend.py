@@ -11,6 +11,7 @@ import itertools
 import logging
 import os
 import socket
+import uuid
 from concurrent.futures import Future
 from typing import Any
 
@@ -32,7 +33,8 @@ class SelectorWorker:
         from selector_service._faiss import faiss
 
         faiss().omp_set_num_threads(num_threads)
-        self.name = f"{name}@{socket.gethostname()}:{os.getpid()}"
+        node = ray.get_runtime_context().get_node_id()[:12]
+        self.name = f"{name}@{socket.gethostname()}:{os.getpid()}/node-{node}"
 
     def select(self, task: SelectionTask) -> SelectionResult:
         return run_task(task, self.name)
@@ -41,8 +43,19 @@ class SelectorWorker:
         return ray.get_runtime_context().get_node_id()
 
 
+# Namespace of the named selector actors, so operators and tests can find them (ray.util.list_named_actors).
+NAMESPACE = "crest"
+# An actor that dies (its process or node) is restarted, and the calls it was running are retried, this often.
+MAX_RESTARTS = 5
+
+
 class RayBackend:
-    """A pool of ``SelectorWorker`` actors, used round-robin."""
+    """A pool of ``SelectorWorker`` actors, used round-robin, spread over the cluster's nodes.
+
+    Actors are named ``crest-selector-<instance>-<i>`` in namespace ``crest``. A selection call survives the
+    death of its actor: Ray restarts the actor and retries the call (tasks are stateless and idempotent), and the
+    session delivers each subset's batch once because it collects one result per subset.
+    """
 
     name = "ray"
 
@@ -56,21 +69,26 @@ class RayBackend:
         self._started_ray = False
         if not ray.is_initialized():
             if address:
-                ray.init(address=address, include_dashboard=False, log_to_driver=False)
+                ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
             else:
                 # Embedded: loopback only, so the disabled token auth exposes nothing beyond this machine.
                 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
                 ray.init(
+                    namespace=NAMESPACE,
                     _node_ip_address="127.0.0.1",
                     object_store_memory=EMBEDDED_OBJECT_STORE_BYTES,
                     include_dashboard=False,
                     log_to_driver=False,
                 )
                 self._started_ray = True
-        actor: Any = ray.remote(max_restarts=3, max_task_retries=3)(SelectorWorker)
+        actor: Any = ray.remote(max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS)(SelectorWorker)
+        self.instance = uuid.uuid4().hex[:8]
+        self.actor_names = [f"crest-selector-{self.instance}-{i}" for i in range(num_workers)]
         self._actors: list[Any] = [
-            actor.options(num_cpus=cpus_per_worker).remote(f"selector-{i}", threads_per_worker)
-            for i in range(num_workers)
+            actor.options(name=name, num_cpus=cpus_per_worker, scheduling_strategy="SPREAD").remote(
+                f"selector-{i}", threads_per_worker
+            )
+            for i, name in enumerate(self.actor_names)
         ]
         self._next = itertools.cycle(self._actors)
         log.info(
@@ -84,7 +102,12 @@ class RayBackend:
         return next(self._next).select.remote(task).future()
 
     def describe(self) -> dict[str, Any]:
-        return {"backend": self.name, "workers": len(self._actors), "embedded": self._started_ray}
+        return {
+            "backend": self.name,
+            "workers": len(self._actors),
+            "embedded": self._started_ray,
+            "actors": self.actor_names,
+        }
 
     def close(self) -> None:
         for a in self._actors:

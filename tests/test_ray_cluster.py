@@ -1,0 +1,199 @@
+"""The service on a real multi-node Ray cluster on this machine: a head and a worker started with `ray start`,
+the service attached with --ray-address, concurrent jobs isolated, selection on actors of both nodes, and a
+selector actor killed mid-round without losing or repeating a batch."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from selector_service.provenance import ProvenanceLog
+from trainer_client.client import SelectionClient
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "OMP_WAIT_POLICY": "PASSIVE"}
+# Every node and driver uses 127.0.0.2: still loopback, but Ray rewrites only 127.0.0.1/localhost to the
+# machine's routable address, so with .2 no traffic leaves the loopback range.
+HOST = "127.0.0.2"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def _ray_start(*args: str) -> subprocess.Popen[bytes]:
+    """A Ray node in the foreground (--block), so this test stops exactly the nodes it started."""
+    return subprocess.Popen(
+        [
+            str(BIN / "ray"),
+            "start",
+            "--block",
+            "--node-ip-address",
+            HOST,
+            "--num-cpus",
+            "1",
+            "--object-store-memory",
+            str(200 * 1024**2),
+            "--disable-usage-stats",
+            *args,
+        ],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group: the node's daemons can be stopped together
+    )
+
+
+def _stop_node(node: subprocess.Popen[bytes]) -> None:
+    """Stop one node: `ray start --block` on SIGTERM, then anything left in its process group."""
+    node.terminate()
+    try:
+        node.wait(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(node.pid, signal.SIGKILL)
+
+
+def _wait_for_nodes(address: str, count: int, timeout_s: float = 90.0) -> None:
+    """Until `ray status` lists ``count`` active nodes (each check is a real query, bounded by a deadline)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        out = subprocess.run(
+            [str(BIN / "ray"), "status", "--address", address], env=ENV, capture_output=True, text=True, check=False
+        )
+        if out.returncode == 0 and out.stdout.count(" node_") >= count:
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"Ray cluster at {address} did not reach {count} nodes in {timeout_s} s")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, Path]]:
+    """(ray address, service target, state dir) of a 2-node cluster with the service attached."""
+    port = _free_port()
+    address = f"{HOST}:{port}"
+    nodes = [_ray_start("--head", "--port", str(port), "--include-dashboard", "false")]
+    state = tmp_path_factory.mktemp("state")
+    service = None
+    try:
+        _wait_for_nodes(address, 1)
+        nodes.append(_ray_start("--address", address))
+        _wait_for_nodes(address, 2)
+        service = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "selector_service.cli",
+                "--log-level",
+                "WARNING",
+                "serve",
+                "--port",
+                "0",
+                "--ray-address",
+                address,
+                "--num-workers",
+                "4",
+                "--cpus-per-worker",
+                "0.25",
+                "--state-dir",
+                str(state),
+            ],
+            env=ENV,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(x) for x in service.stdout or []], daemon=True).start()
+        ready = lines.get(timeout=120)
+        assert ready.startswith("READY "), ready
+        yield address, ready.split()[1], state
+    finally:
+        if service is not None:
+            service.terminate()
+            service.wait(timeout=60)
+        for node in reversed(nodes):
+            _stop_node(node)
+
+
+def _run_job(target: str, labels: np.ndarray, rounds: int, out: dict[str, object]) -> None:
+    with SelectionClient(target, timeout_s=120) as client:
+        sid = client.create_session(labels, subset_fraction=0.05, num_subsets=4, batch_size=20).session_id
+        plans, batches = [], []
+        for r in range(rounds):
+            plan = client.start_round(sid, r, r)
+            emb = np.random.default_rng(r).normal(size=(len(plan.ids), 10)).astype(np.float32)
+            client.submit_embeddings(sid, r, plan.ids, emb)
+            plans.append(set(plan.ids.tolist()))
+            batches += list(client.stream_batches(sid, r))
+        out.update(session=sid, plans=plans, batches=batches)
+
+
+def test_concurrent_jobs_are_isolated_and_selection_runs_on_both_nodes(cluster: tuple[str, str, Path]) -> None:
+    _, target, state = cluster
+    jobs: list[dict[str, object]] = [{}, {}]
+    sizes = (2000, 3000)
+    threads = [
+        threading.Thread(target=_run_job, args=(target, np.arange(n) % 10, 3, jobs[i])) for i, n in enumerate(sizes)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    nodes = set()
+    for job, n in zip(jobs, sizes, strict=True):
+        batches, plans = job["batches"], job["plans"]
+        assert len(batches) == 12  # 3 rounds x 4 subsets, each exactly once
+        assert len({(b.round_id, b.subset_index) for b in batches}) == 12
+        for b in batches:
+            assert set(b.ids.tolist()) <= plans[b.round_id] and b.ids.max() < n  # only this job's own ids
+            nodes.add(b.worker.rsplit("/node-", 1)[1])
+        logged = ProvenanceLog(state).read(job["session"])
+        assert sorted((r["round_id"], r["subset_index"]) for r in logged) == sorted(
+            (b.round_id, b.subset_index) for b in batches
+        )
+    assert len(nodes) == 2, nodes  # actors on the head and on the worker node both selected
+
+
+def test_killed_selector_actor_loses_and_repeats_nothing(cluster: tuple[str, str, Path]) -> None:
+    import ray
+
+    address, target, state = cluster
+    labels = np.arange(40_000) % 2  # two classes of 2,000 per subset: dense selections that take a while
+    ray.init(address=address, namespace="crest", log_to_driver=False)
+    try:
+        names = [
+            a["name"]
+            for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith("crest-selector-")
+        ]
+        assert len(names) == 4
+        with SelectionClient(target, timeout_s=180) as client:
+            sid = client.create_session(labels, subset_fraction=0.1, num_subsets=4, batch_size=40).session_id
+            plan = client.start_round(sid, 0, 0)
+            emb = np.random.default_rng(5).normal(size=(len(plan.ids), 2)).astype(np.float32)
+            client.submit_embeddings(sid, 0, plan.ids, emb)
+            for name in names[:2]:  # kill while the round's selections run; Ray restarts and retries
+                ray.kill(ray.get_actor(name, namespace="crest"), no_restart=False)
+            batches = list(client.stream_batches(sid, 0))
+            assert sorted(b.subset_index for b in batches) == [0, 1, 2, 3]
+            assert client.session_state(sid).rounds_completed == 1
+        logged = ProvenanceLog(state).read(sid)
+        assert sorted(r["subset_index"] for r in logged) == [0, 1, 2, 3]  # delivered once each
+    finally:
+        ray.shutdown()
