@@ -74,6 +74,7 @@ class RayBackend:
                 # Embedded: loopback only, so the disabled token auth exposes nothing beyond this machine.
                 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
                 ray.init(
+                    address="local",  # a new instance: never attach to another Ray found on this machine
                     namespace=NAMESPACE,
                     _node_ip_address="127.0.0.1",
                     object_store_memory=EMBEDDED_OBJECT_STORE_BYTES,
