@@ -77,6 +77,7 @@ class LocalBackend:
     name = "local"
 
     def __init__(self, num_workers: int = 2) -> None:
+        num_workers = num_workers or os.cpu_count() or 1  # 0: one thread per core
         self._pool = ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="selector")
         self._num_workers = num_workers
         self._worker_names = itertools.cycle([f"local-{os.getpid()}-{i}" for i in range(num_workers)])

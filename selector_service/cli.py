@@ -27,7 +27,13 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
         default=None,
         help="Ray cluster to attach to ('auto' or HOST:PORT); default: start an embedded local Ray",
     )
-    p.add_argument("--num-workers", type=int, default=2, help="selector workers (Ray actors or threads); default 2")
+    p.add_argument(
+        "--num-workers",
+        type=int,
+        default=2,
+        help="selector workers (Ray actors or threads); default 2. With Ray, 0 follows the cluster: one actor "
+        "per --cpus-per-worker of its CPUs, growing as nodes join",
+    )
     p.add_argument(
         "--cpus-per-worker",
         type=float,

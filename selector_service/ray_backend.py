@@ -7,10 +7,10 @@ subset per call; Ray restarts a dead actor and retries its calls.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import socket
+import threading
 import uuid
 from concurrent.futures import Future
 from typing import Any
@@ -47,6 +47,9 @@ class SelectorWorker:
 NAMESPACE = "crest"
 # An actor that dies (its process or node) is restarted, and the calls it was running are retried, this often.
 MAX_RESTARTS = 5
+# Auto mode (num_workers=0): how often the cluster size is checked, and the most actors it creates.
+SCALE_INTERVAL_S = 2.0
+MAX_AUTO_WORKERS = 256
 
 
 class RayBackend:
@@ -82,37 +85,79 @@ class RayBackend:
                     log_to_driver=False,
                 )
                 self._started_ray = True
-        actor: Any = ray.remote(max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS)(SelectorWorker)
+        self._actor_class: Any = ray.remote(max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS)(SelectorWorker)
+        self._cpus, self._threads = cpus_per_worker, threads_per_worker
         self.instance = uuid.uuid4().hex[:8]
-        self.actor_names = [f"crest-selector-{self.instance}-{i}" for i in range(num_workers)]
-        self._actors: list[Any] = [
-            actor.options(name=name, num_cpus=cpus_per_worker, scheduling_strategy="SPREAD").remote(
-                f"selector-{i}", threads_per_worker
-            )
-            for i, name in enumerate(self.actor_names)
-        ]
-        self._next = itertools.cycle(self._actors)
+        self.actor_names: list[str] = []
+        self._actors: list[Any] = []
+        self._turn = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._auto = num_workers == 0
+        self._grow(self._target() if self._auto else num_workers)
+        self._scaler: threading.Thread | None = None
+        if self._auto:
+            self._scaler = threading.Thread(target=self._follow_cluster, name="crest-scaler", daemon=True)
+            self._scaler.start()
         log.info(
-            "ray backend: %d selector actors (%.2f CPU each), address=%s",
-            num_workers,
+            "ray backend: %d selector actors (%.2f CPU each%s), address=%s",
+            len(self._actors),
             cpus_per_worker,
+            ", following the cluster size" if self._auto else "",
             address or "embedded",
         )
 
+    def _target(self) -> int:
+        """Actors the cluster's CPUs hold now (auto mode): one per ``cpus_per_worker``, at least one."""
+        cpus = float(ray.cluster_resources().get("CPU", 0.0))
+        return max(1, min(MAX_AUTO_WORKERS, int(cpus / self._cpus)))
+
+    def _grow(self, target: int) -> None:
+        with self._lock:
+            for i in range(len(self._actors), target):
+                name = f"crest-selector-{self.instance}-{i}"
+                handle = self._actor_class.options(name=name, num_cpus=self._cpus, scheduling_strategy="SPREAD").remote(
+                    f"selector-{i}", self._threads
+                )
+                self._actors.append(handle)
+                self.actor_names.append(name)
+
+    def _follow_cluster(self) -> None:
+        """Add actors when nodes join (auto mode); checks every ``SCALE_INTERVAL_S`` until closed."""
+        while not self._stop.wait(SCALE_INTERVAL_S):
+            try:
+                target = self._target()
+            except Exception as exc:  # the cluster may be briefly unreachable; try again next time
+                log.warning("cannot read the Ray cluster size: %s", exc)
+                continue
+            if target > len(self._actors):
+                before = len(self._actors)
+                self._grow(target)
+                log.info("cluster grew: selector actors %d -> %d", before, target)
+
     def submit(self, task: SelectionTask) -> Future[SelectionResult]:
-        return next(self._next).select.remote(task).future()
+        with self._lock:
+            actor = self._actors[self._turn % len(self._actors)]
+            self._turn += 1
+        return actor.select.remote(task).future()
 
     def describe(self) -> dict[str, Any]:
-        return {
-            "backend": self.name,
-            "workers": len(self._actors),
-            "embedded": self._started_ray,
-            "actors": self.actor_names,
-        }
+        with self._lock:
+            return {
+                "backend": self.name,
+                "workers": len(self._actors),
+                "embedded": self._started_ray,
+                "follows_cluster": self._auto,
+                "actors": list(self.actor_names),
+            }
 
     def close(self) -> None:
-        for a in self._actors:
-            ray.kill(a)
-        self._actors = []
+        self._stop.set()
+        if self._scaler is not None:
+            self._scaler.join(timeout=10)
+        with self._lock:
+            for a in self._actors:
+                ray.kill(a)
+            self._actors, self.actor_names = [], []
         if self._started_ray:
             ray.shutdown()

@@ -49,7 +49,7 @@ class ServerConfig:
     backend: str = "ray"
     # Ray cluster to attach to ("auto" or HOST:PORT); None starts an embedded local Ray.
     ray_address: str | None = None
-    # Selector workers (Ray actors or threads).
+    # Selector workers (Ray actors or threads); 0: with Ray, follow the cluster's CPUs as nodes join.
     num_workers: int = 2
     # CPUs each Ray actor reserves; fractional so several fit on a small machine.
     cpus_per_worker: float = 0.5

@@ -93,8 +93,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str
     service = None
     try:
         _wait_for_nodes(address, 1)
-        nodes.append(_ray_start("--address", address))
-        _wait_for_nodes(address, 2)
         service = subprocess.Popen(
             [
                 sys.executable,
@@ -108,7 +106,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str
                 "--ray-address",
                 address,
                 "--num-workers",
-                "4",
+                "0",
                 "--cpus-per-worker",
                 "0.25",
                 "--state-dir",
@@ -122,6 +120,14 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str
         threading.Thread(target=lambda: [lines.put(x) for x in service.stdout or []], daemon=True).start()
         ready = lines.get(timeout=120)
         assert ready.startswith("READY "), ready
+        # The service follows the cluster (--num-workers 0): one actor per 0.25 CPU, more when a node joins.
+        SCALING["before"] = _selector_actors(address)
+        nodes.append(_ray_start("--address", address))
+        _wait_for_nodes(address, 2)
+        deadline = time.monotonic() + 60
+        while (count := _selector_actors(address)) < 2 * SCALING["before"] and time.monotonic() < deadline:
+            time.sleep(0.5)
+        SCALING["after"] = count
         yield address, ready.split()[1], state
     finally:
         if service is not None:
@@ -129,6 +135,24 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str
             service.wait(timeout=60)
         for node in reversed(nodes):
             _stop_node(node)
+
+
+SCALING: dict[str, int] = {}
+
+
+def _selector_actors(address: str) -> int:
+    """Named selector actors alive in the cluster, counted by a short-lived driver process."""
+    code = (
+        f"import ray; ray.init(address={address!r}, log_to_driver=False); "
+        "print(sum(a['name'].startswith('crest-selector-') for a in ray.util.list_named_actors(True)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def test_adding_a_node_adds_selector_actors_without_a_restart(cluster: tuple[str, str, Path]) -> None:
+    assert SCALING["before"] == 4  # 1 CPU / 0.25
+    assert SCALING["after"] == 8  # 2 CPUs / 0.25, the same service process
 
 
 def _run_job(target: str, labels: np.ndarray, rounds: int, out: dict[str, object]) -> None:
@@ -182,13 +206,13 @@ def test_killed_selector_actor_loses_and_repeats_nothing(cluster: tuple[str, str
             for a in ray.util.list_named_actors(all_namespaces=True)
             if a["name"].startswith("crest-selector-")
         ]
-        assert len(names) == 4
+        assert len(names) == 8
         with SelectionClient(target, timeout_s=180) as client:
             sid = client.create_session(labels, subset_fraction=0.1, num_subsets=4, batch_size=40).session_id
             plan = client.start_round(sid, 0, 0)
             emb = np.random.default_rng(5).normal(size=(len(plan.ids), 2)).astype(np.float32)
             client.submit_embeddings(sid, 0, plan.ids, emb)
-            for name in names[:2]:  # kill while the round's selections run; Ray restarts and retries
+            for name in names:  # kill every selector while the round's selections run; Ray restarts and retries
                 ray.kill(ray.get_actor(name, namespace="crest"), no_restart=False)
             batches = list(client.stream_batches(sid, 0))
             assert sorted(b.subset_index for b in batches) == [0, 1, 2, 3]
