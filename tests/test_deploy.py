@@ -10,13 +10,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
+import queue
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
+import urllib.request
 from collections.abc import Iterator, Mapping
 from functools import cache
 from pathlib import Path
@@ -568,3 +575,143 @@ def test_kuberay_selector_has_the_compose_configuration() -> None:
     claim = next(v for v in pod["volumes"] if v["name"] == mounts[k8s_args["state_dir"]])
     assert claim["persistentVolumeClaim"]["claimName"] == "crest-state"
     assert pod["securityContext"]["runAsNonRoot"] is True
+
+
+# ---------------------------------------------------------------- what compose would run, as processes
+
+# Ray nodes on 127.0.0.2: loopback, and Ray leaves it alone (it rewrites only 127.0.0.1/localhost to the machine's
+# routable address), so nothing leaves the loopback range (as in test_ray_cluster.py).
+RAY_HOST = "127.0.0.2"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def with_flag(argv: list[str], flag: str, value: object) -> list[str]:
+    """``argv`` with ``flag``'s value replaced (``--f=v`` or ``--f v``); the flag must be there already."""
+    out = list(argv)
+    for i, a in enumerate(out):
+        if a.startswith(flag + "="):
+            out[i] = f"{flag}={value}"
+            return out
+        if a == flag:
+            out[i + 1] = str(value)
+            return out
+    raise AssertionError(f"{flag} is not in {argv}: the compose file changed, update this test")
+
+
+def start_node(argv: list[str], env: Mapping[str, str]) -> subprocess.Popen[bytes]:
+    # The compose command, plus what several nodes on one machine next to other tests need: a loopback address,
+    # a small object store, and free ports where Ray's defaults are fixed.
+    extra = ["--node-ip-address", RAY_HOST, "--object-store-memory", str(200 * 1024**2)]
+    if "--head" in argv:
+        extra += ["--ray-client-server-port", str(free_port(RAY_HOST)), "--dashboard-port", str(free_port())]
+    return subprocess.Popen(
+        [str(BIN / argv[0]), *argv[1:], *extra],
+        env=dict(env),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group: the node's daemons are stopped together, and only them
+    )
+
+
+def stop_node(node: subprocess.Popen[bytes]) -> None:
+    node.terminate()  # `ray start --block` stops its daemons on SIGTERM
+    try:
+        node.wait(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(node.pid, signal.SIGKILL)
+
+
+def wait_for_nodes(address: str, count: int, env: Mapping[str, str], timeout_s: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        out = subprocess.run(
+            [str(BIN / "ray"), "status", "--address", address],
+            env=dict(env),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        if out.returncode == 0 and out.stdout.count(" node_") >= count:
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"Ray at {address} did not reach {count} nodes in {timeout_s} s")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_what_compose_runs_trains_as_processes(tmp_path: Path) -> None:
+    """ray-head, ray-worker, selector and the CPU trainer (two gloo ranks) with the compose files' own command
+    lines and environment; only addresses, ports and the state directory are replaced, and CREST_STEPS is set.
+
+    The selector binds loopback here, without the token, because examples/ddp_train.py cannot send one yet
+    (see test_trainer_sends_the_token_the_selector_requires)."""
+    knobs = {**COMPOSE_ENV, "CREST_STEPS": "20"}
+    services = load_compose(env=knobs)["services"]
+    trainer = load_compose(COMPOSE_CPU, env=knobs)["services"]["trainer-cpu"]
+    base_env = {**os.environ, **services["selector"]["environment"]}
+    for name in ("CREST_AUTH_TOKEN", "RAY_JOIN_ADDRESS"):  # no token (above); the Ray node is already local
+        base_env.pop(name)
+    gcs = f"{RAY_HOST}:{free_port(RAY_HOST)}"
+    nodes = [start_node(with_flag(services["ray-head"]["command"], "--port", gcs.split(":")[1]), base_env)]
+    selector = None
+    try:
+        wait_for_nodes(gcs, 1, base_env)
+        nodes.append(start_node(with_flag(services["ray-worker"]["command"], "--address", gcs), base_env))
+        wait_for_nodes(gcs, 2, base_env)
+
+        port, metrics_port = free_port(), free_port()
+        argv = services["selector"]["command"]
+        for flag, value in (
+            ("--host", "127.0.0.1"),
+            ("--port", port),
+            ("--metrics-port", metrics_port),
+            ("--ray-address", gcs),
+            ("--state-dir", tmp_path / "state"),
+        ):
+            argv = with_flag(argv, flag, value)
+        selector = subprocess.Popen([str(BIN / argv[0]), *argv[1:]], env=base_env, stdout=subprocess.PIPE, text=True)
+        lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(x) for x in selector.stdout or []], daemon=True).start()
+        assert lines.get(timeout=120) == f"READY 127.0.0.1:{port}\n"
+        health = services["selector"]["healthcheck"]["test"][1:]  # ["python", "/app/healthcheck.py", target]
+        probe = subprocess.run(
+            [sys.executable, str(DEPLOY / Path(health[1]).name), f"127.0.0.1:{port}"], timeout=60, check=False
+        )
+        assert probe.returncode == 0
+
+        cmd = with_flag(trainer["command"], "--endpoint", f"127.0.0.1:{port}")
+        cmd[1:1] = ["--master-addr=127.0.0.1", f"--master-port={free_port()}"]  # torchrun's default port is fixed
+        trainer_env = {**os.environ, **trainer["environment"]}
+        trainer_env.pop("CREST_AUTH_TOKEN")
+        run = subprocess.run(
+            [str(BIN / cmd[0]), *cmd[1:]],
+            cwd=ROOT,
+            env=trainer_env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+            check=False,
+        )
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        ranks = re.findall(r"rank (\d)/2: (\d+) steps, (\d+) regions.*?(\d+) fallback batches", run.stdout)
+        assert sorted(r[0] for r in ranks) == ["0", "1"], run.stdout
+        for _, steps, regions, fallback in ranks:
+            # Trained the compose step count on coresets from the service, not on uniform fallback batches.
+            assert int(steps) == 20 and int(regions) >= 1 and int(fallback) < int(steps), run.stdout
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+        assert re.search(r"^crest_selector_workers 4\.0$", metrics, re.M), metrics
+        selections = re.search(r"^crest_selection_seconds_count (\S+)$", metrics, re.M)
+        assert selections and float(selections[1]) > 0, metrics
+    finally:
+        if selector is not None:
+            selector.terminate()
+            selector.wait(timeout=60)
+        for node in reversed(nodes):
+            stop_node(node)
