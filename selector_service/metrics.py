@@ -42,6 +42,11 @@ class _ManagerCollector(Collector):
             "crest_excluded_examples", "Examples excluded as learned, over open sessions", value=totals["excluded"]
         )
         yield GaugeMetricFamily(
+            "crest_trainer_wait_seconds",
+            "Seconds trainers spent blocked on coresets, summed over open sessions (as reported by the trainers)",
+            value=totals["trainer_wait_s"],
+        )
+        yield GaugeMetricFamily(
             "crest_selector_workers",
             "Selector workers of the backend",
             value=self.manager.backend.describe().get("workers", 0),

@@ -164,7 +164,9 @@ class SelectorServicer(pb_grpc.SelectorServiceServicer):
 
     @_unary
     def StartRound(self, request: pb.StartRoundRequest, context: grpc.ServicerContext) -> Any:
-        plan = self.manager.start_round(request.session_id, request.round_id, request.trainer_step, request.num_subsets)
+        plan = self.manager.start_round(
+            request.session_id, request.round_id, request.trainer_step, request.num_subsets, request.trainer_wait_s
+        )
         return pb.RoundPlan(
             session_id=plan.session_id,
             round_id=plan.round_id,
@@ -200,4 +202,5 @@ class SelectorServicer(pb_grpc.SelectorServiceServicer):
             next_round_id=s.next_round_id,
             excluded_size=s.excluded_size,
             readmitted_total=s.readmitted_total,
+            trainer_wait_s=s.trainer_wait_s,
         )

@@ -10,6 +10,7 @@ as it was.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -157,6 +158,7 @@ class SessionSnapshot:
     next_round_id: int
     excluded_size: int
     readmitted_total: int
+    trainer_wait_s: float
 
 
 class Session:
@@ -177,6 +179,7 @@ class Session:
         self.rounds_completed = 0
         self.batches_delivered = 0
         self.examples_delivered = 0
+        self.trainer_wait_s = 0.0  # cumulative, as last reported by the trainer
         self.lock = threading.Lock()
         self.save_lock = threading.Lock()  # orders checkpoint writes of this session
 
@@ -197,6 +200,7 @@ class Session:
             "rounds_completed": self.rounds_completed,
             "batches_delivered": self.batches_delivered,
             "examples_delivered": self.examples_delivered,
+            "trainer_wait_s": self.trainer_wait_s,
             "exclusion": self.exclusion.state_dict(),
         }
 
@@ -221,6 +225,7 @@ class Session:
         session.rounds_completed = int(state["rounds_completed"])
         session.batches_delivered = int(state["batches_delivered"])
         session.examples_delivered = int(state["examples_delivered"])
+        session.trainer_wait_s = float(state["trainer_wait_s"])
         return session
 
     @property
@@ -341,11 +346,11 @@ class SessionManager:
         self._checkpoint(session)
         return session
 
-    def totals(self) -> dict[str, int]:
+    def totals(self) -> dict[str, float]:
         """Counts over all open sessions (for metrics)."""
         with self._lock:
             sessions = list(self._sessions.values())
-        out = dict.fromkeys(
+        out: dict[str, float] = dict.fromkeys(
             (
                 "rounds_started",
                 "rounds_completed",
@@ -353,6 +358,7 @@ class SessionManager:
                 "examples_delivered",
                 "rounds_in_flight",
                 "excluded",
+                "trainer_wait_s",
             ),
             0,
         )
@@ -364,6 +370,7 @@ class SessionManager:
                 out["examples_delivered"] += s.examples_delivered
                 out["rounds_in_flight"] += len(s.rounds)
                 out["excluded"] += int(s.exclusion.excluded.sum())
+                out["trainer_wait_s"] += s.trainer_wait_s
         out["sessions"] = len(sessions)
         return out
 
@@ -408,13 +415,18 @@ class SessionManager:
                 s.next_round_id,
                 excluded,
                 s.exclusion.readmitted_total,
+                s.trainer_wait_s,
             )
 
     # -- rounds ---------------------------------------------------------------------------------------------
 
-    def start_round(self, session_id: str, round_id: int, trainer_step: int, num_subsets: int = 0) -> RoundPlan:
+    def start_round(
+        self, session_id: str, round_id: int, trainer_step: int, num_subsets: int = 0, trainer_wait_s: float = 0.0
+    ) -> RoundPlan:
         """Draw the round's random subsets (``num_subsets``, 0: the session's P) and return the ids to embed."""
         s = self.get(session_id)
+        if not (math.isfinite(trainer_wait_s) and trainer_wait_s >= 0):
+            raise InvalidArgument(f"trainer_wait_s must be a finite number of seconds >= 0, received {trainer_wait_s}")
         if not 0 <= num_subsets <= s.config.num_subsets:
             raise InvalidArgument(
                 f"num_subsets {num_subsets} exceeds the session's {s.config.num_subsets} (0 means the session's)"
@@ -435,6 +447,7 @@ class SessionManager:
                     f"{self.limits.max_rounds_in_flight}; stream their batches first"
                 )
             rng = np.random.default_rng([s.config.seed, round_id])
+            s.trainer_wait_s = max(s.trainer_wait_s, trainer_wait_s)
             count = num_subsets or s.config.num_subsets
             subsets = class_balanced_subsets(s.labels, s.exclusion.active, s.quota, count, rng)
             ids = np.unique(np.concatenate(subsets))

@@ -26,7 +26,7 @@ def test_every_delivered_batch_is_logged_inspectable_and_counted(tmp_path: Path)
             labels = np.random.default_rng(1).permutation(np.repeat(np.arange(10), 100)).astype(np.int64)
             sid = client.create_session(labels, subset_fraction=0.05, num_subsets=2, batch_size=20).session_id
             for r, step in ((0, 0), (1, 37)):
-                plan = client.start_round(sid, r, step)
+                plan = client.start_round(sid, r, step, trainer_wait_s=1.5 * r)
                 emb = np.random.default_rng(r).normal(size=(len(plan.ids), 10)).astype(np.float32)
                 client.submit_embeddings(sid, r, plan.ids, emb)
                 delivered += list(client.stream_batches(sid, r))
@@ -48,6 +48,7 @@ def test_every_delivered_batch_is_logged_inspectable_and_counted(tmp_path: Path)
     assert "crest_examples_delivered_total 80.0" in text
     assert "crest_selection_seconds_count 4.0" in text
     assert "crest_sessions 1.0" in text and "crest_selector_workers 2.0" in text
+    assert "crest_trainer_wait_seconds 1.5" in text  # the trainers' own report
 
     out = tmp_path / "batches.csv"
     cli = [sys.executable, "-m", "selector_service.cli", "inspect", "--state-dir", str(tmp_path), "--session", sid]

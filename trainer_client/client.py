@@ -140,11 +140,16 @@ class SelectionClient:
         trainer_step: int,
         timeout_s: float | None = None,
         num_subsets: int = 0,
+        trainer_wait_s: float = 0.0,
     ) -> RoundPlan:
         """Open a round of ``num_subsets`` random subsets (0: the session's P); returns the ids to embed."""
         reply = self._stub.StartRound(
             pb.StartRoundRequest(
-                session_id=session_id, round_id=round_id, trainer_step=trainer_step, num_subsets=num_subsets
+                session_id=session_id,
+                round_id=round_id,
+                trainer_step=trainer_step,
+                num_subsets=num_subsets,
+                trainer_wait_s=trainer_wait_s,
             ),
             timeout=timeout_s or self._timeout,
             metadata=self._metadata,

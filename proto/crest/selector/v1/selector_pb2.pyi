@@ -91,16 +91,18 @@ class CloseSessionResponse(_message.Message):
     def __init__(self, rounds_completed: _Optional[int] = ...) -> None: ...
 
 class StartRoundRequest(_message.Message):
-    __slots__ = ("session_id", "round_id", "trainer_step", "num_subsets")
+    __slots__ = ("session_id", "round_id", "trainer_step", "num_subsets", "trainer_wait_s")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     TRAINER_STEP_FIELD_NUMBER: _ClassVar[int]
     NUM_SUBSETS_FIELD_NUMBER: _ClassVar[int]
+    TRAINER_WAIT_S_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     round_id: int
     trainer_step: int
     num_subsets: int
-    def __init__(self, session_id: _Optional[str] = ..., round_id: _Optional[int] = ..., trainer_step: _Optional[int] = ..., num_subsets: _Optional[int] = ...) -> None: ...
+    trainer_wait_s: float
+    def __init__(self, session_id: _Optional[str] = ..., round_id: _Optional[int] = ..., trainer_step: _Optional[int] = ..., num_subsets: _Optional[int] = ..., trainer_wait_s: _Optional[float] = ...) -> None: ...
 
 class RoundPlan(_message.Message):
     __slots__ = ("session_id", "round_id", "ids", "num_ids", "num_subsets")
@@ -181,7 +183,7 @@ class GetSessionStateRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ...) -> None: ...
 
 class SessionState(_message.Message):
-    __slots__ = ("session_id", "dataset_size", "active_size", "rounds_started", "rounds_completed", "batches_delivered", "examples_delivered", "config", "num_classes", "next_round_id", "excluded_size", "readmitted_total")
+    __slots__ = ("session_id", "dataset_size", "active_size", "rounds_started", "rounds_completed", "batches_delivered", "examples_delivered", "config", "num_classes", "next_round_id", "excluded_size", "readmitted_total", "trainer_wait_s")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     DATASET_SIZE_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -194,6 +196,7 @@ class SessionState(_message.Message):
     NEXT_ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     EXCLUDED_SIZE_FIELD_NUMBER: _ClassVar[int]
     READMITTED_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    TRAINER_WAIT_S_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     dataset_size: int
     active_size: int
@@ -206,4 +209,5 @@ class SessionState(_message.Message):
     next_round_id: int
     excluded_size: int
     readmitted_total: int
-    def __init__(self, session_id: _Optional[str] = ..., dataset_size: _Optional[int] = ..., active_size: _Optional[int] = ..., rounds_started: _Optional[int] = ..., rounds_completed: _Optional[int] = ..., batches_delivered: _Optional[int] = ..., examples_delivered: _Optional[int] = ..., config: _Optional[_Union[CrestConfig, _Mapping]] = ..., num_classes: _Optional[int] = ..., next_round_id: _Optional[int] = ..., excluded_size: _Optional[int] = ..., readmitted_total: _Optional[int] = ...) -> None: ...
+    trainer_wait_s: float
+    def __init__(self, session_id: _Optional[str] = ..., dataset_size: _Optional[int] = ..., active_size: _Optional[int] = ..., rounds_started: _Optional[int] = ..., rounds_completed: _Optional[int] = ..., batches_delivered: _Optional[int] = ..., examples_delivered: _Optional[int] = ..., config: _Optional[_Union[CrestConfig, _Mapping]] = ..., num_classes: _Optional[int] = ..., next_round_id: _Optional[int] = ..., excluded_size: _Optional[int] = ..., readmitted_total: _Optional[int] = ..., trainer_wait_s: _Optional[float] = ...) -> None: ...
