@@ -212,6 +212,17 @@ def compose_problems(compose: dict[str, Any]) -> list[str]:
         problems.append(f"ray-worker: --address {worker['address']!r} is not the head ({gcs})")
     if "replicas" in (services["ray-worker"].get("deploy") or {}) or services["ray-worker"].get("container_name"):
         problems.append("ray-worker: a fixed replica count or container_name prevents --scale ray-worker=N")
+    from ray.scripts.scripts import healthcheck
+
+    for name in ("ray-head", "ray-worker"):
+        test = [str(t) for t in services[name].get("healthcheck", {}).get("test", [])]
+        if test[1:3] != ["ray", "health-check"]:
+            problems.append(f"{name}: the healthcheck is not `ray health-check` ({test})")
+        elif healthcheck.make_context("health-check", test[3:]).params["address"] not in (
+            gcs,
+            f"127.0.0.1:{head['port']}",
+        ):
+            problems.append(f"{name}: the healthcheck does not ask the head ({test})")
     if worker["block"] is not True or head["block"] is not True:
         problems.append("ray nodes must run `ray start --block` (a container ends with its main process)")
 
@@ -313,6 +324,7 @@ def test_compose_commands_and_environment_agree_with_the_clis() -> None:
         ("selector", ("command", 3), "--port=50052", "--port 50052 is not published"),
         ("ray-worker", ("command", 2), "--address=ray-head:6380", "is not the head"),
         ("ray-head", ("command", 2), "--hed", "ray start rejects"),
+        ("ray-worker", ("healthcheck", "test", 4), "ray-head:6380", "the healthcheck does not ask the head"),
         ("trainer", ("command", 3), "--endpoint=selector:50052", "is not the selector service"),
         ("trainer", ("command", 4), "--step=10", "does not declare ['--step=10']"),
         ("trainer", ("command", 1), "--nnodes-count=2", "torchrun rejects"),
