@@ -572,7 +572,7 @@ def test_kuberay_selector_has_the_compose_configuration() -> None:
     k8s_args, compose_args = vars(parse_crest(container["args"])), vars(parse_crest(compose["command"]))
     differ = {k: (compose_args[k], k8s_args[k]) for k in k8s_args if k8s_args[k] != compose_args[k]}
     head = f"{load_yaml(RAYCLUSTER)['metadata']['name']}-head-svc:6379"
-    assert differ == {"ray_address": ("ray-head:6379", head)}
+    assert differ == {"ray_address": ("ray-head:6379", head), "num_workers": (0, 8)}
     env = {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
     assert set(env) == set(compose["environment"])
     assert env_problems("kuberay selector", env) == []
@@ -718,7 +718,8 @@ def test_what_compose_runs_trains_as_processes(tmp_path: Path) -> None:
             # Trained the compose step count on coresets from the service, not on uniform fallback batches.
             assert int(steps) == 20 and int(regions) >= 1 and int(fallback) < int(steps), run.stdout
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
-        assert re.search(r"^crest_selector_workers 4\.0$", metrics, re.M), metrics
+        # --num-workers 0 follows the cluster: one actor per 0.5 CPU of the head's 1 and the worker's 2.
+        assert re.search(r"^crest_selector_workers 6\.0$", metrics, re.M), metrics
         selections = re.search(r"^crest_selection_seconds_count (\S+)$", metrics, re.M)
         assert selections and float(selections[1]) > 0, metrics
     finally:
