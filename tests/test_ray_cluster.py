@@ -88,7 +88,20 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str
     """(ray address, service target, state dir) of a 2-node cluster with the service attached."""
     port = _free_port()
     address = f"{HOST}:{port}"
-    nodes = [_ray_start("--head", "--port", str(port), "--include-dashboard", "false")]
+    # Free ports for the head's fixed-port services too, so concurrent Ray heads on this machine never clash.
+    nodes = [
+        _ray_start(
+            "--head",
+            "--port",
+            str(port),
+            "--include-dashboard",
+            "false",
+            "--ray-client-server-port",
+            str(_free_port()),
+            "--dashboard-agent-listen-port",
+            str(_free_port()),
+        )
+    ]
     state = tmp_path_factory.mktemp("state")
     service = None
     try:
