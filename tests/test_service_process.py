@@ -1,0 +1,96 @@
+"""`crest serve` as a process: SIGTERM drains and exits 0; SIGKILL mid-round loses only the round in flight;
+the restarted service (same port and --state-dir) resumes the session."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from selector_service.provenance import ProvenanceLog
+from trainer_client.client import SelectionClient
+
+pytestmark = pytest.mark.slow
+ENV = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "RAY_AUTH_MODE": "disabled"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _serve(port: int, state: Path) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "selector_service.cli",
+            "--log-level",
+            "WARNING",
+            "serve",
+            "--port",
+            str(port),
+            "--backend",
+            "local",
+            "--state-dir",
+            str(state),
+        ],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout or []], daemon=True).start()
+    ready = lines.get(timeout=60)
+    assert ready.startswith("READY "), ready
+    return proc, ready.split()[1]
+
+
+def _embed_round(client: SelectionClient, sid: str, round_id: int) -> None:
+    plan = client.start_round(sid, round_id, 10 * round_id)
+    emb = np.random.default_rng(round_id).normal(size=(len(plan.ids), 10)).astype(np.float32)
+    client.submit_embeddings(sid, round_id, plan.ids, emb)
+
+
+def test_sigterm_exits_zero_and_sigkill_loses_only_the_round_in_flight(tmp_path: Path) -> None:
+    port = _free_port()
+    labels = np.arange(1000) % 10
+    proc, target = _serve(port, tmp_path)
+    with SelectionClient(target, timeout_s=30) as client:
+        sid = client.create_session(labels, subset_fraction=0.05, num_subsets=2, batch_size=20).session_id
+        _embed_round(client, sid, 0)
+        first = list(client.stream_batches(sid, 0))
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0  # graceful: stops accepting, closes the backend, exits 0
+
+    proc, target = _serve(port, tmp_path)
+    try:
+        with SelectionClient(target, timeout_s=30) as client:
+            assert client.session_state(sid).rounds_completed == 1
+            _embed_round(client, sid, 1)  # selection dispatched, batches not yet streamed
+            proc.kill()
+            proc.wait(timeout=30)
+            proc, target = _serve(port, tmp_path)  # same port: the client's channel reconnects
+            state = client.session_state(sid)
+            assert (state.rounds_completed, state.next_round_id, state.batches_delivered) == (1, 2, 2)
+            with pytest.raises(grpc.RpcError) as err:
+                list(client.stream_batches(sid, 1))
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND  # the round in flight died with the process
+            _embed_round(client, sid, 2)  # the trainer asks for the next round and carries on
+            later = list(client.stream_batches(sid, 2))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    logged = ProvenanceLog(tmp_path).read(sid)
+    assert sorted((r["round_id"], r["subset_index"]) for r in logged) == [(0, 0), (0, 1), (2, 0), (2, 1)]
+    assert len(first) == len(later) == 2
