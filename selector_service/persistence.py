@@ -1,9 +1,9 @@
 """Session checkpoints on disk, so a restarted service resumes every session where it was.
 
 One file per session, ``<state_dir>/sessions/<session_id>.npz``: numpy arrays plus one JSON document, no
-pickle. Writes are atomic (temporary file, fsync, rename, fsync of the directory), so a crash leaves either
-the previous checkpoint or the new one. A file that cannot be read (truncated, corrupt zip CRC, wrong version)
-is moved aside as ``.corrupt`` and reported; it never stops the service.
+pickle. Writes are atomic (temporary file, fsync, rename, fsync of the directory), and the checkpoint they
+replace is kept as ``<session_id>.prev.npz``. A file that cannot be read (truncated, a zip CRC mismatch) is moved
+aside as ``.corrupt`` and reported, and the previous checkpoint is used instead; it never stops the service.
 """
 
 from __future__ import annotations
@@ -54,10 +54,10 @@ class SessionStore:
         self.dir = Path(root) / "sessions"
         self.dir.mkdir(parents=True, exist_ok=True)
 
-    def path(self, session_id: str) -> Path:
+    def path(self, session_id: str, previous: bool = False) -> Path:
         if not session_id.isalnum():
             raise ValueError(f"session id {session_id!r} is not alphanumeric")
-        return self.dir / f"{session_id}.npz"
+        return self.dir / (f"{session_id}.prev.npz" if previous else f"{session_id}.npz")
 
     def save(self, state: dict[str, Any]) -> None:
         """Write one session's ``state_dict`` atomically (must hold a ``session_id``)."""
@@ -69,7 +69,9 @@ class SessionStore:
             np.savez(f, **entries)  # type: ignore[arg-type]
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, final)
+        if final.exists():
+            os.replace(final, self.path(state["session_id"], previous=True))
+        os.replace(tmp, final)  # a crash between the two renames leaves the previous checkpoint to load
         fd = os.open(self.dir, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -82,21 +84,29 @@ class SessionStore:
             meta = json.loads(bytes(data[_META]).decode())
         return _join(meta, arrays)
 
+    def _load_or_set_aside(self, path: Path) -> dict[str, Any] | None:
+        try:
+            return self.load(path)
+        except Exception as exc:
+            aside = path.with_name(path.name.removesuffix(".npz") + ".corrupt")
+            os.replace(path, aside)
+            log.error("session checkpoint %s is unreadable (%s: %s); moved to %s", path, type(exc).__name__, exc, aside)
+            return None
+
     def load_all(self) -> list[dict[str, Any]]:
-        """Every readable checkpoint; unreadable ones are renamed ``*.corrupt`` and logged."""
+        """The newest readable checkpoint of every session (the previous one when the newest is unreadable)."""
         states = []
-        for path in sorted(self.dir.glob("*.npz")):
-            try:
-                states.append(self.load(path))
-            except Exception as exc:
-                aside = path.with_suffix(".corrupt")
-                os.replace(path, aside)
-                log.error(
-                    "session checkpoint %s is unreadable (%s: %s); moved to %s", path, type(exc).__name__, exc, aside
-                )
+        for session_id in sorted({p.name.split(".", 1)[0] for p in self.dir.glob("*.npz")}):
+            for path in (self.path(session_id), self.path(session_id, previous=True)):
+                if path.exists() and (state := self._load_or_set_aside(path)) is not None:
+                    if path.name.endswith(".prev.npz"):
+                        log.warning("session %s restored from its previous checkpoint %s", session_id, path)
+                    states.append(state)
+                    break
         for stale in self.dir.glob("*.tmp"):  # a write interrupted before its rename
             stale.unlink()
         return states
 
     def delete(self, session_id: str) -> None:
         self.path(session_id).unlink(missing_ok=True)
+        self.path(session_id, previous=True).unlink(missing_ok=True)

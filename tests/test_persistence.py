@@ -92,16 +92,20 @@ def test_restarted_service_resumes_sessions_with_identical_exclusion_state(tmp_p
         second.stop(grace=0)
 
 
-def test_corrupt_checkpoint_is_set_aside_and_the_rest_restored(tmp_path: Path) -> None:
+def test_corrupt_checkpoint_is_set_aside_and_the_previous_one_used(tmp_path: Path) -> None:
     first = _server(tmp_path)
     try:
         with SelectionClient(first.target, timeout_s=30) as client:
             good = client.create_session(_labels(), client_name="good").session_id
             bad = client.create_session(_labels(), client_name="bad").session_id
+            older = client.create_session(_labels(), client_name="older").session_id
+            client.start_round(older, 0, 0)  # a second checkpoint: the first becomes .prev
     finally:
         first.stop(grace=0)
+    newest = tmp_path / "sessions" / f"{older}.npz"
+    newest.write_bytes(newest.read_bytes()[:-40])  # torn tail: the zip directory is gone
     path = tmp_path / "sessions" / f"{bad}.npz"
-    path.write_bytes(path.read_bytes()[:100])  # truncated, as by a torn write without the atomic rename
+    path.write_bytes(path.read_bytes()[:100])  # truncated, and no previous checkpoint to fall back on
     (tmp_path / "sessions" / "deadbeef.tmp").write_bytes(b"interrupted write")
     second = _server(tmp_path)
     try:
@@ -110,7 +114,9 @@ def test_corrupt_checkpoint_is_set_aside_and_the_rest_restored(tmp_path: Path) -
             with pytest.raises(grpc.RpcError) as err:
                 client.session_state(bad)
             assert err.value.code() == grpc.StatusCode.NOT_FOUND
+            assert client.session_state(older).next_round_id == 0  # the last good checkpoint: before round 0
         assert (tmp_path / "sessions" / f"{bad}.corrupt").exists()
+        assert (tmp_path / "sessions" / f"{older}.corrupt").exists()
         assert not (tmp_path / "sessions" / "deadbeef.tmp").exists()
     finally:
         second.stop(grace=0)
