@@ -253,9 +253,16 @@ class RegionController:
             return Decision.CHECK
         return Decision.NONE
 
-    def check(self, params: Sequence[torch.Tensor], true_loss: float, step: int) -> CheckResult:
-        """Compare the true random-subset loss with the prediction; reselect when off by more than τ·true."""
-        predicted = self.predict(params)
+    def check(
+        self, params: Sequence[torch.Tensor], true_loss: float, step: int, predicted: float | None = None
+    ) -> CheckResult:
+        """Compare the true random-subset loss with the prediction; reselect when off by more than τ·true.
+
+        ``predicted`` overrides ``predict(params)``: under DDP the loader passes the mean over ranks, so that
+        every rank compares the same two numbers and takes the same decision.
+        """
+        if predicted is None:
+            predicted = self.predict(params)
         rel = abs(true_loss - predicted) / max(abs(true_loss), 1e-12)
         reselect = rel > self.config.tau
         self.stats.checks += 1

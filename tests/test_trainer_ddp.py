@@ -1,0 +1,167 @@
+"""DDP: two real gloo processes train one model through the loader against a real server started here. Both ranks
+take the same region decisions (the Taylor check is all-reduced), rank 0 alone talks to the service, and no id
+reaches both ranks in one round."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from selector_service.backends import LocalBackend
+from selector_service.server import ServerConfig, start_server
+from trainer_client.distributed import DistContext, owners
+
+WORLD = 2
+STEPS = 24
+BATCH = 32
+
+WORKER = textwrap.dedent(
+    """
+    import json, logging, sys
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+    from trainer_client.client import SelectionClient
+    from trainer_client.data import FashionMNIST
+    from trainer_client.embeddings import weighted_loss
+    from trainer_client.loader import CoresetLoader, LoaderConfig
+    from trainer_client.models import SmallCNN
+
+    target, out, steps, batch = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")  # RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT from the environment
+    rank = dist.get_rank()
+
+    DECISIONS = ("-> reselect", "-> keep", ": region ", "quadratic model", "requested", "fixed length")
+    decisions = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            message = record.getMessage()
+            if any(d in message for d in DECISIONS):
+                decisions.append(message)
+
+    logging.getLogger("trainer_client").addHandler(Keep())
+    logging.getLogger("trainer_client").setLevel(logging.INFO)
+
+    torch.manual_seed(0)
+    data = FashionMNIST("train", limit=1000)
+    model = DistributedDataParallel(SmallCNN())
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    config = LoaderConfig(batch_size=batch, subset_fraction=0.05, num_subsets=2, check_examples=128,
+                          lookahead_steps=2, deadline_s=60.0)
+    loader = CoresetLoader(data, model, SelectionClient(target, timeout_s=60), data.targets.numpy(), config=config)
+    delivered = []
+    for step, (x, y, w) in zip(range(steps), loader):
+        loss = weighted_loss(model(x), y, w)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        delivered.append({"round": loader.last_round, "ids": loader.last_ids.tolist()})
+    loader.close()
+    digest = float(sum(p.double().sum() for p in model.parameters()))
+    with open(out, "w") as f:
+        json.dump({"decisions": decisions, "delivered": delivered, "stats": vars(loader.stats),
+                   "rounds": loader.stats.regions, "digest": digest}, f)
+    dist.destroy_process_group()
+    """
+)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 8])
+def test_pool_is_dealt_by_id_evenly_and_the_same_way_on_every_rank(world: int) -> None:
+    ids = np.random.default_rng(0).choice(500, size=256, replace=True)  # ids in two coresets appear twice
+    rank = owners(ids, world, seed=3, round_=5)
+    assert rank.dtype == np.int64 and rank.shape == ids.shape and set(rank.tolist()) <= set(range(world))
+    np.testing.assert_array_equal(rank, owners(ids, world, seed=3, round_=5))  # pure: same on every rank
+    for i in np.unique(ids):
+        assert len(set(rank[ids == i].tolist())) == 1, f"id {i} dealt to two ranks"
+    distinct = np.bincount(rank[np.unique(ids, return_index=True)[1]], minlength=world)
+    assert distinct.max() - distinct.min() <= 1  # round-robin over the distinct ids
+    if world > 1:
+        assert not np.array_equal(rank, owners(ids, world, seed=3, round_=6))  # dealt afresh every round
+
+
+@pytest.mark.parametrize(("n", "world"), [(0, 2), (1, 2), (7, 3), (64, 2), (100, 8)])
+def test_shards_cut_like_array_split(n: int, world: int) -> None:
+    cuts = [DistContext(r, world, torch.device("cpu")).shard_bounds(n) for r in range(world)]
+    expected = np.array_split(np.arange(n), world)
+    assert [hi - lo for lo, hi in cuts] == [len(e) for e in expected]
+    assert all(lo == (e[0] if len(e) else lo) for (lo, _), e in zip(cuts, expected, strict=True))
+    assert cuts[0][0] == 0 and cuts[-1][1] == n
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_share_one_session_and_decide_identically(tmp_path: Path) -> None:
+    server = start_server(ServerConfig(port=0, backend="local"), backend=LocalBackend(num_workers=2))
+    script = tmp_path / "ddp_worker.py"
+    script.write_text(WORKER)
+    port = str(_free_port())
+    procs = []
+    try:
+        for rank in range(WORLD):
+            env = {
+                **os.environ,
+                "OMP_WAIT_POLICY": "PASSIVE",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": port,
+                "RANK": str(rank),
+                "LOCAL_RANK": str(rank),
+                "WORLD_SIZE": str(WORLD),
+                "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo"),
+            }
+            out = tmp_path / f"rank{rank}.json"
+            cmd = [sys.executable, str(script), server.target, str(out), str(STEPS), str(BATCH)]
+            procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        logs = [p.communicate(timeout=240)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        server.stop(grace=0)
+    for rank, (p, log) in enumerate(zip(procs, logs, strict=True)):
+        assert p.returncode == 0, f"rank {rank} exited {p.returncode}:\n{log[-4000:]}"
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
+
+    # Same decisions, in the same order, with the same logged numbers (all-reduced check, broadcast switches).
+    assert ranks[0]["decisions"] == ranks[1]["decisions"]
+    decisions = ranks[0]["decisions"]
+    assert sum("-> keep" in d or "-> reselect" in d for d in decisions) >= 3
+    assert sum("-> reselect" in d for d in decisions) >= 1 and ranks[0]["rounds"] >= 2
+    # The replicas stayed identical (DDP) and every batch came from the service, none from the fallback.
+    assert ranks[0]["digest"] == ranks[1]["digest"]
+    for r in ranks:
+        assert r["stats"]["fallback_batches"] == 0 and r["stats"]["steps"] == STEPS
+    # Rank 0 alone opened the session; both ranks embedded a share of every round.
+    assert ranks[0]["stats"]["sessions_opened"] == ranks[1]["stats"]["sessions_opened"] == 1
+    assert all(r["stats"]["examples_embedded"] > 0 for r in ranks)
+
+    # Both ranks train on the same region at every step; no id reaches both ranks within one round.
+    per_round: list[dict[int, set[int]]] = [defaultdict(set) for _ in ranks]
+    for step, (a, b) in enumerate(zip(ranks[0]["delivered"], ranks[1]["delivered"], strict=True)):
+        assert a["round"] == b["round"] is not None, f"step {step}: rank 0 in round {a['round']}, rank 1 {b['round']}"
+        assert a["ids"] and b["ids"]
+        # Each rank gets about half of a batch (ids present in two coresets of a round make shares uneven).
+        assert abs(len(a["ids"]) - len(b["ids"])) <= 4 and len(a["ids"]) + len(b["ids"]) <= BATCH + 2
+        for seen, d in zip(per_round, (a, b), strict=True):
+            seen[d["round"]].update(d["ids"])
+    assert len(per_round[0]) >= 2
+    for round_, ids in per_round[0].items():
+        assert not ids & per_round[1][round_], f"round {round_}: ids {sorted(ids & per_round[1][round_])} on both"

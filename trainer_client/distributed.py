@@ -1,0 +1,106 @@
+"""The few collectives the loader needs under ``torch.distributed`` (DDP): rank 0 owns the selection session and
+every other rank follows its decisions.
+
+No server change is needed: rank 0 creates the session, starts rounds, submits embeddings and streams coresets;
+the ranks embed disjoint shards of each round's candidate ids (``shard_bounds``) and gather the rows to rank 0
+(``gather_rows``); rank 0's service state (a started round, a failure, a switch to new coresets) reaches the
+other ranks by ``broadcast_object``; the Taylor check sums per-shard losses with ``all_reduce_sum``; and
+``owners`` splits a region's pool between ranks so that no id is trained on two ranks in one round.
+
+Every function here is a collective unless it says otherwise: all ranks must call it, in the same order.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """This process's place in the default process group.
+
+    Attributes:
+        rank: this process, 0..world_size-1; rank 0 talks to the selection service.
+        world_size: number of ranks (>= 2; a single process runs without a context).
+        device: where collective tensors live: the current CUDA device under NCCL, else the CPU (gloo).
+    """
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @classmethod
+    def detect(cls) -> DistContext | None:
+        """The context when ``torch.distributed`` is initialised with more than one rank; None otherwise
+        (not a collective)."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        world = dist.get_world_size()
+        if world < 2:
+            return None
+        device = torch.device("cpu")
+        if dist.get_backend() == "nccl":
+            device = torch.device("cuda", torch.cuda.current_device())
+        return cls(dist.get_rank(), world, device)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def shard_bounds(self, n: int) -> tuple[int, int]:
+        """[lo, hi) of this rank's contiguous shard of n items, as ``np.array_split`` cuts them: the first
+        ``n % world_size`` ranks hold one item more (not a collective)."""
+        base, extra = divmod(n, self.world_size)
+        lo = self.rank * base + min(self.rank, extra)
+        return lo, lo + base + (1 if self.rank < extra else 0)
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` (picklable) on every rank; the other ranks' ``obj`` is ignored."""
+        box = [obj if self.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def all_reduce_sum(self, values: list[float]) -> np.ndarray:
+        """float64 (k,): the element-wise sum of every rank's ``values`` (the same k on every rank)."""
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t.cpu().numpy()
+
+    def gather_rows(self, rows: np.ndarray, total: int) -> np.ndarray:
+        """float32 (total, k): every rank's ``rows`` (float32 (n_r, k), n_r from ``shard_bounds(total)``),
+        concatenated in rank order. Shards are padded to the largest for ``all_gather`` and trimmed."""
+        width = rows.shape[1]
+        sizes = [DistContext(r, self.world_size, self.device).shard_bounds(total) for r in range(self.world_size)]
+        longest = max(hi - lo for lo, hi in sizes)
+        if len(rows) != sizes[self.rank][1] - sizes[self.rank][0]:
+            raise ValueError(f"rank {self.rank} holds {len(rows)} rows; its shard of {total} is {sizes[self.rank]}")
+        padded = torch.zeros(longest, width, dtype=torch.float32, device=self.device)
+        padded[: len(rows)] = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32)).to(self.device)
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(parts, padded)
+        return torch.cat([p[: hi - lo] for p, (lo, hi) in zip(parts, sizes, strict=True)]).cpu().numpy()
+
+
+def owners(ids: np.ndarray, world_size: int, seed: int, round_: int) -> np.ndarray:
+    """int64 (n,): the rank that trains each entry of a region's pool ``ids`` (int64 (n,)). Pure, the same on
+    every rank (not a collective).
+
+    The pool's distinct ids are dealt round-robin in a seeded random order, so each rank owns an equal share
+    (within one id) of a random, not class-sorted, part of the pool, and an id present twice in the pool (in
+    two coresets) has one owner.
+    """
+    if world_size == 1:
+        return np.zeros(len(ids), dtype=np.int64)
+    distinct, inverse = np.unique(ids, return_inverse=True)
+    order = np.random.default_rng([seed, 4, round_]).permutation(len(distinct))
+    rank_of = np.empty(len(distinct), dtype=np.int64)
+    rank_of[order] = np.arange(len(distinct)) % world_size
+    return rank_of[inverse.reshape(-1)]
