@@ -134,6 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("CREST_AUTH_TOKEN"),
         help="bearer token clients must send (default: $CREST_AUTH_TOKEN; none on loopback)",
     )
+    serve.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve over TLS (with --tls-key)")
+    serve.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    serve.add_argument(
+        "--tls-client-ca", default=None, help="PEM CA of client certificates: require mutual TLS (with --tls-cert)"
+    )
     serve.add_argument(
         "--metrics-port",
         type=int,
@@ -236,6 +241,9 @@ def _run_serve(args: argparse.Namespace) -> int:
         grpc_threads=args.grpc_threads,
         state_dir=args.state_dir,
         metrics_port=args.metrics_port,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
         auth_token=args.auth_token,
     )
     serve_forever(config, on_ready=lambda running: print(f"{READY_PREFIX}{running.target}", flush=True))

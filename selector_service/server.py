@@ -10,6 +10,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -62,6 +63,11 @@ class ServerConfig:
     state_dir: str | None = None
     # Port of the Prometheus /metrics endpoint on ``host``; None: no endpoint, 0: any free port.
     metrics_port: int | None = None
+    # PEM files of the server's TLS certificate chain and key; both None: plaintext.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    # PEM file of the CA that signs client certificates; set: mutual TLS, clients without one are refused.
+    tls_client_ca: str | None = None
 
 
 def is_loopback(host: str) -> bool:
@@ -130,6 +136,29 @@ class RunningServer:
         self.manager.backend.close()
 
 
+def _server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    """TLS credentials from the configured PEM files (None for plaintext); a missing file names itself."""
+    if (config.tls_cert is None) != (config.tls_key is None):
+        raise ValueError("TLS needs both --tls-cert and --tls-key, received only one of them")
+    if config.tls_cert is None or config.tls_key is None:
+        if config.tls_client_ca:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key as well")
+        return None
+
+    def read(flag: str, path: str) -> bytes:
+        try:
+            return Path(path).read_bytes()
+        except OSError as exc:
+            raise ValueError(f"cannot read {flag} {path}: {exc.strerror}") from exc
+
+    client_ca = read("--tls-client-ca", config.tls_client_ca) if config.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(read("--tls-key", config.tls_key), read("--tls-cert", config.tls_cert))],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+
+
 def start_server(
     config: ServerConfig, backend: SelectionBackend | None = None, limits: Limits | None = None
 ) -> RunningServer:
@@ -139,6 +168,7 @@ def start_server(
             f"refusing to bind {config.host} without an auth token: set --auth-token (or "
             "CREST_AUTH_TOKEN) to serve beyond this machine"
         )
+    credentials = _server_credentials(config)
     if backend is None:
         options: dict[str, Any] = {"num_workers": config.num_workers}
         if config.backend == "ray":
@@ -160,7 +190,8 @@ def start_server(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     try:
-        port = server.add_insecure_port(f"{config.host}:{config.port}")
+        address = f"{config.host}:{config.port}"
+        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     except RuntimeError as exc:
         backend.close()
         raise OSError(f"cannot bind {config.host}:{config.port}: {exc}") from exc

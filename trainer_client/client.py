@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -47,6 +48,10 @@ class WeightedBatch:
     worker: str
 
 
+def _read(path: str | None) -> bytes | None:
+    return None if path is None else Path(path).read_bytes()
+
+
 class SelectionClient:
     """One channel to a selection service.
 
@@ -56,19 +61,39 @@ class SelectionClient:
         timeout_s: deadline of unary calls.
     """
 
-    def __init__(self, target: str, token: str | None = None, timeout_s: float = 60.0) -> None:
+    def __init__(
+        self,
+        target: str,
+        token: str | None = None,
+        timeout_s: float = 60.0,
+        *,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+    ) -> None:
         self.target = target
-        self._channel = grpc.insecure_channel(
-            target,
-            options=[
-                ("grpc.max_receive_message_length", codec.MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", codec.MAX_MESSAGE_BYTES),
-                # Reconnect soon after the service comes back (gRPC's default backoff grows to 120 s); the
-                # loader keeps training on uniform batches meanwhile.
-                ("grpc.initial_reconnect_backoff_ms", 200),
-                ("grpc.min_reconnect_backoff_ms", 200),
-                ("grpc.max_reconnect_backoff_ms", 2000),
-            ],
+        credentials = None
+        if tls_ca or tls_cert or tls_key:
+            if (tls_cert is None) != (tls_key is None):
+                raise ValueError("a TLS client certificate needs both tls_cert and tls_key")
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=_read(tls_ca),
+                private_key=_read(tls_key),
+                certificate_chain=_read(tls_cert),
+            )
+        options = [
+            ("grpc.max_receive_message_length", codec.MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", codec.MAX_MESSAGE_BYTES),
+            # Reconnect soon after the service comes back (gRPC's default backoff grows to 120 s); the
+            # loader keeps training on uniform batches meanwhile.
+            ("grpc.initial_reconnect_backoff_ms", 200),
+            ("grpc.min_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", 2000),
+        ]
+        self._channel = (
+            grpc.secure_channel(target, credentials, options=options)
+            if credentials
+            else grpc.insecure_channel(target, options=options)
         )
         self._stub = pb_grpc.SelectorServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
