@@ -37,10 +37,19 @@ WORKER = textwrap.dedent(
     from trainer_client.loader import CoresetLoader, LoaderConfig
     from trainer_client.models import SmallCNN
 
-    target, out, steps, batch = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    target, out, steps, batch, kill_at = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
     torch.set_num_threads(1)
     dist.init_process_group("gloo")  # RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT from the environment
     rank = dist.get_rank()
+    server = None
+    if kill_at >= 0:  # rank 0 hosts a server it can stop at a given step; the other ranks only need its address
+        if rank == 0:
+            from selector_service.backends import LocalBackend
+            from selector_service.server import ServerConfig, start_server
+            server = start_server(ServerConfig(port=0, backend="local"), backend=LocalBackend(num_workers=1))
+        box = [server.target if server else None]
+        dist.broadcast_object_list(box, src=0)
+        target = box[0]
 
     DECISIONS = ("-> reselect", "-> keep", ": region ", "quadratic model", "requested", "fixed length")
     decisions = []
@@ -59,7 +68,7 @@ WORKER = textwrap.dedent(
     model = DistributedDataParallel(SmallCNN())
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     config = LoaderConfig(batch_size=batch, subset_fraction=0.05, num_subsets=2, check_examples=128,
-                          lookahead_steps=2, deadline_s=60.0)
+                          lookahead_steps=2, deadline_s=60.0, reconnect_initial_s=0.05, reconnect_max_s=0.2)
     loader = CoresetLoader(data, model, SelectionClient(target, timeout_s=60), data.targets.numpy(), config=config)
     delivered = []
     for step, (x, y, w) in zip(range(steps), loader):
@@ -68,6 +77,8 @@ WORKER = textwrap.dedent(
         loss.backward()
         opt.step()
         delivered.append({"round": loader.last_round, "ids": loader.last_ids.tolist()})
+        if server is not None and step == kill_at:
+            server.stop(grace=0)
     loader.close()
     digest = float(sum(p.double().sum() for p in model.parameters()))
     with open(out, "w") as f:
@@ -107,9 +118,8 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.mark.slow
-def test_two_gloo_ranks_share_one_session_and_decide_identically(tmp_path: Path) -> None:
-    server = start_server(ServerConfig(port=0, backend="local"), backend=LocalBackend(num_workers=2))
+def _run_ranks(tmp_path: Path, target: str, kill_at: int = -1) -> list[dict]:
+    """Run WORKER on WORLD gloo ranks to completion; each rank's JSON report, in rank order."""
     script = tmp_path / "ddp_worker.py"
     script.write_text(WORKER)
     port = str(_free_port())
@@ -127,7 +137,7 @@ def test_two_gloo_ranks_share_one_session_and_decide_identically(tmp_path: Path)
                 "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo"),
             }
             out = tmp_path / f"rank{rank}.json"
-            cmd = [sys.executable, str(script), server.target, str(out), str(STEPS), str(BATCH)]
+            cmd = [sys.executable, str(script), target, str(out), str(STEPS), str(BATCH), str(kill_at)]
             procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
         logs = [p.communicate(timeout=240)[0] for p in procs]
     finally:
@@ -135,10 +145,30 @@ def test_two_gloo_ranks_share_one_session_and_decide_identically(tmp_path: Path)
             if p.poll() is None:
                 p.kill()
                 p.wait()
-        server.stop(grace=0)
     for rank, (p, log) in enumerate(zip(procs, logs, strict=True)):
         assert p.returncode == 0, f"rank {rank} exited {p.returncode}:\n{log[-4000:]}"
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
+
+
+def _assert_disjoint_per_round(ranks: list[dict]) -> dict[int, set[int]]:
+    """No id reaches both ranks within one round; returns rank 0's ids per round."""
+    per_round: list[dict[int, set[int]]] = [defaultdict(set) for _ in ranks]
+    for r, seen in zip(ranks, per_round, strict=True):
+        for d in r["delivered"]:
+            if d["round"] is not None:
+                seen[d["round"]].update(d["ids"])
+    for round_, ids in per_round[0].items():
+        assert not ids & per_round[1][round_], f"round {round_}: ids {sorted(ids & per_round[1][round_])} on both"
+    return per_round[0]
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_share_one_session_and_decide_identically(tmp_path: Path) -> None:
+    server = start_server(ServerConfig(port=0, backend="local"), backend=LocalBackend(num_workers=2))
+    try:
+        ranks = _run_ranks(tmp_path, server.target)
+    finally:
+        server.stop(grace=0)
 
     # Same decisions, in the same order, with the same logged numbers (all-reduced check, broadcast switches).
     assert ranks[0]["decisions"] == ranks[1]["decisions"]
@@ -154,14 +184,27 @@ def test_two_gloo_ranks_share_one_session_and_decide_identically(tmp_path: Path)
     assert all(r["stats"]["examples_embedded"] > 0 for r in ranks)
 
     # Both ranks train on the same region at every step; no id reaches both ranks within one round.
-    per_round: list[dict[int, set[int]]] = [defaultdict(set) for _ in ranks]
     for step, (a, b) in enumerate(zip(ranks[0]["delivered"], ranks[1]["delivered"], strict=True)):
         assert a["round"] == b["round"] is not None, f"step {step}: rank 0 in round {a['round']}, rank 1 {b['round']}"
         assert a["ids"] and b["ids"]
         # Each rank gets about half of a batch (ids present in two coresets of a round make shares uneven).
         assert abs(len(a["ids"]) - len(b["ids"])) <= 4 and len(a["ids"]) + len(b["ids"]) <= BATCH + 2
-        for seen, d in zip(per_round, (a, b), strict=True):
-            seen[d["round"]].update(d["ids"])
-    assert len(per_round[0]) >= 2
-    for round_, ids in per_round[0].items():
-        assert not ids & per_round[1][round_], f"round {round_}: ids {sorted(ids & per_round[1][round_])} on both"
+    assert len(_assert_disjoint_per_round(ranks)) >= 2
+
+
+@pytest.mark.slow
+def test_server_killed_mid_run_both_ranks_fall_back_at_the_same_steps(tmp_path: Path) -> None:
+    kill_at = 6  # rank 0 stops its in-process server after this step
+    ranks = _run_ranks(tmp_path, "on-rank-0", kill_at=kill_at)
+    rounds = [[d["round"] for d in r["delivered"]] for r in ranks]
+    assert rounds[0] == rounds[1]  # the same steps on coresets (and which region) and on uniform batches
+    fallback = [step for step, r in enumerate(rounds[0]) if r is None]
+    assert fallback and min(fallback) > kill_at  # coresets until the kill, uniform batches after it
+    a, b = ranks
+    assert a["stats"]["fallback_batches"] == b["stats"]["fallback_batches"] == len(fallback)
+    assert a["stats"]["service_errors"] == b["stats"]["service_errors"] >= 1  # rank 0's, mirrored
+    assert a["decisions"] == b["decisions"] and a["digest"] == b["digest"]
+    for step in fallback:  # each rank its own share of the same uniform batch
+        ids0, ids1 = a["delivered"][step]["ids"], b["delivered"][step]["ids"]
+        assert ids0 and ids1 and not set(ids0) & set(ids1) and len(ids0) + len(ids1) == BATCH
+    _assert_disjoint_per_round(ranks)
