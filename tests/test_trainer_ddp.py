@@ -208,3 +208,21 @@ def test_server_killed_mid_run_both_ranks_fall_back_at_the_same_steps(tmp_path: 
         ids0, ids1 = a["delivered"][step]["ids"], b["delivered"][step]["ids"]
         assert ids0 and ids1 and not set(ids0) & set(ids1) and len(ids0) + len(ids1) == BATCH
     _assert_disjoint_per_round(ranks)
+
+
+@pytest.mark.slow
+def test_ddp_example_runs_under_torchrun(tmp_path: Path) -> None:
+    server = start_server(ServerConfig(port=0, backend="local"), backend=LocalBackend(num_workers=2))
+    example = Path(__file__).resolve().parents[1] / "examples" / "ddp_train.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}", str(example)]
+    cmd += ["--steps", "6", "--train-limit", "1000", "--batch-size", str(BATCH), "--endpoint", server.target]
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")}
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240, check=False, cwd=tmp_path)
+    finally:
+        server.stop(grace=0)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    for rank in range(WORLD):
+        (line,) = [line for line in out.stdout.splitlines() if line.startswith(f"rank {rank}/{WORLD}:")]
+        assert ": 6 steps" in line and " 0 fallback batches" in line, line
+    assert "test accuracy" in out.stdout
