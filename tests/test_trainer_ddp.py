@@ -38,6 +38,7 @@ WORKER = textwrap.dedent(
     from trainer_client.models import SmallCNN
 
     target, out, steps, batch, kill_at = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+    phase, ckpt, first = sys.argv[6], sys.argv[7], int(sys.argv[8])  # full run, or the two halves of a resume
     torch.set_num_threads(1)
     dist.init_process_group("gloo")  # RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT from the environment
     rank = dist.get_rank()
@@ -70,8 +71,14 @@ WORKER = textwrap.dedent(
     config = LoaderConfig(batch_size=batch, subset_fraction=0.05, num_subsets=2, check_examples=128,
                           lookahead_steps=2, deadline_s=60.0, reconnect_initial_s=0.05, reconnect_max_s=0.2)
     loader = CoresetLoader(data, model, SelectionClient(target, timeout_s=60), data.targets.numpy(), config=config)
+    start, stop = {"full": (0, steps), "first": (0, first), "rest": (first, steps)}[phase]
+    if phase == "rest":  # every rank loads rank 0's checkpoint
+        state = torch.load(ckpt, weights_only=True)
+        model.module.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        loader.load_state_dict(state["loader"])
     delivered = []
-    for step, (x, y, w) in zip(range(steps), loader):
+    for step, (x, y, w) in zip(range(start, stop), loader):
         loss = weighted_loss(model(x), y, w)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -79,7 +86,13 @@ WORKER = textwrap.dedent(
         delivered.append({"round": loader.last_round, "ids": loader.last_ids.tolist()})
         if server is not None and step == kill_at:
             server.stop(grace=0)
-    loader.close()
+    if phase == "first":
+        state = {"model": model.module.state_dict(), "opt": opt.state_dict(), "loader": loader.state_dict()}
+        if rank == 0:
+            torch.save(state, ckpt)
+        loader.close(end_session=False)  # as if preempted: the session stays on the service
+    else:
+        loader.close()
     digest = float(sum(p.double().sum() for p in model.parameters()))
     with open(out, "w") as f:
         json.dump({"decisions": decisions, "delivered": delivered, "stats": vars(loader.stats),
@@ -118,7 +131,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _run_ranks(tmp_path: Path, target: str, kill_at: int = -1) -> list[dict]:
+def _run_ranks(tmp_path: Path, target: str, kill_at: int = -1, phase: str = "full", first: int = 0) -> list[dict]:
     """Run WORKER on WORLD gloo ranks to completion; each rank's JSON report, in rank order."""
     script = tmp_path / "ddp_worker.py"
     script.write_text(WORKER)
@@ -136,8 +149,9 @@ def _run_ranks(tmp_path: Path, target: str, kill_at: int = -1) -> list[dict]:
                 "WORLD_SIZE": str(WORLD),
                 "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo"),
             }
-            out = tmp_path / f"rank{rank}.json"
+            out = tmp_path / f"{phase}-rank{rank}.json"
             cmd = [sys.executable, str(script), target, str(out), str(STEPS), str(BATCH), str(kill_at)]
+            cmd += [phase, str(tmp_path / "ckpt.pt"), str(first)]
             procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
         logs = [p.communicate(timeout=240)[0] for p in procs]
     finally:
@@ -147,7 +161,7 @@ def _run_ranks(tmp_path: Path, target: str, kill_at: int = -1) -> list[dict]:
                 p.wait()
     for rank, (p, log) in enumerate(zip(procs, logs, strict=True)):
         assert p.returncode == 0, f"rank {rank} exited {p.returncode}:\n{log[-4000:]}"
-    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    return [json.loads((tmp_path / f"{phase}-rank{r}.json").read_text()) for r in range(WORLD)]
 
 
 def _assert_disjoint_per_round(ranks: list[dict]) -> dict[int, set[int]]:
@@ -226,3 +240,22 @@ def test_ddp_example_runs_under_torchrun(tmp_path: Path) -> None:
         (line,) = [line for line in out.stdout.splitlines() if line.startswith(f"rank {rank}/{WORLD}:")]
         assert ": 6 steps" in line and " 0 fallback batches" in line, line
     assert "test accuracy" in out.stdout
+
+
+@pytest.mark.slow
+def test_rank_0_checkpoint_resumes_every_rank_with_the_batches_of_an_uninterrupted_run(tmp_path: Path) -> None:
+    server = start_server(ServerConfig(port=0, backend="local"), backend=LocalBackend(num_workers=2))
+    first = 11
+    try:
+        full = _run_ranks(tmp_path, server.target)
+        head = _run_ranks(tmp_path, server.target, phase="first", first=first)
+        rest = _run_ranks(tmp_path, server.target, phase="rest", first=first)
+    finally:
+        server.stop(grace=0)
+    for r in range(WORLD):
+        ids = [d["ids"] for d in full[r]["delivered"]]
+        assert [d["ids"] for d in head[r]["delivered"]] == ids[:first]
+        assert [d["ids"] for d in rest[r]["delivered"]] == ids[first:], f"rank {r} did not continue"
+        assert rest[r]["stats"]["fallback_batches"] == 0
+    assert rest[0]["digest"] == rest[1]["digest"] == full[0]["digest"]
+    assert rest[0]["rounds"] == full[0]["rounds"] >= 3  # regions switched after the restore too
