@@ -125,7 +125,12 @@ class LoaderConfig:
 
 @dataclass
 class LoaderStats:
-    """Counters of one loader; ``wait_s`` is time the training loop spent blocked on the service."""
+    """Counters of one loader; ``wait_s`` is time the training loop spent blocked on the service.
+
+    Under DDP they count this rank's work (its share of the batches, embeddings and checks);
+    ``service_errors`` and ``sessions_opened`` are rank 0's, mirrored; ``batches_received`` is 0 on the other
+    ranks (rank 0 receives the coresets and broadcasts them).
+    """
 
     steps: int = 0
     examples_backpropagated: int = 0
