@@ -27,6 +27,11 @@ def main() -> None:
     parser.add_argument("--endpoint", default="127.0.0.1:50051", help="host:port of `crest serve`")
     parser.add_argument("--batch-size", type=int, default=128, help="global batch: the coreset size m")
     parser.add_argument("--train-limit", type=int, default=None, help="use the first N training examples")
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("CREST_AUTH_TOKEN"),
+        help="bearer token of the service (default: $CREST_AUTH_TOKEN; none on loopback)",
+    )
     args = parser.parse_args()
 
     cuda = torch.cuda.is_available()
@@ -45,7 +50,7 @@ def main() -> None:
     loader = CoresetLoader(
         train_set,
         model,  # the loader unwraps DDP for its no-grad passes
-        SelectionClient(args.endpoint),  # built on every rank, used by rank 0 only
+        SelectionClient(args.endpoint, token=args.token),  # built on every rank, used by rank 0 only
         labels=train_set.targets,
         config=LoaderConfig(batch_size=args.batch_size),
     )

@@ -367,12 +367,6 @@ def test_selector_command_in_compose_is_the_image_default() -> None:
         assert differ <= {"ray_address", "num_workers", "cpus_per_worker"}, differ
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="examples/ddp_train.py builds SelectionClient(endpoint) without a token, so against the compose selector "
-    "(non-loopback, token required) every call is UNAUTHENTICATED and the loader trains on uniform fallback "
-    "batches; it needs --token (default $CREST_AUTH_TOKEN). Remove this mark when it has one.",
-)
 def test_trainer_sends_the_token_the_selector_requires() -> None:
     assert trainer_token_problems(load_compose()) == []
 
@@ -662,14 +656,12 @@ def test_what_compose_runs_trains_as_processes(tmp_path: Path) -> None:
     """ray-head, ray-worker, selector and the CPU trainer (two gloo ranks) with the compose files' own command
     lines and environment; only addresses, ports and the state directory are replaced, and CREST_STEPS is set.
 
-    The selector binds loopback here, without the token, because examples/ddp_train.py cannot send one yet
-    (see test_trainer_sends_the_token_the_selector_requires)."""
+    The selector binds loopback here but keeps the compose token, which the trainer ranks send."""
     knobs = {**COMPOSE_ENV, "CREST_STEPS": "20"}
     services = load_compose(env=knobs)["services"]
     trainer = load_compose(COMPOSE_CPU, env=knobs)["services"]["trainer-cpu"]
     base_env = {**os.environ, **services["selector"]["environment"]}
-    for name in ("CREST_AUTH_TOKEN", "RAY_JOIN_ADDRESS"):  # no token (above); the Ray node is already local
-        base_env.pop(name)
+    base_env.pop("RAY_JOIN_ADDRESS")  # the Ray node is already local
     gcs = f"{RAY_HOST}:{free_port(RAY_HOST)}"
     nodes = [start_node(with_flag(services["ray-head"]["command"], "--port", gcs.split(":")[1]), base_env)]
     selector = None
@@ -701,7 +693,6 @@ def test_what_compose_runs_trains_as_processes(tmp_path: Path) -> None:
         cmd = with_flag(trainer["command"], "--endpoint", f"127.0.0.1:{port}")
         cmd[1:1] = ["--master-addr=127.0.0.1", f"--master-port={free_port()}"]  # torchrun's default port is fixed
         trainer_env = {**os.environ, **trainer["environment"]}
-        trainer_env.pop("CREST_AUTH_TOKEN")
         run = subprocess.run(
             [str(BIN / cmd[0]), *cmd[1:]],
             cwd=ROOT,

@@ -460,7 +460,11 @@ class CoresetLoader:
                 # Only the coresets this region will use are drawn, embedded and selected.
                 count = min(self.controller.num_coresets, self.config.num_subsets)
                 return self.client.start_round(
-                    session.session_id, self._session_round, self.stats.steps, num_subsets=count
+                    session.session_id,
+                    self._session_round,
+                    self.stats.steps,
+                    num_subsets=count,
+                    trainer_wait_s=self.stats.wait_s,  # reported for the service's metrics
                 )
             except grpc.RpcError as exc:
                 if exc.code() == grpc.StatusCode.NOT_FOUND:
