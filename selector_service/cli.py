@@ -6,13 +6,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import queue
-import subprocess
 import sys
-import threading
-from typing import IO, Any
+from typing import Any
 
-READY_PREFIX = "READY "
+from selector_service.process import READY_PREFIX
 
 
 def _add_server_flags(p: argparse.ArgumentParser) -> None:
@@ -283,50 +280,16 @@ def _run_train(args: argparse.Namespace, endpoint: str, token: str | None) -> in
     return 0
 
 
-def _pump(stream: IO[str] | None, lines: queue.Queue[str]) -> None:
-    """Forward a child's stdout lines into ``lines`` (run in a thread so the reader can time out)."""
-    for line in stream or ():
-        lines.put(line)
-
-
 def _run_demo(args: argparse.Namespace) -> int:
-    cmd = [
-        sys.executable,
-        "-m",
-        "selector_service.cli",
-        "--log-level",
-        args.log_level,
-        "serve",
-        "--port",
-        "0",
-        "--backend",
-        args.backend,
-        "--num-workers",
-        str(args.num_workers),
-        "--cpus-per-worker",
-        str(args.cpus_per_worker),
-    ]
+    from selector_service.process import spawn_service
+
+    serve = ["--port", "0", "--backend", args.backend, "--num-workers", str(args.num_workers)]
+    serve += ["--cpus-per-worker", str(args.cpus_per_worker)]
     if args.ray_address:
-        cmd += ["--ray-address", args.ray_address]
-    server = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=_pump, args=(server.stdout, lines), daemon=True).start()
-    try:
-        try:
-            line = lines.get(timeout=120)
-        except queue.Empty:
-            raise RuntimeError("the selection service did not report ready within 120 s") from None
-        if not line.startswith(READY_PREFIX):
-            raise RuntimeError(f"unexpected output from the selection service: {line!r}")
-        endpoint = line[len(READY_PREFIX) :].strip()
-        logging.getLogger("crest").info("service ready at %s (pid %d)", endpoint, server.pid)
-        return _run_train(args, endpoint, None)
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        serve += ["--ray-address", args.ray_address]
+    with spawn_service(serve, log_level=args.log_level) as service:
+        logging.getLogger("crest").info("service ready at %s (pid %d)", service.target, service.proc.pid)
+        return _run_train(args, service.target, None)
 
 
 def _run_inspect(args: argparse.Namespace) -> int:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import queue
 import signal
 import socket
 import subprocess
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from selector_service.process import spawn_service
 from selector_service.provenance import ProvenanceLog
 from trainer_client.client import SelectionClient
 
@@ -106,14 +106,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str
     service = None
     try:
         _wait_for_nodes(address, 1)
-        service = subprocess.Popen(
+        service = spawn_service(
             [
-                sys.executable,
-                "-m",
-                "selector_service.cli",
-                "--log-level",
-                "WARNING",
-                "serve",
                 "--port",
                 "0",
                 "--ray-address",
@@ -126,13 +120,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str
                 str(state),
             ],
             env=ENV,
-            stdout=subprocess.PIPE,
-            text=True,
         )
-        lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=lambda: [lines.put(x) for x in service.stdout or []], daemon=True).start()
-        ready = lines.get(timeout=120)
-        assert ready.startswith("READY "), ready
         # The service follows the cluster (--num-workers 0): one actor per 0.25 CPU, more when a node joins.
         SCALING["before"] = _selector_actors(address)
         nodes.append(_ray_start("--address", address))
@@ -141,11 +129,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str
         while (count := _selector_actors(address)) < 2 * SCALING["before"] and time.monotonic() < deadline:
             time.sleep(0.5)
         SCALING["after"] = count
-        yield address, ready.split()[1], state
+        yield address, service.target, state
     finally:
         if service is not None:
-            service.terminate()
-            service.wait(timeout=60)
+            service.stop(timeout_s=60)
         for node in reversed(nodes):
             _stop_node(node)
 

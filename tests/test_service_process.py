@@ -4,18 +4,14 @@ the restarted service (same port and --state-dir) resumes the session."""
 from __future__ import annotations
 
 import os
-import queue
-import signal
 import socket
-import subprocess
-import sys
-import threading
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 
+from selector_service.process import ServiceProcess, spawn_service
 from selector_service.provenance import ProvenanceLog
 from trainer_client.client import SelectionClient
 
@@ -29,31 +25,8 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _serve(port: int, state: Path) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "selector_service.cli",
-            "--log-level",
-            "WARNING",
-            "serve",
-            "--port",
-            str(port),
-            "--backend",
-            "local",
-            "--state-dir",
-            str(state),
-        ],
-        env=ENV,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout or []], daemon=True).start()
-    ready = lines.get(timeout=60)
-    assert ready.startswith("READY "), ready
-    return proc, ready.split()[1]
+def _serve(port: int, state: Path) -> ServiceProcess:
+    return spawn_service(["--port", str(port), "--backend", "local", "--state-dir", str(state)], env=ENV)
 
 
 def _embed_round(client: SelectionClient, sid: str, round_id: int) -> None:
@@ -65,22 +38,20 @@ def _embed_round(client: SelectionClient, sid: str, round_id: int) -> None:
 def test_sigterm_exits_zero_and_sigkill_loses_only_the_round_in_flight(tmp_path: Path) -> None:
     port = _free_port()
     labels = np.arange(1000) % 10
-    proc, target = _serve(port, tmp_path)
-    with SelectionClient(target, timeout_s=30) as client:
+    service = _serve(port, tmp_path)
+    with SelectionClient(service.target, timeout_s=30) as client:
         sid = client.create_session(labels, subset_fraction=0.05, num_subsets=2, batch_size=20).session_id
         _embed_round(client, sid, 0)
         first = list(client.stream_batches(sid, 0))
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 0  # graceful: stops accepting, closes the backend, exits 0
+    assert service.stop(timeout_s=60) == 0  # SIGTERM is graceful: stops accepting, closes the backend, exits 0
 
-    proc, target = _serve(port, tmp_path)
+    service = _serve(port, tmp_path)
     try:
-        with SelectionClient(target, timeout_s=30) as client:
+        with SelectionClient(service.target, timeout_s=30) as client:
             assert client.session_state(sid).rounds_completed == 1
             _embed_round(client, sid, 1)  # selection dispatched, batches not yet streamed
-            proc.kill()
-            proc.wait(timeout=30)
-            proc, target = _serve(port, tmp_path)  # same port: the client's channel reconnects
+            service.kill()
+            service = _serve(port, tmp_path)  # same port: the client's channel reconnects
             state = client.session_state(sid)
             assert (state.rounds_completed, state.next_round_id, state.batches_delivered) == (1, 2, 2)
             with pytest.raises(grpc.RpcError) as err:
@@ -89,8 +60,7 @@ def test_sigterm_exits_zero_and_sigkill_loses_only_the_round_in_flight(tmp_path:
             _embed_round(client, sid, 2)  # the trainer asks for the next round and carries on
             later = list(client.stream_batches(sid, 2))
     finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+        service.stop()
     logged = ProvenanceLog(tmp_path).read(sid)
     assert sorted((r["round_id"], r["subset_index"]) for r in logged) == [(0, 0), (0, 1), (2, 0), (2, 1)]
     assert len(first) == len(later) == 2
