@@ -221,3 +221,47 @@ def test_killed_selector_actor_loses_and_repeats_nothing(cluster: tuple[str, str
         assert sorted(r["subset_index"] for r in logged) == [0, 1, 2, 3]  # delivered once each
     finally:
         ray.shutdown()
+
+
+def test_ddp_job_and_an_independent_job_share_the_cluster(cluster: tuple[str, str, Path]) -> None:
+    """Two trainer processes (one DDP job, 2 gloo ranks, under torchrun) and another job at the same time."""
+    _, target, state = cluster
+    known = {p.stem for p in (state / "provenance").glob("*.jsonl")}
+    example = Path(__file__).resolve().parents[1] / "examples" / "ddp_train.py"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        str(example),
+        "--steps",
+        "30",
+        "--train-limit",
+        "3000",
+        "--batch-size",
+        "40",
+        "--endpoint",
+        target,
+    ]
+    env = {**ENV, "GLOO_SOCKET_IFNAME": "lo"}
+    ddp = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    other: dict[str, object] = {}
+    _run_job(target, np.arange(2500) % 10, 3, other)  # meanwhile, in this process
+    out, err = ddp.communicate(timeout=300)
+    assert ddp.returncode == 0, out[-2000:] + err[-3000:]
+    for rank in (0, 1):
+        (line,) = [x for x in out.splitlines() if x.startswith(f"rank {rank}/2:")]
+        steps, fallback = int(line.split(": ", 1)[1].split()[0]), int(line.split(" fallback")[0].rsplit(" ", 1)[1])
+        assert steps == 30 and fallback < steps, line  # trained on coresets from the service
+    new = {p.stem for p in (state / "provenance").glob("*.jsonl")} - known - {other["session"]}
+    (ddp_session,) = new  # rank 0 alone owns the job's one session
+    logged = ProvenanceLog(state).read(ddp_session)
+    delivered = [(r["round_id"], r["subset_index"]) for r in logged]
+    assert len(delivered) == len(set(delivered)) > 0  # no batch twice
+    for round_id in {r for r, _ in delivered}:  # none missing: each round's subsets are 0..P-1
+        subsets = sorted(s for r, s in delivered if r == round_id)
+        assert subsets == list(range(len(subsets)))
+    assert all(r["ids"] and max(r["ids"]) < 3000 for r in logged)
+    for b in other["batches"]:  # the independent job saw only its own ids
+        assert set(b.ids.tolist()) <= other["plans"][b.round_id]
