@@ -34,3 +34,22 @@ def test_facility_location_benchmark_quick(tmp_path: Path) -> None:
     crest = report["crest_workload"]
     assert crest["problems"] == 1000 and crest["ours_seconds"] > 0 and crest["submodlib_seconds"] > 0
     assert "speedup over the faster peer" in run.stdout
+
+
+@pytest.mark.slow
+def test_service_benchmark_quick(tmp_path: Path) -> None:
+    out = tmp_path / "service.json"
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "service.py"), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["in_process_selections_per_s"] > 0
+    assert {(r["actors"], r["sessions"]) for r in report["results"]} == {(1, 1), (1, 4), (2, 1), (2, 4)}
+    for r in report["results"]:
+        assert r["selections_per_s"] > 0 and r["embeddings_per_s"] > 0
+        assert 0 < r["round_p50_ms"] <= r["round_p99_ms"] and r["ratio_to_in_process"] > 0
