@@ -3,12 +3,13 @@
     python benchmarks/service.py            # 1/2/4 actors x 1/4/16 concurrent sessions
     python benchmarks/service.py --quick    # a small grid, used by the test suite
 
-Every configuration runs the same seeded rounds: each session (50,000 examples, 10 classes, as CIFAR-10) starts R rounds of
-P = 5 class-balanced subsets of 1%, streams random 10-d embeddings for the round's ids and reads the weighted
-batches back. Reported per configuration: subset selections per second, embeddings ingested per second, and
-p50 / p99 round latency (StartRound to the last batch). The in-process baseline selects the same subsets with
-``minibatch_coreset`` directly, one thread, so ``ratio`` = service throughput / in-process throughput is the
-measured cost (or gain, with several actors) of the service. Writes JSON (default results/service.json).
+Every configuration runs the same seeded rounds: each session (50,000 examples, 10 classes, as CIFAR-10)
+starts R rounds of P = 5 class-balanced subsets of 1%, streams random 10-d embeddings for the round's ids and
+reads the weighted batches back. Reported per configuration: subset selections per second, embeddings
+ingested per second, and p50 / p99 round latency (StartRound to the last batch). The in-process baseline
+selects the same kind of subsets with ``minibatch_coreset`` directly, one thread, so ``ratio`` = service
+throughput / in-process throughput is the measured cost (or gain, with several actors) of the service.
+Writes JSON (default results/service.json).
 """
 
 from __future__ import annotations
