@@ -37,6 +37,12 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
         default=0.5,
         help="CPUs each Ray selector actor reserves (fractional fits several on a small box); default 0.5",
     )
+    p.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        default=0.0,
+        help="GPUs each Ray selector actor reserves, so FAISS runs on its GPU (e.g. 0.25); default 0",
+    )
 
 
 def _add_train_flags(p: argparse.ArgumentParser, steps_per_round: int | None = None) -> None:
@@ -235,6 +241,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         ray_address=args.ray_address,
         num_workers=args.num_workers,
         cpus_per_worker=args.cpus_per_worker,
+        gpus_per_worker=args.gpus_per_worker,
         grpc_threads=args.grpc_threads,
         state_dir=args.state_dir,
         metrics_port=args.metrics_port,
@@ -284,7 +291,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     from selector_service.process import spawn_service
 
     serve = ["--port", "0", "--backend", args.backend, "--num-workers", str(args.num_workers)]
-    serve += ["--cpus-per-worker", str(args.cpus_per_worker)]
+    serve += ["--cpus-per-worker", str(args.cpus_per_worker), "--gpus-per-worker", str(args.gpus_per_worker)]
     if args.ray_address:
         serve += ["--ray-address", args.ray_address]
     with spawn_service(serve, log_level=args.log_level) as service:

@@ -68,6 +68,7 @@ class RayBackend:
         num_workers: int = 2,
         cpus_per_worker: float = 0.5,
         threads_per_worker: int = 1,
+        gpus_per_worker: float = 0.0,
     ) -> None:
         self._started_ray = False
         if not ray.is_initialized():
@@ -86,7 +87,7 @@ class RayBackend:
                 )
                 self._started_ray = True
         self._actor_class: Any = ray.remote(max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS)(SelectorWorker)
-        self._cpus, self._threads = cpus_per_worker, threads_per_worker
+        self._cpus, self._threads, self._gpus = cpus_per_worker, threads_per_worker, gpus_per_worker
         self.instance = uuid.uuid4().hex[:8]
         self.actor_names: list[str] = []
         self._actors: list[Any] = []
@@ -116,9 +117,9 @@ class RayBackend:
         with self._lock:
             for i in range(len(self._actors), target):
                 name = f"crest-selector-{self.instance}-{i}"
-                handle = self._actor_class.options(name=name, num_cpus=self._cpus, scheduling_strategy="SPREAD").remote(
-                    f"selector-{i}", self._threads
-                )
+                handle = self._actor_class.options(
+                    name=name, num_cpus=self._cpus, num_gpus=self._gpus, scheduling_strategy="SPREAD"
+                ).remote(f"selector-{i}", self._threads)
                 self._actors.append(handle)
                 self.actor_names.append(name)
 

@@ -54,6 +54,8 @@ class ServerConfig:
     num_workers: int = 2
     # CPUs each Ray actor reserves; fractional so several fit on a small machine.
     cpus_per_worker: float = 0.5
+    # GPUs each Ray actor reserves (FAISS on the GPU when the actor sees one); 0 on CPU clusters.
+    gpus_per_worker: float = 0.0
     # Threads of the gRPC server; each open stream holds one.
     grpc_threads: int = 16
     # Bearer token clients must send as "authorization: Bearer <token>"; None disables auth (loopback only).
@@ -172,7 +174,11 @@ def start_server(
     if backend is None:
         options: dict[str, Any] = {"num_workers": config.num_workers}
         if config.backend == "ray":
-            options |= {"address": config.ray_address, "cpus_per_worker": config.cpus_per_worker}
+            options |= {
+                "address": config.ray_address,
+                "cpus_per_worker": config.cpus_per_worker,
+                "gpus_per_worker": config.gpus_per_worker,
+            }
         backend = make_backend(config.backend, **options)
     store = SessionStore(config.state_dir) if config.state_dir else None
     provenance = ProvenanceLog(config.state_dir) if config.state_dir else None

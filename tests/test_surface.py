@@ -27,6 +27,7 @@ CLI_FLAGS = {
         "--ray-address",
         "--num-workers",
         "--cpus-per-worker",
+        "--gpus-per-worker",
     ],
     "train": [
         "--endpoint",
@@ -55,6 +56,7 @@ CLI_FLAGS = {
         "--ray-address",
         "--num-workers",
         "--cpus-per-worker",
+        "--gpus-per-worker",
         "--steps",
         "--lr",
         "--momentum",
