@@ -1,8 +1,8 @@
 """Sessions and selection rounds: the service's domain state, with no gRPC in it.
 
-A session holds one training job's dataset labels, active pool and configuration. Each round draws P
-class-balanced random subsets from the active pool, receives the trainer's embeddings of their union, hands
-one selection task per subset to the backend, and yields each weighted batch as soon as it is selected.
+A session holds one training job's dataset labels, active pool and configuration (``session.py``). Each round
+draws P class-balanced random subsets from the active pool, receives the trainer's embeddings of their union,
+hands one selection task per subset to the backend, and yields each weighted batch as soon as it is selected.
 Every method validates its whole input before it changes anything, so a rejected call leaves the session
 as it was.
 """
@@ -14,14 +14,12 @@ import math
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, as_completed
-from dataclasses import asdict, dataclass, field
-from enum import IntEnum
+from concurrent.futures import as_completed
 from typing import Any
 
 import numpy as np
 
-from selector_service.backends import SelectionBackend, SelectionResult, SelectionTask
+from selector_service.backends import SelectionBackend, SelectionTask
 from selector_service.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -30,237 +28,25 @@ from selector_service.errors import (
     ResourceExhausted,
     SelectorFailure,
 )
-from selector_service.exclusion import ExclusionConfig, ExclusionState, validate_config
 from selector_service.persistence import SessionStore
 from selector_service.provenance import ProvenanceLog
-from selector_service.similarity import KERNELS
-from selector_service.subsets import class_balanced_subsets, per_class_quota
+from selector_service.session import (
+    Batch,
+    EmbeddingPart,
+    Limits,
+    RoundPlan,
+    RoundState,
+    Session,
+    SessionConfig,
+    SessionSnapshot,
+    _Round,
+    _validate_config,
+)
+from selector_service.subsets import class_balanced_subsets
 
 log = logging.getLogger(__name__)
 
-EMBEDDING_KINDS = ("logit_gradient", "last_layer_gradient")
-SESSION_STATE_VERSION = 1
-
-
-@dataclass(frozen=True, kw_only=True)
-class SessionConfig:
-    """Selection settings of one session (defaults follow the released CREST code)."""
-
-    # Random-subset size r as a fraction of N; 1% as in CREST (r = 500 on CIFAR-10).
-    subset_fraction: float = 0.01
-    # P, random subsets (and coresets) per round; CREST starts at 5.
-    num_subsets: int = 5
-    # m, coreset size per subset: the training mini-batch size.
-    batch_size: int = 128
-    # Facility-location kernel, a key of similarity.KERNELS.
-    similarity: str = "exp"
-    # Seed of every random step; round t uses the generator seeded by (seed, t).
-    seed: int = 0
-    # Embedding row dimension d; None means the number of classes (logit-gradient embedding).
-    embedding_dim: int | None = None
-    # What the rows are, one of EMBEDDING_KINDS.
-    embedding_kind: str = "logit_gradient"
-    # Learned-example exclusion (off by default, as in CREST).
-    exclusion: ExclusionConfig = field(default_factory=ExclusionConfig)
-    # With exclusion and re-admission, excluded ids re-tested per round, as a fraction of the round's ids.
-    retest_fraction: float = 0.05
-
-
-@dataclass(frozen=True, kw_only=True)
-class Limits:
-    """Bounds that keep one client from exhausting the service."""
-
-    # Concurrent open sessions.
-    max_sessions: int = 64
-    # Rounds started but not yet delivered, per session.
-    max_rounds_in_flight: int = 4
-    # Largest dataset a session may declare.
-    max_dataset_size: int = 1 << 31
-    # Largest embedding dimension.
-    max_embedding_dim: int = 65536
-    # Most random subsets per round.
-    max_subsets: int = 1024
-
-
-class RoundState(IntEnum):
-    """Life of a round.
-
-    PLANNED -> EMBEDDED (SubmitEmbeddings accepted; selection tasks dispatched)
-    EMBEDDED -> DELIVERED (every batch streamed; the round is then dropped)
-    EMBEDDED -> FAILED (a selector failed; StreamBatches reports it)
-    """
-
-    PLANNED = 0
-    EMBEDDED = 1
-    DELIVERED = 2
-    FAILED = 3
-
-
-@dataclass
-class _Round:
-    round_id: int
-    trainer_step: int
-    subsets: list[np.ndarray]
-    ids: np.ndarray  # sorted union of the subsets
-    state: RoundState = RoundState.PLANNED
-    futures: list[Future[SelectionResult]] = field(default_factory=list)
-    delivered: set[int] = field(default_factory=set)
-    streaming: bool = False
-
-
-@dataclass(frozen=True)
-class RoundPlan:
-    """Ids the trainer must embed for a round: int64 (n,), sorted, unique."""
-
-    session_id: str
-    round_id: int
-    ids: np.ndarray
-    num_subsets: int
-
-
-@dataclass(frozen=True)
-class EmbeddingPart:
-    """One streamed piece of a round's embeddings, already decoded (shapes agree with ``ids``)."""
-
-    session_id: str
-    round_id: int
-    ids: np.ndarray  # int64 (n,)
-    embeddings: np.ndarray  # float32 (n, d)
-    labels: np.ndarray | None  # int64 (n,) or None when not sent
-    losses: np.ndarray | None  # float32 (n,) or None when not sent
-
-
-@dataclass(frozen=True)
-class Batch:
-    """One weighted mini-batch coreset of a round."""
-
-    session_id: str
-    round_id: int
-    subset_index: int
-    ids: np.ndarray  # int64 (m,)
-    weights: np.ndarray  # float32 (m,), mean 1
-    trainer_step: int
-    selection_ms: float
-    worker: str
-
-
-@dataclass(frozen=True)
-class SessionSnapshot:
-    session_id: str
-    dataset_size: int
-    active_size: int
-    rounds_started: int
-    rounds_completed: int
-    batches_delivered: int
-    examples_delivered: int
-    config: SessionConfig
-    num_classes: int
-    next_round_id: int
-    excluded_size: int
-    readmitted_total: int
-    trainer_wait_s: float
-
-
-class Session:
-    """One training job's state. All mutation happens under ``lock``."""
-
-    def __init__(
-        self, session_id: str, labels: np.ndarray, num_classes: int, config: SessionConfig, client_name: str
-    ) -> None:
-        self.id = session_id
-        self.labels = labels
-        self.num_classes = num_classes
-        self.config = config
-        self.client_name = client_name
-        self.quota = per_class_quota(len(labels), num_classes, config.subset_fraction)
-        self.exclusion = ExclusionState(self.labels, config.exclusion, min_per_class=self.quota)
-        self.rounds: dict[int, _Round] = {}
-        self.next_round_id = 0
-        self.rounds_completed = 0
-        self.batches_delivered = 0
-        self.examples_delivered = 0
-        self.trainer_wait_s = 0.0  # cumulative, as last reported by the trainer
-        self.lock = threading.Lock()
-        self.save_lock = threading.Lock()  # orders checkpoint writes of this session
-
-    def state_dict(self) -> dict[str, Any]:
-        """Everything a restarted service needs to continue this session (call under ``lock``).
-
-        Rounds in flight are not saved: their subsets are a function of (seed, round id, pool), and a trainer
-        whose round was lost asks for the next one.
-        """
-        return {
-            "version": SESSION_STATE_VERSION,
-            "session_id": self.id,
-            "client_name": self.client_name,
-            "labels": self.labels.copy(),
-            "num_classes": self.num_classes,
-            "config": asdict(self.config),
-            "next_round_id": self.next_round_id,
-            "rounds_completed": self.rounds_completed,
-            "batches_delivered": self.batches_delivered,
-            "examples_delivered": self.examples_delivered,
-            "trainer_wait_s": self.trainer_wait_s,
-            "exclusion": self.exclusion.state_dict(),
-        }
-
-    @classmethod
-    def from_state_dict(cls, state: dict[str, Any]) -> Session:
-        version = state.get("version")
-        if version != SESSION_STATE_VERSION:
-            raise InvalidArgument(
-                f"session state version {version!r} is not supported; this build reads {SESSION_STATE_VERSION}"
-            )
-        raw = dict(state["config"])
-        raw["exclusion"] = ExclusionConfig(**raw["exclusion"])
-        session = cls(
-            state["session_id"],
-            np.asarray(state["labels"], dtype=np.int64),
-            int(state["num_classes"]),
-            SessionConfig(**raw),
-            state["client_name"],
-        )
-        session.exclusion.load_state_dict(state["exclusion"])
-        session.next_round_id = int(state["next_round_id"])
-        session.rounds_completed = int(state["rounds_completed"])
-        session.batches_delivered = int(state["batches_delivered"])
-        session.examples_delivered = int(state["examples_delivered"])
-        session.trainer_wait_s = float(state["trainer_wait_s"])
-        return session
-
-    @property
-    def dim(self) -> int:
-        return self.config.embedding_dim or self.num_classes
-
-    @property
-    def subset_size(self) -> int:
-        """Nominal random-subset size r = C * quota."""
-        return self.num_classes * self.quota
-
-
-def _validate_config(config: SessionConfig, num_classes: int, limits: Limits) -> SessionConfig:
-    if not 0.0 < config.subset_fraction <= 1.0:
-        raise InvalidArgument(f"subset_fraction must be in (0, 1], received {config.subset_fraction}")
-    if not 1 <= config.num_subsets <= limits.max_subsets:
-        raise InvalidArgument(f"num_subsets must be in [1, {limits.max_subsets}], received {config.num_subsets}")
-    if config.batch_size < num_classes:
-        raise InvalidArgument(
-            f"batch_size {config.batch_size} is smaller than the number of classes {num_classes}: "
-            "every class needs at least one slot in a coreset"
-        )
-    if config.similarity not in KERNELS:
-        raise InvalidArgument(f"similarity must be one of {sorted(KERNELS)}, received {config.similarity!r}")
-    if config.embedding_kind not in EMBEDDING_KINDS:
-        raise InvalidArgument(f"embedding_kind must be one of {EMBEDDING_KINDS}, received {config.embedding_kind!r}")
-    dim = config.embedding_dim or num_classes
-    if not 1 <= dim <= limits.max_embedding_dim:
-        raise InvalidArgument(f"embedding_dim must be in [1, {limits.max_embedding_dim}], received {dim}")
-    if config.embedding_kind == "logit_gradient" and dim != num_classes:
-        raise InvalidArgument(
-            f"a logit-gradient embedding has one value per class: embedding_dim must be {num_classes}, received {dim}"
-        )
-    validate_config(config.exclusion)
-    return SessionConfig(**{**config.__dict__, "embedding_dim": dim})
+__all__ = ["Batch", "EmbeddingPart", "Limits", "RoundPlan", "SessionConfig", "SessionManager", "SessionSnapshot"]
 
 
 class SessionManager:
