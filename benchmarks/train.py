@@ -36,21 +36,19 @@ import argparse
 import json
 import logging
 import platform
-import queue
 import signal
 import statistics
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import torch
 
+from selector_service.process import ServiceProcess, spawn_service
 from trainer_client.client import SelectionClient
 from trainer_client.data import FashionMNIST
 from trainer_client.embeddings import weighted_loss
@@ -62,7 +60,6 @@ from trainer_client.train import evaluate
 log = logging.getLogger("bench.train")
 
 METHODS = ("full", "random", "crest", "infobatch")
-READY_PREFIX = "READY "
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -406,36 +403,10 @@ def warm_up(train_set: FashionMNIST, config: BenchConfig) -> None:
 # -- the service --------------------------------------------------------------------------------------------------
 
 
-def _pump(stream: IO[str] | None, lines: queue.Queue[str]) -> None:
-    for line in stream or ():
-        lines.put(line)
-
-
-def start_service(num_workers: int) -> tuple[subprocess.Popen[str], str]:
-    """``crest serve --port 0`` with an embedded Ray; returns the process and its host:port."""
-    cmd = [sys.executable, "-m", "selector_service.cli", "--log-level", "WARNING", "serve", "--port", "0"]
-    cmd += ["--num-workers", str(num_workers)]
+def start_service(num_workers: int) -> ServiceProcess:
+    """``crest serve --port 0`` with an embedded Ray, serving."""
     env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
-    server = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
-    lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=_pump, args=(server.stdout, lines), daemon=True).start()
-    try:
-        line = lines.get(timeout=120)
-    except queue.Empty:
-        stop_service(server)
-        raise RuntimeError("crest serve did not report ready within 120 s") from None
-    if not line.startswith(READY_PREFIX):
-        stop_service(server)
-        raise RuntimeError(f"unexpected output from crest serve: {line!r}")
-    return server, line[len(READY_PREFIX) :].strip()
-
-
-def stop_service(server: subprocess.Popen[str]) -> None:
-    server.terminate()
-    try:
-        server.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        server.kill()
+    return spawn_service(["--port", "0", "--num-workers", str(num_workers)], env=env)
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -477,7 +448,8 @@ def main() -> int:
     torch.set_num_threads(config.threads)
     train_set = FashionMNIST("train", config.data_dir, limit=config.train_limit)
     test_set = FashionMNIST("test", config.data_dir, limit=config.test_limit)
-    server, endpoint = start_service(args.num_workers) if "crest" in methods else (None, None)
+    service = start_service(args.num_workers) if "crest" in methods else None
+    endpoint = service.target if service else None
     runs: list[RunResult] = []
     # SIGTERM unwinds like Ctrl-C, so the service (and its Ray) is stopped and finished seeds are kept.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -496,8 +468,8 @@ def main() -> int:
                 )
             report(runs, config, args, len(train_set), seeds)  # a stopped run keeps its finished seeds
     finally:
-        if server is not None:
-            stop_service(server)
+        if service is not None:
+            service.stop()
     print()
     print(report(runs, config, args, len(train_set), seeds))
     out = Path(args.out)
