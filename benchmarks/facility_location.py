@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _report import write_atomic
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -249,10 +250,7 @@ def main() -> int:
         "crest_workload": crest,
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(out)
+    write_atomic(out, json.dumps(report, indent=2))
     print(f"wrote {out}")
     return 0
 

@@ -47,6 +47,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from _report import write_atomic
 
 from selector_service.process import ServiceProcess, spawn_service
 from trainer_client.client import SelectionClient
@@ -407,13 +408,6 @@ def start_service(num_workers: int) -> ServiceProcess:
     """``crest serve --port 0`` with an embedded Ray, serving."""
     env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
     return spawn_service(["--port", "0", "--num-workers", str(num_workers)], env=env)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def main() -> int:
