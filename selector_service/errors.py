@@ -27,6 +27,14 @@ class ResourceExhausted(SelectionError):
     """A limit was reached (too many rounds in flight, too many sessions)."""
 
 
+class Unauthenticated(SelectionError):
+    """A call that names a session without that session's token."""
+
+
+class PermissionDenied(SelectionError):
+    """A call that names a session with a token that is not that session's (another job's, or a stale one)."""
+
+
 class SelectorFailure(SelectionError):
     """A selector worker failed while selecting; the round cannot be completed."""
 

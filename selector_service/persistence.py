@@ -2,12 +2,15 @@
 
 One file per session, ``<state_dir>/sessions/<session_id>.npz``: numpy arrays plus one JSON document, no
 pickle. Writes are atomic (temporary file, fsync, rename, fsync of the directory), and the checkpoint they
-replace is kept as ``<session_id>.prev.npz``. A file that cannot be read (truncated, a zip CRC mismatch) is moved
-aside as ``.corrupt`` and reported, and the previous checkpoint is used instead; it never stops the service.
+replace is kept as ``<session_id>.prev.npz``. Each file carries a SHA-256 of its content (the JSON document and
+every array's name, dtype, shape and bytes), verified on load. A file that cannot be read (truncated, a zip CRC
+or checksum mismatch) is moved aside as ``.corrupt`` and reported, and the previous checkpoint is used instead; it
+never stops the service.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -19,6 +22,16 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 _META = "__meta__"
+_SHA256 = "__sha256__"
+
+
+def _checksum(meta_bytes: bytes, arrays: dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256(meta_bytes)
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
 
 
 def _split(state: dict[str, Any], prefix: str = "") -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -65,7 +78,12 @@ class SessionStore:
         meta, arrays = _split(state)
         tmp = final.with_suffix(".tmp")
         with open(tmp, "wb") as f:
-            entries = {**arrays, _META: np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)}
+            meta_bytes = json.dumps(meta).encode()
+            entries = {
+                **arrays,
+                _META: np.frombuffer(meta_bytes, dtype=np.uint8),
+                _SHA256: np.frombuffer(_checksum(meta_bytes, arrays).encode(), dtype=np.uint8),
+            }
             np.savez(f, **entries)  # type: ignore[arg-type]
             f.flush()
             os.fsync(f.fileno())
@@ -80,9 +98,15 @@ class SessionStore:
 
     def load(self, path: Path) -> dict[str, Any]:
         with np.load(path, allow_pickle=False) as data:
-            arrays = {name: data[name] for name in data.files if name != _META}
-            meta = json.loads(bytes(data[_META]).decode())
-        return _join(meta, arrays)
+            arrays = {name: data[name] for name in data.files if name not in (_META, _SHA256)}
+            meta_bytes = bytes(data[_META])
+            stored = bytes(data[_SHA256]).decode() if _SHA256 in data.files else "none"
+        computed = _checksum(meta_bytes, arrays)
+        if stored != computed:
+            raise ValueError(
+                f"checksum mismatch in {path.name}: stored {stored[:16]}, content hashes to {computed[:16]}"
+            )
+        return _join(json.loads(meta_bytes.decode()), arrays)
 
     def _load_or_set_aside(self, path: Path) -> dict[str, Any] | None:
         try:

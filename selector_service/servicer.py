@@ -4,6 +4,7 @@ back. Errors are mapped to status codes through ``STATUS_OF`` only."""
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -13,14 +14,17 @@ import grpc
 from crest.selector.v1 import codec
 from crest.selector.v1 import selector_pb2 as pb
 from crest.selector.v1 import selector_pb2_grpc as pb_grpc
+from selector_service import tokens
 from selector_service.errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     ResourceExhausted,
     SelectionError,
     SelectorFailure,
+    Unauthenticated,
 )
 from selector_service.exclusion import ExclusionConfig
 from selector_service.sessions import Batch, EmbeddingPart, SessionConfig, SessionManager
@@ -33,6 +37,8 @@ STATUS_OF: dict[type[SelectionError], grpc.StatusCode] = {
     AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     SelectorFailure: grpc.StatusCode.INTERNAL,
 }
 
@@ -69,6 +75,14 @@ def _streaming(method: F) -> F:
             _abort(context, exc if isinstance(exc, SelectionError) else InvalidArgument(str(exc)))
 
     return wrapper  # type: ignore[return-value]
+
+
+def _session_token(context: grpc.ServicerContext) -> str | None:
+    """The per-session token from the call's metadata (``tokens.METADATA_KEY``), None when absent."""
+    for key, value in context.invocation_metadata() or ():
+        if key == tokens.METADATA_KEY:
+            return value if isinstance(value, str) else None
+    return None
 
 
 def config_from_proto(c: pb.CrestConfig) -> SessionConfig:
@@ -153,17 +167,24 @@ class SelectorServicer(pb_grpc.SelectorServiceServicer):
                 f"values ({len(request.labels)} bytes)"
             )
         config = config_from_proto(request.config)
-        s = self.manager.create(labels, request.num_classes, config, request.client_name)
+        new = self.manager.create(labels, request.num_classes, config, request.client_name)
+        s = new.session
         return pb.CreateSessionResponse(
-            session_id=s.id, config=config_to_proto(s.config), num_classes=s.num_classes, subset_size=s.subset_size
+            session_id=s.id,
+            config=config_to_proto(s.config),
+            num_classes=s.num_classes,
+            subset_size=s.subset_size,
+            session_token=new.token,
         )
 
     @_unary
     def CloseSession(self, request: pb.CloseSessionRequest, context: grpc.ServicerContext) -> Any:
+        self.manager.authorize(request.session_id, _session_token(context))
         return pb.CloseSessionResponse(rounds_completed=self.manager.close(request.session_id))
 
     @_unary
     def StartRound(self, request: pb.StartRoundRequest, context: grpc.ServicerContext) -> Any:
+        self.manager.authorize(request.session_id, _session_token(context))
         plan = self.manager.start_round(
             request.session_id, request.round_id, request.trainer_step, request.num_subsets, request.trainer_wait_s
         )
@@ -177,17 +198,24 @@ class SelectorServicer(pb_grpc.SelectorServiceServicer):
 
     @_unary
     def SubmitEmbeddings(self, request_iterator: Iterator[pb.EmbeddingChunk], context: grpc.ServicerContext) -> Any:
-        parts = (part_from_proto(chunk, i) for i, chunk in enumerate(request_iterator))
+        chunks: Iterator[pb.EmbeddingChunk] = iter(request_iterator)
+        first = next(chunks, None)
+        if first is not None:  # every chunk must name the same session (checked by submit_embeddings)
+            self.manager.authorize(first.session_id, _session_token(context))
+            chunks = itertools.chain([first], chunks)
+        parts = (part_from_proto(chunk, i) for i, chunk in enumerate(chunks))
         session_id, round_id, n = self.manager.submit_embeddings(parts)
         return pb.SubmitEmbeddingsResponse(session_id=session_id, round_id=round_id, num_received=n)
 
     @_streaming
     def StreamBatches(self, request: pb.StreamBatchesRequest, context: grpc.ServicerContext) -> Iterator[Any]:
+        self.manager.authorize(request.session_id, _session_token(context))
         for batch in self.manager.batches(request.session_id, request.round_id):
             yield batch_to_proto(batch)
 
     @_unary
     def GetSessionState(self, request: pb.GetSessionStateRequest, context: grpc.ServicerContext) -> Any:
+        self.manager.authorize(request.session_id, _session_token(context))
         s = self.manager.snapshot(request.session_id)
         return pb.SessionState(
             session_id=s.session_id,

@@ -20,7 +20,7 @@ from selector_service.similarity import KERNELS
 from selector_service.subsets import per_class_quota
 
 EMBEDDING_KINDS = ("logit_gradient", "last_layer_gradient")
-SESSION_STATE_VERSION = 1
+SESSION_STATE_VERSION = 2  # 2: adds token_digest
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -146,9 +146,16 @@ class Session:
     """One training job's state. All mutation happens under ``lock``."""
 
     def __init__(
-        self, session_id: str, labels: np.ndarray, num_classes: int, config: SessionConfig, client_name: str
+        self,
+        session_id: str,
+        labels: np.ndarray,
+        num_classes: int,
+        config: SessionConfig,
+        client_name: str,
+        token_digest: str,
     ) -> None:
         self.id = session_id
+        self.token_digest = token_digest  # hex SHA-256 of the session token (selector_service.tokens)
         self.labels = labels
         self.num_classes = num_classes
         self.config = config
@@ -174,6 +181,7 @@ class Session:
             "version": SESSION_STATE_VERSION,
             "session_id": self.id,
             "client_name": self.client_name,
+            "token_digest": self.token_digest,
             "labels": self.labels.copy(),
             "num_classes": self.num_classes,
             "config": asdict(self.config),
@@ -200,6 +208,7 @@ class Session:
             int(state["num_classes"]),
             SessionConfig(**raw),
             state["client_name"],
+            state["token_digest"],
         )
         session.exclusion.load_state_dict(state["exclusion"])
         session.next_round_id = int(state["next_round_id"])

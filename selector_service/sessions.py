@@ -15,10 +15,12 @@ import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import as_completed
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from selector_service import tokens
 from selector_service.backends import SelectionBackend, SelectionTask
 from selector_service.errors import (
     AlreadyExists,
@@ -46,7 +48,24 @@ from selector_service.subsets import class_balanced_subsets
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Batch", "EmbeddingPart", "Limits", "RoundPlan", "SessionConfig", "SessionManager", "SessionSnapshot"]
+__all__ = [
+    "Batch",
+    "EmbeddingPart",
+    "Limits",
+    "NewSession",
+    "RoundPlan",
+    "SessionConfig",
+    "SessionManager",
+    "SessionSnapshot",
+]
+
+
+@dataclass(frozen=True)
+class NewSession:
+    """A session just created, with its token (returned to the creator once, never stored in clear)."""
+
+    session: Session
+    token: str
 
 
 class SessionManager:
@@ -96,8 +115,12 @@ class SessionManager:
 
     # -- sessions -------------------------------------------------------------------------------------------
 
-    def create(self, labels: np.ndarray, num_classes: int, config: SessionConfig, client_name: str = "") -> Session:
-        """Register a dataset by its labels (int64 (N,)); ``num_classes`` 0 means max(labels) + 1."""
+    def create(self, labels: np.ndarray, num_classes: int, config: SessionConfig, client_name: str = "") -> NewSession:
+        """Register a dataset by its labels (int64 (N,)); ``num_classes`` 0 means max(labels) + 1.
+
+        Returns the session and its token, which every later call naming the session must present
+        (``authorize``); the manager keeps only the token's digest.
+        """
         n = len(labels)
         if n == 0:
             raise InvalidArgument("labels is empty: a session needs the label of every example")
@@ -115,8 +138,14 @@ class SessionManager:
                 raise ResourceExhausted(
                     f"{len(self._sessions)} sessions are open, the limit is {self.limits.max_sessions}; close one first"
                 )
+            token, token_digest = tokens.issue()
             session = Session(
-                uuid.uuid4().hex, labels.astype(np.int64, copy=True), num_classes, config, client_name or "unnamed"
+                uuid.uuid4().hex,
+                labels.astype(np.int64, copy=True),
+                num_classes,
+                config,
+                client_name or "unnamed",
+                token_digest,
             )
             self._sessions[session.id] = session
         log.info(
@@ -130,7 +159,7 @@ class SessionManager:
             config.num_subsets,
         )
         self._checkpoint(session)
-        return session
+        return NewSession(session, token)
 
     def totals(self) -> dict[str, float]:
         """Counts over all open sessions (for metrics)."""
@@ -166,6 +195,11 @@ class SessionManager:
         if session is None:
             raise NotFound(f"unknown session {session_id!r} (never created, or closed)")
         return session
+
+    def authorize(self, session_id: str, token: str | None) -> None:
+        """Raise ``NotFound`` for an unknown session, ``Unauthenticated`` / ``PermissionDenied`` unless ``token``
+        is the session's. Changes nothing."""
+        tokens.verify(session_id, self.get(session_id).token_digest, token)
 
     def close(self, session_id: str) -> int:
         """Close a session; returns its number of completed rounds."""

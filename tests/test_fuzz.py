@@ -30,6 +30,8 @@ ANSWERED = {
     grpc.StatusCode.RESOURCE_EXHAUSTED,
     grpc.StatusCode.INTERNAL,
     grpc.StatusCode.UNIMPLEMENTED,
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED,
 }
 FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -122,10 +124,11 @@ def test_create_session_fuzz(
 def test_submit_embeddings_fuzz(target: Any, chunks: list[pb.EmbeddingChunk], use_real_session: bool) -> None:
     running, client, sid = target
     before = _fingerprint(running, client, sid)
-    if use_real_session:
+    if use_real_session:  # with the session's token, so the chunks reach validation
         for c in chunks:
             c.session_id, c.round_id = sid, 0
-    _expect_status(lambda: client._stub.SubmitEmbeddings(iter(chunks), timeout=10))
+    meta = client._session_metadata(sid if use_real_session else "")
+    _expect_status(lambda: client._stub.SubmitEmbeddings(iter(chunks), timeout=10, metadata=meta))
     assert _fingerprint(running, client, sid) == before
 
 
@@ -144,6 +147,7 @@ def test_round_rpcs_fuzz(
     running, client, sid = target
     before = _fingerprint(running, client, sid)
     name = sid if real else session_id
+    meta = client._session_metadata(name)  # the real session's token, so the calls reach validation
     ok_round = real and round_id == 1 and num_subsets <= 2 and wait >= 0 and np.isfinite(wait)
     if not ok_round:  # every call below is wrong in some way and must be refused without effect
         _expect_status(
@@ -152,11 +156,14 @@ def test_round_rpcs_fuzz(
                     session_id=name, round_id=round_id, trainer_step=step, num_subsets=num_subsets, trainer_wait_s=wait
                 ),
                 timeout=10,
+                metadata=meta,
             )
         )
     _expect_status(
         lambda: list(
-            client._stub.StreamBatches(pb.StreamBatchesRequest(session_id=name, round_id=round_id), timeout=10)
+            client._stub.StreamBatches(
+                pb.StreamBatchesRequest(session_id=name, round_id=round_id), timeout=10, metadata=meta
+            )
         )
     )
     if not real:
@@ -171,21 +178,47 @@ def test_raw_random_bytes_to_every_method(target: Any, method: str, payload: byt
     running, client, sid = target
     before = _fingerprint(running, client, sid)
     channel = client._channel
+    meta = client._session_metadata(sid)  # bytes that happen to name the session get past authorization
     if method.endswith("SubmitEmbeddings"):
         call = channel.stream_unary(method, request_serializer=None, response_deserializer=None)
-        invoke = lambda: call(iter([payload, payload]), timeout=10)  # noqa: E731
+        invoke = lambda: call(iter([payload, payload]), timeout=10, metadata=meta)  # noqa: E731
     elif method.endswith("StreamBatches"):
         stream = channel.unary_stream(method, request_serializer=None, response_deserializer=None)
-        invoke = lambda: list(stream(payload, timeout=10))  # noqa: E731
+        invoke = lambda: list(stream(payload, timeout=10, metadata=meta))  # noqa: E731
     else:
         unary = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
-        invoke = lambda: unary(payload, timeout=10)  # noqa: E731
+        invoke = lambda: unary(payload, timeout=10, metadata=meta)  # noqa: E731
     try:
         invoke()
     except grpc.RpcError as err:
         assert err.code() in ANSWERED, (method, err.code(), err.details())
     assert _fingerprint(running, client, sid) == before
     assert client.session_state(sid).session_id == sid  # still up and answering
+
+
+@FUZZ
+@given(token=st.one_of(st.none(), st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=126), max_size=64)))
+def test_session_calls_with_a_wrong_token_are_refused(target: Any, token: str | None) -> None:
+    running, client, sid = target
+    before = _fingerprint(running, client, sid)
+    meta = () if token is None else (("x-crest-session-token", token),)
+    expected = grpc.StatusCode.UNAUTHENTICATED if not token else grpc.StatusCode.PERMISSION_DENIED
+    calls = (
+        lambda: client._stub.StartRound(pb.StartRoundRequest(session_id=sid, round_id=1), timeout=10, metadata=meta),
+        lambda: list(client._stub.StreamBatches(pb.StreamBatchesRequest(session_id=sid), timeout=10, metadata=meta)),
+        lambda: client._stub.GetSessionState(pb.GetSessionStateRequest(session_id=sid), timeout=10, metadata=meta),
+        lambda: client._stub.CloseSession(pb.CloseSessionRequest(session_id=sid), timeout=10, metadata=meta),
+        lambda: client._stub.SubmitEmbeddings(
+            iter([pb.EmbeddingChunk(session_id=sid, round_id=0)]), timeout=10, metadata=meta
+        ),
+    )
+    for call in calls:
+        with pytest.raises(grpc.RpcError) as err:
+            call()
+        assert err.value.code() == expected, err.value.details()
+        if token is not None and len(token) >= 12:  # long enough not to occur in the message by chance
+            assert token not in err.value.details()  # the received token is never echoed
+    assert _fingerprint(running, client, sid) == before
 
 
 def test_codec_rejects_labels_of_the_wrong_length(target: Any) -> None:

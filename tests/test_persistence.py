@@ -8,12 +8,10 @@ import grpc
 import numpy as np
 import pytest
 
-from crest.selector.v1 import codec
-from crest.selector.v1 import selector_pb2 as pb
 from selector_service.backends import LocalBackend
 from selector_service.persistence import SessionStore
 from selector_service.server import RunningServer, ServerConfig, start_server
-from trainer_client.client import SelectionClient
+from trainer_client.client import SelectionClient, SessionInfo
 
 
 def _server(state_dir: Path) -> RunningServer:
@@ -24,8 +22,9 @@ def _labels() -> np.ndarray:
     return np.random.default_rng(0).permutation(np.repeat(np.arange(10), 100)).astype(np.int64)
 
 
-def _create_with_exclusion(client: SelectionClient) -> str:
-    config = pb.CrestConfig(
+def _create_with_exclusion(client: SelectionClient) -> SessionInfo:
+    return client.create_session(
+        _labels(),
         subset_fraction=0.1,
         num_subsets=2,
         batch_size=20,
@@ -33,11 +32,8 @@ def _create_with_exclusion(client: SelectionClient) -> str:
         drop_window=1,
         min_pool_fraction=0.5,
         seed=4,
+        client_name="resume-test",
     )
-    request = pb.CreateSessionRequest(
-        dataset_size=1000, labels=codec.encode(_labels(), codec.INT64), config=config, client_name="resume-test"
-    )
-    return client._stub.CreateSession(request, timeout=10).session_id
 
 
 def _round(client: SelectionClient, sid: str, round_id: int, loss: float) -> list[np.ndarray]:
@@ -59,11 +55,31 @@ def test_store_round_trips_nested_state(tmp_path: Path) -> None:
         store.path("../etc")
 
 
+def test_tampered_checkpoint_fails_its_checksum_and_the_previous_one_is_used(tmp_path: Path) -> None:
+    """A file that is a valid zip (so its CRCs pass) but whose content changed is caught by the SHA-256."""
+    store = SessionStore(tmp_path)
+    store.save({"session_id": "abc", "step": 1, "history": np.zeros(4, np.float32)})
+    store.save({"session_id": "abc", "step": 2, "history": np.ones(4, np.float32)})
+    path = store.path("abc")
+    with np.load(path) as data:
+        entries = {name: data[name] for name in data.files}
+    entries["history"] = np.full(4, 7, np.float32)  # a silent change, re-zipped with fresh CRCs
+    with open(path, "wb") as f:
+        np.savez(f, **entries)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"checksum mismatch in abc\.npz"):
+        store.load(path)
+    (state,) = store.load_all()
+    assert state["step"] == 1  # the previous checkpoint
+    np.testing.assert_array_equal(state["history"], np.zeros(4, np.float32))
+    assert (tmp_path / "sessions" / "abc.corrupt").exists()
+
+
 def test_restarted_service_resumes_sessions_with_identical_exclusion_state(tmp_path: Path) -> None:
     first = _server(tmp_path)
     try:
         with SelectionClient(first.target, timeout_s=30) as client:
-            sid = _create_with_exclusion(client)
+            info = _create_with_exclusion(client)
+            sid = info.session_id
             _round(client, sid, 0, loss=0.0)  # every example of round 0 is learned and excluded
             before_state = client.session_state(sid)
             closed = client.create_session(_labels()).session_id
@@ -79,6 +95,10 @@ def test_restarted_service_resumes_sessions_with_identical_exclusion_state(tmp_p
         for key in ("history", "counts", "excluded"):
             np.testing.assert_array_equal(after[key], before[key])
         with SelectionClient(second.target, timeout_s=30) as client:
+            with pytest.raises(grpc.RpcError) as err:
+                client.session_state(sid)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED  # the token survives the restart ...
+            client.attach_session(info)  # ... and still opens the session
             assert client.session_state(sid) == before_state
             with pytest.raises(grpc.RpcError) as err:
                 client.start_round(sid, 0, 0)
@@ -96,9 +116,8 @@ def test_corrupt_checkpoint_is_set_aside_and_the_previous_one_used(tmp_path: Pat
     first = _server(tmp_path)
     try:
         with SelectionClient(first.target, timeout_s=30) as client:
-            good = client.create_session(_labels(), client_name="good").session_id
-            bad = client.create_session(_labels(), client_name="bad").session_id
-            older = client.create_session(_labels(), client_name="older").session_id
+            infos = [client.create_session(_labels(), client_name=name) for name in ("good", "bad", "older")]
+            good, bad, older = (i.session_id for i in infos)
             client.start_round(older, 0, 0)  # a second checkpoint: the first becomes .prev
     finally:
         first.stop(grace=0)
@@ -110,6 +129,8 @@ def test_corrupt_checkpoint_is_set_aside_and_the_previous_one_used(tmp_path: Pat
     second = _server(tmp_path)
     try:
         with SelectionClient(second.target, timeout_s=30) as client:
+            for info in infos:
+                client.attach_session(info)
             assert client.session_state(good).dataset_size == 1000
             with pytest.raises(grpc.RpcError) as err:
                 client.session_state(bad)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 
 import grpc
@@ -13,8 +14,8 @@ from crest.selector.v1 import codec
 from crest.selector.v1 import selector_pb2 as pb
 from crest.selector.v1 import selector_pb2_grpc as pb_grpc
 from selector_service.backends import LocalBackend
-from selector_service.server import ServerConfig, start_server
-from trainer_client.client import SelectionClient
+from selector_service.server import RunningServer, ServerConfig, start_server
+from trainer_client.client import SelectionClient, SessionInfo
 
 
 def _embed(ids: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -145,7 +146,7 @@ def test_bad_embeddings_are_invalid_argument_and_change_nothing(
     before = _state(client, sid)
     make, message = BAD_SUBMISSIONS[case]
     with pytest.raises(grpc.RpcError) as err:
-        _stub(client).SubmitEmbeddings(iter(make(sid, ids)), timeout=10)
+        _stub(client).SubmitEmbeddings(iter(make(sid, ids)), timeout=10, metadata=client._session_metadata(sid))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
     assert re.search(message, err.value.details()), err.value.details()
     assert _state(client, sid) == before
@@ -241,6 +242,47 @@ def test_bearer_token_is_required_when_configured(small_labels: np.ndarray) -> N
         running.stop(grace=0)
 
 
+def test_one_job_cannot_touch_another_jobs_session(
+    local_server: RunningServer, small_labels: np.ndarray, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two jobs share the server (and would share its bearer token); each holds only its own session token."""
+    caplog.set_level(logging.DEBUG)
+    with (
+        SelectionClient(local_server.target, timeout_s=10) as job_a,
+        SelectionClient(local_server.target, timeout_s=10) as job_b,
+    ):
+        a = job_a.create_session(small_labels, subset_fraction=0.05, num_subsets=2, batch_size=20)
+        b = job_b.create_session(small_labels, subset_fraction=0.05, num_subsets=2, batch_size=20)
+        assert a.token and b.token and a.token != b.token
+        plan = job_a.start_round(a.session_id, 0, 0)
+        before = _state(job_a, a.session_id)
+        intruder = SelectionClient(local_server.target, timeout_s=10)
+        intruder.attach_session(SessionInfo(a.session_id, 10, 0, 0, 0, b.token))  # job b's token on a's session
+        anonymous = SelectionClient(local_server.target, timeout_s=10)
+        for other, code in (
+            (intruder, grpc.StatusCode.PERMISSION_DENIED),
+            (anonymous, grpc.StatusCode.UNAUTHENTICATED),
+        ):
+            with other:
+                for call in (
+                    lambda c=other: c.session_state(a.session_id),
+                    lambda c=other: c.start_round(a.session_id, 1, 0),
+                    lambda c=other: c.submit_embeddings(a.session_id, 0, plan.ids, _embed(plan.ids)),
+                    lambda c=other: list(c.stream_batches(a.session_id, 0)),
+                    lambda c=other: c.close_session(a.session_id),
+                ):
+                    with pytest.raises(grpc.RpcError) as err:
+                        call()
+                    assert err.value.code() == code, err.value.details()
+                    assert a.session_id in err.value.details()
+        assert _state(job_a, a.session_id) == before  # nothing changed
+        assert job_a.submit_embeddings(a.session_id, 0, plan.ids, _embed(plan.ids)) == len(plan.ids)
+        assert len(list(job_a.stream_batches(a.session_id, 0))) == 2
+        assert job_b.close_session(b.session_id) == 0
+    for token in (a.token, b.token):
+        assert token not in caplog.text  # tokens are never logged
+
+
 def test_binding_beyond_loopback_requires_a_token() -> None:
     with pytest.raises(ValueError, match=r"refusing to bind 0\.0\.0\.0 without an auth token"):
         start_server(ServerConfig(host="0.0.0.0", port=0, backend="local"), backend=LocalBackend(1))
@@ -248,14 +290,18 @@ def test_binding_beyond_loopback_requires_a_token() -> None:
 
 def test_learned_examples_leave_the_pool_and_come_back_when_their_loss_rises(client: SelectionClient) -> None:
     labels = np.random.default_rng(3).permutation(np.repeat(np.arange(10), 100)).astype(np.int64)
-    config = pb.CrestConfig(
-        subset_fraction=0.1, num_subsets=2, batch_size=20, drop_learned=True, drop_window=1, min_pool_fraction=0.5
+    info = client.create_session(
+        labels,
+        subset_fraction=0.1,
+        num_subsets=2,
+        batch_size=20,
+        drop_learned=True,
+        drop_window=1,
+        min_pool_fraction=0.5,
     )
-    reply = _stub(client).CreateSession(
-        pb.CreateSessionRequest(dataset_size=1000, labels=codec.encode(labels, codec.INT64), config=config), timeout=10
-    )
-    sid = reply.session_id
-    assert reply.config.drop_learned and reply.config.drop_threshold == pytest.approx(0.1)
+    sid = info.session_id
+    config = _state(client, sid).config
+    assert config.drop_learned and config.drop_threshold == pytest.approx(0.1) and config.drop_window == 1
     plan0 = client.start_round(sid, 0, 0)
     client.submit_embeddings(sid, 0, plan0.ids, _embed(plan0.ids), losses=np.zeros(len(plan0.ids), np.float32))
     list(client.stream_batches(sid, 0))

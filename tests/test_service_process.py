@@ -40,7 +40,8 @@ def test_sigterm_exits_zero_and_sigkill_loses_only_the_round_in_flight(tmp_path:
     labels = np.arange(1000) % 10
     service = _serve(port, tmp_path)
     with SelectionClient(service.target, timeout_s=30) as client:
-        sid = client.create_session(labels, subset_fraction=0.05, num_subsets=2, batch_size=20).session_id
+        info = client.create_session(labels, subset_fraction=0.05, num_subsets=2, batch_size=20)
+        sid = info.session_id
         _embed_round(client, sid, 0)
         first = list(client.stream_batches(sid, 0))
     assert service.stop(timeout_s=60) == 0  # SIGTERM is graceful: stops accepting, closes the backend, exits 0
@@ -48,6 +49,7 @@ def test_sigterm_exits_zero_and_sigkill_loses_only_the_round_in_flight(tmp_path:
     service = _serve(port, tmp_path)
     try:
         with SelectionClient(service.target, timeout_s=30) as client:
+            client.attach_session(info)  # a new client (a restarted trainer) presents the saved session token
             assert client.session_state(sid).rounds_completed == 1
             _embed_round(client, sid, 1)  # selection dispatched, batches not yet streamed
             service.kill()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -13,6 +13,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from crest.selector.v1 import codec
 from crest.selector.v1 import selector_pb2 as pb
 from crest.selector.v1 import selector_pb2_grpc as pb_grpc
+
+# Metadata key of the per-session token (the service's selector_service.tokens.METADATA_KEY; the wire contract).
+SESSION_TOKEN_KEY = "x-crest-session-token"
 
 _SIMILARITY = {"exp": pb.SIMILARITY_EXP, "maxdist": pb.SIMILARITY_MAXDIST}
 _EMBEDDING = {
@@ -28,6 +31,8 @@ class SessionInfo:
     subset_size: int  # nominal random-subset size r
     batch_size: int  # coreset size m
     num_subsets: int  # P
+    # The session's secret, sent with every call naming the session ("" for a session saved without one).
+    token: str = field(default="", repr=False)
 
 
 @dataclass(frozen=True)
@@ -57,8 +62,11 @@ class SelectionClient:
 
     Args:
         target: ``host:port`` of the service.
-        token: bearer token, sent on every call when given.
+        token: bearer token of the server, sent on every call when given.
         timeout_s: deadline of unary calls.
+
+    Each session also has its own token (``SessionInfo.token``): the client keeps the tokens of the sessions
+    it created, and ``attach_session`` hands it one created elsewhere (a resumed checkpoint).
     """
 
     def __init__(
@@ -97,8 +105,18 @@ class SelectionClient:
         )
         self._stub = pb_grpc.SelectorServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
+        self._session_tokens: dict[str, str] = {}
         self._timeout = timeout_s
+
+    def attach_session(self, session: SessionInfo) -> None:
+        """Use ``session.token`` on this client's calls naming ``session.session_id``."""
+        if session.token:
+            self._session_tokens[session.session_id] = session.token
+
+    def _session_metadata(self, session_id: str) -> tuple[tuple[str, str], ...]:
+        token = self._session_tokens.get(session_id)
+        return self._metadata if token is None else (*self._metadata, (SESSION_TOKEN_KEY, token))
 
     def wait_ready(self, timeout_s: float = 30.0) -> None:
         """Block until the service reports SERVING (raises ``grpc.RpcError`` on timeout)."""
@@ -119,12 +137,19 @@ class SelectionClient:
         client_name: str = "",
         embedding_kind: str = "logit_gradient",
         embedding_dim: int = 0,
+        drop_learned: bool = False,
+        drop_threshold: float = 0.0,
+        drop_window: int = 0,
+        min_pool_fraction: float = 0.0,
+        keep_excluded: bool = False,
         timeout_s: float | None = None,
     ) -> SessionInfo:
         """Register the dataset by its labels (int (N,)) and the selection settings.
 
         ``embedding_kind`` is "logit_gradient" or "last_layer_gradient"; ``embedding_dim`` 0 means C (logit
-        gradient). ``timeout_s`` overrides the client's deadline for this call.
+        gradient). ``drop_learned`` turns on learned-example exclusion (the ``drop_*``, ``min_pool_fraction``
+        and ``keep_excluded`` settings are those of ``CrestConfig``; 0 means the service's default).
+        ``timeout_s`` overrides the client's deadline for this call.
         """
         if embedding_kind not in _EMBEDDING:
             raise ValueError(f"embedding_kind must be one of {sorted(_EMBEDDING)}, received {embedding_kind!r}")
@@ -136,6 +161,11 @@ class SelectionClient:
             seed=seed,
             embedding_kind=_EMBEDDING[embedding_kind],
             embedding_dim=embedding_dim,
+            drop_learned=drop_learned,
+            drop_threshold=drop_threshold,
+            drop_window=drop_window,
+            min_pool_fraction=min_pool_fraction,
+            keep_excluded=keep_excluded,
         )
         reply = self._stub.CreateSession(
             pb.CreateSessionRequest(
@@ -148,14 +178,24 @@ class SelectionClient:
             timeout=timeout_s or self._timeout,
             metadata=self._metadata,
         )
-        return SessionInfo(
-            reply.session_id, reply.num_classes, reply.subset_size, reply.config.batch_size, reply.config.num_subsets
+        info = SessionInfo(
+            reply.session_id,
+            reply.num_classes,
+            reply.subset_size,
+            reply.config.batch_size,
+            reply.config.num_subsets,
+            reply.session_token,
         )
+        self.attach_session(info)
+        return info
 
     def close_session(self, session_id: str, timeout_s: float | None = None) -> int:
         reply = self._stub.CloseSession(
-            pb.CloseSessionRequest(session_id=session_id), timeout=timeout_s or self._timeout, metadata=self._metadata
+            pb.CloseSessionRequest(session_id=session_id),
+            timeout=timeout_s or self._timeout,
+            metadata=self._session_metadata(session_id),
         )
+        self._session_tokens.pop(session_id, None)
         return int(reply.rounds_completed)
 
     def start_round(
@@ -177,7 +217,7 @@ class SelectionClient:
                 trainer_wait_s=trainer_wait_s,
             ),
             timeout=timeout_s or self._timeout,
-            metadata=self._metadata,
+            metadata=self._session_metadata(session_id),
         )
         return RoundPlan(
             reply.round_id, codec.decode("ids", reply.ids, codec.INT64, rows=reply.num_ids), reply.num_subsets
@@ -209,7 +249,9 @@ class SelectionClient:
                     losses=b"" if losses is None else codec.encode(losses[sl], codec.FLOAT32),
                 )
 
-        reply = self._stub.SubmitEmbeddings(chunks(), timeout=self._timeout, metadata=self._metadata)
+        reply = self._stub.SubmitEmbeddings(
+            chunks(), timeout=self._timeout, metadata=self._session_metadata(session_id)
+        )
         return int(reply.num_received)
 
     def stream_batches(self, session_id: str, round_id: int) -> Iterator[WeightedBatch]:
@@ -217,7 +259,7 @@ class SelectionClient:
         stream = self._stub.StreamBatches(
             pb.StreamBatchesRequest(session_id=session_id, round_id=round_id),
             timeout=self._timeout,
-            metadata=self._metadata,
+            metadata=self._session_metadata(session_id),
         )
         for b in stream:
             yield WeightedBatch(
@@ -234,7 +276,7 @@ class SelectionClient:
         return self._stub.GetSessionState(
             pb.GetSessionStateRequest(session_id=session_id),
             timeout=timeout_s or self._timeout,
-            metadata=self._metadata,
+            metadata=self._session_metadata(session_id),
         )
 
     def close(self) -> None:

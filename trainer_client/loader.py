@@ -875,6 +875,7 @@ class CoresetLoader:
         if saved is None:
             return None
         session = SessionInfo(**saved)
+        self.client.attach_session(session)
         try:
             next_round = int(
                 self.client.session_state(session.session_id, timeout_s=self.config.deadline_s).next_round_id

@@ -67,16 +67,18 @@ class CreateSessionRequest(_message.Message):
     def __init__(self, dataset_size: _Optional[int] = ..., labels: _Optional[bytes] = ..., num_classes: _Optional[int] = ..., config: _Optional[_Union[CrestConfig, _Mapping]] = ..., client_name: _Optional[str] = ...) -> None: ...
 
 class CreateSessionResponse(_message.Message):
-    __slots__ = ("session_id", "config", "num_classes", "subset_size")
+    __slots__ = ("session_id", "config", "num_classes", "subset_size", "session_token")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
     SUBSET_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     config: CrestConfig
     num_classes: int
     subset_size: int
-    def __init__(self, session_id: _Optional[str] = ..., config: _Optional[_Union[CrestConfig, _Mapping]] = ..., num_classes: _Optional[int] = ..., subset_size: _Optional[int] = ...) -> None: ...
+    session_token: str
+    def __init__(self, session_id: _Optional[str] = ..., config: _Optional[_Union[CrestConfig, _Mapping]] = ..., num_classes: _Optional[int] = ..., subset_size: _Optional[int] = ..., session_token: _Optional[str] = ...) -> None: ...
 
 class CloseSessionRequest(_message.Message):
     __slots__ = ("session_id",)
