@@ -210,7 +210,7 @@ class SelectorServicer(pb_grpc.SelectorServiceServicer):
     @_streaming
     def StreamBatches(self, request: pb.StreamBatchesRequest, context: grpc.ServicerContext) -> Iterator[Any]:
         self.manager.authorize(request.session_id, _session_token(context))
-        for batch in self.manager.batches(request.session_id, request.round_id):
+        for batch in self.manager.batches(request.session_id, request.round_id, request.received_subsets):
             yield batch_to_proto(batch)
 
     @_unary

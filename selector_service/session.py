@@ -6,6 +6,7 @@ Pure data and validation; ``sessions.SessionManager`` holds the sessions and run
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from enum import IntEnum
@@ -85,8 +86,8 @@ class _Round:
     ids: np.ndarray  # sorted union of the subsets
     state: RoundState = RoundState.PLANNED
     futures: list[Future[SelectionResult]] = field(default_factory=list)
-    delivered: set[int] = field(default_factory=set)
-    streaming: bool = False
+    delivered: set[int] = field(default_factory=set)  # subsets sent at least once
+    stream_gen: int = 0  # number of StreamBatches calls of this round; only the newest one sends
 
 
 @dataclass(frozen=True)
@@ -163,6 +164,7 @@ class Session:
         self.quota = per_class_quota(len(labels), num_classes, config.subset_fraction)
         self.exclusion = ExclusionState(self.labels, config.exclusion, min_per_class=self.quota)
         self.rounds: dict[int, _Round] = {}
+        self.finished: OrderedDict[int, _Round] = OrderedDict()  # recently delivered rounds, oldest first
         self.next_round_id = 0
         self.rounds_completed = 0
         self.batches_delivered = 0

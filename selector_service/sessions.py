@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from selector_service import tokens
-from selector_service.backends import SelectionBackend, SelectionTask
+from selector_service.backends import SelectionBackend, SelectionResult, SelectionTask
 from selector_service.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -47,6 +47,9 @@ from selector_service.session import (
 from selector_service.subsets import class_balanced_subsets
 
 log = logging.getLogger(__name__)
+
+# Completed rounds per session whose batches stay available to a retried stream (a dropped connection).
+RECENT_ROUNDS = 4
 
 __all__ = [
     "Batch",
@@ -212,6 +215,7 @@ class SessionManager:
                 for f in rnd.futures:
                     f.cancel()
             session.rounds.clear()
+            session.finished.clear()
         if self.store is not None:
             with session.save_lock:
                 self.store.delete(session_id)
@@ -406,64 +410,100 @@ class SessionManager:
         for hook in self.batch_hooks:
             hook(batch)
 
-    def batches(self, session_id: str, round_id: int) -> Iterator[Batch]:
-        """Yield the round's undelivered batches as their selection finishes (completion order).
+    @staticmethod
+    def _mark_delivered(s: Session, rnd: _Round, result: SelectionResult) -> tuple[Batch | None, int]:
+        """Count a sent batch once (call under ``s.lock``); returns it when first sent (to record), and staleness."""
+        behind = s.next_round_id - 1 - rnd.round_id
+        if result.subset_index in rnd.delivered:
+            return None, behind
+        rnd.delivered.add(result.subset_index)
+        s.batches_delivered += 1
+        s.examples_delivered += len(result.ids)
+        return _batch(s, rnd, result), behind
 
-        A stream that stops early leaves the rest of the batches for the next call; a batch is yielded once.
+    def batches(self, session_id: str, round_id: int, received: Iterable[int] = ()) -> Iterator[Batch]:
+        """Yield the round's batches the caller does not hold yet, as their selection finishes (completion order).
+
+        ``received`` names the subset indices the trainer already holds from an interrupted stream of this
+        round; every other batch is sent (again, if an earlier stream sent it before breaking), so a dropped
+        connection loses nothing and the trainer sees each batch once. A new stream of a round supersedes one
+        still open. The round completes when every batch has been sent; its batches stay available to such a
+        retry for the session's last ``RECENT_ROUNDS`` completed rounds.
         """
         s = self.get(session_id)
         with s.lock:
-            rnd = s.rounds.get(round_id)
+            rnd = s.rounds.get(round_id) or s.finished.get(round_id)
             if rnd is None:
                 raise NotFound(
-                    f"session {session_id} has no open round {round_id} (next round is "
-                    f"{s.next_round_id}; delivered rounds are closed)"
+                    f"session {session_id} has no open round {round_id} (next round is {s.next_round_id}; rounds "
+                    f"older than the last {RECENT_ROUNDS} delivered are closed)"
                 )
+            count = len(rnd.subsets)
+            held = set(received)
+            if bad := sorted(i for i in held if not 0 <= i < count):
+                raise InvalidArgument(f"received_subsets holds {bad[:5]}; round {round_id} has subsets 0..{count - 1}")
             if rnd.state == RoundState.PLANNED:
                 raise FailedPrecondition(
                     f"round {round_id} of session {session_id} has no embeddings yet; call SubmitEmbeddings first"
                 )
             if rnd.state == RoundState.FAILED:
                 raise SelectorFailure(f"round {round_id} of session {session_id} failed in selection")
-            if rnd.streaming:
-                raise FailedPrecondition(f"round {round_id} of session {session_id} is already being streamed")
-            rnd.streaming = True
-            pending = [f for i, f in enumerate(rnd.futures) if i not in rnd.delivered]
-        try:
-            for future in as_completed(pending):
-                try:
-                    result = future.result()
-                except Exception as exc:
-                    with s.lock:
-                        rnd.state = RoundState.FAILED
-                    raise SelectorFailure(
-                        f"selection of round {round_id} of session {session_id} failed: {type(exc).__name__}: {exc}"
-                    ) from exc
-                batch = Batch(
-                    s.id,
-                    round_id,
-                    result.subset_index,
-                    result.ids,
-                    result.weights,
-                    rnd.trainer_step,
-                    result.selection_ms,
-                    result.worker,
+            # Batches the trainer says it holds were sent by an earlier stream that broke before it could record
+            # them: record them now (once), so the round completes and provenance has every batch.
+            unsent = sorted(i for i in held if not (rnd.futures[i].done() and rnd.futures[i].exception() is None))
+            if unsent:
+                raise InvalidArgument(
+                    f"received_subsets holds {unsent[:5]}, which round {round_id} has not selected yet, so no "
+                    "stream can have sent them"
                 )
-                yield batch
-                with s.lock:
-                    rnd.delivered.add(result.subset_index)
-                    s.batches_delivered += 1
-                    s.examples_delivered += len(result.ids)
-                    behind = s.next_round_id - 1 - round_id
+            acknowledged = [self._mark_delivered(s, rnd, rnd.futures[i].result()) for i in sorted(held)]
+            rnd.stream_gen += 1
+            gen = rnd.stream_gen
+            wanted = [rnd.futures[i] for i in range(count) if i not in held]
+        for batch, behind in acknowledged:
+            if batch is not None:
                 self._record(batch, behind)
+        for future in as_completed(wanted):
+            try:
+                result = future.result()
+            except Exception as exc:
+                with s.lock:
+                    rnd.state = RoundState.FAILED
+                raise SelectorFailure(
+                    f"selection of round {round_id} of session {session_id} failed: {type(exc).__name__}: {exc}"
+                ) from exc
             with s.lock:
+                if rnd.stream_gen != gen:
+                    return  # a newer stream of this round (the trainer's retry) took over
+            yield _batch(s, rnd, result)
+            with s.lock:
+                first, behind = self._mark_delivered(s, rnd, result)
+            if first is not None:
+                self._record(first, behind)
+        with s.lock:
+            complete = rnd.state == RoundState.EMBEDDED and len(rnd.delivered) == count
+            if complete:
                 rnd.state = RoundState.DELIVERED
                 s.rounds.pop(round_id, None)
+                s.finished[round_id] = rnd
+                while len(s.finished) > RECENT_ROUNDS:
+                    s.finished.popitem(last=False)
                 s.rounds_completed += 1
+        if complete:
             self._checkpoint(s)
-        finally:
-            with s.lock:
-                rnd.streaming = False
+
+
+def _batch(s: Session, rnd: _Round, result: SelectionResult) -> Batch:
+    return Batch(
+        s.id,
+        rnd.round_id,
+        result.subset_index,
+        result.ids,
+        result.weights,
+        rnd.trainer_step,
+        result.selection_ms,
+        result.worker,
+    )
 
 
 def _provenance_record(batch: Batch, rounds_behind: int) -> dict[str, Any]:

@@ -12,11 +12,16 @@ import queue
 import threading
 from dataclasses import dataclass
 
+import grpc
 import numpy as np
 
 from trainer_client.client import SelectionClient, WeightedBatch
 
 log = logging.getLogger(__name__)
+
+# A stream that breaks with one of these is resumed (naming the subsets already received) after each delay.
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN}
+RETRY_BACKOFF_S = (0.2, 0.5, 1.0)
 
 
 @dataclass(frozen=True)
@@ -80,9 +85,8 @@ class RoundStreamer:
                 self.client.submit_embeddings(
                     job.session_id, job.session_round, job.ids, job.embeddings, job.labels, job.losses
                 )
-                for batch in self.client.stream_batches(job.session_id, job.session_round):
-                    if not self._put(StreamBatch(job.round, batch)):
-                        return
+                if not self._stream(job):
+                    return
                 self._put(StreamEnd(job.round))
             except BaseException as exc:  # handed to the training loop
                 if self.stopping.is_set():
@@ -90,6 +94,31 @@ class RoundStreamer:
                 log.debug("round %d stream failed: %s", job.round, exc)
                 if not self._put(StreamFailure(job.round, exc)):
                     return
+
+    def _stream(self, job: StreamJob) -> bool:
+        """Queue the round's batches, resuming a broken stream from the subsets received; False when stopping."""
+        received: set[int] = set()
+        for attempt in range(len(RETRY_BACKOFF_S) + 1):
+            try:
+                for batch in self.client.stream_batches(job.session_id, job.session_round, received):
+                    if batch.subset_index in received:
+                        continue  # cannot happen with a conforming service; never hand a batch over twice
+                    received.add(batch.subset_index)
+                    if not self._put(StreamBatch(job.round, batch)):
+                        return False
+                return True
+            except grpc.RpcError as exc:
+                if exc.code() not in RETRYABLE or attempt == len(RETRY_BACKOFF_S) or self.stopping.is_set():
+                    raise
+                log.warning(
+                    "round %d: stream broke after %d batches (%s); resuming",
+                    job.round,
+                    len(received),
+                    exc.code().name,
+                )
+                if self.stopping.wait(RETRY_BACKOFF_S[attempt]):
+                    return False
+        return True
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stop the thread (it may be blocked in an rpc until that rpc ends)."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -254,10 +254,13 @@ class SelectionClient:
         )
         return int(reply.num_received)
 
-    def stream_batches(self, session_id: str, round_id: int) -> Iterator[WeightedBatch]:
-        """Yield the round's weighted batches as the service finishes them."""
+    def stream_batches(self, session_id: str, round_id: int, received: Iterable[int] = ()) -> Iterator[WeightedBatch]:
+        """Yield the round's weighted batches as the service finishes them.
+
+        ``received``: subset indices of the round already held (from a stream that broke); the others are sent.
+        """
         stream = self._stub.StreamBatches(
-            pb.StreamBatchesRequest(session_id=session_id, round_id=round_id),
+            pb.StreamBatchesRequest(session_id=session_id, round_id=round_id, received_subsets=sorted(received)),
             timeout=self._timeout,
             metadata=self._session_metadata(session_id),
         )

@@ -1,7 +1,8 @@
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -149,12 +150,14 @@ class SubmitEmbeddingsResponse(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., round_id: _Optional[int] = ..., num_received: _Optional[int] = ...) -> None: ...
 
 class StreamBatchesRequest(_message.Message):
-    __slots__ = ("session_id", "round_id")
+    __slots__ = ("session_id", "round_id", "received_subsets")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_SUBSETS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     round_id: int
-    def __init__(self, session_id: _Optional[str] = ..., round_id: _Optional[int] = ...) -> None: ...
+    received_subsets: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, session_id: _Optional[str] = ..., round_id: _Optional[int] = ..., received_subsets: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class WeightedBatch(_message.Message):
     __slots__ = ("session_id", "round_id", "subset_index", "ids", "weights", "size", "trainer_step", "selection_ms", "worker")
