@@ -42,6 +42,10 @@ class SelectorWorker:
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
+    def pid(self) -> int:
+        """The operating-system process this actor runs in (for operators and fault-injection tests)."""
+        return os.getpid()
+
 
 # Namespace of the named selector actors, so operators and tests can find them (ray.util.list_named_actors).
 NAMESPACE = "crest"

@@ -223,6 +223,41 @@ def test_killed_selector_actor_loses_and_repeats_nothing(cluster: tuple[str, str
         ray.shutdown()
 
 
+def test_killed_selector_worker_processes_lose_and_repeat_nothing(cluster: tuple[str, str, Path]) -> None:
+    """SIGKILL the operating-system processes of every selector actor mid-round (not ray.kill: a crash)."""
+    import ray
+
+    address, target, state = cluster
+    labels = np.arange(40_000) % 2
+    ray.init(address=address, namespace="crest", log_to_driver=False)
+    try:
+        actors = [
+            ray.get_actor(a["name"], namespace="crest")
+            for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith("crest-selector-")
+        ]
+        pids = ray.get([a.pid.remote() for a in actors], timeout=60)
+        assert len(set(pids)) == len(actors) and os.getpid() not in pids
+        with SelectionClient(target, timeout_s=180) as client:
+            sid = client.create_session(labels, subset_fraction=0.1, num_subsets=4, batch_size=40).session_id
+            plan = client.start_round(sid, 0, 0)
+            emb = np.random.default_rng(6).normal(size=(len(plan.ids), 2)).astype(np.float32)
+            client.submit_embeddings(sid, 0, plan.ids, emb)
+            for pid in pids:  # the selections are running in these processes
+                os.kill(pid, signal.SIGKILL)
+            batches = list(client.stream_batches(sid, 0))
+            assert sorted(b.subset_index for b in batches) == [0, 1, 2, 3]
+            assert client.session_state(sid).rounds_completed == 1
+            workers = {b.worker.split(":", 1)[1].split("/", 1)[0] for b in batches}
+            assert not workers & {str(p) for p in pids}  # selected by restarted processes
+        logged = ProvenanceLog(state).read(sid)
+        assert sorted(r["subset_index"] for r in logged) == [0, 1, 2, 3]  # delivered once each
+        restarted = ray.get([a.pid.remote() for a in actors], timeout=120)
+        assert not set(restarted) & set(pids)  # every actor lives in a new process
+    finally:
+        ray.shutdown()
+
+
 def test_ddp_job_and_an_independent_job_share_the_cluster(cluster: tuple[str, str, Path]) -> None:
     """Two trainer processes (one DDP job, 2 gloo ranks, under torchrun) and another job at the same time."""
     _, target, state = cluster
