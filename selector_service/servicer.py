@@ -85,6 +85,12 @@ def _session_token(context: grpc.ServicerContext) -> str | None:
     return None
 
 
+def _client_address(context: grpc.ServicerContext) -> str:
+    """The peer's address without its port ("ipv4:10.0.0.5", "ipv6:[::1]", "unix:/path")."""
+    peer = context.peer() or ""
+    return peer.rsplit(":", 1)[0] if peer.startswith(("ipv4:", "ipv6:")) else peer
+
+
 def config_from_proto(c: pb.CrestConfig) -> SessionConfig:
     if c.similarity not in (pb.SIMILARITY_UNSPECIFIED, *_SIMILARITY):
         raise InvalidArgument(f"config.similarity: unknown enum value {c.similarity}")
@@ -167,7 +173,7 @@ class SelectorServicer(pb_grpc.SelectorServiceServicer):
                 f"values ({len(request.labels)} bytes)"
             )
         config = config_from_proto(request.config)
-        new = self.manager.create(labels, request.num_classes, config, request.client_name)
+        new = self.manager.create(labels, request.num_classes, config, request.client_name, _client_address(context))
         s = new.session
         return pb.CreateSessionResponse(
             session_id=s.id,

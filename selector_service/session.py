@@ -52,8 +52,9 @@ class SessionConfig:
 class Limits:
     """Bounds that keep one client from exhausting the service."""
 
-    # Concurrent open sessions.
+    # Concurrent open sessions, in all and per client address (one host cannot take every slot).
     max_sessions: int = 64
+    max_sessions_per_client: int = 32
     # Rounds started but not yet delivered, per session.
     max_rounds_in_flight: int = 4
     # Largest dataset a session may declare.
@@ -154,8 +155,10 @@ class Session:
         config: SessionConfig,
         client_name: str,
         token_digest: str,
+        owner: str = "",
     ) -> None:
         self.id = session_id
+        self.owner = owner  # the creating client's address (without port), for the per-client session limit
         self.token_digest = token_digest  # hex SHA-256 of the session token (selector_service.tokens)
         self.labels = labels
         self.num_classes = num_classes
@@ -184,6 +187,7 @@ class Session:
             "session_id": self.id,
             "client_name": self.client_name,
             "token_digest": self.token_digest,
+            "owner": self.owner,
             "labels": self.labels.copy(),
             "num_classes": self.num_classes,
             "config": asdict(self.config),
@@ -211,6 +215,7 @@ class Session:
             SessionConfig(**raw),
             state["client_name"],
             state["token_digest"],
+            state["owner"],
         )
         session.exclusion.load_state_dict(state["exclusion"])
         session.next_round_id = int(state["next_round_id"])

@@ -118,8 +118,12 @@ class SessionManager:
 
     # -- sessions -------------------------------------------------------------------------------------------
 
-    def create(self, labels: np.ndarray, num_classes: int, config: SessionConfig, client_name: str = "") -> NewSession:
+    def create(
+        self, labels: np.ndarray, num_classes: int, config: SessionConfig, client_name: str = "", owner: str = ""
+    ) -> NewSession:
         """Register a dataset by its labels (int64 (N,)); ``num_classes`` 0 means max(labels) + 1.
+
+        ``owner`` names the calling client (its address), for ``Limits.max_sessions_per_client``.
 
         Returns the session and its token, which every later call naming the session must present
         (``authorize``); the manager keeps only the token's digest.
@@ -141,6 +145,12 @@ class SessionManager:
                 raise ResourceExhausted(
                     f"{len(self._sessions)} sessions are open, the limit is {self.limits.max_sessions}; close one first"
                 )
+            owned = sum(1 for other in self._sessions.values() if owner and other.owner == owner)
+            if owned >= self.limits.max_sessions_per_client:
+                raise ResourceExhausted(
+                    f"client {owner} has {owned} open sessions, the limit per client is "
+                    f"{self.limits.max_sessions_per_client}; close one first"
+                )
             token, token_digest = tokens.issue()
             session = Session(
                 uuid.uuid4().hex,
@@ -149,6 +159,7 @@ class SessionManager:
                 config,
                 client_name or "unnamed",
                 token_digest,
+                owner,
             )
             self._sessions[session.id] = session
         log.info(

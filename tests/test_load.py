@@ -11,6 +11,7 @@ import pytest
 
 from selector_service.backends import LocalBackend
 from selector_service.server import ServerConfig, start_server
+from selector_service.sessions import Limits
 from trainer_client.client import SelectionClient
 
 pytestmark = pytest.mark.slow
@@ -25,7 +26,11 @@ def _rss_mib() -> float:
 
 
 def test_32_concurrent_sessions(capsys: pytest.CaptureFixture[str]) -> None:
-    running = start_server(ServerConfig(port=0, backend="local", grpc_threads=64), backend=LocalBackend(2))
+    # Every job connects from 127.0.0.1 here: allow them all (the per-client limit guards real deployments).
+    limits = Limits(max_sessions_per_client=SESSIONS + 1)
+    running = start_server(
+        ServerConfig(port=0, backend="local", grpc_threads=64), backend=LocalBackend(2), limits=limits
+    )
     latencies: list[float] = []
     errors: list[BaseException] = []
     delivered: dict[str, list[tuple[int, int]]] = {}

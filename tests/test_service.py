@@ -15,6 +15,7 @@ from crest.selector.v1 import selector_pb2 as pb
 from crest.selector.v1 import selector_pb2_grpc as pb_grpc
 from selector_service.backends import LocalBackend
 from selector_service.server import RunningServer, ServerConfig, start_server
+from selector_service.sessions import Limits
 from trainer_client.client import SelectionClient, SessionInfo
 
 
@@ -179,6 +180,24 @@ def test_rounds_in_flight_are_bounded(client: SelectionClient, small_labels: np.
     with pytest.raises(grpc.RpcError) as err:
         client.start_round(sid, 4, 4)
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "4 rounds in flight" in err.value.details()
+
+
+def test_sessions_per_client_are_bounded(small_labels: np.ndarray) -> None:
+    limits = Limits(max_sessions=10, max_sessions_per_client=2)
+    running = start_server(ServerConfig(port=0, backend="local"), backend=LocalBackend(1), limits=limits)
+    try:
+        with SelectionClient(running.target, timeout_s=10) as c:
+            first = c.create_session(small_labels).session_id
+            c.create_session(small_labels)
+            with pytest.raises(grpc.RpcError) as err:
+                c.create_session(small_labels)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "client ipv4:127.0.0.1 has 2 open sessions, the limit per client is 2" in err.value.details()
+            assert running.manager.totals()["sessions"] == 2  # the refused call created nothing
+            c.close_session(first)
+            c.create_session(small_labels)  # a slot is free again
+    finally:
+        running.stop(grace=0)
 
 
 BAD_SESSIONS = {
