@@ -163,3 +163,31 @@ def test_connection_cut_mid_stream_loses_and_repeats_no_batch(
         streamer.stop()
         client.close()
         proxy.close()
+
+
+def test_embedding_upload_cancelled_midway_changes_nothing(server: RunningServer) -> None:
+    with SelectionClient(server.target, timeout_s=30) as client:
+        sid = _session(client)
+        ids, emb = _planned_round(client, sid, 0)
+        before = client.session_state(sid)
+        half = len(ids) // 2
+        sent_first = threading.Event()
+        release = threading.Event()
+
+        def chunks() -> Iterator[pb.EmbeddingChunk]:
+            yield pb.EmbeddingChunk(
+                session_id=sid, round_id=0, dim=10, ids=ids[:half].tobytes(), embeddings=emb[:half].tobytes()
+            )
+            sent_first.set()
+            release.wait(30)  # the trainer dies here: the rest never comes
+
+        call = client._stub.SubmitEmbeddings.future(chunks(), timeout=30, metadata=client._session_metadata(sid))
+        assert sent_first.wait(10)
+        call.cancel()
+        release.set()
+        with pytest.raises(grpc.FutureCancelledError):
+            call.result()
+        assert client.session_state(sid) == before
+        assert server.manager.get(sid).rounds[0].state.name == "PLANNED"  # the half upload left no trace
+        assert client.submit_embeddings(sid, 0, ids, emb) == len(ids)  # the trainer's retry is accepted whole
+        assert sorted(b.subset_index for b in client.stream_batches(sid, 0)) == list(range(P))
