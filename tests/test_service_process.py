@@ -1,4 +1,5 @@
-"""`crest serve` as a process: SIGTERM drains and exits 0; SIGKILL mid-round loses only the round in flight;
+"""`crest serve` as a process: SIGTERM drains and exits 0; SIGKILL mid-round loses only the round in flight, and a
+training job rides it out in the same session;
 the restarted service (same port and --state-dir) resumes the session."""
 
 from __future__ import annotations
@@ -66,3 +67,59 @@ def test_sigterm_exits_zero_and_sigkill_loses_only_the_round_in_flight(tmp_path:
     logged = ProvenanceLog(tmp_path).read(sid)
     assert sorted((r["round_id"], r["subset_index"]) for r in logged) == [(0, 0), (0, 1), (2, 0), (2, 1)]
     assert len(first) == len(later) == 2
+
+
+def test_training_job_rides_out_a_sigkilled_service_and_keeps_its_session(tmp_path: Path) -> None:
+    """A real training loop; the service is SIGKILLed mid-training and restarted on the same --state-dir."""
+    import torch
+
+    from trainer_client.data import FashionMNIST
+    from trainer_client.embeddings import weighted_loss
+    from trainer_client.loader import CoresetLoader, LoaderConfig
+    from trainer_client.models import SmallCNN
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    data = FashionMNIST("train", limit=1000)
+    model = SmallCNN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    config = LoaderConfig(
+        batch_size=32,
+        subset_fraction=0.05,
+        num_subsets=2,
+        steps_per_round=4,
+        lookahead_steps=1,
+        reconnect_initial_s=0.05,
+        reconnect_max_s=0.2,
+    )
+    port = _free_port()
+    services = [_serve(port, tmp_path)]
+    client = SelectionClient(services[0].target, timeout_s=30)
+    try:
+        with CoresetLoader(data, model, client, data.targets.numpy(), config=config) as loader:
+            regions_at_kill = 0
+            for step, (x, y, w) in zip(range(200), loader, strict=False):
+                loss = weighted_loss(model(x), y, w)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                assert torch.isfinite(loss)
+                if step == 12:
+                    regions_at_kill = loader.stats.regions
+                    services[-1].kill()  # SIGKILL: no drain, no final checkpoint
+                    services.append(_serve(port, tmp_path))
+                if step >= 40 and loader.stats.regions > regions_at_kill + 2:
+                    break  # trained on coresets of the restarted service for a while
+            stats = loader.stats
+            session_id = loader.session.session_id if loader.session else ""
+    finally:
+        client.close()
+        for s in services:
+            s.stop()
+    assert stats.sessions_opened == 1  # the session (and its token) survived the SIGKILL
+    assert stats.regions > regions_at_kill + 2
+    logged = ProvenanceLog(tmp_path).read(session_id)
+    delivered = [(r["round_id"], r["subset_index"]) for r in logged]
+    assert len(delivered) == len(set(delivered))  # no batch twice
+    partial = [r for r in {r for r, _ in delivered} if sorted(s for q, s in delivered if q == r) != [0, 1]]
+    assert len(partial) <= 1, partial  # only a round the kill cut short can be incomplete
