@@ -1,6 +1,5 @@
-"""`crest serve` as a process: SIGTERM drains and exits 0; SIGKILL mid-round loses only the round in flight, and a
-training job rides it out in the same session;
-the restarted service (same port and --state-dir) resumes the session."""
+"""`crest serve` as a process: SIGTERM drains and exits 0; SIGKILL mid-round loses only the round in flight; the
+restarted service (same port and --state-dir) resumes the session, and a training job rides it out in it."""
 
 from __future__ import annotations
 
