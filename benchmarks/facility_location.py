@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _report import write_atomic
+
+from benchmarks._report import write_atomic
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 

@@ -1,5 +1,5 @@
-"""The ``crest`` command: ``serve``, ``train`` and ``demo``. All flags are parsed here, and this is the only
-place that reads environment variables (CREST_AUTH_TOKEN, CREST_DATA_DIR)."""
+"""The ``crest`` command: ``serve``, ``train``, ``inspect``, ``demo`` and ``bench train``. All flags are parsed
+here, and this is the only place that reads environment variables (CREST_AUTH_TOKEN, CREST_DATA_DIR)."""
 
 from __future__ import annotations
 
@@ -115,9 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="crest", description="CREST data selection as a service.")
     parser.add_argument(
         "--log-level",
-        default="INFO",
+        default=None,
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="logging verbosity on stderr; default INFO",
+        help="logging verbosity on stderr; default INFO (WARNING for bench, whose progress bars it would break)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -196,7 +196,71 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_server_flags(demo)
     _add_train_flags(demo, steps_per_round=50)
+
+    bench = sub.add_parser("bench", help="benchmarks", description="Benchmarks that start their own service.")
+    benches = bench.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
+    _add_bench_train(benches)
     return parser
+
+
+def _add_bench_train(benches: Any) -> None:
+    p = benches.add_parser(
+        "train",
+        help="time to accuracy: CREST against full data, random batches and InfoBatch",
+        description="Train the same model under full data, uniform random batches, CREST through a local service "
+        "(embedded Ray) and InfoBatch-style pruning, for the same steps and seeds; write JSON, a markdown table "
+        "and PNG plots (accuracy vs time and vs examples, difficulty of the selected examples, fraction of the "
+        "data left out). Defaults: Fashion-MNIST with a small CNN, 1,000 steps, 3 seeds (about 30 minutes on 2 "
+        "cores). See benchmarks/train.py.",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="the first 6,000/1,000 examples (CREST subsets of 10%% so r stays 600), 150 steps, 1 seed, every method "
+        "(about 2 minutes; the test suite's mode)",
+    )
+    p.add_argument(
+        "--demo",
+        action="store_true",
+        help="full and crest only, 1 seed, results/demo.json (what make demo runs; about 5 minutes on 2 cores)",
+    )
+    p.add_argument("--seeds", type=int, default=None, help="seeds per method (default 3; --quick and --demo 1)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 1000, --quick 150)")
+    p.add_argument(
+        "--methods",
+        default=None,
+        help="comma-separated subset of full,random,crest,infobatch; full is required (default all; --demo full,crest)",
+    )
+    p.add_argument(
+        "--crest-adaptive", action="store_true", help="CREST's Taylor check ends regions (default: 50-step regions)"
+    )
+    p.add_argument(
+        "--drop-learned",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="CREST: the service's learned-example exclusion (loss <= 0.1 over 5 visits; floor 0.8 N); default on",
+    )
+    p.add_argument("--prune", type=float, default=0.5, help="InfoBatch: pruned fraction of low-loss examples")
+    p.add_argument("--num-workers", type=int, default=2, help="selector actors of the service; default 2")
+    p.add_argument(
+        "--dataset",
+        default="benchmarks.train_data:fashion_mnist",
+        help="MODULE:FUNCTION or FILE.py:FUNCTION returning a benchmarks.train_data.BenchData (map-style train/test "
+        "datasets and a model factory); default Fashion-MNIST with the SmallCNN",
+    )
+    p.add_argument(
+        "--data-dir",
+        default=os.environ.get("CREST_DATA_DIR"),
+        help="passed to the dataset hook; Fashion-MNIST: the directory of its four .gz files (default: "
+        "$CREST_DATA_DIR, then /usr/share/datasets/fashion-mnist)",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="JSON output; the .md table and the PNGs go next to it (default results/train.json, --demo "
+        "results/demo.json)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (it shows only on a terminal)")
 
 
 def _train_config(args: argparse.Namespace) -> Any:
@@ -321,11 +385,20 @@ def _run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_bench(args: argparse.Namespace) -> int:
+    from benchmarks.train import run
+
+    return run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     # Before torch loads anywhere: OpenMP spin-waiting slows torch 10-70x next to other busy processes.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
+    args.log_level = args.log_level or ("WARNING" if args.command == "bench" else "INFO")
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "bench":
+        return _run_bench(args)
     if args.command == "serve":
         return _run_serve(args)
     if args.command == "train":

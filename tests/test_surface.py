@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 
@@ -12,6 +13,22 @@ import trainer_client
 from selector_service.cli import build_parser
 
 CLI_FLAGS = {
+    "bench train": [
+        "--quick",
+        "--demo",
+        "--seeds",
+        "--steps",
+        "--methods",
+        "--crest-adaptive",
+        "--drop-learned",
+        "--no-drop-learned",
+        "--prune",
+        "--num-workers",
+        "--dataset",
+        "--data-dir",
+        "--out",
+        "--no-progress",
+    ],
     "inspect": ["--state-dir", "--session", "--step", "--export"],
     "serve": [
         "--host",
@@ -104,6 +121,7 @@ def test_package_exports_are_frozen() -> None:
         "QuadraticFit",
         "RegionConfig",
         "RegionController",
+        "RoundDifficulty",
         "RoundPlan",
         "SelectionClient",
         "SelectionUnavailable",
@@ -118,9 +136,26 @@ def test_package_exports_are_frozen() -> None:
     ]
 
 
+def _commands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
+def _subparser(path: str) -> argparse.ArgumentParser:
+    """The parser of ``crest PATH`` ("serve", "bench train", ...)."""
+    parser = build_parser()
+    for name in path.split():
+        parser = _commands(parser)[name]
+    return parser
+
+
+def test_cli_commands_are_frozen() -> None:
+    assert sorted(_commands(build_parser())) == ["bench", "demo", "inspect", "serve", "train"]
+    assert sorted(_commands(_subparser("bench"))) == ["train"]
+
+
 @pytest.mark.parametrize("command", sorted(CLI_FLAGS))
 def test_cli_flags_are_frozen_and_documented(command: str) -> None:
-    sub = next(a for a in build_parser()._actions if a.dest == "command").choices[command]
+    sub = _subparser(command)
     flags = [opt for a in sub._actions for opt in a.option_strings if opt.startswith("--") and opt != "--help"]
     assert flags == CLI_FLAGS[command]
     assert all(a.help for a in sub._actions), "every flag needs help text"
@@ -131,6 +166,13 @@ def test_cli_help_runs() -> None:
         [sys.executable, "-m", "selector_service.cli", "serve", "--help"], capture_output=True, text=True, check=True
     )
     assert "--ray-address" in out.stdout
+    bench = subprocess.run(
+        [sys.executable, "-m", "selector_service.cli", "bench", "train", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "--dataset" in bench.stdout
 
 
 @pytest.mark.parametrize(

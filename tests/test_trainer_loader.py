@@ -65,6 +65,27 @@ def test_crest_regions_check_and_reselect_against_a_real_server(
     assert logged.count("-> reselect") == stats.reselections
 
 
+def test_difficulty_of_every_region_and_exclusion_reach_the_service(
+    client: SelectionClient, fmnist: FashionMNIST
+) -> None:
+    torch.manual_seed(0)
+    model = SmallCNN()
+    config = LoaderConfig(**SMALL, steps_per_round=6, lookahead_steps=1, drop_learned=True)  # type: ignore[arg-type]
+    with CoresetLoader(fmnist, model, client, fmnist.targets.numpy(), config=config) as loader:
+        _train(loader, model, 20)
+        assert loader.session is not None
+        state = client.session_state(loader.session.session_id)
+        regions, records = loader.stats.regions, loader.difficulty
+    assert state.config.drop_learned
+    assert regions >= 3 and len(records) == regions
+    assert [d.round for d in records] == list(range(regions))
+    for d in records:
+        assert d.step <= d.start_step and 0 < d.selected < d.embedded  # coresets pick from the round's ids
+        assert 0.0 <= d.selected_percentile <= 1.0
+        assert d.embedded_loss > 0 and d.selected_loss > 0 and d.selected_loss_weighted > 0
+    assert records[-1].embedded_loss < records[0].embedded_loss  # trained in between: the round's loss falls
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -5,6 +5,7 @@ Never imports faiss or Ray.
 
 from trainer_client.batches import Embedder, default_forward
 from trainer_client.client import RoundPlan, SelectionClient, SessionInfo, WeightedBatch
+from trainer_client.difficulty import RoundDifficulty
 from trainer_client.embeddings import (
     last_layer_gradient,
     logit_gradient,
@@ -24,6 +25,7 @@ __all__ = [
     "QuadraticFit",
     "RegionConfig",
     "RegionController",
+    "RoundDifficulty",
     "RoundPlan",
     "SelectionClient",
     "SelectionUnavailable",

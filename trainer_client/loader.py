@@ -51,6 +51,7 @@ from torch.utils.data import Dataset, default_collate
 from trainer_client._stream import RoundStreamer, StreamBatch, StreamEnd, StreamItem, StreamJob
 from trainer_client.batches import Embedder, ForwardFn, default_forward, last_linear, with_weights
 from trainer_client.client import RoundPlan, SelectionClient, SessionInfo
+from trainer_client.difficulty import RoundDifficulty, round_difficulty
 from trainer_client.distributed import DistContext, owners
 from trainer_client.embeddings import per_example_loss
 from trainer_client.region import Decision, RegionConfig, RegionController
@@ -104,6 +105,9 @@ class LoaderConfig:
     # Check on a fixed seeded sample of this many of the round's random-subset ids; 0 uses them all (CREST).
     # The check costs one forward pass over them every interval steps: on a CPU this bounds its cost.
     check_examples: int = 0
+    # Learned-example exclusion in the service (CREST section 4; CrestConfig.drop_learned, with the service's
+    # threshold, window and pool floor): off by default, as in the released code.
+    drop_learned: bool = False
     # Examples per no-grad forward pass when embedding a round or checking the region.
     embed_batch_size: int = 1024
     # Capacity of the prefetch queue, in batches; the stream thread blocks when it is full.
@@ -168,6 +172,7 @@ class _Pending:
     requested_step: int
     coresets: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # subset -> (ids, weights)
     ended: bool = False
+    losses: np.ndarray | None = None  # float32 (n,) embedding-pass losses of check_ids; None after a resume
 
     @property
     def ready(self) -> bool:
@@ -179,7 +184,8 @@ class CoresetLoader:
 
     Yields ``(*batch, weights)`` for tuple/list batches (so ``(x, y, w)``) and ``{**batch, "weights": w}``
     for dict batches; weights are float32 (n,). Call ``state_dict`` after the optimizer step of the last
-    batch.
+    batch. ``difficulty`` lists, per region this loader switched to, how hard its coresets were against the
+    round's random subsets (``RoundDifficulty``, from the embedding pass's losses; not kept in checkpoints).
 
     Under DDP, initialise ``torch.distributed`` before building the loader (it looks at the default group
     then), build it on every rank with the same arguments, and take the same number of batches on every rank;
@@ -228,6 +234,7 @@ class CoresetLoader:
             region = replace(region, mode="fixed", fixed_steps=max(1, cfg.steps_per_round - cfg.lookahead_steps))
         self.controller = RegionController(replace(region, seed=cfg.seed), max_coresets=cfg.num_subsets)
         self.stats = LoaderStats()
+        self.difficulty: list[RoundDifficulty] = []
         self.session: SessionInfo | None = None
         self.last_ids = np.zeros(0, dtype=np.int64)  # ids of the batch yielded last (this rank's share)
         self.last_round: int | None = None  # loader round of the region it came from; None for a uniform batch
@@ -446,6 +453,7 @@ class CoresetLoader:
             client_name=cfg.client_name,
             embedding_kind=cfg.embedding,
             embedding_dim=self.embedder.dim(self.num_classes),
+            drop_learned=cfg.drop_learned,
             timeout_s=cfg.first_batch_timeout_s,
         )
         self._session_round = 0
@@ -521,7 +529,7 @@ class CoresetLoader:
         self.stats.embed_s += time.perf_counter() - start
         self.stats.rounds_started += 1
         num = min(self.controller.num_coresets, plan.num_subsets)
-        self._pending = _Pending(self._round, plan.round_id, plan.ids, num, self.stats.steps)
+        self._pending = _Pending(self._round, plan.round_id, plan.ids, num, self.stats.steps, losses=losses)
         if self._streamer is not None:
             assert self.session is not None
             self._streamer.submit(
@@ -660,6 +668,17 @@ class CoresetLoader:
             len(check_ids),
             len(p.check_ids),
         )
+        if p.losses is not None:
+            d = round_difficulty(p.round, p.requested_step, self.stats.steps, p.check_ids, p.losses, ids, weights)
+            self.difficulty.append(d)
+            log.info(
+                "region %d: selected loss %.3f (weighted %.3f) against %.3f for the round's ids; percentile %.2f",
+                p.round,
+                d.selected_loss,
+                d.selected_loss_weighted,
+                d.embedded_loss,
+                d.selected_percentile,
+            )
         self._fit()
 
     # -- DDP: rank 0 talks to the service, every rank follows ----------------------------------------------

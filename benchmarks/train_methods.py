@@ -1,0 +1,335 @@
+"""The training benchmark's methods and one run of one of them (see ``benchmarks/train.py`` for the protocol).
+
+Every method yields batch ids and weights (CREST's ``CoresetLoader`` yields the batch itself); ``run_one``
+trains on them with the same model, optimizer and schedule, the same batch assembly (``train_data.fetch``),
+and records, besides the accuracy curve, the mean per-example loss of the trained batches, CREST's selection
+difficulty per round (``trainer_client.difficulty``) and the fraction of the data left out of sampling (CREST's
+learned-example exclusion, InfoBatch's pruning).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from benchmarks._progress import Progress
+from benchmarks.train_data import DEFAULT_HOOK, BenchData, fetch
+from trainer_client.client import SelectionClient
+from trainer_client.loader import CoresetLoader, LoaderConfig
+from trainer_client.region import RegionConfig
+from trainer_client.train import evaluate
+
+METHODS = ("full", "random", "crest", "infobatch")
+
+Batches = Iterator[tuple[np.ndarray, np.ndarray]]  # (ids int64 (b,), weights float32 (b,)) forever
+
+
+@dataclass(frozen=True, kw_only=True)
+class BenchConfig:
+    """One benchmark: every method and seed on the same data."""
+
+    # Dataset hook MODULE:FUNCTION or FILE.py:FUNCTION (benchmarks/train_data.py) and its --data-dir.
+    dataset: str = DEFAULT_HOOK
+    data_dir: str | None = None
+    # Optimizer steps per run (the same for every method).
+    steps: int = 1000
+    batch_size: int = 128
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    # First N training / test examples; None uses all (Fashion-MNIST: 60,000 / 10,000).
+    train_limit: int | None = None
+    test_limit: int | None = None
+    # Curve: evaluate every this many steps on the first eval_examples test examples (clock paused). The batch
+    # loss series is averaged over the same windows.
+    eval_every: int = 50
+    eval_examples: int = 2000
+    # Target = the full-data run's final curve accuracy minus this (1%).
+    target_drop: float = 0.01
+    # CREST: random-subset size r as a fraction of the training set (the paper's 1%: r = 600 of 60,000, so a
+    # coreset of m = batch_size picks about one in five; quick mode keeps r = 600 of its 6,000).
+    subset_fraction: float = 0.01
+    # CREST: fixed regions of this many steps; None uses CREST's adaptive Taylor check.
+    steps_per_round: int | None = 50
+    # CREST adaptive rule: random-subset ids the check evaluates (as the crest CLI's default).
+    check_examples: int = 256
+    # CREST: the service's learned-example exclusion (CREST section 4; window 5, loss <= 0.1, floor 0.8 N,
+    # re-admission). On: the design counts the rule as part of CREST (the released code defaults it off).
+    drop_learned: bool = True
+    # InfoBatch: fraction of the below-mean-loss examples pruned each epoch, and the final fraction of
+    # training on all data (the paper's delta = 0.875).
+    prune: float = 0.5
+    anneal: float = 0.125
+    # torch intra-op threads of the trainer (the other core is the selectors').
+    threads: int = 1
+
+
+@dataclass
+class RunResult:
+    """One method and seed. Times in seconds on the benchmark clock (evaluation excluded)."""
+
+    method: str
+    seed: int
+    test_accuracy: float  # final, on the whole test split (test_limit)
+    wall_s: float
+    steps: int
+    examples_backpropagated: int
+    examples_forward_only: int  # no-grad forward passes besides training (CREST: embeddings)
+    examples_forwarded: int  # training forwards plus forward-only passes
+    wait_s: float  # trainer blocked on the service (CREST)
+    embed_s: float = 0.0
+    rounds: int = 0
+    fallback_batches: int = 0
+    curve: list[dict[str, float]] = field(default_factory=list)  # {"step", "time_s", "examples", "accuracy"}
+    # Mean unweighted cross-entropy (nats) of the trained batches, at training time, per curve window:
+    # {"step" (window end), "loss"}.
+    batch_loss: list[dict[str, float]] = field(default_factory=list)
+    # CREST: one trainer_client.RoundDifficulty per region (selected vs the round's ids, embedding-pass losses).
+    difficulty: list[dict[str, float]] = field(default_factory=list)
+    # Data left out of sampling: CREST's excluded examples at each region start ({"step", "round", "count",
+    # "fraction"}), InfoBatch's pruned examples of each epoch ({"step", "epoch", "count", "fraction"}).
+    excluded: list[dict[str, float]] = field(default_factory=list)
+    target_accuracy: float | None = None
+    time_to_target_s: float | None = None
+    speedup: float | None = None
+    # CREST: does the selected examples' relative difficulty rise? (train_report.difficulty_trend)
+    difficulty_trend: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class EvalSets:
+    """Evaluation tensors, built once per benchmark: (inputs, int64 labels)."""
+
+    curve: tuple[torch.Tensor, torch.Tensor]  # the first eval_examples test examples, every eval_every steps
+    test: tuple[torch.Tensor, torch.Tensor]  # the whole test split (test_limit), at the end
+
+
+class Clock:
+    """A stopwatch that evaluations pause."""
+
+    def __init__(self) -> None:
+        self.elapsed = 0.0
+        self._start: float | None = time.perf_counter()
+
+    def pause(self) -> None:
+        if self._start is not None:
+            self.elapsed += time.perf_counter() - self._start
+            self._start = None
+
+    def resume(self) -> None:
+        self._start = time.perf_counter()
+
+    def read(self) -> float:
+        return self.elapsed + (time.perf_counter() - self._start if self._start is not None else 0.0)
+
+
+# -- batch sources --------------------------------------------------------------------------------------------
+
+
+def full_batches(n: int, batch_size: int, seed: int) -> Batches:
+    rng = np.random.default_rng([seed, 10])
+    ones = np.ones(batch_size, dtype=np.float32)
+    while True:
+        perm = rng.permutation(n)
+        for lo in range(0, n - batch_size + 1, batch_size):  # drop the ragged last batch
+            yield perm[lo : lo + batch_size], ones
+
+
+def random_batches(n: int, batch_size: int, seed: int) -> Batches:
+    rng = np.random.default_rng([seed, 11])
+    ones = np.ones(batch_size, dtype=np.float32)
+    while True:
+        yield rng.choice(n, batch_size, replace=False), ones
+
+
+class InfoBatch:
+    """InfoBatch-style pruning: losses of the last visit drive which examples the next epoch leaves out."""
+
+    def __init__(self, n: int, config: BenchConfig, seed: int) -> None:
+        self.n, self.config = n, config
+        self.losses = np.full(n, np.inf, dtype=np.float64)  # unseen examples are never pruned
+        self.rng = np.random.default_rng([seed, 12])
+        self.pruned_total = 0
+        self.epochs = 0
+        self.excluded: list[dict[str, float]] = []  # per epoch: {"step", "epoch", "count", "fraction"}
+
+    def batches(self, step: Iterator[int]) -> Batches:
+        cfg = self.config
+        while True:
+            weights = np.ones(self.n, dtype=np.float32)
+            keep = np.arange(self.n)
+            now = next(step)
+            pruned = np.zeros(0, dtype=np.int64)
+            if now < (1 - cfg.anneal) * cfg.steps and np.isfinite(self.losses).any():
+                seen = np.isfinite(self.losses)
+                low = np.flatnonzero(seen & (self.losses < self.losses[seen].mean()))
+                pruned = low[self.rng.random(len(low)) < cfg.prune]
+                mask = np.ones(self.n, dtype=bool)
+                mask[pruned] = False
+                weights[low] = 1.0 / (1.0 - cfg.prune)  # kept low-loss examples stand for the pruned ones
+                keep = np.flatnonzero(mask)
+                self.pruned_total += len(pruned)
+            self.excluded.append(
+                {"step": now, "epoch": self.epochs, "count": len(pruned), "fraction": len(pruned) / self.n}
+            )
+            self.epochs += 1
+            perm = self.rng.permutation(keep)
+            for lo in range(0, len(perm) - cfg.batch_size + 1, cfg.batch_size):
+                ids = perm[lo : lo + cfg.batch_size]
+                yield ids, weights[ids]
+
+
+# -- one run ----------------------------------------------------------------------------------------------------
+
+
+def run_one(
+    method: str,
+    seed: int,
+    config: BenchConfig,
+    data: BenchData,
+    evals: EvalSets,
+    endpoint: str | None,
+    progress: bool,
+) -> RunResult:
+    """Train one method from scratch for ``config.steps`` steps and measure it."""
+    torch.manual_seed(seed)
+    labels = data.train_labels
+    assert labels is not None, "load_data fills the labels in"
+    n = len(labels)
+    clock = Clock()
+    model = data.model()
+    opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.steps)
+    curve: list[dict[str, float]] = []
+    batch_loss: list[dict[str, float]] = []
+    window: list[float] = []
+    excluded: list[dict[str, float]] = []
+    backprop = 0
+    loader: CoresetLoader | None = None
+    client: SelectionClient | None = None
+    info: InfoBatch | None = None
+    current = [0]
+
+    def step_counter() -> Iterator[int]:
+        while True:
+            yield current[0]
+
+    source: Any
+    if method == "full":
+        source = full_batches(n, config.batch_size, seed)
+    elif method == "random":
+        source = random_batches(n, config.batch_size, seed)
+    elif method == "infobatch":
+        info = InfoBatch(n, config, seed)
+        source = info.batches(step_counter())
+    elif method == "crest":
+        assert endpoint is not None
+        client = SelectionClient(endpoint)
+        client.wait_ready(timeout_s=60)
+        loader_config = LoaderConfig(
+            batch_size=config.batch_size,
+            subset_fraction=config.subset_fraction,
+            seed=seed,
+            steps_per_round=config.steps_per_round,
+            check_examples=0 if config.steps_per_round else config.check_examples,
+            region=RegionConfig(),
+            drop_learned=config.drop_learned,
+            client_name=f"bench-train-{seed}",
+        )
+        loader = CoresetLoader(data.train, model, client, labels, num_classes=data.num_classes, config=loader_config)
+        source = iter(loader)
+    else:
+        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+
+    def checkpoint(step: int) -> None:
+        clock.pause()
+        accuracy = evaluate(model, *evals.curve)
+        curve.append({"step": step, "time_s": clock.read(), "examples": backprop, "accuracy": accuracy})
+        batch_loss.append({"step": step, "loss": float(np.mean(window))})
+        window.clear()
+        clock.resume()
+
+    def record_excluded(loader: CoresetLoader, client: SelectionClient, done: int) -> None:
+        """The service's excluded count at each new region (clock paused: a measurement, not CREST's work)."""
+        clock.pause()
+        assert loader.session is not None
+        state = client.session_state(loader.session.session_id)
+        for d in loader.difficulty[done:]:
+            count = int(state.excluded_size)
+            excluded.append({"step": d.start_step, "round": d.round, "count": count, "fraction": count / n})
+        clock.resume()
+
+    bar = Progress(f"seed {seed} {method:<9}", config.steps, enabled=None if progress else False)
+    try:
+        for step in range(config.steps):
+            current[0] = step
+            if loader is not None:
+                x, y, w = next(source)
+                if len(loader.difficulty) > len(excluded):
+                    assert client is not None
+                    record_excluded(loader, client, len(excluded))
+            else:
+                ids, weights = next(source)
+                x, y = fetch(data.train, ids)
+                w = torch.from_numpy(weights)
+            ce = F.cross_entropy(model(x), y, reduction="none")
+            loss = (ce * w.to(ce.dtype)).mean()  # trainer_client.weighted_loss, sharing the per-example losses
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            schedule.step()
+            seen = ce.detach()
+            if info is not None:
+                info.losses[ids] = seen.numpy()
+            window.append(float(seen.mean()))
+            backprop += len(y)
+            if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
+                checkpoint(step + 1)
+            bar.update(step + 1, f"acc {curve[-1]['accuracy']:.3f}" if curve else "")
+        wall = clock.read()
+        stats = loader.stats if loader is not None else None
+    finally:
+        bar.close()
+        if loader is not None:
+            loader.close()
+        if client is not None:
+            client.close()
+    accuracy = evaluate(model, *evals.test)
+    forward_only = stats.examples_embedded if stats else 0
+    return RunResult(
+        method=method,
+        seed=seed,
+        test_accuracy=accuracy,
+        wall_s=wall,
+        steps=config.steps,
+        examples_backpropagated=backprop,
+        examples_forward_only=forward_only,
+        examples_forwarded=backprop + forward_only,
+        wait_s=stats.wait_s if stats else 0.0,
+        embed_s=stats.embed_s if stats else 0.0,
+        rounds=stats.rounds_started if stats else 0,
+        fallback_batches=stats.fallback_batches if stats else 0,
+        curve=curve,
+        batch_loss=batch_loss,
+        difficulty=[asdict(d) for d in loader.difficulty] if loader is not None else [],
+        excluded=info.excluded if info is not None else excluded,
+    )
+
+
+def warm_up(data: BenchData, config: BenchConfig) -> None:
+    """A few untimed steps on a throwaway model, so the first method timed does not pay torch's start-up."""
+    model = data.model()
+    opt = torch.optim.SGD(model.parameters(), lr=config.lr)
+    n = len(data.train)  # type: ignore[arg-type]
+    x, y = fetch(data.train, np.arange(min(config.batch_size, n)))
+    for _ in range(10):
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    evaluate(model, x, y)
