@@ -335,6 +335,28 @@ def _exp_nonpositive(v: np.ndarray, bits: np.ndarray) -> None:
         v[i] *= scale[i]
 
 
+@njit(cache=True, parallel=True, fastmath=True)
+def gram_to_similarity(
+    g: np.ndarray, sq_rows: np.ndarray, sq_all: np.ndarray, row0: int, scale: float, exp_kernel: bool
+) -> None:
+    """In place, one block of the dense kernel: the dot products g[a, j] = x_(row0+a) . x_j (float32 (b, n)) become
+    exp(scale * ||x_i - x_j||) when ``exp_kernel`` (scale = -1/d), else scale * ||x_i - x_j||.
+
+    One parallel pass: distance, scale and the vectorised exp together (a separate numpy exp pass over the block
+    was a third of the dense kernel's time). Called from Python only, never nested in another compiled kernel.
+    """
+    m = g.shape[1]
+    s32 = np.float32(scale)
+    for a in prange(g.shape[0]):
+        row = g[a]
+        for j in range(m):
+            d2 = sq_rows[a] + sq_all[j] - np.float32(2.0) * row[j]
+            row[j] = np.sqrt(max(d2, np.float32(0.0))) * s32
+        row[row0 + a] = 0.0
+        if exp_kernel:
+            _exp_nonpositive(row, np.empty(m, dtype=np.int32))
+
+
 @njit(cache=True, fastmath=True)
 def _group_kernel(x: np.ndarray, rows: np.ndarray, exp_kernel: bool) -> np.ndarray:
     """Dense kernel of the rows ``rows`` of ``x``: float32 (m, m), exactly symmetric in distance."""

@@ -18,6 +18,7 @@ import numpy as np
 from numba import njit, prange
 
 from selector_service._faiss import faiss, num_gpus
+from selector_service._greedy import gram_to_similarity
 from selector_service.errors import InvalidArgument
 
 # Name -> description; the keys are the accepted values of ``similarity=``.
@@ -32,16 +33,6 @@ BLOCK_ROWS = 2048
 def check_kernel(kind: str) -> None:
     if kind not in KERNELS:
         raise InvalidArgument(f"unknown similarity {kind!r}; expected one of {sorted(KERNELS)}")
-
-
-@njit(cache=True, parallel=True)
-def _to_distance(g: np.ndarray, sq_rows: np.ndarray, sq_all: np.ndarray, row0: int, scale: float) -> None:
-    """In place: dot products g[a, j] = x_(row0+a) . x_j become scale * Euclidean distance."""
-    for a in prange(g.shape[0]):
-        i = row0 + a
-        for j in range(g.shape[1]):
-            d2 = sq_rows[a] + sq_all[j] - 2.0 * g[a, j]
-            g[a, j] = scale * math.sqrt(d2) if d2 > 0.0 and i != j else 0.0
 
 
 def dense_similarity(x: np.ndarray, kind: str = "exp") -> np.ndarray:
@@ -64,9 +55,7 @@ def dense_similarity(x: np.ndarray, kind: str = "exp") -> np.ndarray:
     for lo in range(0, n, BLOCK_ROWS):
         block = out[lo : lo + BLOCK_ROWS]
         np.matmul(x[lo : lo + BLOCK_ROWS], xt, out=block)
-        _to_distance(block, sq[lo : lo + BLOCK_ROWS], sq, lo, scale)
-        if kind == "exp":
-            np.exp(block, out=block)  # numpy's SIMD float32 exp, ~6x a scalar loop
+        gram_to_similarity(block, sq[lo : lo + BLOCK_ROWS], sq, lo, scale, kind == "exp")
     if kind == "maxdist":
         np.subtract(out.max(), out, out=out)
     return out
