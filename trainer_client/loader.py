@@ -39,7 +39,7 @@ import logging
 import queue
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 import grpc
@@ -48,17 +48,21 @@ import torch
 from numpy.typing import ArrayLike
 from torch.utils.data import Dataset, default_collate
 
+from trainer_client import _loader_state
+from trainer_client._loader_state import PendingRound, Region
 from trainer_client._stream import RoundStreamer, StreamBatch, StreamEnd, StreamItem, StreamJob
 from trainer_client.batches import Embedder, ForwardFn, default_forward, last_linear, with_weights
 from trainer_client.client import RoundPlan, SelectionClient, SessionInfo
 from trainer_client.difficulty import RoundDifficulty, round_difficulty
 from trainer_client.distributed import DistContext, owners
 from trainer_client.embeddings import per_example_loss
-from trainer_client.region import Decision, RegionConfig, RegionController
+from trainer_client.loader_config import LoaderConfig, LoaderStats, SelectionUnavailable
+from trainer_client.region import Decision, RegionController
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 2  # 2: the pass is a permutation of pool positions (DDP); 1 stored batches
+__all__ = ["CoresetLoader", "LoaderConfig", "LoaderStats", "SelectionUnavailable"]
+
 # Service errors the loader rides out on uniform batches; anything else (a bad argument, auth) is a bug to raise.
 RECOVERABLE = {
     grpc.StatusCode.UNAVAILABLE,
@@ -70,114 +74,6 @@ RECOVERABLE = {
     grpc.StatusCode.ABORTED,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
-
-
-class SelectionUnavailable(RuntimeError):
-    """The service failed and ``strict`` forbids training on uniform batches."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class LoaderConfig:
-    """Selection settings sent to the service and how the loader schedules rounds."""
-
-    # Coreset size m per random subset, and the training batch size.
-    batch_size: int = 128
-    # Random-subset size r as a fraction of the dataset (CREST: 1%).
-    subset_fraction: float = 0.01
-    # Random subsets per round in the service session: the cap on CREST's adaptive P (fixed per session; a
-    # region uses the first min(P, this) coresets).
-    num_subsets: int = 5
-    # Facility-location kernel: "exp" (CREST) or "maxdist" (CRAIG).
-    similarity: str = "exp"
-    # Seeds the service's subset sampling, the loader's reshuffling and the Hutchinson probes.
-    seed: int = 0
-    # When a region ends: the CREST Taylor check by default (see region.py).
-    region: RegionConfig = field(default_factory=RegionConfig)
-    # Set to use the fixed rule instead: every region lasts this many steps (overrides region.mode).
-    steps_per_round: int | None = None
-    # Steps between asking for a round and switching to it: hides embedding and selection latency, at the cost
-    # of selecting with a model that many steps older. 0 switches at once, as the released code does.
-    lookahead_steps: int = 4
-    # Selection feature: "logit_gradient" (C floats) or "last_layer_gradient" ((p - y) ⊗ [h, 1]).
-    embedding: str = "logit_gradient"
-    # Random-projection dimension of the last-layer gradient; 0 sends all C·(H+1) values.
-    embedding_dim: int = 0
-    # Check on a fixed seeded sample of this many of the round's random-subset ids; 0 uses them all (CREST).
-    # The check costs one forward pass over them every interval steps: on a CPU this bounds its cost.
-    check_examples: int = 0
-    # Learned-example exclusion in the service (CREST section 4; CrestConfig.drop_learned, with the service's
-    # threshold, window and pool floor): off by default, as in the released code.
-    drop_learned: bool = False
-    # Examples per no-grad forward pass when embedding a round or checking the region. Larger batches were
-    # slower per example on CPU (SmallCNN, one thread: 1,024 cost twice 128-256, from cache misses).
-    embed_batch_size: int = 256
-    # Capacity of the prefetch queue, in batches; the stream thread blocks when it is full.
-    queue_size: int = 32
-    # Longest wait, in seconds, at a switch step for a late round before yielding a uniform batch instead.
-    deadline_s: float = 2.0
-    # The same for the first round of a run (nothing to train on before it), and for creating a session.
-    first_batch_timeout_s: float = 60.0
-    # Raise SelectionUnavailable / TimeoutError instead of falling back to uniform batches.
-    strict: bool = False
-    # Reconnection backoff after a service failure: first delay and cap, in seconds (doubling in between).
-    reconnect_initial_s: float = 0.5
-    reconnect_max_s: float = 30.0
-    # Key of the weights in dict batches (tuple batches get them appended).
-    weights_key: str = "weights"
-    # Job name shown in the service's logs.
-    client_name: str = "trainer"
-
-
-@dataclass
-class LoaderStats:
-    """Counters of one loader; ``wait_s`` is time the training loop spent blocked on the service.
-
-    Under DDP they count this rank's work (its share of the batches, embeddings and checks);
-    ``service_errors`` and ``sessions_opened`` are rank 0's, mirrored; ``batches_received`` is 0 on the other
-    ranks (rank 0 receives the coresets and broadcasts them).
-    """
-
-    steps: int = 0
-    examples_backpropagated: int = 0
-    examples_embedded: int = 0
-    rounds_started: int = 0
-    regions: int = 0
-    batches_received: int = 0
-    checks: int = 0  # Taylor checks (forward passes on the round's random subsets)
-    reselections: int = 0  # regions ended by a failed check (or by the fixed rule)
-    late_steps: int = 0  # steps at which a due round had not arrived (each yields a fallback batch)
-    fallback_batches: int = 0  # uniformly sampled batches (weights 1) yielded instead of coresets
-    service_errors: int = 0
-    sessions_opened: int = 0
-    wait_s: float = 0.0
-    embed_s: float = 0.0
-    check_s: float = 0.0
-    fit_s: float = 0.0
-
-
-@dataclass
-class _Region:
-    round: int
-    ids: np.ndarray  # int64 (n,) the pool: union of the used coresets
-    weights: np.ndarray  # float32 (n,), mean 1
-    check_ids: np.ndarray  # int64 (u,) union of the round's random subsets
-    owner: np.ndarray  # int64 (n,) the rank that trains each pool entry (all 0 in a single process)
-
-
-@dataclass
-class _Pending:
-    round: int
-    session_round: int
-    check_ids: np.ndarray
-    num_coresets: int
-    requested_step: int
-    coresets: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # subset -> (ids, weights)
-    ended: bool = False
-    losses: np.ndarray | None = None  # float32 (n,) embedding-pass losses of check_ids; None after a resume
-
-    @property
-    def ready(self) -> bool:
-        return all(i in self.coresets for i in range(self.num_coresets)) or (self.ended and bool(self.coresets))
 
 
 class CoresetLoader:
@@ -243,8 +139,8 @@ class CoresetLoader:
         self._fallback_rng = np.random.default_rng([cfg.seed, 2])
         # Only the rank that talks to the service streams.
         self._streamer = RoundStreamer(client, cfg.queue_size) if self._is_main else None
-        self._region: _Region | None = None
-        self._pending: _Pending | None = None
+        self._region: Region | None = None
+        self._pending: PendingRound | None = None
         self._pass_perm: np.ndarray | None = None  # int64 (n,) this pass's order of the pool positions
         self._pass_next = 0  # next batch of the pass
         self._round = 0  # the loader's round counter; the session's is _session_round
@@ -297,7 +193,7 @@ class CoresetLoader:
     def _fetch(self, ids: np.ndarray) -> Any:
         return self.collate_fn([self.dataset[int(i)] for i in ids])
 
-    def _batches_per_pass(self, region: _Region) -> int:
+    def _batches_per_pass(self, region: Region) -> int:
         """Batches in one pass over the pool: about ``batch_size`` examples a step over all ranks, and never
         more than the smallest rank share (no rank gets an empty batch)."""
         n = max(1, round(len(region.ids) / self.config.batch_size))
@@ -530,7 +426,7 @@ class CoresetLoader:
         self.stats.embed_s += time.perf_counter() - start
         self.stats.rounds_started += 1
         num = min(self.controller.num_coresets, plan.num_subsets)
-        self._pending = _Pending(self._round, plan.round_id, plan.ids, num, self.stats.steps, losses=losses)
+        self._pending = PendingRound(self._round, plan.round_id, plan.ids, num, self.stats.steps, losses=losses)
         if self._streamer is not None:
             assert self.session is not None
             self._streamer.submit(
@@ -620,7 +516,7 @@ class CoresetLoader:
     def _switch_due(self) -> bool:
         return self._want_at is not None and self.stats.steps >= self._want_at and self._pending is not None
 
-    def _switch_candidate(self) -> _Pending | None:
+    def _switch_candidate(self) -> PendingRound | None:
         """The pending round when training should switch to it now, waiting for it at the switch step."""
         if not self._switch_due():
             return None
@@ -645,7 +541,7 @@ class CoresetLoader:
                 )
         return p if p.ready and self._pending is p else None
 
-    def _switch(self, p: _Pending) -> None:
+    def _switch(self, p: PendingRound) -> None:
         used = sorted(p.coresets)[: p.num_coresets]
         ids = np.concatenate([p.coresets[i][0] for i in used])
         weights = np.concatenate([p.coresets[i][1] for i in used]).astype(np.float32)
@@ -657,7 +553,7 @@ class CoresetLoader:
             )
         world = 1 if self._dist is None else self._dist.world_size
         owner = owners(ids, world, self.config.seed, p.round)
-        self._region = _Region(p.round, ids, weights / weights.mean(), check_ids, owner)
+        self._region = Region(p.round, ids, weights / weights.mean(), check_ids, owner)
         self._pending, self._want_at, self._pass_perm, self._pass_next = None, None, None, 0
         self.stats.regions += 1
         log.info(
@@ -764,7 +660,7 @@ class CoresetLoader:
             self.stats.wait_s += time.perf_counter() - start  # time rank 0 spent on the service, waited for here
         return message["result"]
 
-    # -- checkpointing -----------------------------------------------------------------------------------------
+    # -- checkpointing (trainer_client/_loader_state.py) -------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
         """The loader's and controller's state for the user's checkpoint (tensors and plain values only).
@@ -778,152 +674,11 @@ class CoresetLoader:
         enough; each rank loads it and trains its own share. It loads under another world size too (the pool
         is dealt again), with other per-rank batches.
         """
-        if self._dist is not None and self._pending is not None:
-            settled = self._on_main(self._main_settle)
-            if settled is not None and self._pending is not None:
-                self._pending.coresets, self._pending.ended = settled
-        elif self._dist is None:
-            self._main_settle()
-        p = self._pending
-
-        def t(a: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(np.array(a))  # a copy: arrays decoded from the wire are read-only
-
-        return {
-            "version": STATE_VERSION,
-            "dataset_size": len(self.labels),
-            "seed": self.config.seed,
-            "batch_size": self.config.batch_size,
-            "session": asdict(self.session) if self.session else None,
-            "session_round": self._session_round,
-            "round": self._round,
-            "region": None
-            if self._region is None
-            else {
-                "round": self._region.round,
-                "ids": t(self._region.ids),
-                "weights": t(self._region.weights),
-                "check_ids": t(self._region.check_ids),
-            },
-            "pass_perm": None if self._pass_perm is None else t(self._pass_perm),
-            "pass_next": self._pass_next,
-            "pending": None
-            if p is None
-            else {
-                "round": p.round,
-                "session_round": p.session_round,
-                "check_ids": t(p.check_ids),
-                "num_coresets": p.num_coresets,
-                "requested_step": p.requested_step,
-                "coresets": {k: (t(i), t(w)) for k, (i, w) in p.coresets.items()},
-                "ready": p.ready,
-            },
-            "want_at": self._want_at,
-            "need_request": self._need_request,
-            "from_region": self._from_region,
-            "yielded": self._yielded,
-            "rng": self._rng.bit_generator.state,
-            "fallback_rng": self._fallback_rng.bit_generator.state,
-            "stats": asdict(self.stats),
-            "controller": self.controller.state_dict(),
-        }
+        return _loader_state.save(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state_dict()``; call before iterating. Refuses another version or dataset."""
-        if self._yielded or self.session is not None:
-            raise RuntimeError("load_state_dict must be called on a fresh loader, before the first batch")
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"loader state has version {state.get('version')!r}; this code reads {STATE_VERSION}")
-        for key, mine in (
-            ("dataset_size", len(self.labels)),
-            ("seed", self.config.seed),
-            ("batch_size", self.config.batch_size),
-        ):
-            if state[key] != mine:
-                raise ValueError(f"loader state was saved with {key} {state[key]}; this loader has {mine}")
-        self.controller.load_state_dict(state["controller"])
-        r = state["region"]
-        self._region = (
-            None
-            if r is None
-            else _Region(
-                r["round"],
-                r["ids"].numpy(),
-                r["weights"].numpy(),
-                r["check_ids"].numpy(),
-                owners(
-                    r["ids"].numpy(),
-                    1 if self._dist is None else self._dist.world_size,
-                    self.config.seed,
-                    r["round"],
-                ),
-            )
-        )
-        perm = state["pass_perm"]
-        self._pass_perm, self._pass_next = (None if perm is None else perm.numpy()), int(state["pass_next"])
-        self._round, self._session_round = int(state["round"]), int(state["session_round"])
-        self._want_at, self._need_request = state["want_at"], bool(state["need_request"])
-        self._from_region, self._yielded = bool(state["from_region"]), bool(state["yielded"])
-        self._rng.bit_generator.state = state["rng"]
-        self._fallback_rng.bit_generator.state = state["fallback_rng"]
-        self.stats = LoaderStats(**state["stats"])
-        p = state["pending"]
-        self._pending = None
-        if p is not None and p["ready"]:
-            coresets = {int(k): (i.numpy(), w.numpy()) for k, (i, w) in p["coresets"].items()}
-            self._pending = _Pending(
-                p["round"],
-                p["session_round"],
-                p["check_ids"].numpy(),
-                p["num_coresets"],
-                p["requested_step"],
-                coresets,
-                ended=True,
-            )
-        elif p is not None:
-            log.warning("round %d was still in flight when saved; requesting a new one", p["round"])
-            self._need_request = True
-        # Only rank 0 asks the service; the other ranks take rank 0's session at the next service step.
-        saved = state["session"]
-        if self._is_main:
-            self.session = self._adopt_session(saved)
-        else:
-            self.session = None if saved is None else SessionInfo(**saved)
-
-    def _adopt_session(self, saved: dict[str, Any] | None) -> SessionInfo | None:
-        """Keep the saved session when the service still has it at the saved round; else open a new one later."""
-        if saved is None:
-            return None
-        session = SessionInfo(**saved)
-        self.client.attach_session(session)
-        try:
-            next_round = int(
-                self.client.session_state(session.session_id, timeout_s=self.config.deadline_s).next_round_id
-            )
-        except grpc.RpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
-                log.warning(
-                    "session %s is gone; resuming with a new session (different random subsets from now on)",
-                    session.session_id,
-                )
-                return None
-            log.warning(
-                "could not reach %s to check session %s (%s); will retry",
-                self.client.target,
-                session.session_id,
-                exc.code(),
-            )
-            return session
-        if next_round != self._session_round:
-            log.warning(
-                "session %s is at round %d, the checkpoint at %d; resuming with a new session",
-                session.session_id,
-                next_round,
-                self._session_round,
-            )
-            return None
-        log.info("resumed session %s at round %d, step %d", session.session_id, next_round, self.stats.steps)
-        return session
+        _loader_state.load(self, state)
 
     def close(self, end_session: bool = True) -> None:
         """Stop the stream thread and, unless ``end_session`` is False, close the session (idempotent)."""

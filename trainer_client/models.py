@@ -25,7 +25,7 @@ class SmallCNN(nn.Module):
             nn.MaxPool2d(2),
         )
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(64 * 7 * 7, 128), nn.ReLU(), nn.Linear(128, num_classes))
-        self.to(memory_format=torch.channels_last)
+        self.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # the stubs omit memory_format
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x.contiguous(memory_format=torch.channels_last)))

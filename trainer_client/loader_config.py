@@ -1,0 +1,90 @@
+"""Settings, counters and errors of ``CoresetLoader`` (``trainer_client.loader``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trainer_client.region import RegionConfig
+
+
+class SelectionUnavailable(RuntimeError):
+    """The service failed and ``strict`` forbids training on uniform batches."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoaderConfig:
+    """Selection settings sent to the service and how the loader schedules rounds."""
+
+    # Coreset size m per random subset, and the training batch size.
+    batch_size: int = 128
+    # Random-subset size r as a fraction of the dataset (CREST: 1%).
+    subset_fraction: float = 0.01
+    # Random subsets per round in the service session: the cap on CREST's adaptive P (fixed per session; a
+    # region uses the first min(P, this) coresets).
+    num_subsets: int = 5
+    # Facility-location kernel: "exp" (CREST) or "maxdist" (CRAIG).
+    similarity: str = "exp"
+    # Seeds the service's subset sampling, the loader's reshuffling and the Hutchinson probes.
+    seed: int = 0
+    # When a region ends: the CREST Taylor check by default (see region.py).
+    region: RegionConfig = field(default_factory=RegionConfig)
+    # Set to use the fixed rule instead: every region lasts this many steps (overrides region.mode).
+    steps_per_round: int | None = None
+    # Steps between asking for a round and switching to it: hides embedding and selection latency, at the cost
+    # of selecting with a model that many steps older. 0 switches at once, as the released code does.
+    lookahead_steps: int = 4
+    # Selection feature: "logit_gradient" (C floats) or "last_layer_gradient" ((p - y) ⊗ [h, 1]).
+    embedding: str = "logit_gradient"
+    # Random-projection dimension of the last-layer gradient; 0 sends all C·(H+1) values.
+    embedding_dim: int = 0
+    # Check on a fixed seeded sample of this many of the round's random-subset ids; 0 uses them all (CREST).
+    # The check costs one forward pass over them every interval steps: on a CPU this bounds its cost.
+    check_examples: int = 0
+    # Learned-example exclusion in the service (CREST section 4; CrestConfig.drop_learned, with the service's
+    # threshold, window and pool floor): off by default, as in the released code.
+    drop_learned: bool = False
+    # Examples per no-grad forward pass when embedding a round or checking the region. Larger batches were
+    # slower per example on CPU (SmallCNN, one thread: 1,024 cost twice 128-256, from cache misses).
+    embed_batch_size: int = 256
+    # Capacity of the prefetch queue, in batches; the stream thread blocks when it is full.
+    queue_size: int = 32
+    # Longest wait, in seconds, at a switch step for a late round before yielding a uniform batch instead.
+    deadline_s: float = 2.0
+    # The same for the first round of a run (nothing to train on before it), and for creating a session.
+    first_batch_timeout_s: float = 60.0
+    # Raise SelectionUnavailable / TimeoutError instead of falling back to uniform batches.
+    strict: bool = False
+    # Reconnection backoff after a service failure: first delay and cap, in seconds (doubling in between).
+    reconnect_initial_s: float = 0.5
+    reconnect_max_s: float = 30.0
+    # Key of the weights in dict batches (tuple batches get them appended).
+    weights_key: str = "weights"
+    # Job name shown in the service's logs.
+    client_name: str = "trainer"
+
+
+@dataclass
+class LoaderStats:
+    """Counters of one loader; ``wait_s`` is time the training loop spent blocked on the service.
+
+    Under DDP they count this rank's work (its share of the batches, embeddings and checks);
+    ``service_errors`` and ``sessions_opened`` are rank 0's, mirrored; ``batches_received`` is 0 on the other
+    ranks (rank 0 receives the coresets and broadcasts them).
+    """
+
+    steps: int = 0
+    examples_backpropagated: int = 0
+    examples_embedded: int = 0
+    rounds_started: int = 0
+    regions: int = 0
+    batches_received: int = 0
+    checks: int = 0  # Taylor checks (forward passes on the round's random subsets)
+    reselections: int = 0  # regions ended by a failed check (or by the fixed rule)
+    late_steps: int = 0  # steps at which a due round had not arrived (each yields a fallback batch)
+    fallback_batches: int = 0  # uniformly sampled batches (weights 1) yielded instead of coresets
+    service_errors: int = 0
+    sessions_opened: int = 0
+    wait_s: float = 0.0
+    embed_s: float = 0.0
+    check_s: float = 0.0
+    fit_s: float = 0.0
