@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -40,8 +40,8 @@ class RecordingClient(SelectionClient):
         self.plans[round_id] = plan
         return plan
 
-    def stream_batches(self, session_id: str, round_id: int) -> Iterator[WeightedBatch]:
-        for b in super().stream_batches(session_id, round_id):
+    def stream_batches(self, session_id: str, round_id: int, received: Iterable[int] = ()) -> Iterator[WeightedBatch]:
+        for b in super().stream_batches(session_id, round_id, received):
             self.batches.append(b)
             yield b
 
