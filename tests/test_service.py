@@ -354,3 +354,44 @@ def test_rounds_can_ask_for_fewer_subsets_and_share_the_first_ones(
             client.start_round(sid, 1, 0, num_subsets=5)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "exceeds the session's 4" in err.value.details()
     assert sorted(plans[0]) == [0, 1] and sorted(plans[1]) == [0, 1, 2, 3]
+
+
+def test_sizes_over_the_limits_are_refused_before_anything_is_allocated(small_labels: np.ndarray) -> None:
+    limits = Limits(max_dataset_size=1000, max_embedding_dim=64, max_subsets=8)
+    running = start_server(ServerConfig(port=0, backend="local"), backend=LocalBackend(1), limits=limits)
+    try:
+        with SelectionClient(running.target, timeout_s=10) as c:
+            cases = (
+                (lambda: c.create_session(small_labels), grpc.StatusCode.RESOURCE_EXHAUSTED, "dataset_size 2000"),
+                (
+                    lambda: c.create_session(
+                        small_labels[:1000], embedding_kind="last_layer_gradient", embedding_dim=65
+                    ),
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "embedding_dim must be in \\[1, 64\\], received 65",
+                ),
+                (
+                    lambda: c.create_session(small_labels[:1000], num_subsets=9),
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "num_subsets must be in \\[1, 8\\], received 9",
+                ),
+            )
+            for call, code, text in cases:
+                with pytest.raises(grpc.RpcError) as err:
+                    call()
+                assert err.value.code() == code and re.search(text, err.value.details()), err.value.details()
+            # A message over the service's receive limit is refused by gRPC itself, before any decoding.
+            big = grpc.insecure_channel(
+                running.target, options=[("grpc.max_send_message_length", 2 * codec.MAX_MESSAGE_BYTES)]
+            )
+            labels = np.zeros(codec.MAX_MESSAGE_BYTES // 8 + 1, dtype=np.int64)
+            with big, pytest.raises(grpc.RpcError) as err:
+                pb_grpc.SelectorServiceStub(big).CreateSession(
+                    pb.CreateSessionRequest(dataset_size=len(labels), labels=codec.encode(labels, codec.INT64)),
+                    timeout=30,
+                )
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value.details()
+            assert running.manager.totals()["sessions"] == 0  # nothing was created
+            assert c.create_session(small_labels[:1000]).num_classes == 10  # and the server still serves
+    finally:
+        running.stop(grace=0)
