@@ -15,11 +15,9 @@ Needs the bench extra: pip install 'crest-selection[bench]'.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import multiprocessing as mp
 import os
-import platform
 import resource
 import sys
 import time
@@ -29,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks._report import write_atomic
+from benchmarks._report import machine, write_json
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -245,13 +243,13 @@ def main() -> int:
         + ", ".join(f"{k}={v:.3f}" for k, v in crest.items() if k != "problems")
     )
     report = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": sys.version.split()[0]},
+        "machine": machine(),
         "quick": args.quick,
         "results": rows,
         "crest_workload": crest,
     }
     out = Path(args.out)
-    write_atomic(out, json.dumps(report, indent=2))
+    write_json(out, report)
     print(f"wrote {out}")
     return 0
 

@@ -15,7 +15,6 @@ Writes JSON (default results/service.json).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import threading
@@ -25,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks._report import write_atomic
+from benchmarks._report import machine, write_json
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -147,14 +146,13 @@ def main() -> int:
     finally:
         ray.shutdown()
     report = {
-        "cpus": os.cpu_count(),
-        "python": sys.version.split()[0],
+        **machine(),
         "quick": args.quick,
         "in_process_selections_per_s": baseline,
         "results": rows,
     }
     out = Path(args.out)
-    write_atomic(out, json.dumps(report, indent=2))
+    write_json(out, report)
     print(f"wrote {out}")
     return 0
 

@@ -47,8 +47,6 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spin-waiting starves the selectors
 
 import argparse
-import json
-import platform
 import signal
 import sys
 import time
@@ -57,7 +55,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks._report import write_atomic
+from benchmarks._report import machine, write_atomic, write_json
 from benchmarks.train_data import BenchData, load_data, materialize
 from benchmarks.train_methods import METHODS, BenchConfig, EvalSets, RunResult, run_one, warm_up
 from benchmarks.train_report import markdown, plot, score, summarize
@@ -149,7 +147,7 @@ def report(runs: list[RunResult], config: BenchConfig, data: BenchData, out: Pat
     n = len(data.train)  # type: ignore[arg-type]
     table = markdown(summary, config, n, data.name)
     doc = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": sys.version.split()[0]},
+        "machine": machine(),
         "dataset": data.name,
         "train_examples": n,
         "quick": quick,
@@ -160,7 +158,7 @@ def report(runs: list[RunResult], config: BenchConfig, data: BenchData, out: Pat
         "runs": [asdict(r) for r in runs],
         "summary": summary,
     }
-    write_atomic(out, json.dumps(doc, indent=2))
+    write_json(out, doc)
     write_atomic(out.with_suffix(".md"), table)
     return table
 

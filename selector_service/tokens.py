@@ -11,10 +11,10 @@ import hashlib
 import hmac
 import secrets
 
+from crest.selector.v1 import codec
 from selector_service.errors import PermissionDenied, Unauthenticated
 
-# gRPC metadata key that carries the session token (lower case, as gRPC requires).
-METADATA_KEY = "x-crest-session-token"
+METADATA_KEY = codec.SESSION_TOKEN_KEY  # the gRPC metadata entry that carries the token
 _TOKEN_BYTES = 32  # 256 bits of randomness
 
 

@@ -6,24 +6,29 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
-def test_facility_location_benchmark_quick(tmp_path: Path) -> None:
-    out = tmp_path / "fl.json"
+def _run_quick(script: str, out: Path) -> tuple[dict[str, Any], str]:
+    """Run ``benchmarks/<script> --quick``; returns its JSON report and its stdout."""
     run = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "facility_location.py"), "--quick", "--out", str(out)],
+        [sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=600,
         check=False,
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    report = json.loads(out.read_text())
+    return json.loads(out.read_text()), run.stdout
+
+
+@pytest.mark.slow
+def test_facility_location_benchmark_quick(tmp_path: Path) -> None:
+    report, stdout = _run_quick("facility_location.py", tmp_path / "fl.json")
     rows = report["results"]
     assert {r["library"] for r in rows} == {"ours", "submodlib", "apricot"}
     for r in rows:
@@ -33,21 +38,12 @@ def test_facility_location_benchmark_quick(tmp_path: Path) -> None:
     assert all(r["objective_rel"] >= 0.999 for r in ours)  # exact lazy greedy: as good as the peers
     crest = report["crest_workload"]
     assert crest["problems"] == 1000 and crest["ours_seconds"] > 0 and crest["submodlib_seconds"] > 0
-    assert "speedup over the faster peer" in run.stdout
+    assert "speedup over the faster peer" in stdout
 
 
 @pytest.mark.slow
 def test_service_benchmark_quick(tmp_path: Path) -> None:
-    out = tmp_path / "service.json"
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "service.py"), "--quick", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    report = json.loads(out.read_text())
+    report, _ = _run_quick("service.py", tmp_path / "service.json")
     assert report["in_process_selections_per_s"] > 0
     assert {(r["actors"], r["sessions"]) for r in report["results"]} == {(1, 1), (1, 4), (2, 1), (2, 4)}
     for r in report["results"]:

@@ -201,7 +201,7 @@ def test_raw_random_bytes_to_every_method(target: Any, method: str, payload: byt
 def test_session_calls_with_a_wrong_token_are_refused(target: Any, token: str | None) -> None:
     running, client, sid = target
     before = _fingerprint(running, client, sid)
-    meta = () if token is None else (("x-crest-session-token", token),)
+    meta = () if token is None else ((codec.SESSION_TOKEN_KEY, token),)
     expected = grpc.StatusCode.UNAUTHENTICATED if not token else grpc.StatusCode.PERMISSION_DENIED
     calls = (
         lambda: client._stub.StartRound(pb.StartRoundRequest(session_id=sid, round_id=1), timeout=10, metadata=meta),

@@ -14,9 +14,6 @@ from crest.selector.v1 import codec
 from crest.selector.v1 import selector_pb2 as pb
 from crest.selector.v1 import selector_pb2_grpc as pb_grpc
 
-# Metadata key of the per-session token (the service's selector_service.tokens.METADATA_KEY; the wire contract).
-SESSION_TOKEN_KEY = "x-crest-session-token"
-
 _SIMILARITY = {"exp": pb.SIMILARITY_EXP, "maxdist": pb.SIMILARITY_MAXDIST}
 _EMBEDDING = {
     "logit_gradient": pb.EMBEDDING_LOGIT_GRADIENT,
@@ -116,7 +113,7 @@ class SelectionClient:
 
     def _session_metadata(self, session_id: str) -> tuple[tuple[str, str], ...]:
         token = self._session_tokens.get(session_id)
-        return self._metadata if token is None else (*self._metadata, (SESSION_TOKEN_KEY, token))
+        return self._metadata if token is None else (*self._metadata, (codec.SESSION_TOKEN_KEY, token))
 
     def wait_ready(self, timeout_s: float = 30.0) -> None:
         """Block until the service reports SERVING (raises ``grpc.RpcError`` on timeout)."""

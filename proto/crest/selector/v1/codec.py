@@ -14,6 +14,8 @@ FLOAT32 = np.dtype("<f4")
 
 # Largest message either side sends or accepts (bytes). Payload chunks stay well below it.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+# gRPC metadata key of the per-session token (see the header of selector.proto); lower case, as gRPC requires.
+SESSION_TOKEN_KEY = "x-crest-session-token"
 # Target payload of one streamed message (bytes); the design keeps messages under ~3 MiB.
 CHUNK_BYTES = 2 * 1024 * 1024
 
