@@ -11,11 +11,17 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+from numba import njit
 
 from selector_service._greedy import BATCH_MAX, select_groups
 from selector_service.errors import InvalidArgument
-from selector_service.facility_location import Coreset, check_budget, facility_location, sparse_facility_location
-from selector_service.similarity import check_kernel, dense_similarity, knn_coverage
+from selector_service.facility_location import (
+    Coreset,
+    check_budget,
+    quantized_facility_location,
+    sparse_facility_location,
+)
+from selector_service.similarity import check_kernel, knn_coverage, quantized_similarity
 from selector_service.subsets import split_budget
 
 log = logging.getLogger(__name__)
@@ -32,7 +38,7 @@ def _check_embeddings(embeddings: np.ndarray) -> np.ndarray:
     return x
 
 
-# Largest ground set (per class) selected on a dense kernel by default: 4 n^2 bytes = 1 GiB at this size.
+# Largest ground set (per class) selected on a dense kernel by default: 2 n^2 bytes = 512 MiB at this size.
 DENSE_MAX = 16_384
 # Above this many points (per class) the automatic kNN path uses an IVF index instead of an exact one.
 EXACT_KNN_MAX = 20_000
@@ -51,10 +57,24 @@ def _select_group(
 ) -> Coreset:
     n = x.shape[0]
     if knn == 0 or (knn is None and n <= DENSE_MAX):
-        return facility_location(dense_similarity(x, similarity), k, method, epsilon=epsilon, seed=seed)
+        kernel = quantized_similarity(x, similarity)
+        return quantized_facility_location(kernel, k, method, epsilon=epsilon, seed=seed)
     neighbours = knn if knn is not None else auto_neighbours(n, k)
     coverage = knn_coverage(x, neighbours, similarity, approximate=knn is None and n > EXACT_KNN_MAX, seed=seed)
     return sparse_facility_location(coverage, x, k, method, epsilon=epsilon, seed=seed)
+
+
+@njit(cache=True)
+def _class_offsets(sorted_labels: np.ndarray) -> np.ndarray:
+    """Where each run of equal labels starts in ``sorted_labels``, plus the length: int64 (classes + 1,).
+    Compiled: numpy's unique costs more than a whole CREST-sized selection."""
+    n = sorted_labels.shape[0]
+    starts = [0]
+    for i in range(1, n):
+        if sorted_labels[i] != sorted_labels[i - 1]:
+            starts.append(i)
+    starts.append(n)
+    return np.array(starts, dtype=np.int64)
 
 
 def select_coreset(
@@ -97,17 +117,18 @@ def select_coreset(
     if knn is not None and knn < 0:
         raise InvalidArgument(f"knn must be None (automatic), 0 (dense) or a neighbour count > 0, received {knn}")
     if labels is None:
-        members, offsets, budgets = np.arange(n, dtype=np.int64), np.array([0, n], dtype=np.int64), np.array([k])
+        members, offsets = np.arange(n, dtype=np.int64), np.array([0, n], dtype=np.int64)
+        budgets = np.array([k], dtype=np.int64)
     else:
         labels = np.asarray(labels)
         if labels.shape != (n,):
             raise InvalidArgument(f"labels must have shape ({n},) to match the embeddings, received {labels.shape}")
-        members = np.argsort(labels, kind="stable").astype(np.int64)  # rows grouped by class, ascending
-        _, starts, counts = np.unique(labels[members], return_index=True, return_counts=True)
-        offsets = np.append(starts, n).astype(np.int64)
-        budgets = split_budget(counts, k)
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise InvalidArgument(f"labels must be integers, received dtype {labels.dtype}")
+        members = np.argsort(labels, kind="stable")  # rows grouped by class, ascending
+        offsets = _class_offsets(labels[members].astype(np.int64, copy=False))
+        budgets = split_budget(np.diff(offsets), k)
     check_budget(n, k, method, epsilon)
-    budgets = budgets.astype(np.int64)
     if method != "naive" and not knn and int(np.diff(offsets).max()) <= BATCH_MAX:
         idx, weights, gains = select_groups(x, members, offsets, budgets, similarity, method, epsilon, seed)
         return Coreset(indices=idx, weights=weights, gains=gains)

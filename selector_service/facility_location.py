@@ -20,7 +20,7 @@ from numba import njit
 
 from selector_service._greedy import dense_greedy, sparse_greedy
 from selector_service.errors import InvalidArgument
-from selector_service.similarity import Coverage, nearest
+from selector_service.similarity import Coverage, QuantizedKernel, nearest
 
 OPTIMIZERS = ("naive", "lazy", "stochastic")
 
@@ -95,12 +95,34 @@ def facility_location(sim: np.ndarray, k: int, method: str = "lazy", *, epsilon:
         raise InvalidArgument(f"similarity matrix must be square, received shape {sim.shape}")
     check_budget(n, k, method, epsilon)
     sim = np.ascontiguousarray(sim, dtype=np.float32)
+    return _dense_coreset(sim, None, k, method, epsilon, seed)
+
+
+def _dense_coreset(
+    sim: np.ndarray, bounds: np.ndarray | None, k: int, method: str, epsilon: float, seed: int
+) -> Coreset:
     if method == "naive":
         order, gains = naive_greedy(sim, k)
     else:
-        order, gains, _ = dense_greedy(sim, k, method, epsilon, seed)
+        order, gains, _ = dense_greedy(sim, k, method, epsilon, seed, bounds)
     owner = np.argmax(sim[order], axis=0)  # first pick wins a tie
     return Coreset(indices=order, weights=_sizes(owner, order), gains=gains)
+
+
+def quantized_facility_location(
+    kernel: QuantizedKernel, k: int, method: str = "lazy", *, epsilon: float = 0.1, seed: int = 0
+) -> Coreset:
+    """Greedy facility location on a fixed-point kernel (``similarity.quantized_similarity``).
+
+    Every gain is an exact integer number of steps, so lazy greedy returns the naive selection bit for bit.
+    Gains are reported in similarity units. Arguments as ``facility_location``.
+    """
+    n = kernel.steps.shape[0]
+    check_budget(n, k, method, epsilon)
+    coreset = _dense_coreset(kernel.steps, kernel.row_sums, k, method, epsilon, seed)
+    gains = coreset.gains * kernel.unit
+    gains[0] += n * kernel.offset  # the offset counts once per point, in the first pick's gain
+    return Coreset(indices=coreset.indices, weights=coreset.weights, gains=gains)
 
 
 @njit(cache=True)

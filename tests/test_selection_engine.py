@@ -8,8 +8,14 @@ import pytest
 
 from selector_service import InvalidArgument, select_coreset
 from selector_service.coreset import auto_neighbours
-from selector_service.facility_location import facility_location, naive_greedy, objective, sparse_facility_location
-from selector_service.similarity import dense_similarity, knn_coverage
+from selector_service.facility_location import (
+    facility_location,
+    naive_greedy,
+    objective,
+    quantized_facility_location,
+    sparse_facility_location,
+)
+from selector_service.similarity import STEP_BLOCK_ROWS, dense_similarity, knn_coverage, quantized_similarity
 
 
 def _clustered(seed: int, n: int, d: int, clusters: int) -> np.ndarray:
@@ -24,6 +30,48 @@ def test_blocked_dense_kernel_matches_float64_reference_across_blocks() -> None:
     np.testing.assert_allclose(dense_similarity(x, "exp"), np.exp(-dist / 16), atol=2e-5)
     np.testing.assert_allclose(dense_similarity(x, "maxdist"), dist.max() - dist, atol=2e-3)
     assert dense_similarity(x, "exp").dtype == np.float32
+
+
+@pytest.mark.parametrize("kind", ["exp", "maxdist"])
+def test_quantized_kernel_matches_float64_reference_across_blocks(kind: str) -> None:
+    x = _clustered(10, 2 * STEP_BLOCK_ROWS + 276, 16, 20)  # three row blocks: two mirrored panels
+    dist = np.sqrt(np.maximum(((x[:, None, :].astype(np.float64) - x[None, :, :]) ** 2).sum(-1), 0))
+    ref = np.exp(-dist / 16) if kind == "exp" else dist.max() - dist
+    kernel = quantized_similarity(x, kind)
+    assert kernel.steps.dtype == np.uint16
+    float_error = 2e-5 if kind == "exp" else 2e-3  # float32 GEMM distances, as for the float32 kernel
+    np.testing.assert_allclose(kernel.offset + kernel.unit * kernel.steps, ref, atol=kernel.unit / 2 + float_error)
+    np.testing.assert_array_equal(kernel.steps, kernel.steps.T)  # the lower triangle is mirrored
+    np.testing.assert_array_equal(kernel.row_sums, kernel.steps.sum(axis=1, dtype=np.int64))
+    assert (np.diagonal(kernel.steps) == kernel.steps.max(axis=1)).all()  # every point covers itself best
+
+
+def test_lazy_equals_naive_bit_for_bit_on_quantized_kernels() -> None:
+    rng = np.random.default_rng(11)
+    for trial in range(300):
+        n = int(rng.integers(2, 150))
+        x = rng.normal(size=(n, int(rng.integers(1, 20)))).astype(np.float32)
+        if trial % 5 == 0:
+            x[n // 2 :] = x[: n - n // 2]  # exact duplicates: ties resolved towards the lowest index by both
+        kernel = quantized_similarity(x, "exp" if trial % 2 else "maxdist")
+        k = int(rng.integers(1, n + 1))
+        lazy = quantized_facility_location(kernel, k, "lazy")
+        naive = quantized_facility_location(kernel, k, "naive")
+        np.testing.assert_array_equal(lazy.indices, naive.indices, err_msg=f"trial {trial}, n={n}, k={k}")
+        np.testing.assert_array_equal(lazy.gains, naive.gains)  # integer steps: no rounding to differ by
+        np.testing.assert_array_equal(lazy.weights, naive.weights)
+
+
+@pytest.mark.parametrize(("n", "k", "kind"), [(2000, 20, "exp"), (2000, 200, "exp"), (1500, 30, "maxdist")])
+def test_quantized_dense_path_keeps_the_float_objective(n: int, k: int, kind: str) -> None:
+    x = _clustered(12, n, 32, 40)
+    sim = dense_similarity(x, kind)
+    fixed_point = select_coreset(x, k, knn=0, similarity=kind)
+    reference = facility_location(sim, k, "lazy")
+    assert objective(sim, fixed_point.indices) >= (1 - 1e-5) * objective(sim, reference.indices)
+    # Gains are reported in similarity units and add up to the objective.
+    assert fixed_point.gains.sum() == pytest.approx(objective(sim, fixed_point.indices), rel=1e-4)
+    assert fixed_point.weights.sum() == n and (fixed_point.weights >= 1).all()
 
 
 def test_sparse_lazy_equals_sparse_naive() -> None:
@@ -106,6 +154,8 @@ def test_bad_engine_arguments() -> None:
         select_coreset(x, 5, method="stochastic", epsilon=1.5)
     with pytest.raises(InvalidArgument, match="unknown method 'greedy'"):
         select_coreset(x, 5, method="greedy")
+    with pytest.raises(InvalidArgument, match="labels must be integers, received dtype float64"):
+        select_coreset(x, 5, labels=np.linspace(0, 1, 50))
 
 
 def test_batched_small_groups_agree_with_the_per_group_reference() -> None:
