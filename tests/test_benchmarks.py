@@ -34,6 +34,7 @@ def test_facility_location_benchmark_quick(tmp_path: Path) -> None:
     for r in rows:
         assert "seconds" in r, r  # nothing skipped at these sizes
         assert r["seconds"] > 0 and 0 < r["objective_rel"] <= 1.0 + 1e-12
+        assert r["first_seconds"] > 0 and r["runs"] == 3  # quick selections are all timed three times
     ours = [r for r in rows if r["library"] == "ours"]
     assert all(r["objective_rel"] >= 0.999 for r in ours)  # exact lazy greedy: as good as the peers
     crest = report["crest_workload"]
