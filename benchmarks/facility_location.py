@@ -119,13 +119,11 @@ def _child(library: str, config: Config, conn: Any) -> None:
         conn.send({"error": f"{type(exc).__name__}: {exc}"})
 
 
-def run_one(library: str, config: Config, timeout_s: float) -> dict[str, Any]:
-    need = dense_bytes(library, config.n)
-    if need > MEMORY_BYTES:
-        return {"skipped": f"dense n x n kernel needs ~{need / 1024**3:.0f} GiB"}
+def _spawn(target: Any, args: tuple[Any, ...], timeout_s: float) -> dict[str, Any]:
+    """Run ``target(*args, conn)`` in a fresh process and return the dict it sends, or why there is none."""
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(library, config, child))
+    proc = ctx.Process(target=target, args=(*args, child))
     proc.start()
     child.close()
     if not parent.poll(timeout_s):
@@ -133,12 +131,19 @@ def run_one(library: str, config: Config, timeout_s: float) -> dict[str, Any]:
         proc.join()
         return {"skipped": f"no result within {timeout_s:.0f} s"}
     try:
-        result = parent.recv()
+        result: dict[str, Any] = parent.recv()
     except EOFError:
         proc.join()
         return {"error": f"child exited with code {proc.exitcode} before reporting (out of memory?)"}
     proc.join()
     return result
+
+
+def run_one(library: str, config: Config, timeout_s: float) -> dict[str, Any]:
+    need = dense_bytes(library, config.n)
+    if need > MEMORY_BYTES:
+        return {"skipped": f"dense n x n kernel needs ~{need / 1024**3:.0f} GiB"}
+    return _spawn(_child, (library, config), timeout_s)
 
 
 def score(x: np.ndarray, picks: np.ndarray) -> tuple[float, float]:
@@ -150,38 +155,50 @@ def score(x: np.ndarray, picks: np.ndarray) -> tuple[float, float]:
     return float(np.exp(-dist / x.shape[1]).sum()), float(dist.sum())
 
 
-def crest_workload(repeats: int, libraries: tuple[str, ...]) -> dict[str, Any]:
-    """5 random subsets x 10 classes x 50 points, budget 13 per class, ``repeats`` times (CIFAR-10 defaults)."""
-    rng = np.random.default_rng(1)
-    subsets = [rng.normal(size=(500, 10)).astype(np.float32) for _ in range(5)]
-    labels = np.repeat(np.arange(10), 50)
+def _crest_child(library: str, repeats: int, conn: Any) -> None:
+    try:
+        rng = np.random.default_rng(1)
+        subsets = [rng.normal(size=(500, 10)).astype(np.float32) for _ in range(5)]
+        labels = np.repeat(np.arange(10), 50)
+        if library == "ours":
+            from selector_service import select_coreset
+
+            select_coreset(subsets[0], 130, labels=labels)  # warm-up
+            start = time.perf_counter()
+            for _ in range(repeats):
+                for x in subsets:  # one call per subset, all ten classes inside it (as a selector actor does)
+                    select_coreset(x, 130, labels=labels)
+        else:
+            from submodlib import FacilityLocationFunction
+
+            start = time.perf_counter()
+            for _ in range(repeats):
+                for x in subsets:
+                    for c in range(10):  # per class, as the released CREST code calls it
+                        f = FacilityLocationFunction(n=50, data=x[labels == c], mode="dense", metric="euclidean")
+                        f.maximize(
+                            budget=13,
+                            optimizer="LazyGreedy",
+                            stopIfZeroGain=False,
+                            stopIfNegativeGain=False,
+                            verbose=False,
+                            show_progress=False,
+                        )
+        conn.send({"seconds": time.perf_counter() - start})
+    except BaseException as exc:
+        conn.send({"error": f"{type(exc).__name__}: {exc}"})
+
+
+def crest_workload(repeats: int, libraries: tuple[str, ...], timeout_s: float = 600) -> dict[str, Any]:
+    """5 random subsets x 10 classes x 50 points, budget 13 per class, ``repeats`` times (CIFAR-10 defaults),
+    each library in a fresh process."""
     out: dict[str, Any] = {"problems": repeats * 5 * 10}
-    if "ours" in libraries:
-        from selector_service import select_coreset
-
-        select_coreset(subsets[0], 130, labels=labels)
-        start = time.perf_counter()
-        for _ in range(repeats):
-            for x in subsets:  # one call per subset, all ten classes inside it (as a selector actor does)
-                select_coreset(x, 130, labels=labels)
-        out["ours_seconds"] = time.perf_counter() - start
-    if "submodlib" in libraries:
-        from submodlib import FacilityLocationFunction
-
-        start = time.perf_counter()
-        for _ in range(repeats):
-            for x in subsets:
-                for c in range(10):  # per class, as the released CREST code calls it
-                    f = FacilityLocationFunction(n=50, data=x[labels == c], mode="dense", metric="euclidean")
-                    f.maximize(
-                        budget=13,
-                        optimizer="LazyGreedy",
-                        stopIfZeroGain=False,
-                        stopIfNegativeGain=False,
-                        verbose=False,
-                        show_progress=False,
-                    )
-        out["submodlib_seconds"] = time.perf_counter() - start
+    for library in ("ours", "submodlib"):
+        if library in libraries:
+            result = _spawn(_crest_child, (library, repeats), timeout_s)
+            if "seconds" not in result:
+                raise RuntimeError(f"CREST-shaped workload, {library}: {result}")
+            out[f"{library}_seconds"] = result["seconds"]
     if "ours_seconds" in out and "submodlib_seconds" in out:
         out["throughput_ratio"] = out["submodlib_seconds"] / out["ours_seconds"]
     return out
@@ -255,7 +272,7 @@ def main() -> int:
         if peers and ours:
             print(f"{'':<24}speedup over the faster peer: {min(peers) / ours['seconds']:.1f}x")
     repeats = args.crest_repeats if args.crest_repeats is not None else (20 if args.quick else 1000)
-    crest = crest_workload(repeats, libraries) if repeats else {"problems": 0}
+    crest = crest_workload(repeats, libraries, args.timeout) if repeats else {"problems": 0}
     print(
         f"CREST-shaped workload ({crest['problems']} problems of 50 points, budget 13): "
         + ", ".join(f"{k}={v:.3f}" for k, v in crest.items() if k != "problems")

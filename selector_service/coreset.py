@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
+from selector_service._buffers import borrowed
 from selector_service._greedy import BATCH_MAX, select_groups
 from selector_service.errors import InvalidArgument
 from selector_service.facility_location import (
@@ -57,8 +58,9 @@ def _select_group(
 ) -> Coreset:
     n = x.shape[0]
     if knn == 0 or (knn is None and n <= DENSE_MAX):
-        kernel = quantized_similarity(x, similarity)
-        return quantized_facility_location(kernel, k, method, epsilon=epsilon, seed=seed)
+        with borrowed(n) as steps:  # the coreset keeps no reference to the kernel
+            kernel = quantized_similarity(x, similarity, out=steps)
+            return quantized_facility_location(kernel, k, method, epsilon=epsilon, seed=seed)
     neighbours = knn if knn is not None else auto_neighbours(n, k)
     coverage = knn_coverage(x, neighbours, similarity, approximate=knn is None and n > EXACT_KNN_MAX, seed=seed)
     return sparse_facility_location(coverage, x, k, method, epsilon=epsilon, seed=seed)

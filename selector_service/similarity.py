@@ -93,7 +93,7 @@ def _distance_bound(x: np.ndarray) -> float:
     return max(2.0 * radius * 1.001, 1e-6)
 
 
-def quantized_similarity(x: np.ndarray, kind: str = "exp") -> QuantizedKernel:
+def quantized_similarity(x: np.ndarray, kind: str = "exp", out: np.ndarray | None = None) -> QuantizedKernel:
     """The dense kernel of ``x`` (see ``KERNELS``) in 16-bit fixed point, in 2 n^2 bytes.
 
     The steps span the kernel's possible range on these points, bounded through the largest distance B <= 2 max
@@ -102,10 +102,13 @@ def quantized_similarity(x: np.ndarray, kind: str = "exp") -> QuantizedKernel:
     Args:
         x: float32 (n, d) finite embeddings.
         kind: a key of ``KERNELS``.
+        out: optional uint16 (n, n) C-contiguous array to hold the steps (every entry is overwritten).
     """
     check_kernel(kind)
     x = np.ascontiguousarray(x, dtype=np.float32)
     n, d = x.shape
+    if out is not None and (out.shape != (n, n) or out.dtype != np.uint16 or not out.flags.c_contiguous):
+        raise InvalidArgument(f"out must be a C-contiguous uint16 ({n}, {n}) array, received {out.dtype} {out.shape}")
     bound = _distance_bound(x)
     if kind == "exp":
         scale, base = -1.0 / d, math.exp(-bound / d)
@@ -115,7 +118,7 @@ def quantized_similarity(x: np.ndarray, kind: str = "exp") -> QuantizedKernel:
         unit = bound / STEPS_MAX
     sq = np.einsum("ij,ij->i", x, x)
     xt = np.ascontiguousarray(x.T)
-    steps = np.empty((n, n), dtype=np.uint16)
+    steps = np.empty((n, n), dtype=np.uint16) if out is None else out
     sums = np.zeros(n, dtype=np.float64)
     lows = np.empty(n, dtype=np.int64)
     scratch = np.empty(min(STEP_BLOCK_ROWS, n) * n, dtype=np.float32)

@@ -190,3 +190,30 @@ def test_blocked_exact_knn_matches_faiss_flat() -> None:
     assert (nbrs[:, 0] == np.arange(2500)).all()
     np.testing.assert_allclose(dist, np.sqrt(np.maximum(ref_d2, 0)), atol=2e-3)  # same distances, nearest first
     assert (np.diff(dist, axis=1) >= 0).all()
+
+
+def test_reused_kernel_buffer_gives_the_same_selections_sequentially_and_concurrently() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from selector_service import _buffers
+
+    sizes = (700, 1200, 600, 1200)  # the dense path; the buffer grows, shrinks in use, and is reused
+    inputs = [_clustered(20 + i, n, 16, 12) for i, n in enumerate(sizes)]
+    _buffers.release()
+    fresh = []
+    for x in inputs:
+        fresh.append(select_coreset(x, 25, knn=0).indices)
+        _buffers.release()  # every call on new memory
+    reused = [select_coreset(x, 25, knn=0).indices for x in inputs]
+    with ThreadPoolExecutor(max_workers=4) as pool:  # concurrent callers never share a buffer
+        concurrent = list(pool.map(lambda x: select_coreset(x, 25, knn=0).indices, inputs * 2))
+    for i in range(len(inputs)):
+        np.testing.assert_array_equal(reused[i], fresh[i])
+        np.testing.assert_array_equal(concurrent[i], fresh[i])
+        np.testing.assert_array_equal(concurrent[i + len(inputs)], fresh[i])
+
+
+def test_quantized_kernel_rejects_a_wrong_output_array() -> None:
+    x = _clustered(21, 40, 4, 3)
+    with pytest.raises(InvalidArgument, match=r"out must be a C-contiguous uint16 \(40, 40\) array, received float32"):
+        quantized_similarity(x, out=np.empty((40, 40), dtype=np.float32))
