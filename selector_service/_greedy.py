@@ -647,18 +647,21 @@ def _select_groups(
     members: np.ndarray,
     offsets: np.ndarray,
     budgets: np.ndarray,
-    starts: np.ndarray,
     exp_kernel: bool,
     stochastic: bool,
     sample_mult: float,
     seed: int,
-    out_idx: np.ndarray,
-    out_w: np.ndarray,
-    out_gain: np.ndarray,
-) -> None:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     # Groups are independent and each writes its own output slice (from starts[g]), so they run in parallel with
     # the same result as in order. Called from Python only (a parallel function must not be nested).
-    for g in prange(offsets.shape[0] - 1):
+    groups = offsets.shape[0] - 1
+    starts = np.zeros(groups + 1, dtype=np.int64)
+    for g in range(groups):
+        starts[g + 1] = starts[g] + budgets[g]
+    out_idx = np.empty(starts[groups], dtype=np.int64)
+    out_w = np.empty(starts[groups], dtype=np.float32)
+    out_gain = np.empty(starts[groups], dtype=np.float64)
+    for g in prange(groups):
         rows = members[offsets[g] : offsets[g + 1]]
         m = rows.shape[0]
         k = budgets[g]
@@ -690,6 +693,7 @@ def _select_groups(
             out_idx[out + t] = rows[order[t]]
             out_w[out + t] = counts[t]
             out_gain[out + t] = gains[t]
+    return out_idx, out_w, out_gain
 
 
 def select_groups(
@@ -714,25 +718,13 @@ def select_groups(
     Returns:
         (indices int64, weights float32, gains float64), each (sum(budgets),), groups in order.
     """
-    starts = np.zeros(len(budgets), dtype=np.int64)
-    np.cumsum(budgets[:-1], out=starts[1:])
-    total = int(budgets.sum())
-    idx = np.empty(total, dtype=np.int64)
-    w = np.empty(total, dtype=np.float32)
-    gains = np.empty(total, dtype=np.float64)
-    sample_mult = math.log(1.0 / epsilon)
-    _select_groups(
+    return _select_groups(  # type: ignore[no-any-return]
         np.ascontiguousarray(x, dtype=np.float32),
         members,
         offsets,
         budgets,
-        starts,
         similarity == "exp",
         method == "stochastic",
-        sample_mult,
+        math.log(1.0 / epsilon),
         seed,
-        idx,
-        w,
-        gains,
     )
-    return idx, w, gains

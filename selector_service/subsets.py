@@ -65,19 +65,23 @@ def split_budget(counts: np.ndarray, k: int) -> np.ndarray:
         int64 (g,) budgets.
     """
     counts = np.asarray(counts, dtype=np.int64)
-    total = int(counts.sum())
-    if not len(counts) <= k <= total:
+    budget = _largest_remainder(counts, k)
+    if len(budget) != len(counts):
         raise InvalidArgument(
             f"budget {k} must be between the number of classes present ({len(counts)}) and the ground-set size "
-            f"({total})"
+            f"({int(counts.sum())})"
         )
-    return _largest_remainder(counts, k)
+    return budget
 
 
 @njit(cache=True)
 def _largest_remainder(counts: np.ndarray, k: int) -> np.ndarray:
     # Compiled: a split per coreset call costs about 1 us here against 10 us as numpy calls on tiny arrays.
-    share = counts * (k / counts.sum())
+    # An empty result means k is out of range.
+    total = counts.sum()
+    if not counts.shape[0] <= k <= total:
+        return np.empty(0, dtype=np.int64)
+    share = counts * (k / total)
     budget = np.empty(counts.shape[0], dtype=np.int64)
     for j in range(counts.shape[0]):
         budget[j] = min(max(math.floor(share[j]), 1), counts[j])
