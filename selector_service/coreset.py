@@ -79,11 +79,6 @@ def _class_offsets(sorted_labels: np.ndarray) -> np.ndarray:
     return np.array(starts, dtype=np.int64)
 
 
-@njit(cache=True)
-def _largest_group(offsets: np.ndarray) -> int:
-    return int((offsets[1:] - offsets[:-1]).max())
-
-
 def select_coreset(
     embeddings: np.ndarray,
     k: int,
@@ -125,7 +120,6 @@ def select_coreset(
         raise InvalidArgument(f"knn must be None (automatic), 0 (dense) or a neighbour count > 0, received {knn}")
     if labels is None:
         members, offsets = np.arange(n, dtype=np.int64), np.array([0, n], dtype=np.int64)
-        budgets = np.array([k], dtype=np.int64)
     else:
         labels = np.asarray(labels)
         if labels.shape != (n,):
@@ -134,9 +128,10 @@ def select_coreset(
             raise InvalidArgument(f"labels must be integers, received dtype {labels.dtype}")
         members = np.argsort(labels, kind="stable")  # rows grouped by class, ascending
         offsets = _class_offsets(labels[members].astype(np.int64, copy=False))
-        budgets = split_budget(offsets[1:] - offsets[:-1], k)
+    sizes = offsets[1:] - offsets[:-1]
+    budgets = np.array([k], dtype=np.int64) if labels is None else split_budget(sizes, k)
     check_budget(n, k, method, epsilon)
-    if method != "naive" and not knn and _largest_group(offsets) <= BATCH_MAX:
+    if method != "naive" and not knn and int(sizes.max()) <= BATCH_MAX:
         idx, weights, gains = select_groups(x, members, offsets, budgets, similarity, method, epsilon, seed)
         return Coreset(indices=idx, weights=weights, gains=gains)
     groups = [members[lo:hi] for lo, hi in itertools.pairwise(offsets)]
