@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks._report import machine, write_json
+from benchmarks.crest_workload import crest_workload
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -155,55 +156,6 @@ def score(x: np.ndarray, picks: np.ndarray) -> tuple[float, float]:
     return float(np.exp(-dist / x.shape[1]).sum()), float(dist.sum())
 
 
-def _crest_child(library: str, repeats: int, conn: Any) -> None:
-    try:
-        rng = np.random.default_rng(1)
-        subsets = [rng.normal(size=(500, 10)).astype(np.float32) for _ in range(5)]
-        labels = np.repeat(np.arange(10), 50)
-        if library == "ours":
-            from selector_service import select_coreset
-
-            select_coreset(subsets[0], 130, labels=labels)  # warm-up
-            start = time.perf_counter()
-            for _ in range(repeats):
-                for x in subsets:  # one call per subset, all ten classes inside it (as a selector actor does)
-                    select_coreset(x, 130, labels=labels)
-        else:
-            from submodlib import FacilityLocationFunction
-
-            start = time.perf_counter()
-            for _ in range(repeats):
-                for x in subsets:
-                    for c in range(10):  # per class, as the released CREST code calls it
-                        f = FacilityLocationFunction(n=50, data=x[labels == c], mode="dense", metric="euclidean")
-                        f.maximize(
-                            budget=13,
-                            optimizer="LazyGreedy",
-                            stopIfZeroGain=False,
-                            stopIfNegativeGain=False,
-                            verbose=False,
-                            show_progress=False,
-                        )
-        conn.send({"seconds": time.perf_counter() - start})
-    except BaseException as exc:
-        conn.send({"error": f"{type(exc).__name__}: {exc}"})
-
-
-def crest_workload(repeats: int, libraries: tuple[str, ...], timeout_s: float = 600) -> dict[str, Any]:
-    """5 random subsets x 10 classes x 50 points, budget 13 per class, ``repeats`` times (CIFAR-10 defaults),
-    each library in a fresh process."""
-    out: dict[str, Any] = {"problems": repeats * 5 * 10}
-    for library in ("ours", "submodlib"):
-        if library in libraries:
-            result = _spawn(_crest_child, (library, repeats), timeout_s)
-            if "seconds" not in result:
-                raise RuntimeError(f"CREST-shaped workload, {library}: {result}")
-            out[f"{library}_seconds"] = result["seconds"]
-    if "ours_seconds" in out and "submodlib_seconds" in out:
-        out["throughput_ratio"] = out["submodlib_seconds"] / out["ours_seconds"]
-    return out
-
-
 def grid(quick: bool) -> list[Config]:
     if quick:
         return [Config(2000, 10, 20), Config(2000, 128, 200)]
@@ -273,10 +225,10 @@ def main() -> int:
             print(f"{'':<24}speedup over the faster peer: {min(peers) / ours['seconds']:.1f}x")
     repeats = args.crest_repeats if args.crest_repeats is not None else (20 if args.quick else 1000)
     crest = crest_workload(repeats, libraries, args.timeout) if repeats else {"problems": 0}
-    print(
-        f"CREST-shaped workload ({crest['problems']} problems of 50 points, budget 13): "
-        + ", ".join(f"{k}={v:.3f}" for k, v in crest.items() if k != "problems")
-    )
+    print(f"CREST-shaped workload ({crest['problems']} problems of 50 points, budget 13, alternating blocks):")
+    for key, value in crest.items():
+        if key not in ("problems", "protocol", "blocks"):
+            print(f"  {key}: {value:.3f}" if isinstance(value, float) else f"  {key}: {value}")
     report = {
         "machine": machine(),
         "quick": args.quick,

@@ -3,7 +3,13 @@
 Importing this package loads neither Ray nor gRPC nor faiss; they load when their parts are used.
 """
 
-from selector_service.coreset import MinibatchCoreset, minibatch_coreset, select_coreset
+from selector_service.coreset import (
+    MinibatchCoreset,
+    minibatch_coreset,
+    minibatch_coresets,
+    select_coreset,
+    select_coresets,
+)
 from selector_service.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -29,5 +35,7 @@ __all__ = [
     "SelectorFailure",
     "facility_location",
     "minibatch_coreset",
+    "minibatch_coresets",
     "select_coreset",
+    "select_coresets",
 ]

@@ -603,19 +603,21 @@ def _group_kernel(x: np.ndarray, rows: np.ndarray, exp_kernel: bool) -> np.ndarr
 
 
 @njit(cache=True, fastmath=True)
-def _tracked_greedy(sim: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def _tracked_greedy(sim: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Greedy on a small symmetric kernel (float32 (m, m)) with every candidate's gain kept current:
-    (order int64 (k,), gains float64 (k,)), the lowest index winning a tie.
+    (order int64 (k,), gains float64 (k,), cluster sizes float32 (k,)), the lowest index winning a tie.
 
     Row i is also column i, so when point i's coverage rises from ``old`` to ``new`` one contiguous pass
     updates every candidate's gain by what it can no longer add to i. On the CREST groups (50 points, budget
     13) the gains are close together and lazy evaluation re-evaluates about 10 candidates per pick; this
-    costs about half as much, and matches lazy greedy up to 512 points.
+    costs about half as much, and matches lazy greedy up to 512 points. The same pass records which pick
+    covers each point best (the earliest on a tie), so the cluster sizes need no second search.
     """
     m = sim.shape[0]
     cover = np.zeros(m, dtype=np.float32)
     gains = np.zeros(m, dtype=np.float64)
     taken = np.zeros(m, dtype=np.bool_)
+    owner = np.zeros(m, dtype=np.int64)  # a point no pick covers above 0 (maxdist's farthest) joins the first
     order = np.empty(k, dtype=np.int64)
     picked = np.empty(k, dtype=np.float64)
     for i in range(m):
@@ -635,10 +637,40 @@ def _tracked_greedy(sim: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
             new, old = pick[i], cover[i]
             if new > old:
                 cover[i] = new
+                owner[i] = step
                 row = sim[i]
                 for c in range(m):
                     gains[c] -= max(row[c] - old, np.float32(0.0)) - max(row[c] - new, np.float32(0.0))
-    return order, picked
+    return order, picked, _owner_counts(owner, order)
+
+
+@njit(cache=True)
+def _owner_counts(owner: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Cluster sizes, float32 (k,), from each point's covering pick (int64 (m,) positions in ``order``);
+    a selected point always belongs to its own cluster."""
+    k = order.shape[0]
+    for t in range(k):
+        owner[order[t]] = t
+    counts = np.zeros(k, dtype=np.float32)
+    for i in range(owner.shape[0]):
+        counts[owner[i]] += 1
+    return counts
+
+
+@njit(cache=True)
+def _nearest_pick(sim: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """For each point, the position in ``order`` of the pick most similar to it (the earliest on a tie):
+    int64 (m,)."""
+    m = sim.shape[0]
+    owner = np.zeros(m, dtype=np.int64)
+    best = np.full(m, -np.inf, dtype=np.float32)
+    for t in range(order.shape[0]):
+        row = sim[order[t]]
+        for i in range(m):
+            if row[i] > best[i]:
+                best[i] = row[i]
+                owner[i] = t
+    return owner
 
 
 @njit(cache=True, parallel=True)
@@ -650,7 +682,7 @@ def _select_groups(
     exp_kernel: bool,
     stochastic: bool,
     sample_mult: float,
-    seed: int,
+    seeds: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     # Groups are independent and each writes its own output slice (from starts[g]), so they run in parallel with
     # the same result as in order. Called from Python only (a parallel function must not be nested).
@@ -673,22 +705,10 @@ def _select_groups(
             for j in range(m):
                 bounds[j] = _dense_gain(sim, j, cover)
             sample = min(m, max(1, int(math.ceil(m / k * sample_mult))))  # noqa: RUF046 (numba typing)
-            order, gains, _ = _stochastic(DENSE, sim, _EMPTY_I, _EMPTY_I, _EMPTY_F, bounds, cover, k, sample, seed + g)
+            order, gains, _ = _stochastic(DENSE, sim, _EMPTY_I, _EMPTY_I, _EMPTY_F, bounds, cover, k, sample, seeds[g])
+            counts = _owner_counts(_nearest_pick(sim, order), order)
         else:
-            order, gains = _tracked_greedy(sim, k)
-        counts = np.zeros(k, dtype=np.int64)
-        rank = np.full(m, -1, dtype=np.int64)
-        for t in range(k):
-            rank[order[t]] = t
-        for i in range(m):
-            if rank[i] >= 0:
-                counts[rank[i]] += 1
-                continue
-            best = 0
-            for t in range(1, k):  # the earliest pick wins a tie
-                if sim[order[t], i] > sim[order[best], i]:
-                    best = t
-            counts[best] += 1
+            order, gains, counts = _tracked_greedy(sim, k)
         for t in range(k):
             out_idx[out + t] = rows[order[t]]
             out_w[out + t] = counts[t]
@@ -704,7 +724,7 @@ def select_groups(
     similarity: str,
     method: str,
     epsilon: float,
-    seed: int,
+    seeds: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Select ``budgets[g]`` points from each group ``members[offsets[g]:offsets[g + 1]]`` of rows of ``x``.
 
@@ -713,7 +733,8 @@ def select_groups(
         members: int64 row indices, grouped.
         offsets: int64 (g + 1,) group boundaries in ``members``.
         budgets: int64 (g,) per-group budgets, 1 <= budget <= group size.
-        similarity: "exp" or "maxdist"; method: "lazy" or "stochastic" (seeded with seed + group number).
+        similarity: "exp" or "maxdist"; method: "lazy" or "stochastic" (group g seeded with ``seeds[g]``).
+        seeds: int64 (g,) stochastic greedy's seed per group (lazy reads none: may be empty).
 
     Returns:
         (indices int64, weights float32, gains float64), each (sum(budgets),), groups in order.
@@ -726,5 +747,5 @@ def select_groups(
         similarity == "exp",
         method == "stochastic",
         math.log(1.0 / epsilon),
-        seed,
+        seeds,
     )

@@ -99,3 +99,72 @@ def _largest_remainder(counts: np.ndarray, k: int) -> np.ndarray:
         budget[best] += step
         gap -= step
     return budget
+
+
+@njit(cache=True)
+def plan_groups(labels: np.ndarray, rows: np.ndarray, budgets: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Group several ground sets by class and split each one's budget over its classes, in one compiled call.
+
+    Args:
+        labels: int64 (n,) the ground sets' classes, stacked.
+        rows: int64 (P + 1,) where each ground set starts in the stacked rows, then n.
+        budgets: int64 (P,) each ground set's budget.
+
+    Returns:
+        members: int64 (n,) stacked row positions, each ground set's rows grouped by class, classes ascending,
+            rows ascending within a class.
+        offsets: int64 (G + 1,) where each of the G groups starts in ``members``, then n.
+        group_budgets: int64 (G,) ``split_budget`` of each ground set's budget over its classes.
+        first_group: int64 (P + 1,) each ground set's first group, then G.
+        status: int64 (2,): the first ground set whose budget is outside [its classes, its size] (else -1), and
+            the largest group's size.
+    """
+    sets = budgets.shape[0]
+    n = labels.shape[0]
+    members = np.empty(n, dtype=np.int64)
+    offsets = np.zeros(n + 1, dtype=np.int64)  # at most one group per row
+    split = np.empty(n, dtype=np.int64)
+    first_group = np.zeros(sets + 1, dtype=np.int64)
+    status = np.array([-1, 0], dtype=np.int64)
+    groups = 0
+    for s in range(sets):
+        lo, hi = rows[s], rows[s + 1]
+        _stable_class_order(labels[lo:hi], members[lo:hi])
+        for j in range(lo, hi):
+            members[j] += lo
+        start = groups
+        for j in range(lo, hi):
+            if j + 1 == hi or labels[members[j]] != labels[members[j + 1]]:
+                groups += 1
+                offsets[groups] = j + 1
+                status[1] = max(status[1], offsets[groups] - offsets[groups - 1])
+        share = _largest_remainder(offsets[start + 1 : groups + 1] - offsets[start:groups], budgets[s])
+        if share.shape[0] == 0:
+            if status[0] < 0:
+                status[0] = s
+            share = np.zeros(groups - start, dtype=np.int64)
+        split[start:groups] = share
+        first_group[s + 1] = groups
+    return members, offsets[: groups + 1].copy(), split[:groups].copy(), first_group, status
+
+
+@njit(cache=True)
+def _stable_class_order(labels: np.ndarray, out: np.ndarray) -> None:
+    """Write into ``out`` (int64, len(labels)) the positions of ``labels`` sorted by class, stably: a counting
+    sort when the classes span a small range (the usual 0..C-1), else a merge sort."""
+    n = labels.shape[0]
+    if n == 0:
+        return
+    low, high = labels.min(), labels.max()
+    if float(high) - float(low) > 4 * n + 1024:  # in float: the span of int64 labels can overflow
+        out[:] = np.argsort(labels, kind="mergesort")
+        return
+    starts = np.zeros(high - low + 2, dtype=np.int64)
+    for j in range(n):
+        starts[labels[j] - low + 1] += 1
+    for c in range(1, starts.shape[0]):
+        starts[c] += starts[c - 1]
+    for j in range(n):
+        c = labels[j] - low
+        out[starts[c]] = j
+        starts[c] += 1

@@ -38,7 +38,11 @@ def test_facility_location_benchmark_quick(tmp_path: Path) -> None:
     ours = [r for r in rows if r["library"] == "ours"]
     assert all(r["objective_rel"] >= 0.999 for r in ours)  # exact lazy greedy: as good as the peers
     crest = report["crest_workload"]
-    assert crest["problems"] == 1000 and crest["ours_seconds"] > 0 and crest["submodlib_seconds"] > 0
+    assert crest["problems"] == 1000 and crest["submodlib_seconds"] > 0
+    assert crest["ours_round_seconds"] > 0 and crest["ours_subset_seconds"] > 0
+    assert all(len(times) == 10 for times in crest["blocks"].values())  # 20 rounds in 10 alternating blocks
+    assert crest["objective_rel"]["round"] == crest["objective_rel"]["subset"] >= 0.999  # the same selections
+    assert crest["throughput_ratio"] == crest["throughput_ratio_round"] > 0
     assert "speedup over the faster peer" in stdout
 
 

@@ -110,7 +110,9 @@ def test_package_exports_are_frozen() -> None:
         "SelectorFailure",
         "facility_location",
         "minibatch_coreset",
+        "minibatch_coresets",
         "select_coreset",
+        "select_coresets",
     ]
     assert sorted(trainer_client.__all__) == [
         "CheckResult",

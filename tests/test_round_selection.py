@@ -1,0 +1,120 @@
+"""Selecting several ground sets together (a CREST round): the same coresets as one call per set, the compiled
+class grouping against numpy, and errors that name the ground set."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from selector_service import (
+    InvalidArgument,
+    minibatch_coreset,
+    minibatch_coresets,
+    select_coreset,
+    select_coresets,
+)
+from selector_service.subsets import plan_groups, split_budget
+
+
+def _round(rng: np.random.Generator, sets: int, d: int = 10) -> tuple[list[np.ndarray], list[np.ndarray], list[int]]:
+    xs, ys, ks = [], [], []
+    for _ in range(sets):
+        n = int(rng.integers(20, 400))
+        xs.append(rng.normal(size=(n, d)).astype(np.float32))
+        ys.append(rng.integers(0, 6, n) * 7 - 5)  # classes need not be 0..C-1
+        ks.append(int(rng.integers(len(np.unique(ys[-1])), min(n, 80) + 1)))
+    return xs, ys, ks
+
+
+@pytest.mark.parametrize("method", ["lazy", "stochastic", "naive"])
+@pytest.mark.parametrize("similarity", ["exp", "maxdist"])
+def test_together_equals_one_call_per_ground_set(method: str, similarity: str) -> None:
+    rng = np.random.default_rng(11)
+    for trial in range(12):
+        xs, ys, ks = _round(rng, int(rng.integers(1, 7)))
+        kwargs = {"method": method, "similarity": similarity, "seed": trial}
+        together = select_coresets(xs, ks, labels=ys, **kwargs)  # type: ignore[arg-type]
+        assert len(together) == len(xs)
+        for x, y, k, c in zip(xs, ys, ks, together, strict=True):
+            alone = select_coreset(x, k, labels=y, **kwargs)  # type: ignore[arg-type]
+            np.testing.assert_array_equal(c.indices, alone.indices)
+            np.testing.assert_array_equal(c.weights, alone.weights)
+            np.testing.assert_array_equal(c.gains, alone.gains)
+            assert c.weights.sum() == len(x) and len(np.unique(c.indices)) == k
+
+
+def test_large_groups_and_no_labels_take_the_per_group_path_with_the_same_result() -> None:
+    rng = np.random.default_rng(3)
+    xs = [rng.normal(size=(n, 8)).astype(np.float32) for n in (700, 60, 1200)]  # 700, 1200 > BATCH_MAX
+    together = select_coresets(xs, 30)
+    for x, c in zip(xs, together, strict=True):
+        alone = select_coreset(x, 30)
+        np.testing.assert_array_equal(c.indices, alone.indices)
+        np.testing.assert_array_equal(c.weights, alone.weights)
+    assert select_coresets([], 5) == []
+
+
+def test_compiled_grouping_matches_numpy() -> None:
+    rng = np.random.default_rng(5)
+    for trial in range(200):
+        sizes = rng.integers(1, 60, int(rng.integers(1, 5)))
+        span = 10 if trial % 3 else 10**15  # small spans take the counting sort, huge ones the merge sort
+        labels = [rng.integers(-span, span, n) if trial % 2 else rng.integers(0, 4, n) for n in sizes]
+        budgets = np.array([int(rng.integers(len(np.unique(y)), len(y) + 1)) for y in labels], dtype=np.int64)
+        rows = np.cumsum([0, *sizes]).astype(np.int64)
+        members, offsets, split, first, status = plan_groups(np.concatenate(labels).astype(np.int64), rows, budgets)
+        assert status[0] == -1 and status[1] == np.diff(offsets).max()
+        for s, y in enumerate(labels):
+            order = np.argsort(y, kind="stable") + rows[s]
+            np.testing.assert_array_equal(members[rows[s] : rows[s + 1]], order)
+            classes, counts = np.unique(y, return_counts=True)
+            mine = slice(first[s], first[s + 1])
+            np.testing.assert_array_equal(np.diff(offsets)[mine], counts)
+            np.testing.assert_array_equal(y[members[offsets[mine]] - rows[s]], classes)  # classes ascending
+            np.testing.assert_array_equal(split[mine], split_budget(counts, int(budgets[s])))
+    *_, status = plan_groups(np.zeros(6, np.int64), np.array([0, 3, 6]), np.array([2, 4]))
+    assert status[0] == 1  # 4 picks from 3 rows
+
+
+def test_errors_name_the_ground_set_and_select_nothing() -> None:
+    rng = np.random.default_rng(2)
+    xs, ys, ks = _round(rng, 3)
+    with pytest.raises(InvalidArgument, match="received 2 budgets for 3 ground sets"):
+        select_coresets(xs, ks[:2], labels=ys)
+    with pytest.raises(InvalidArgument, match="received 1 label arrays for 3 ground sets"):
+        select_coresets(xs, ks, labels=ys[:1])
+    bad = [x.copy() for x in xs]
+    bad[2][4, 1] = np.nan
+    with pytest.raises(InvalidArgument, match=r"ground set 2: embeddings must be finite, received nan at row 4, col 1"):
+        select_coresets(bad, ks, labels=ys)
+    with pytest.raises(InvalidArgument, match=r"ground set 1: all ground sets must have one width, received d=4"):
+        select_coresets([xs[0], xs[1][:, :4]], 5)
+    with pytest.raises(InvalidArgument, match=r"ground set 1: budget k=1000 must be between 1 and the ground-set"):
+        select_coresets(xs, [5, 1000, 5], labels=ys)
+    few = [np.zeros(len(y), np.int64) if i != 2 else y for i, y in enumerate(ys)]
+    classes = len(np.unique(ys[2]))
+    with pytest.raises(
+        InvalidArgument, match=rf"ground set 2: budget 1 must be between .* classes present \({classes}\)"
+    ):
+        select_coresets(xs, 1, labels=few)
+    with pytest.raises(InvalidArgument, match=r"ground set 0: labels must have shape"):
+        select_coresets(xs, ks, labels=[ys[1], ys[1], ys[2]])
+    # One ground set: the messages of select_coreset, with no position.
+    with pytest.raises(InvalidArgument, match=r"^embeddings must be finite, received nan at row 4, col 1$"):
+        select_coreset(bad[2], 5)
+
+
+def test_minibatch_coresets_equal_one_subset_at_a_time() -> None:
+    rng = np.random.default_rng(4)
+    xs, ys, _ = _round(rng, 5)
+    ids = [np.sort(rng.choice(10_000, len(x), replace=False)) for x in xs]
+    together = minibatch_coresets(ids, ys, xs, batch_size=64)
+    for i, y, x, c in zip(ids, ys, xs, together, strict=True):
+        alone = minibatch_coreset(i, y, x, batch_size=64)
+        np.testing.assert_array_equal(c.ids, alone.ids)
+        np.testing.assert_allclose(c.weights, alone.weights)
+        assert c.weights.mean() == pytest.approx(1.0) and c.selection_ms > 0
+    with pytest.raises(InvalidArgument, match=r"subset 1: \(3,\) ids for embeddings of shape"):
+        minibatch_coresets([ids[0], ids[1][:3]], ys[:2], xs[:2], batch_size=8)
+    with pytest.raises(InvalidArgument, match="received 2 id arrays, 1 label arrays and 2 embedding arrays"):
+        minibatch_coresets(ids[:2], ys[:1], xs[:2], batch_size=8)
