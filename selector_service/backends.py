@@ -1,4 +1,7 @@
-"""Where selection runs. A backend takes one ``SelectionTask`` (one random subset) and returns a future.
+"""Where selection runs. A backend takes a round's ``SelectionTask``s (one per random subset) and returns a
+future per task. It hands each worker a contiguous share of the round in one call (``chunks``), which the
+engine selects together (``minibatch_coresets``): on CREST-sized subsets one call's fixed cost (a Ray round
+trip, the engine's setup) is larger than a subset's selection.
 
 Backends are chosen by name from ``BACKENDS``: ``ray`` (the service default: Ray actors, local or on a
 cluster) and ``local`` (a thread pool in this process, for library use and tests of the maths). ``ray`` is
@@ -9,14 +12,14 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
-from selector_service.coreset import minibatch_coreset
+from selector_service.coreset import minibatch_coresets
 
 
 @dataclass(frozen=True)
@@ -53,10 +56,67 @@ class SelectionResult:
     worker: str
 
 
-def run_task(task: SelectionTask, worker: str) -> SelectionResult:
-    """Select the task's coreset in the calling process."""
-    c = minibatch_coreset(task.ids, task.labels, task.embeddings, task.batch_size, task.similarity)
-    return SelectionResult(task.subset_index, c.ids, c.weights, c.selection_ms, worker)
+def run_tasks(tasks: Sequence[SelectionTask], worker: str) -> list[SelectionResult]:
+    """Select the tasks' coresets in the calling process, together (one width and batch size per round)."""
+    if len({(t.batch_size, t.similarity) for t in tasks}) > 1:
+        return [r for t in tasks for r in run_tasks([t], worker)]
+    coresets = minibatch_coresets(
+        [t.ids for t in tasks],
+        [t.labels for t in tasks],
+        [t.embeddings for t in tasks],
+        tasks[0].batch_size,
+        tasks[0].similarity,
+    )
+    return [
+        SelectionResult(t.subset_index, c.ids, c.weights, c.selection_ms, worker)
+        for t, c in zip(tasks, coresets, strict=True)
+    ]
+
+
+# Rows one worker call selects at most, unless a single subset is larger: bounds how long the round's first
+# batches wait behind the others in the same call (about 10 ms of selection at 50-point classes).
+CHUNK_ROWS = 8192
+
+
+def chunks(tasks: Sequence[SelectionTask], workers: int) -> list[list[SelectionTask]]:
+    """Split a round's tasks into contiguous shares: near-equal, one per worker (fewer when there are fewer
+    tasks, the smaller ones first), each then cut where it would pass ``CHUNK_ROWS`` rows."""
+    count = min(len(tasks), workers)
+    out: list[list[SelectionTask]] = []
+    for a, b in itertools.pairwise([i * len(tasks) // count for i in range(count + 1)] if count else [0]):
+        share: list[SelectionTask] = []
+        rows = 0
+        for t in tasks[a:b]:
+            if share and rows + len(t.ids) > CHUNK_ROWS:
+                out.append(share)
+                share, rows = [], 0
+            share.append(t)
+            rows += len(t.ids)
+        out.append(share)
+    return out
+
+
+def fan_out(call: Future[list[SelectionResult]], size: int) -> list[Future[SelectionResult]]:
+    """One future per task of a call that selects ``size`` tasks: each resolves with its result, or with the
+    call's exception. A task future cancelled by its caller stays cancelled."""
+    futures: list[Future[SelectionResult]] = [Future() for _ in range(size)]
+
+    def settle(done: Future[list[SelectionResult]]) -> None:
+        try:
+            results = done.result()
+            if len(results) != size:
+                raise RuntimeError(f"a selector returned {len(results)} results for {size} tasks")
+        except BaseException as exc:
+            for f in futures:
+                if f.set_running_or_notify_cancel():
+                    f.set_exception(exc)
+            return
+        for f, r in zip(futures, results, strict=True):
+            if f.set_running_or_notify_cancel():
+                f.set_result(r)
+
+    call.add_done_callback(settle)
+    return futures
 
 
 class SelectionBackend(Protocol):
@@ -64,7 +124,9 @@ class SelectionBackend(Protocol):
 
     name: str
 
-    def submit(self, task: SelectionTask) -> Future[SelectionResult]: ...
+    def submit(self, tasks: Sequence[SelectionTask]) -> list[Future[SelectionResult]]:
+        """Start selecting a round's tasks; one future per task, in the same order."""
+        ...
 
     def describe(self) -> dict[str, Any]: ...
 
@@ -82,8 +144,12 @@ class LocalBackend:
         self._num_workers = num_workers
         self._worker_names = itertools.cycle([f"local-{os.getpid()}-{i}" for i in range(num_workers)])
 
-    def submit(self, task: SelectionTask) -> Future[SelectionResult]:
-        return self._pool.submit(run_task, task, next(self._worker_names))
+    def submit(self, tasks: Sequence[SelectionTask]) -> list[Future[SelectionResult]]:
+        return [
+            f
+            for share in chunks(tasks, self._num_workers)
+            for f in fan_out(self._pool.submit(run_tasks, share, next(self._worker_names)), len(share))
+        ]
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "workers": self._num_workers}

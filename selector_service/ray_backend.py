@@ -1,8 +1,8 @@
 """Selection on Ray actors: the only module that imports ``ray``.
 
 With no address the backend starts a local Ray bound to 127.0.0.1 (the embedded default); with an address
-(``auto`` or ``HOST:PORT``) it attaches to a running cluster. Each ``SelectorWorker`` actor selects one random
-subset per call; Ray restarts a dead actor and retries its calls.
+(``auto`` or ``HOST:PORT``) it attaches to a running cluster. Each ``SelectorWorker`` actor selects its share of a
+round's random subsets per call; Ray restarts a dead actor and retries its calls.
 """
 
 from __future__ import annotations
@@ -12,12 +12,13 @@ import os
 import socket
 import threading
 import uuid
+from collections.abc import Sequence
 from concurrent.futures import Future
 from typing import Any
 
 import ray
 
-from selector_service.backends import SelectionResult, SelectionTask, run_task
+from selector_service.backends import SelectionResult, SelectionTask, chunks, fan_out, run_tasks
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +37,8 @@ class SelectorWorker:
         node = ray.get_runtime_context().get_node_id()[:12]
         self.name = f"{name}@{socket.gethostname()}:{os.getpid()}/node-{node}"
 
-    def select(self, task: SelectionTask) -> SelectionResult:
-        return run_task(task, self.name)
+    def select(self, tasks: list[SelectionTask]) -> list[SelectionResult]:
+        return run_tasks(tasks, self.name)
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
@@ -140,11 +141,15 @@ class RayBackend:
                 self._grow(target)
                 log.info("cluster grew: selector actors %d -> %d", before, target)
 
-    def submit(self, task: SelectionTask) -> Future[SelectionResult]:
+    def submit(self, tasks: Sequence[SelectionTask]) -> list[Future[SelectionResult]]:
+        futures: list[Future[SelectionResult]] = []
         with self._lock:
-            actor = self._actors[self._turn % len(self._actors)]
-            self._turn += 1
-        return actor.select.remote(task).future()
+            shares = chunks(tasks, len(self._actors))
+            actors = [self._actors[(self._turn + i) % len(self._actors)] for i in range(len(shares))]
+            self._turn += len(shares)
+        for actor, share in zip(actors, shares, strict=True):
+            futures += fan_out(actor.select.remote(share).future(), len(share))
+        return futures
 
     def describe(self) -> dict[str, Any]:
         with self._lock:

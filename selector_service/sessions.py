@@ -336,7 +336,7 @@ class SessionManager:
             rnd.state = RoundState.EMBEDDED
             if s.config.exclusion.enabled:
                 self._update_exclusion(s, rnd.round_id, plan, losses)
-            rnd.futures = [self.backend.submit(self._task(s, rnd, i, sub, emb)) for i, sub in enumerate(rnd.subsets)]
+            rnd.futures = self.backend.submit([self._task(s, rnd, i, sub, emb) for i, sub in enumerate(rnd.subsets)])
         if s.config.exclusion.enabled:
             self._checkpoint(s)
         return s.id, rnd.round_id, len(plan)

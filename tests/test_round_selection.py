@@ -1,7 +1,9 @@
 """Selecting several ground sets together (a CREST round): the same coresets as one call per set, the compiled
-class grouping against numpy, and errors that name the ground set."""
+class grouping against numpy, errors that name the ground set, and backends that hand each worker a share."""
 
 from __future__ import annotations
+
+from concurrent.futures import Future
 
 import numpy as np
 import pytest
@@ -12,6 +14,14 @@ from selector_service import (
     minibatch_coresets,
     select_coreset,
     select_coresets,
+)
+from selector_service.backends import (
+    CHUNK_ROWS,
+    LocalBackend,
+    SelectionResult,
+    SelectionTask,
+    chunks,
+    fan_out,
 )
 from selector_service.subsets import plan_groups, split_budget
 
@@ -118,3 +128,58 @@ def test_minibatch_coresets_equal_one_subset_at_a_time() -> None:
         minibatch_coresets([ids[0], ids[1][:3]], ys[:2], xs[:2], batch_size=8)
     with pytest.raises(InvalidArgument, match="received 2 id arrays, 1 label arrays and 2 embedding arrays"):
         minibatch_coresets(ids[:2], ys[:1], xs[:2], batch_size=8)
+
+
+def _tasks(rng: np.random.Generator, sizes: list[int]) -> list[SelectionTask]:
+    tasks = []
+    for i, n in enumerate(sizes):
+        ids = np.sort(rng.choice(100_000, n, replace=False)).astype(np.int64)
+        labels = rng.integers(0, 10, n).astype(np.int64)
+        emb = rng.normal(size=(n, 10)).astype(np.float32)
+        tasks.append(SelectionTask("s", 0, i, ids, labels, emb, 32, "exp"))
+    return tasks
+
+
+def test_a_round_is_dealt_to_workers_in_contiguous_shares() -> None:
+    rng = np.random.default_rng(6)
+    shares = chunks(_tasks(rng, [500] * 5), workers=2)
+    assert [[t.subset_index for t in s] for s in shares] == [[0, 1], [2, 3, 4]]  # the first batches come soonest
+    assert len(chunks(_tasks(rng, [500] * 5), workers=8)) == 5  # never an empty share
+    big = chunks(_tasks(rng, [5000] * 4), workers=1)  # 20,000 rows: shares of at most CHUNK_ROWS where possible
+    assert [len(s) for s in big] == [1, 1, 1, 1] and CHUNK_ROWS < 10_000
+    assert chunks([], workers=2) == []
+
+
+def test_task_futures_follow_their_call() -> None:
+    call: Future[list[SelectionResult]] = Future()
+    futures = fan_out(call, 2)
+    assert futures[1].cancel()  # the session cancels a closed round's futures
+    call.set_result(["first", "second"])  # type: ignore[list-item]
+    assert futures[0].result() == "first" and futures[1].cancelled()
+    failing: Future[list[SelectionResult]] = Future()
+    futures = fan_out(failing, 3)
+    failing.set_exception(ValueError("selector died"))
+    for f in futures:
+        with pytest.raises(ValueError, match="selector died"):
+            f.result()
+    short: Future[list[SelectionResult]] = Future()
+    futures = fan_out(short, 2)
+    short.set_result(["only one"])  # type: ignore[list-item]
+    with pytest.raises(RuntimeError, match="returned 1 results for 2 tasks"):
+        futures[0].result()
+
+
+def test_local_backend_selects_each_subset_as_alone() -> None:
+    rng = np.random.default_rng(7)
+    tasks = _tasks(rng, [300, 120, 450, 80, 200])
+    backend = LocalBackend(num_workers=2)
+    try:
+        results = [f.result(timeout=60) for f in backend.submit(tasks)]
+    finally:
+        backend.close()
+    assert [r.subset_index for r in results] == [0, 1, 2, 3, 4]
+    for t, r in zip(tasks, results, strict=True):
+        alone = minibatch_coreset(t.ids, t.labels, t.embeddings, t.batch_size)
+        np.testing.assert_array_equal(r.ids, alone.ids)
+        np.testing.assert_allclose(r.weights, alone.weights)
+    assert len({r.worker for r in results}) == 2  # one call per worker
