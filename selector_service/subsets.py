@@ -43,8 +43,12 @@ def class_balanced_subsets(
     pool = np.flatnonzero(active)
     if len(pool) == 0:
         raise InvalidArgument("the active pool is empty: every example is excluded")
-    pool_labels = labels[pool]
-    by_class = [pool[pool_labels == c] for c in np.unique(pool_labels)]
+    pool_labels = labels[pool].astype(np.int64, copy=False)
+    order = np.empty(len(pool), dtype=np.int64)
+    _stable_class_order(pool_labels, order)  # O(N): a sort per round cost more than the rest of the draw
+    grouped = pool[order]
+    cuts = np.flatnonzero(pool_labels[order][1:] != pool_labels[order][:-1]) + 1
+    by_class = np.split(grouped, cuts)  # classes ascending, ids ascending within each
     subsets = []
     for _ in range(num_subsets):
         parts = [ids if len(ids) <= quota else rng.choice(ids, size=quota, replace=False) for ids in by_class]
