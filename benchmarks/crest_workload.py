@@ -20,15 +20,15 @@ Used by ``benchmarks/facility_location.py``; runs alone too:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import multiprocessing as mp
 import os
 import sys
 import time
 from typing import Any
 
 import numpy as np
+
+from benchmarks._workers import Worker, WorkerFailed, serve
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -89,52 +89,24 @@ WORKERS = {"ours": _ours, "submodlib": _submodlib}
 
 
 def _worker(library: str, conn: Any) -> None:
-    """Child loop: build and warm the library, send one round's picks, then time a block per request."""
-    try:
-        modes, picks = WORKERS[library]()
-        conn.send({"picks": picks})
-        while (repeats := conn.recv()) is not None:
-            seconds = {}
-            for name, run in modes.items():
-                start = time.perf_counter()
-                for _ in range(repeats):
-                    run()
-                seconds[name] = time.perf_counter() - start
-            conn.send({"seconds": seconds})
-    except BaseException as exc:
-        conn.send({"error": f"{type(exc).__name__}: {exc}"})
+    """Worker: ``"warm"`` builds and warms the library and answers one round's picks; ``R`` times R rounds in
+    each of the library's modes."""
+    modes: dict[str, Any] = {}
 
+    def answer(request: Any) -> dict[str, Any]:
+        if request == "warm":
+            built, picks = WORKERS[library]()
+            modes.update(built)
+            return {"picks": picks}
+        seconds = {}
+        for name, run in modes.items():
+            start = time.perf_counter()
+            for _ in range(request):
+                run()
+            seconds[name] = time.perf_counter() - start
+        return {"seconds": seconds}
 
-class _Worker:
-    def __init__(self, library: str, timeout_s: float) -> None:
-        ctx = mp.get_context("spawn")
-        self.library, self.timeout_s = library, timeout_s
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker, args=(library, child), daemon=True)
-        self.proc.start()
-        child.close()
-
-    def receive(self, key: str) -> Any:
-        if not self.conn.poll(self.timeout_s):
-            raise RuntimeError(f"CREST-shaped workload, {self.library}: no answer within {self.timeout_s:.0f} s")
-        try:
-            reply = self.conn.recv()
-        except EOFError as exc:
-            raise RuntimeError(f"CREST-shaped workload, {self.library}: worker exited ({self.proc.exitcode})") from exc
-        if key not in reply:
-            raise RuntimeError(f"CREST-shaped workload, {self.library}: {reply.get('error', reply)}")
-        return reply[key]
-
-    def block(self, repeats: int) -> dict[str, float]:
-        self.conn.send(repeats)
-        return self.receive("seconds")  # type: ignore[no-any-return]
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):  # the worker may be gone already
-            self.conn.send(None)
-        self.proc.join(timeout=10)
-        if self.proc.is_alive():
-            self.proc.kill()
+    serve(conn, answer)
 
 
 def objective(picks: list[np.ndarray]) -> float:
@@ -150,24 +122,32 @@ def objective(picks: list[np.ndarray]) -> float:
     return total
 
 
+def _ask(library: str, worker: Worker, request: Any) -> dict[str, Any]:
+    try:
+        return worker.ask(request)
+    except WorkerFailed as exc:
+        raise RuntimeError(f"CREST-shaped workload, {library}: {exc}") from exc
+
+
 def crest_workload(repeats: int, libraries: tuple[str, ...], timeout_s: float = 600) -> dict[str, Any]:
     """Time ``repeats`` rounds per library in alternating blocks; ratios as the module docstring says."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, received {repeats}")
     out: dict[str, Any] = {"problems": repeats * SUBSETS * CLASSES, "protocol": "alternating blocks"}
-    chosen = [lib for lib in WORKERS if lib in libraries]
-    workers = [_Worker(lib, timeout_s) for lib in chosen]
+    workers = {lib: Worker(_worker, (lib,), timeout_s) for lib in WORKERS if lib in libraries}
     try:
         scores: dict[str, float] = {}
-        for w in workers:
-            scores |= {name: objective(picks) for name, picks in w.receive("picks").items()}
+        for lib, w in workers.items():
+            scores |= {name: objective(picks) for name, picks in _ask(lib, w, "warm")["picks"].items()}
         blocks = min(BLOCKS, repeats)
         sizes = [repeats // blocks + (b < repeats % blocks) for b in range(blocks)]
         times: dict[str, list[float]] = {}
         for size in sizes:
-            for w in workers:
-                for name, seconds in w.block(size).items():
+            for lib, w in workers.items():
+                for name, seconds in _ask(lib, w, size)["seconds"].items():
                     times.setdefault(name, []).append(seconds)
     finally:
-        for w in workers:
+        for w in workers.values():
             w.close()
     for name, series in times.items():
         out[f"{name}_seconds"] = sum(series)

@@ -3,11 +3,13 @@
     python benchmarks/facility_location.py            # full grid (about 10-15 minutes on 2 cores)
     python benchmarks/facility_location.py --quick    # small grid, used by the test suite
 
-Each (configuration, library) runs in a fresh child process that generates the same clustered data from the
-seed, warms its library up on a tiny input, then times the selection up to three times (while the runs so far
-took under REPEAT_BUDGET_S in all) and reports the median, with the first, cold run beside it, and its peak
-memory increase (ru_maxrss). Medians make the ratio robust to a single slow run on a shared box (first touches
-of fresh memory here cost from 0.02 to 0.3 s per 200 MB).
+For each configuration every library gets its own fresh process, which generates the same clustered data from
+the seed and warms its library up on a tiny input. The libraries are then timed in turns, one call each per
+turn, for up to three turns (a library is called again while its calls so far took under REPEAT_BUDGET_S in
+all), so their calls share the same stretches of time on a shared box. Reported: the median call, the first
+(cold) call beside it, and the peak memory increase (ru_maxrss). Medians of interleaved calls make the ratio
+robust to one slow call or one slow minute (first touches of fresh memory here cost from 0.02 to 0.3 s per
+200 MB).
 
 Every selection is then scored in the parent under one objective, CREST's facility location with
 s_ij = exp(-||x_i - x_j|| / d) (submodlib's "euclidean" kernel; apricot optimises max - squared distance, so its
@@ -20,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import multiprocessing as mp
 import os
 import resource
 import sys
@@ -32,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks._report import machine, write_json
+from benchmarks._workers import Worker, WorkerFailed, serve
 from benchmarks.crest_workload import crest_workload
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -96,55 +98,72 @@ def _select(library: str, x: np.ndarray, k: int) -> np.ndarray:
     )
 
 
-def _child(library: str, config: Config, conn: Any) -> None:
-    try:
-        x = clustered(config)
-        _select(library, clustered(Config(200, config.d, 5, seed=99)), 5)  # warm-up: imports, JIT, caches
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        runs: list[float] = []
-        while len(runs) < 3 and sum(runs) < REPEAT_BUDGET_S:
+def _worker(library: str, config: Config, conn: Any) -> None:
+    """Worker: ``"warm"`` makes the data and warms the library up on a tiny input (imports, JIT, caches);
+    ``"run"`` times one selection; ``"peak"`` reports the peak memory added since the warm-up (ru_maxrss)."""
+    state: dict[str, Any] = {}
+
+    def answer(request: Any) -> dict[str, Any]:
+        if request == "warm":
+            state["x"] = clustered(config)
+            _select(library, clustered(Config(200, config.d, 5, seed=99)), 5)
+            state["base"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            return {"ready": True}
+        if request == "run":
             start = time.perf_counter()
-            picks = _select(library, x, config.k)
-            runs.append(time.perf_counter() - start)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        conn.send(
-            {
-                "seconds": float(np.median(runs)),
-                "first_seconds": runs[0],
-                "runs": len(runs),
-                "peak_mib": (peak - base) / 1024,
-                "picks": picks,
-            }
-        )
-    except BaseException as exc:
-        conn.send({"error": f"{type(exc).__name__}: {exc}"})
+            picks = _select(library, state["x"], config.k)
+            return {"seconds": time.perf_counter() - start, "picks": picks}
+        if request == "peak":
+            return {"peak_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - state["base"]) / 1024}
+        raise ValueError(f"unknown request {request!r}")
+
+    serve(conn, answer)
 
 
-def _spawn(target: Any, args: tuple[Any, ...], timeout_s: float) -> dict[str, Any]:
-    """Run ``target(*args, conn)`` in a fresh process and return the dict it sends, or why there is none."""
-    ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=target, args=(*args, child))
-    proc.start()
-    child.close()
-    if not parent.poll(timeout_s):
-        proc.kill()
-        proc.join()
-        return {"skipped": f"no result within {timeout_s:.0f} s"}
+def run_config(config: Config, libraries: tuple[str, ...], timeout_s: float) -> dict[str, dict[str, Any]]:
+    """Time every library on one configuration, interleaved: a call of each in turn, up to three turns (a
+    library is called again while its calls so far took under REPEAT_BUDGET_S in all). Returns per library its
+    median, first (cold) call, number of calls, peak MiB and picks, or why it has none (``skipped``)."""
+    results: dict[str, dict[str, Any]] = {}
+    workers: dict[str, Worker] = {}
+    for lib in libraries:
+        need = dense_bytes(lib, config.n)
+        if need > MEMORY_BYTES:
+            results[lib] = {"skipped": f"dense n x n kernel needs ~{need / 1024**3:.0f} GiB"}
+        else:
+            workers[lib] = Worker(_worker, (lib, config), timeout_s)
+    runs: dict[str, list[float]] = {lib: [] for lib in workers}
+    picks: dict[str, np.ndarray] = {}
+
+    def ask(lib: str, request: str) -> dict[str, Any] | None:
+        try:
+            return workers[lib].ask(request)
+        except WorkerFailed as exc:
+            results[lib] = {"skipped": str(exc)}
+            workers.pop(lib).close()
+            return None
+
     try:
-        result: dict[str, Any] = parent.recv()
-    except EOFError:
-        proc.join()
-        return {"error": f"child exited with code {proc.exitcode} before reporting (out of memory?)"}
-    proc.join()
-    return result
-
-
-def run_one(library: str, config: Config, timeout_s: float) -> dict[str, Any]:
-    need = dense_bytes(library, config.n)
-    if need > MEMORY_BYTES:
-        return {"skipped": f"dense n x n kernel needs ~{need / 1024**3:.0f} GiB"}
-    return _spawn(_child, (library, config), timeout_s)
+        for lib in list(workers):
+            ask(lib, "warm")
+        for _ in range(3):
+            for lib in [lib for lib in workers if sum(runs[lib]) < REPEAT_BUDGET_S]:
+                if (reply := ask(lib, "run")) is not None:
+                    runs[lib].append(reply["seconds"])
+                    picks[lib] = reply["picks"]
+        for lib in list(workers):
+            if (reply := ask(lib, "peak")) is not None:
+                results[lib] = {
+                    "seconds": float(np.median(runs[lib])),
+                    "first_seconds": runs[lib][0],
+                    "runs": len(runs[lib]),
+                    "peak_mib": reply["peak_mib"],
+                    "picks": picks[lib],
+                }
+    finally:
+        for w in workers.values():
+            w.close()
+    return {lib: results[lib] for lib in libraries}
 
 
 def score(x: np.ndarray, picks: np.ndarray) -> tuple[float, float]:
@@ -173,7 +192,7 @@ def main() -> int:
     parser.add_argument(
         "--libraries", default=",".join(LIBRARIES), help="comma-separated subset of " + ",".join(LIBRARIES)
     )
-    parser.add_argument("--timeout", type=float, default=600, help="seconds per library and configuration")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for one library call")
     parser.add_argument("--out", default="results/facility_location.json", help="JSON output path")
     parser.add_argument("--sizes", default="", help="comma-separated ground-set sizes to keep from the grid")
     parser.add_argument(
@@ -193,7 +212,7 @@ def main() -> int:
     sizes = {int(v) for v in args.sizes.split(",") if v}
     for config in (c for c in grid(args.quick) if not sizes or c.n in sizes):
         x = clustered(config)
-        results = {lib: run_one(lib, config, args.timeout) for lib in libraries}
+        results = run_config(config, libraries, args.timeout)
         scored = {lib: score(x, r["picks"]) for lib, r in results.items() if "picks" in r}
         best_f = max((f for f, _ in scored.values()), default=1.0)
         best_cost = min((c for _, c in scored.values()), default=1.0)

@@ -62,7 +62,8 @@ class RayBackend:
 
     Actors are named ``crest-selector-<instance>-<i>`` in namespace ``crest``. A selection call survives the
     death of its actor: Ray restarts the actor and retries the call (tasks are stateless and idempotent), and the
-    session delivers each subset's batch once because it collects one result per subset.
+    session delivers each subset's batch once because it collects one result per subset. A round is dealt out
+    in contiguous shares (``backends.chunks``), one call per actor, starting where the last round stopped.
     """
 
     name = "ray"

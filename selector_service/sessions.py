@@ -2,7 +2,8 @@
 
 A session holds one training job's dataset labels, active pool and configuration (``session.py``). Each round
 draws P class-balanced random subsets from the active pool, receives the trainer's embeddings of their union,
-hands one selection task per subset to the backend, and yields each weighted batch as soon as it is selected.
+hands the backend one selection task per subset (it deals them out to its workers), and yields each weighted
+batch as soon as it is selected.
 Every method validates its whole input before it changes anything, so a rejected call leaves the session
 as it was.
 """
