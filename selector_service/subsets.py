@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -40,15 +41,10 @@ def class_balanced_subsets(
     Returns:
         ``num_subsets`` int64 arrays of example ids, each sorted ascending with no repeats.
     """
-    pool = np.flatnonzero(active)
-    if len(pool) == 0:
+    grouped, starts = _active_by_class(np.asarray(labels, dtype=np.int64), np.asarray(active, dtype=np.bool_))
+    if len(grouped) == 0:
         raise InvalidArgument("the active pool is empty: every example is excluded")
-    pool_labels = labels[pool].astype(np.int64, copy=False)
-    order = np.empty(len(pool), dtype=np.int64)
-    _stable_class_order(pool_labels, order)  # O(N): a sort per round cost more than the rest of the draw
-    grouped = pool[order]
-    cuts = np.flatnonzero(pool_labels[order][1:] != pool_labels[order][:-1]) + 1
-    by_class = np.split(grouped, cuts)  # classes ascending, ids ascending within each
+    by_class = [grouped[a:b] for a, b in itertools.pairwise(starts)]
     subsets = []
     for _ in range(num_subsets):
         parts = [ids if len(ids) <= quota else rng.choice(ids, size=quota, replace=False) for ids in by_class]
@@ -172,3 +168,53 @@ def _stable_class_order(labels: np.ndarray, out: np.ndarray) -> None:
         c = labels[j] - low
         out[starts[c]] = j
         starts[c] += 1
+
+
+@njit(cache=True)
+def _active_by_class(labels: np.ndarray, active: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The active examples grouped by class: (ids int64 (A,), classes ascending and ids ascending within each;
+    starts int64 (classes present + 1,) where each class begins). Two passes over N when the classes span a
+    small range: numpy's mask, gathers and sort took about 2 ms per round at N = 50,000."""
+    n = labels.shape[0]
+    count, low, high = 0, 0, -1
+    for i in range(n):
+        if active[i]:
+            if count == 0 or labels[i] < low:
+                low = labels[i]
+            if count == 0 or labels[i] > high:
+                high = labels[i]
+            count += 1
+    grouped = np.empty(count, dtype=np.int64)
+    if count == 0:
+        return grouped, np.zeros(1, dtype=np.int64)
+    if float(high) - float(low) > 4 * count + 1024:  # a wide label range: sort the active labels instead
+        pool = np.flatnonzero(active)
+        order = np.argsort(labels[pool], kind="mergesort")
+        grouped[:] = pool[order]
+        starts = [0]
+        for j in range(1, count):
+            if labels[grouped[j]] != labels[grouped[j - 1]]:
+                starts.append(j)
+        starts.append(count)
+        return grouped, np.array(starts, dtype=np.int64)
+    fill = np.zeros(high - low + 2, dtype=np.int64)
+    for i in range(n):
+        if active[i]:
+            fill[labels[i] - low + 1] += 1
+    present = 0
+    for c in range(1, fill.shape[0]):
+        present += fill[c] > 0
+        fill[c] += fill[c - 1]
+    starts_out = np.empty(present + 1, dtype=np.int64)
+    j = 0
+    for c in range(fill.shape[0] - 1):
+        if fill[c + 1] > fill[c]:
+            starts_out[j] = fill[c]
+            j += 1
+    starts_out[present] = count
+    for i in range(n):
+        if active[i]:
+            c = labels[i] - low
+            grouped[fill[c]] = i
+            fill[c] += 1
+    return grouped, starts_out

@@ -154,3 +154,18 @@ def test_class_balanced_subsets_invariants_and_determinism() -> None:
         assert len(np.unique(s)) == len(s) == 500
         assert active[s].all()
         assert (np.bincount(labels[s], minlength=10) == 50).all()
+
+
+def test_class_balanced_subsets_follow_the_class_order_whatever_the_label_values() -> None:
+    rng = np.random.default_rng(12)
+    labels = rng.integers(0, 6, size=3000)
+    active = rng.random(3000) > 0.2
+    active[labels == 4] = False  # a class with no active example is simply absent
+    expected = class_balanced_subsets(labels, active, 20, 3, np.random.default_rng(1))
+    for relabelled in (labels * 10**12 - 7, labels - 3):  # a wide span (sorted) and negative classes (counted)
+        got = class_balanced_subsets(relabelled, active, 20, 3, np.random.default_rng(1))
+        for s, t in zip(expected, got, strict=True):
+            np.testing.assert_array_equal(s, t)
+    assert all(len(s) == 5 * 20 and not (labels[s] == 4).any() for s in expected)
+    with pytest.raises(InvalidArgument, match="the active pool is empty"):
+        class_balanced_subsets(labels, np.zeros(3000, dtype=bool), 20, 3, np.random.default_rng(1))
