@@ -58,9 +58,24 @@ def _ours() -> tuple[dict[str, Any], dict[str, list[np.ndarray]]]:
     return {"ours_round": per_round, "ours_subset": per_subset}, {"round": per_round(), "subset": per_subset()}
 
 
-def _submodlib() -> tuple[dict[str, Any], dict[str, list[np.ndarray]]]:
+def submodlib_lazy(x: np.ndarray, k: int) -> np.ndarray:
+    """submodlib's dense facility location (its "euclidean" kernel, CREST's exp) by lazy greedy, as the released
+    CREST code calls it: int64 (k,) rows in selection order."""
     from submodlib import FacilityLocationFunction
 
+    f = FacilityLocationFunction(n=len(x), data=x, mode="dense", metric="euclidean")
+    picks = f.maximize(
+        budget=k,
+        optimizer="LazyGreedy",
+        stopIfZeroGain=False,
+        stopIfNegativeGain=False,
+        verbose=False,
+        show_progress=False,
+    )
+    return np.array([i for i, _ in picks], dtype=np.int64)
+
+
+def _submodlib() -> tuple[dict[str, Any], dict[str, list[np.ndarray]]]:
     subsets, labels = round_inputs()
     classes = [np.flatnonzero(labels == c) for c in range(CLASSES)]
 
@@ -69,16 +84,7 @@ def _submodlib() -> tuple[dict[str, Any], dict[str, list[np.ndarray]]]:
         for x in subsets:
             rows = []
             for members in classes:  # one call per class, as the released CREST code makes
-                f = FacilityLocationFunction(n=PER_CLASS, data=x[members], mode="dense", metric="euclidean")
-                found = f.maximize(
-                    budget=BUDGET,
-                    optimizer="LazyGreedy",
-                    stopIfZeroGain=False,
-                    stopIfNegativeGain=False,
-                    verbose=False,
-                    show_progress=False,
-                )
-                rows.append(members[[i for i, _ in found]])
+                rows.append(members[submodlib_lazy(x[members], BUDGET)])
             picks.append(np.concatenate(rows))
         return picks
 

@@ -34,7 +34,7 @@ import numpy as np
 
 from benchmarks._report import machine, write_json
 from benchmarks._workers import Worker, WorkerFailed, serve
-from benchmarks.crest_workload import crest_workload
+from benchmarks.crest_workload import crest_workload, submodlib_lazy
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -78,18 +78,7 @@ def _select(library: str, x: np.ndarray, k: int) -> np.ndarray:
 
         return select_coreset(x, k).indices
     if library == "submodlib":
-        from submodlib import FacilityLocationFunction
-
-        f = FacilityLocationFunction(n=len(x), data=x, mode="dense", metric="euclidean")
-        picks = f.maximize(
-            budget=k,
-            optimizer="LazyGreedy",
-            stopIfZeroGain=False,
-            stopIfNegativeGain=False,
-            verbose=False,
-            show_progress=False,
-        )
-        return np.array([i for i, _ in picks], dtype=np.int64)
+        return submodlib_lazy(x, k)
     import apricot
 
     return np.asarray(
