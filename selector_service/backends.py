@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from selector_service.coreset import minibatch_coresets
+from selector_service.errors import SelectorFailure
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,8 @@ CHUNK_ROWS = 8192
 def chunks(tasks: Sequence[SelectionTask], workers: int) -> list[list[SelectionTask]]:
     """Split a round's tasks into contiguous shares: near-equal, one per worker (fewer when there are fewer
     tasks, the smaller ones first), each then cut where it would pass ``CHUNK_ROWS`` rows."""
+    if workers < 1 and tasks:
+        raise SelectorFailure(f"no selector workers to select {len(tasks)} subsets (the backend is closed or empty)")
     count = min(len(tasks), workers)
     out: list[list[SelectionTask]] = []
     for a, b in itertools.pairwise([i * len(tasks) // count for i in range(count + 1)] if count else [0]):
@@ -155,6 +158,7 @@ class LocalBackend:
         return {"backend": self.name, "workers": self._num_workers}
 
     def close(self) -> None:
+        self._num_workers = 0  # a later submit fails with SelectorFailure
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 

@@ -334,10 +334,12 @@ class SessionManager:
             )
         with s.lock:
             rnd = self._planned_round(s, first.round_id)  # a concurrent submit may have won the race
+            # Dispatch first: a backend that cannot take the round (closed, no workers) leaves it as it was.
+            futures = self.backend.submit([self._task(s, rnd, i, sub, emb) for i, sub in enumerate(rnd.subsets)])
             rnd.state = RoundState.EMBEDDED
             if s.config.exclusion.enabled:
                 self._update_exclusion(s, rnd.round_id, plan, losses)
-            rnd.futures = self.backend.submit([self._task(s, rnd, i, sub, emb) for i, sub in enumerate(rnd.subsets)])
+            rnd.futures = futures
         if s.config.exclusion.enabled:
             self._checkpoint(s)
         return s.id, rnd.round_id, len(plan)

@@ -10,6 +10,7 @@ import pytest
 
 from selector_service import (
     InvalidArgument,
+    SelectorFailure,
     minibatch_coreset,
     minibatch_coresets,
     select_coreset,
@@ -148,6 +149,8 @@ def test_a_round_is_dealt_to_workers_in_contiguous_shares() -> None:
     big = chunks(_tasks(rng, [5000] * 4), workers=1)  # 20,000 rows: shares of at most CHUNK_ROWS where possible
     assert [len(s) for s in big] == [1, 1, 1, 1] and CHUNK_ROWS < 10_000
     assert chunks([], workers=2) == []
+    with pytest.raises(SelectorFailure, match="no selector workers to select 5 subsets"):
+        chunks(_tasks(rng, [50] * 5), workers=0)
 
 
 def test_task_futures_follow_their_call() -> None:
@@ -183,3 +186,25 @@ def test_local_backend_selects_each_subset_as_alone() -> None:
         np.testing.assert_array_equal(r.ids, alone.ids)
         np.testing.assert_allclose(r.weights, alone.weights)
     assert len({r.worker for r in results}) == 2  # one call per worker
+
+
+def test_a_round_the_backend_cannot_take_stays_planned() -> None:
+    from selector_service.session import EmbeddingPart, RoundState, SessionConfig
+    from selector_service.sessions import SessionManager
+
+    backend = LocalBackend(num_workers=2)
+    manager = SessionManager(backend)
+    labels = (np.arange(2000) % 10).astype(np.int64)
+    session = manager.create(labels, 10, SessionConfig(num_subsets=2, batch_size=16, seed=0)).session
+    plan = manager.start_round(session.id, 0, 0)
+    emb = np.random.default_rng(0).normal(size=(len(plan.ids), 10)).astype(np.float32)
+    backend.close()
+    with pytest.raises(SelectorFailure, match="no selector workers to select 2 subsets"):
+        manager.submit_embeddings([EmbeddingPart(session.id, 0, plan.ids, emb, None, None)])
+    assert session.rounds[0].state == RoundState.PLANNED and session.rounds[0].futures == []
+    manager.backend = LocalBackend(num_workers=1)  # the same embeddings are accepted once a backend can run them
+    try:
+        manager.submit_embeddings([EmbeddingPart(session.id, 0, plan.ids, emb, None, None)])
+        assert len(list(manager.batches(session.id, 0))) == 2
+    finally:
+        manager.backend.close()
