@@ -641,13 +641,13 @@ def _tracked_greedy(sim: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np
                 row = sim[i]
                 for c in range(m):
                     gains[c] -= max(row[c] - old, np.float32(0.0)) - max(row[c] - new, np.float32(0.0))
-    return order, picked, _owner_counts(owner, order)
+    return order, picked, cluster_sizes(owner, order)
 
 
 @njit(cache=True)
-def _owner_counts(owner: np.ndarray, order: np.ndarray) -> np.ndarray:
+def cluster_sizes(owner: np.ndarray, order: np.ndarray) -> np.ndarray:
     """Cluster sizes, float32 (k,), from each point's covering pick (int64 (m,) positions in ``order``);
-    a selected point always belongs to its own cluster."""
+    a selected point always belongs to its own cluster (``owner`` is overwritten at the picks)."""
     k = order.shape[0]
     for t in range(k):
         owner[order[t]] = t
@@ -706,7 +706,7 @@ def _select_groups(
                 bounds[j] = _dense_gain(sim, j, cover)
             sample = min(m, max(1, int(math.ceil(m / k * sample_mult))))  # noqa: RUF046 (numba typing)
             order, gains, _ = _stochastic(DENSE, sim, _EMPTY_I, _EMPTY_I, _EMPTY_F, bounds, cover, k, sample, seeds[g])
-            counts = _owner_counts(_nearest_pick(sim, order), order)
+            counts = cluster_sizes(_nearest_pick(sim, order), order)
         else:
             order, gains, counts = _tracked_greedy(sim, k)
         for t in range(k):

@@ -58,9 +58,8 @@ class SelectionResult:
 
 
 def run_tasks(tasks: Sequence[SelectionTask], worker: str) -> list[SelectionResult]:
-    """Select the tasks' coresets in the calling process, together (one width and batch size per round)."""
-    if len({(t.batch_size, t.similarity) for t in tasks}) > 1:
-        return [r for t in tasks for r in run_tasks([t], worker)]
+    """Select the tasks' coresets in the calling process, together. The tasks are one round's (one session's
+    batch size and kernel)."""
     coresets = minibatch_coresets(
         [t.ids for t in tasks],
         [t.labels for t in tasks],

@@ -18,7 +18,7 @@ from selector_service._greedy import BATCH_MAX, select_groups
 from selector_service.errors import InvalidArgument
 from selector_service.facility_location import (
     Coreset,
-    check_budget,
+    check_method,
     quantized_facility_location,
     sparse_facility_location,
 )
@@ -58,7 +58,7 @@ def _select_group(
 
 
 def _check_options(method: str, similarity: str, knn: int | None, epsilon: float) -> None:
-    check_budget(1, 1, method, epsilon)  # the method and epsilon; each budget is checked with its ground set
+    check_method(method, epsilon)  # each budget is checked with its ground set
     check_kernel(similarity)
     if knn is not None and knn < 0:
         raise InvalidArgument(f"knn must be None (automatic), 0 (dense) or a neighbour count > 0, received {knn}")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
-from selector_service._greedy import dense_greedy, sparse_greedy
+from selector_service._greedy import cluster_sizes, dense_greedy, sparse_greedy
 from selector_service.errors import InvalidArgument
 from selector_service.similarity import Coverage, QuantizedKernel, nearest
 
@@ -69,15 +69,15 @@ def check_budget(n: int, k: int, method: str, epsilon: float) -> None:
     """Raise ``InvalidArgument`` unless 1 <= k <= n, ``method`` is known and 0 < epsilon < 1."""
     if not 1 <= k <= n:
         raise InvalidArgument(f"budget k={k} must be between 1 and the ground-set size {n}")
+    check_method(method, epsilon)
+
+
+def check_method(method: str, epsilon: float) -> None:
+    """Raise ``InvalidArgument`` unless ``method`` is known and 0 < epsilon < 1."""
     if method not in OPTIMIZERS:
         raise InvalidArgument(f"unknown method {method!r}; expected one of {list(OPTIMIZERS)}")
     if not 0.0 < epsilon < 1.0:
         raise InvalidArgument(f"epsilon must be in (0, 1), received {epsilon}")
-
-
-def _sizes(owner: np.ndarray, selected: np.ndarray) -> np.ndarray:
-    owner[selected] = np.arange(len(selected))
-    return np.bincount(owner, minlength=len(selected)).astype(np.float32)
 
 
 def facility_location(sim: np.ndarray, k: int, method: str = "lazy", *, epsilon: float = 0.1, seed: int = 0) -> Coreset:
@@ -106,7 +106,7 @@ def _dense_coreset(
     else:
         order, gains, _ = dense_greedy(sim, k, method, epsilon, seed, bounds)
     owner = np.argmax(sim[order], axis=0)  # first pick wins a tie
-    return Coreset(indices=order, weights=_sizes(owner, order), gains=gains)
+    return Coreset(indices=order, weights=cluster_sizes(owner, order), gains=gains)
 
 
 def quantized_facility_location(
@@ -154,4 +154,4 @@ def sparse_facility_location(
     orphans = np.flatnonzero(owner < 0)
     if len(orphans):
         owner[orphans] = nearest(x[orphans], x[order])
-    return Coreset(indices=order, weights=_sizes(owner, order), gains=gains)
+    return Coreset(indices=order, weights=cluster_sizes(owner, order), gains=gains)
