@@ -1,13 +1,15 @@
-"""Numpy arrays to and from the little-endian ``bytes`` fields of the wire contract.
+"""What both sides of the wire contract share: numpy arrays to and from the little-endian ``bytes`` fields,
+the names of the wire enums, and the defaults that a zero field stands for.
 
-Shared by the service and the trainer client so both sides agree on dtype, byte order and shape checks.
-Decoding validates the byte length and raises ``ValueError`` naming the field, what was received and what
-was expected; callers turn that into INVALID_ARGUMENT.
+Decoding validates the byte length and raises ``WireError`` (a ``ValueError``) naming the field, what was
+received and what was expected; the service answers it with INVALID_ARGUMENT.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from crest.selector.v1 import selector_pb2 as pb
 
 INT64 = np.dtype("<i8")
 FLOAT32 = np.dtype("<f4")
@@ -18,6 +20,41 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 SESSION_TOKEN_KEY = "x-crest-session-token"
 # Target payload of one streamed message (bytes); the design keeps messages under ~3 MiB.
 CHUNK_BYTES = 2 * 1024 * 1024
+
+# What a zero (unset) field of CrestConfig means, as the .proto states: the one place either side reads them.
+DEFAULT_SUBSET_FRACTION = 0.01  # r = 1% of N, as in CREST
+DEFAULT_NUM_SUBSETS = 5  # P, CREST's starting value
+DEFAULT_BATCH_SIZE = 128  # m, CREST's mini-batch size
+DEFAULT_SIMILARITY = "exp"
+DEFAULT_EMBEDDING_KIND = "logit_gradient"
+
+# Names of the wire enums' values (UNSPECIFIED is absent: it means the default above).
+SIMILARITIES: dict[str, int] = {"exp": pb.SIMILARITY_EXP, "maxdist": pb.SIMILARITY_MAXDIST}
+EMBEDDING_KINDS: dict[str, int] = {
+    "logit_gradient": pb.EMBEDDING_LOGIT_GRADIENT,
+    "last_layer_gradient": pb.EMBEDDING_LAST_LAYER_GRADIENT,
+}
+
+
+class WireError(ValueError):
+    """A message that breaks the wire contract (byte length, enum value); the message names the field."""
+
+
+def enum_value(field: str, table: dict[str, int], name: str) -> int:
+    """The wire value of ``name`` in ``table`` (``SIMILARITIES`` or ``EMBEDDING_KINDS``)."""
+    if name not in table:
+        raise WireError(f"{field} must be one of {sorted(table)}, received {name!r}")
+    return table[name]
+
+
+def enum_name(field: str, table: dict[str, int], value: int, default: str) -> str:
+    """The name of wire value ``value`` in ``table``; 0 (UNSPECIFIED) is ``default``."""
+    if value == 0:
+        return default
+    for name, v in table.items():
+        if v == value:
+            return name
+    raise WireError(f"{field}: unknown enum value {value}; expected one of {sorted(table.values())} or 0")
 
 
 def encode(array: np.ndarray, dtype: np.dtype) -> bytes:
@@ -38,13 +75,13 @@ def decode(field: str, data: bytes, dtype: np.dtype, rows: int | None = None, co
     row_bytes = dtype.itemsize * cols
     if rows is None:
         if len(data) % row_bytes:
-            raise ValueError(
+            raise WireError(
                 f"{field}: {len(data)} bytes is not a whole number of {dtype.name} rows of width {cols} "
                 f"({row_bytes} bytes each)"
             )
         rows = len(data) // row_bytes
     elif len(data) != rows * row_bytes:
-        raise ValueError(
+        raise WireError(
             f"{field}: received {len(data)} bytes, expected {rows} x {cols} {dtype.name} = {rows * row_bytes} bytes"
         )
     out = np.frombuffer(data, dtype=dtype)
