@@ -12,9 +12,9 @@ changes from minute to minute, and one slow stretch then moves one block instead
 total-time ratio is reported beside it. Both libraries' selections of one round are scored in the parent under
 CREST's objective (exp kernel, per class).
 
-Used by ``benchmarks/facility_location.py``; runs alone too:
+Part of ``crest bench facility-location``; runs alone too:
 
-    python benchmarks/crest_workload.py --repeats 1000
+    crest bench workload --repeats 1000
 """
 
 from __future__ import annotations
@@ -22,13 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from typing import Any
 
 import numpy as np
 
-from benchmarks._workers import Worker, WorkerFailed, serve
+from crest_bench._workers import Worker, WorkerFailed, serve
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -170,14 +169,7 @@ def crest_workload(repeats: int, libraries: tuple[str, ...], timeout_s: float = 
     return out
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=1000, help="rounds per library (default 1000)")
-    parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for one block")
-    args = parser.parse_args()
+def run(args: argparse.Namespace) -> int:
+    """``crest bench workload``: both libraries' blocks, printed as JSON."""
     print(json.dumps(crest_workload(args.repeats, tuple(WORKERS), args.timeout), indent=1))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

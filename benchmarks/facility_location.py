@@ -1,7 +1,7 @@
 """Facility location: this project against apricot and submodlib, side by side on the same seeded inputs.
 
-    python benchmarks/facility_location.py            # full grid (about 10-15 minutes on 2 cores)
-    python benchmarks/facility_location.py --quick    # small grid, used by the test suite
+    crest bench facility-location            # full grid (about 10-15 minutes on 2 cores)
+    crest bench facility-location --quick    # small grid, used by the test suite
 
 For each configuration every library gets its own fresh process, which generates the same clustered data from
 the seed and warms its library up on a tiny input. The libraries are then timed in turns, one call each per
@@ -24,7 +24,6 @@ import argparse
 import math
 import os
 import resource
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,9 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks._report import machine, write_json
-from benchmarks._workers import Worker, WorkerFailed, serve
-from benchmarks.crest_workload import crest_workload, submodlib_lazy
+from crest_bench._report import machine, write_json
+from crest_bench._workers import Worker, WorkerFailed, serve
+from crest_bench.crest_workload import crest_workload, submodlib_lazy
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -175,26 +174,13 @@ def grid(quick: bool) -> list[Config]:
     ]
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="two small configurations and 20 CREST repeats")
-    parser.add_argument(
-        "--libraries", default=",".join(LIBRARIES), help="comma-separated subset of " + ",".join(LIBRARIES)
-    )
-    parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for one library call")
-    parser.add_argument("--out", default="results/facility_location.json", help="JSON output path")
-    parser.add_argument("--sizes", default="", help="comma-separated ground-set sizes to keep from the grid")
-    parser.add_argument(
-        "--crest-repeats",
-        type=int,
-        default=None,
-        help="repeats of the CREST-shaped workload (default 1000, quick 20; 0 skips it)",
-    )
-    args = parser.parse_args()
+def run(args: argparse.Namespace) -> int:
+    """``crest bench facility-location``: the grid, then the CREST-shaped workload; writes the JSON."""
     libraries = tuple(lib for lib in args.libraries.split(",") if lib)
     unknown = set(libraries) - set(LIBRARIES)
     if unknown:
-        parser.error(f"unknown libraries {sorted(unknown)}; choose from {LIBRARIES}")
+        print(f"crest bench facility-location: unknown libraries {sorted(unknown)}; choose from {LIBRARIES}")
+        return 2
     rows = []
     header = f"{'time s':>9}{'cold s':>9}{'peak MiB':>10}{'F rel':>9}{'cost rel':>10}"
     print(f"{'configuration':<24}{'library':<11}{header}  note")
@@ -247,7 +233,3 @@ def main() -> int:
     write_json(out, report)
     print(f"wrote {out}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,7 @@
 """Service overhead: end-to-end selection through gRPC and Ray actors against the engine called in process.
 
-    python benchmarks/service.py            # 1/2/4 actors x 1/4/16 concurrent sessions
-    python benchmarks/service.py --quick    # a small grid, used by the test suite
+    crest bench service            # 1/2/4 actors x 1/4/16 concurrent sessions
+    crest bench service --quick    # a small grid, used by the test suite
 
 Every configuration runs the same seeded rounds: each session (50,000 examples, 10 classes, as CIFAR-10)
 starts R rounds of P = 5 class-balanced subsets of 1%, streams random 10-d embeddings for the round's ids and
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import threading
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks._report import machine, write_json
+from crest_bench._report import machine, write_json
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -111,12 +110,8 @@ def in_process_rate(selections: int) -> float:
     return selections / (time.perf_counter() - start)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="1 and 2 actors, 1 and 4 sessions, 2 rounds each")
-    parser.add_argument("--rounds", type=int, default=None, help="rounds per session (default 5; quick 2)")
-    parser.add_argument("--out", default="results/service.json", help="JSON output path")
-    args = parser.parse_args()
+def run(args: argparse.Namespace) -> int:
+    """``crest bench service``: the grid of actors x sessions against the in-process engine; writes the JSON."""
     import ray
 
     ray.init(
@@ -155,7 +150,3 @@ def main() -> int:
     write_json(out, report)
     print(f"wrote {out}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -6,8 +6,7 @@
     crest bench train --crest-adaptive  # CREST's Taylor check instead of 50-step regions
     crest bench train --dataset my_data.py:load   # any map-style dataset and model (benchmarks/train_data.py)
 
-``python benchmarks/train.py ARGS`` is the same as ``crest bench train ARGS``; the flags are parsed in
-``selector_service/cli.py``, like every other command's.
+The flags are parsed in ``benchmarks/cli.py`` (``crest_bench.cli``), like every other benchmark's.
 
 Every method trains the same model with the same SGD (momentum 0.9, weight decay 5e-4, cosine LR) for the
 same number of optimizer steps of about ``batch_size`` examples, in one process, one torch thread, every
@@ -55,10 +54,10 @@ from pathlib import Path
 
 import torch
 
-from benchmarks._report import machine, write_atomic, write_json
-from benchmarks.train_data import BenchData, load_data, materialize
-from benchmarks.train_methods import METHODS, BenchConfig, EvalSets, RunResult, run_one, warm_up
-from benchmarks.train_report import markdown, plot, score, summarize
+from crest_bench._report import machine, write_atomic, write_json
+from crest_bench.train_data import BenchData, load_data, materialize
+from crest_bench.train_methods import METHODS, BenchConfig, EvalSets, RunResult, run_one, warm_up
+from crest_bench.train_report import markdown, plot, score, summarize
 from selector_service.process import ServiceProcess, spawn_service
 
 # A tenth of the data keeps CREST's random subsets at r = 600 (at 1% of 6,000 they would be smaller than a
@@ -161,14 +160,3 @@ def report(runs: list[RunResult], config: BenchConfig, data: BenchData, out: Pat
     write_json(out, doc)
     write_atomic(out.with_suffix(".md"), table)
     return table
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python benchmarks/train.py ARGS``: the same as ``crest bench train ARGS``."""
-    from selector_service.cli import main as crest
-
-    return crest(["bench", "train", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -4,7 +4,7 @@
 ``FUNCTION(data_dir)`` once, with ``--data-dir`` (None when not given), and trains on what it returns::
 
     # my_data.py
-    from benchmarks.train_data import BenchData
+    from crest_bench.train_data import BenchData
 
     def load(data_dir):
         train, test = MyDataset("train", data_dir), MyDataset("test", data_dir)
@@ -16,7 +16,7 @@
 method builds its batches the same way, ``default_collate([train[i] for i in ids])``, as ``CoresetLoader`` does.
 ``model()`` returns a fresh, untrained model mapping a batch of inputs to ``(n, num_classes)`` logits; it is
 called once per run after ``torch.manual_seed(seed)``, so runs of one seed start from the same weights. The
-default hook, ``benchmarks.train_data:fashion_mnist``, is Fashion-MNIST (Debian's ``dataset-fashion-mnist``)
+default hook, ``crest_bench.train_data:fashion_mnist``, is Fashion-MNIST (Debian's ``dataset-fashion-mnist``)
 with ``trainer_client.models.SmallCNN``.
 """
 
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset, default_collate
 
-DEFAULT_HOOK = "benchmarks.train_data:fashion_mnist"
+DEFAULT_HOOK = "crest_bench.train_data:fashion_mnist"
 
 
 @dataclass(frozen=True, kw_only=True)

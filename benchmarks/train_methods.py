@@ -18,8 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmarks._progress import Progress
-from benchmarks.train_data import DEFAULT_HOOK, BenchData, fetch
+from crest_bench._progress import Progress
+from crest_bench.train_data import DEFAULT_HOOK, BenchData, fetch
 from trainer_client.client import SelectionClient
 from trainer_client.loader import CoresetLoader, LoaderConfig
 from trainer_client.region import RegionConfig

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.train_methods import METHODS, BenchConfig, RunResult
+from crest_bench.train_methods import METHODS, BenchConfig, RunResult
 
 COLOURS = dict(zip(METHODS, ("black", "tab:grey", "tab:red", "tab:blue"), strict=True))
 

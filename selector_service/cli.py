@@ -1,5 +1,10 @@
-"""The ``crest`` command: ``serve``, ``train``, ``inspect``, ``demo`` and ``bench train``. All flags are parsed
-here, and this is the only place that reads environment variables (CREST_AUTH_TOKEN, CREST_DATA_DIR)."""
+"""The service side's commands: ``crest serve`` and ``crest inspect``.
+
+``add_commands`` registers them on the ``crest`` parser (``crest_bench.cli`` composes every side's commands);
+``python -m selector_service.cli serve ...`` runs them without the trainer side or the benchmarks installed
+(what ``selector_service.process.spawn_service`` and the selector images run). Environment read here:
+CREST_AUTH_TOKEN (the default of ``--auth-token``). Imports neither torch nor the trainer side.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +16,11 @@ from typing import Any
 
 from selector_service.process import READY_PREFIX
 
+COMMANDS = ("serve", "inspect")
 
-def _add_server_flags(p: argparse.ArgumentParser) -> None:
+
+def add_selector_flags(p: argparse.ArgumentParser) -> None:
+    """Where selection runs: the flags ``crest serve`` shares with ``crest demo``."""
     p.add_argument(
         "--backend",
         choices=["ray", "local"],
@@ -45,82 +53,16 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_train_flags(p: argparse.ArgumentParser, steps_per_round: int | None = None) -> None:
-    p.add_argument("--steps", type=int, default=1000, help="optimizer steps (one coreset batch each); default 1000")
-    p.add_argument("--lr", type=float, default=0.05, help="peak SGD learning rate, cosine-annealed; default 0.05")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum; default 0.9")
-    p.add_argument("--batch-size", type=int, default=128, help="coreset size m = training batch size; default 128")
-    p.add_argument(
-        "--subset-fraction",
-        type=float,
-        default=0.01,
-        help="random-subset size r as a fraction of the dataset; default 0.01 (CREST)",
-    )
-    p.add_argument("--num-subsets", type=int, default=5, help="random subsets (coresets) per round P; default 5")
-    p.add_argument(
-        "--steps-per-round",
-        type=int,
-        default=steps_per_round,
-        help="use the fixed rule: every region lasts this many steps "
-        + (
-            f"(default {steps_per_round}; 0: CREST's Taylor check decides)"
-            if steps_per_round
-            else "(default: CREST's Taylor check decides)"
-        ),
-    )
-    p.add_argument(
-        "--lookahead-steps",
-        type=int,
-        default=4,
-        help="steps between asking for the next round and switching to it; default 4",
-    )
-    p.add_argument(
-        "--tau",
-        type=float,
-        default=0.1,
-        help="CREST check threshold: reselect when the quadratic model is off by more than tau x loss; default 0.1",
-    )
-    p.add_argument(
-        "--check-examples",
-        type=int,
-        default=256,
-        help="random-subset ids the check evaluates (a fixed sample per round; 0: all, as CREST); default 256",
-    )
-    p.add_argument(
-        "--embedding",
-        choices=["logit_gradient", "last_layer_gradient"],
-        default="logit_gradient",
-        help="selection feature: softmax(z) - onehot(y) (default) or its outer product with the last features",
-    )
-    p.add_argument(
-        "--similarity",
-        choices=["exp", "maxdist"],
-        default="exp",
-        help="facility-location kernel: exp(-dist/d) as in CREST, or max-dist minus dist as in CRAIG",
-    )
-    p.add_argument("--seed", type=int, default=0, help="seed of model init, subset sampling and shuffling")
-    p.add_argument(
-        "--data-dir",
-        default=os.environ.get("CREST_DATA_DIR"),
-        help="directory with the four Fashion-MNIST .gz files (default: $CREST_DATA_DIR, then "
-        "/usr/share/datasets/fashion-mnist)",
-    )
-    p.add_argument("--train-limit", type=int, default=None, help="use only the first N training examples")
-    p.add_argument("--test-limit", type=int, default=None, help="evaluate on only the first N test examples")
-    p.add_argument("--threads", type=int, default=1, help="torch threads of the trainer; default 1")
-    p.add_argument("--log-every", type=int, default=100, help="log progress every N steps (0: never)")
+def selector_serve_args(args: argparse.Namespace) -> list[str]:
+    """The ``crest serve`` flags that reproduce ``add_selector_flags``' values (for a service started by a
+    command that took them, such as ``crest demo``)."""
+    out = ["--backend", args.backend, "--num-workers", str(args.num_workers)]
+    out += ["--cpus-per-worker", str(args.cpus_per_worker), "--gpus-per-worker", str(args.gpus_per_worker)]
+    return out + (["--ray-address", args.ray_address] if args.ray_address else [])
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="crest", description="CREST data selection as a service.")
-    parser.add_argument(
-        "--log-level",
-        default=None,
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="logging verbosity on stderr; default INFO (WARNING for bench, whose progress bars it would break)",
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def add_commands(sub: Any) -> None:
+    """Register ``serve`` and ``inspect`` on ``sub`` (an ``add_subparsers`` result)."""
     serve = sub.add_parser(
         "serve",
         help="run the selection service",
@@ -154,21 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="directory for session checkpoints and provenance logs; a restarted service resumes the sessions "
         "it finds there (default: sessions live in memory only, no provenance)",
     )
-    _add_server_flags(serve)
-
-    train = sub.add_parser(
-        "train",
-        help="train the Fashion-MNIST CNN against a running service",
-        description="Train a small CNN on Fashion-MNIST with CREST coresets from the service "
-        "at --endpoint, then print test accuracy and cost.",
-    )
-    train.add_argument("--endpoint", default="127.0.0.1:50051", help="service address HOST:PORT")
-    train.add_argument(
-        "--token",
-        default=os.environ.get("CREST_AUTH_TOKEN"),
-        help="bearer token for the service (default: $CREST_AUTH_TOKEN)",
-    )
-    _add_train_flags(train)
+    add_selector_flags(serve)
 
     inspect = sub.add_parser(
         "inspect",
@@ -185,117 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--export", default=None, help="write the records to this file: .csv, or .jsonl for JSON lines"
     )
 
-    demo = sub.add_parser(
-        "demo",
-        help="start a local service and train against it",
-        description="Start the service on localhost (embedded Ray), train the Fashion-MNIST "
-        "CNN through it over gRPC, print the results, stop the service. The demo trains 50 steps on each "
-        "round's coresets so it finishes in a few minutes on 2 CPU cores; --steps-per-round 0 switches to "
-        "CREST's adaptive Taylor check (several times slower on CPU, where every reselection costs a "
-        "forward pass over the round's random subsets and a Hessian estimate).",
-    )
-    _add_server_flags(demo)
-    _add_train_flags(demo, steps_per_round=50)
 
-    bench = sub.add_parser("bench", help="benchmarks", description="Benchmarks that start their own service.")
-    benches = bench.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
-    _add_bench_train(benches)
-    return parser
+def run(args: argparse.Namespace) -> int:
+    """Run the parsed ``serve`` or ``inspect`` command."""
+    return _serve(args) if args.command == "serve" else _inspect(args)
 
 
-def _add_bench_train(benches: Any) -> None:
-    p = benches.add_parser(
-        "train",
-        help="time to accuracy: CREST against full data, random batches and InfoBatch",
-        description="Train the same model under full data, uniform random batches, CREST through a local service "
-        "(embedded Ray) and InfoBatch-style pruning, for the same steps and seeds; write JSON, a markdown table "
-        "and PNG plots (accuracy vs time and vs examples, difficulty of the selected examples, fraction of the "
-        "data left out). Defaults: Fashion-MNIST with a small CNN, 1,000 steps, 3 seeds (about 30 minutes on 2 "
-        "cores). See benchmarks/train.py.",
-    )
-    p.add_argument(
-        "--quick",
-        action="store_true",
-        help="the first 6,000/1,000 examples (CREST subsets of 10%% so r stays 600), 150 steps, 1 seed, every method "
-        "(about 2 minutes; the test suite's mode)",
-    )
-    p.add_argument(
-        "--demo",
-        action="store_true",
-        help="full and crest only, 1 seed, results/demo.json (what make demo runs; about 5 minutes on 2 cores)",
-    )
-    p.add_argument("--seeds", type=int, default=None, help="seeds per method (default 3; --quick and --demo 1)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 1000, --quick 150)")
-    p.add_argument(
-        "--methods",
-        default=None,
-        help="comma-separated subset of full,random,crest,infobatch; full is required (default all; --demo full,crest)",
-    )
-    p.add_argument(
-        "--crest-adaptive", action="store_true", help="CREST's Taylor check ends regions (default: 50-step regions)"
-    )
-    p.add_argument(
-        "--drop-learned",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="CREST: the service's learned-example exclusion (loss <= 0.1 over 5 visits; floor 0.8 N); default on",
-    )
-    p.add_argument("--prune", type=float, default=0.5, help="InfoBatch: pruned fraction of low-loss examples")
-    p.add_argument("--num-workers", type=int, default=2, help="selector actors of the service; default 2")
-    p.add_argument(
-        "--dataset",
-        default="benchmarks.train_data:fashion_mnist",
-        help="MODULE:FUNCTION or FILE.py:FUNCTION returning a benchmarks.train_data.BenchData (map-style train/test "
-        "datasets and a model factory); default Fashion-MNIST with the SmallCNN",
-    )
-    p.add_argument(
-        "--data-dir",
-        default=os.environ.get("CREST_DATA_DIR"),
-        help="passed to the dataset hook; Fashion-MNIST: the directory of its four .gz files (default: "
-        "$CREST_DATA_DIR, then /usr/share/datasets/fashion-mnist)",
-    )
-    p.add_argument(
-        "--out",
-        default=None,
-        help="JSON output; the .md table and the PNGs go next to it (default results/train.json, --demo "
-        "results/demo.json)",
-    )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (it shows only on a terminal)")
-
-
-def _train_config(args: argparse.Namespace) -> Any:
-    from trainer_client.loader import LoaderConfig
-    from trainer_client.region import RegionConfig
-    from trainer_client.train import TrainConfig
-
-    loader = LoaderConfig(
-        batch_size=args.batch_size,
-        subset_fraction=args.subset_fraction,
-        num_subsets=args.num_subsets,
-        similarity=args.similarity,
-        seed=args.seed,
-        steps_per_round=args.steps_per_round or None,
-        lookahead_steps=args.lookahead_steps,
-        region=RegionConfig(tau=args.tau),
-        check_examples=args.check_examples,
-        embedding=args.embedding,
-        client_name=f"crest-{args.command}",
-    )
-    return TrainConfig(
-        steps=args.steps,
-        lr=args.lr,
-        momentum=args.momentum,
-        loader=loader,
-        seed=args.seed,
-        data_dir=args.data_dir,
-        train_limit=args.train_limit,
-        test_limit=args.test_limit,
-        threads=args.threads,
-        log_every=args.log_every,
-    )
-
-
-def _run_serve(args: argparse.Namespace) -> int:
+def _serve(args: argparse.Namespace) -> int:
     from selector_service.server import ServerConfig, serve_forever
 
     config = ServerConfig(
@@ -318,52 +142,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_train(args: argparse.Namespace, endpoint: str, token: str | None) -> int:
-    from trainer_client.client import SelectionClient
-    from trainer_client.train import train
-
-    config = _train_config(args)
-    with SelectionClient(endpoint, token=token) as client:
-        client.wait_ready(timeout_s=60)
-        result = train(config, client)
-    n = config.train_limit or 60000
-    rows = [
-        ("test accuracy", f"{result.test_accuracy:.4f}"),
-        ("wall time", f"{result.wall_s:.1f} s"),
-        ("optimizer steps", f"{result.steps}"),
-        (
-            "examples back-propagated",
-            f"{result.examples_backpropagated:,} ({result.examples_backpropagated / n:.2f} epochs)",
-        ),
-        ("examples embedded (forward only)", f"{result.examples_embedded:,}"),
-        ("selection rounds", f"{result.rounds}"),
-        ("trainer wait for coresets", f"{result.wait_s:.2f} s ({100 * result.wait_s / result.wall_s:.1f}% of wall)"),
-        ("embedding time", f"{result.embed_s:.2f} s"),
-        ("Taylor checks / reselections", f"{result.checks} / {result.reselections}"),
-        ("check time / quadratic-model time", f"{result.check_s:.2f} s / {result.fit_s:.2f} s"),
-        ("uniform fallback batches (late rounds)", f"{result.fallback_batches} ({result.late_steps})"),
-        ("service errors ridden out", f"{result.service_errors}"),
-    ]
-    width = max(len(k) for k, _ in rows)
-    print(f"\nCREST on Fashion-MNIST via {endpoint}")
-    for k, v in rows:
-        print(f"  {k:<{width}}  {v}")
-    return 0
-
-
-def _run_demo(args: argparse.Namespace) -> int:
-    from selector_service.process import spawn_service
-
-    serve = ["--port", "0", "--backend", args.backend, "--num-workers", str(args.num_workers)]
-    serve += ["--cpus-per-worker", str(args.cpus_per_worker), "--gpus-per-worker", str(args.gpus_per_worker)]
-    if args.ray_address:
-        serve += ["--ray-address", args.ray_address]
-    with spawn_service(serve, log_level=args.log_level) as service:
-        logging.getLogger("crest").info("service ready at %s (pid %d)", service.target, service.proc.pid)
-        return _run_train(args, service.target, None)
-
-
-def _run_inspect(args: argparse.Namespace) -> int:
+def _inspect(args: argparse.Namespace) -> int:
     from selector_service.provenance import ProvenanceLog
 
     log = ProvenanceLog(args.state_dir)
@@ -385,27 +164,30 @@ def _run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_bench(args: argparse.Namespace) -> int:
-    from benchmarks.train import run
+def add_log_level(parser: argparse.ArgumentParser) -> None:
+    """The global ``--log-level`` flag of every ``crest`` entry point."""
+    parser.add_argument(
+        "--log-level",
+        default=None,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="logging verbosity on stderr; default INFO (WARNING for bench, whose progress bars it would break)",
+    )
 
-    return run(args)
+
+def setup_logging(args: argparse.Namespace) -> None:
+    """Logging on stderr at ``--log-level`` (INFO, or WARNING for ``bench``)."""
+    args.log_level = args.log_level or ("WARNING" if args.command == "bench" else "INFO")
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Before torch loads anywhere: OpenMP spin-waiting slows torch 10-70x next to other busy processes.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    args = build_parser().parse_args(argv)
-    args.log_level = args.log_level or ("WARNING" if args.command == "bench" else "INFO")
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.command == "bench":
-        return _run_bench(args)
-    if args.command == "serve":
-        return _run_serve(args)
-    if args.command == "train":
-        return _run_train(args, args.endpoint, args.token)
-    if args.command == "inspect":
-        return _run_inspect(args)
-    return _run_demo(args)
+    """``python -m selector_service.cli {serve,inspect} ...``: the service side alone."""
+    parser = argparse.ArgumentParser(prog="crest", description="CREST selection service: serve and inspect.")
+    add_log_level(parser)
+    add_commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    args = parser.parse_args(argv)
+    setup_logging(args)
+    return run(args)
 
 
 if __name__ == "__main__":

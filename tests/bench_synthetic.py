@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from benchmarks.train_data import BenchData
+from crest_bench.train_data import BenchData
 
 CLASSES, DIM = 3, 16
 

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks._progress import Progress
-from benchmarks.train import plan
-from benchmarks.train_data import fashion_mnist, fetch, load_data, load_hook, materialize
-from benchmarks.train_report import difficulty_trend, trend
-from selector_service.cli import build_parser
+from crest_bench._progress import Progress
+from crest_bench.cli import build_parser
+from crest_bench.train import plan
+from crest_bench.train_data import fashion_mnist, fetch, load_data, load_hook, materialize
+from crest_bench.train_report import difficulty_trend, trend
 
 SYNTHETIC = str(Path(__file__).with_name("bench_synthetic.py")) + ":load"
 
@@ -43,7 +43,7 @@ def test_presets_and_explicit_flags() -> None:
 
 
 def test_dataset_hook_by_module_and_by_file() -> None:
-    assert load_hook("benchmarks.train_data:fashion_mnist") is fashion_mnist
+    assert load_hook("crest_bench.train_data:fashion_mnist") is fashion_mnist
     data = load_data(SYNTHETIC, None, train_limit=1000, test_limit=200)
     assert (len(data.train), len(data.test), data.num_classes) == (1000, 200, 3)  # type: ignore[arg-type]
     assert data.train_labels is not None and data.train_labels.dtype == np.int64
@@ -58,8 +58,8 @@ def test_dataset_hook_by_module_and_by_file() -> None:
 @pytest.mark.parametrize(
     ("spec", "error"),
     [
-        ("benchmarks.train_data", "MODULE:FUNCTION"),
-        ("benchmarks.train_data:nothing", "no function 'nothing'"),
+        ("crest_bench.train_data", "MODULE:FUNCTION"),
+        ("crest_bench.train_data:nothing", "no function 'nothing'"),
         ("missing_file.py:load", "no file"),
     ],
 )

@@ -1,5 +1,5 @@
 """The training benchmark runs end to end (quick mode): real server subprocess, real training on Fashion-MNIST;
-and on another dataset through the documented hook, started as a script."""
+and on another dataset through the documented hook, started by the installed `crest` command."""
 
 from __future__ import annotations
 
@@ -37,9 +37,10 @@ PLOTS = ("accuracy_vs_time", "accuracy_vs_examples", "difficulty", "excluded")
 
 
 def _bench(*args: str, out: Path, script: bool = False) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
-    entry = [str(ROOT / "benchmarks" / "train.py")] if script else ["-m", "selector_service.cli", "bench", "train"]
+    # script: the installed console script; else the module, as `python -m crest_bench.cli`.
+    entry = [str(Path(sys.executable).with_name("crest"))] if script else [sys.executable, "-m", "crest_bench.cli"]
     run = subprocess.run(
-        [sys.executable, *entry, *args, "--no-progress", "--out", str(out)],
+        [*entry, "bench", "train", *args, "--no-progress", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=900,

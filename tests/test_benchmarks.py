@@ -10,13 +10,11 @@ from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-def _run_quick(script: str, out: Path) -> tuple[dict[str, Any], str]:
-    """Run ``benchmarks/<script> --quick``; returns its JSON report and its stdout."""
+def _run_quick(bench: str, out: Path) -> tuple[dict[str, Any], str]:
+    """Run ``crest bench <bench> --quick``; returns its JSON report and its stdout."""
     run = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(out)],
+        [sys.executable, "-m", "crest_bench.cli", "bench", bench, "--quick", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -28,7 +26,7 @@ def _run_quick(script: str, out: Path) -> tuple[dict[str, Any], str]:
 
 @pytest.mark.slow
 def test_facility_location_benchmark_quick(tmp_path: Path) -> None:
-    report, stdout = _run_quick("facility_location.py", tmp_path / "fl.json")
+    report, stdout = _run_quick("facility-location", tmp_path / "fl.json")
     rows = report["results"]
     assert {r["library"] for r in rows} == {"ours", "submodlib", "apricot"}
     for r in rows:
@@ -48,7 +46,7 @@ def test_facility_location_benchmark_quick(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_service_benchmark_quick(tmp_path: Path) -> None:
-    report, _ = _run_quick("service.py", tmp_path / "service.json")
+    report, _ = _run_quick("service", tmp_path / "service.json")
     assert report["in_process_selections_per_s"] > 0
     assert {(r["actors"], r["sessions"]) for r in report["results"]} == {(1, 1), (1, 4), (2, 1), (2, 4)}
     for r in report["results"]:

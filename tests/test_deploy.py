@@ -32,7 +32,7 @@ from typing import Any
 import pytest
 import yaml
 
-from selector_service.cli import build_parser
+from crest_bench.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"

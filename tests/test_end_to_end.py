@@ -92,7 +92,7 @@ def test_crest_demo_command_runs_end_to_end() -> None:
         [
             sys.executable,
             "-m",
-            "selector_service.cli",
+            "crest_bench.cli",
             "--log-level",
             "WARNING",
             "demo",

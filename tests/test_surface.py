@@ -10,7 +10,7 @@ import pytest
 
 import selector_service
 import trainer_client
-from selector_service.cli import build_parser
+from crest_bench.cli import build_parser
 
 CLI_FLAGS = {
     "bench train": [
@@ -29,6 +29,9 @@ CLI_FLAGS = {
         "--out",
         "--no-progress",
     ],
+    "bench facility-location": ["--quick", "--libraries", "--timeout", "--out", "--sizes", "--crest-repeats"],
+    "bench workload": ["--repeats", "--timeout"],
+    "bench service": ["--quick", "--rounds", "--out"],
     "inspect": ["--state-dir", "--session", "--step", "--export"],
     "serve": [
         "--host",
@@ -152,7 +155,7 @@ def _subparser(path: str) -> argparse.ArgumentParser:
 
 def test_cli_commands_are_frozen() -> None:
     assert sorted(_commands(build_parser())) == ["bench", "demo", "inspect", "serve", "train"]
-    assert sorted(_commands(_subparser("bench"))) == ["train"]
+    assert sorted(_commands(_subparser("bench"))) == ["facility-location", "service", "train", "workload"]
 
 
 @pytest.mark.parametrize("command", sorted(CLI_FLAGS))
@@ -169,7 +172,7 @@ def test_cli_help_runs() -> None:
     )
     assert "--ray-address" in out.stdout
     bench = subprocess.run(
-        [sys.executable, "-m", "selector_service.cli", "bench", "train", "--help"],
+        [sys.executable, "-m", "crest_bench.cli", "bench", "train", "--help"],
         capture_output=True,
         text=True,
         check=True,

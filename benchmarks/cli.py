@@ -1,0 +1,236 @@
+"""The ``crest`` command: one entry point that dispatches to the side that owns each command.
+
+- ``serve``, ``inspect``: the service side (``selector_service.cli``);
+- ``train``: the trainer side (``trainer_client.cli``);
+- ``demo`` and ``bench {train,facility-location,workload,service}``: the benchmarks (this package).
+
+This module sits at the top of the package graph (``crest`` <- {``selector_service``, ``trainer_client``} <-
+``crest_bench``), so it may import both sides; neither side imports it. Building the parser imports only the
+sides' flag definitions (no torch, Ray or faiss): a side whose dependencies are missing keeps its command
+names, which then say what to install. Environment read here: CREST_DATA_DIR (``bench train --data-dir``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from selector_service import cli as service_cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="crest", description="CREST data selection as a service.")
+    service_cli.add_log_level(parser)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    service_cli.add_commands(sub)
+    trainer = _trainer_cli()
+    if trainer is not None:
+        trainer.add_commands(sub)
+    else:
+        _add_missing(sub, "train", "train the Fashion-MNIST CNN against a running service")
+
+    demo = sub.add_parser(
+        "demo",
+        help="start a local service and train against it",
+        description="Start the service on localhost (embedded Ray), train the Fashion-MNIST "
+        "CNN through it over gRPC, print the results, stop the service. The demo trains 50 steps on each "
+        "round's coresets so it finishes in a few minutes on 2 CPU cores; --steps-per-round 0 switches to "
+        "CREST's adaptive Taylor check (several times slower on CPU, where every reselection costs a "
+        "forward pass over the round's random subsets and a Hessian estimate).",
+    )
+    service_cli.add_selector_flags(demo)
+    if trainer is not None:
+        trainer.add_train_flags(demo, steps_per_round=50)
+
+    bench = sub.add_parser("bench", help="benchmarks", description="Benchmarks that start what they measure.")
+    benches = bench.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
+    _add_bench_train(benches)
+    _add_bench_facility_location(benches)
+    _add_bench_workload(benches)
+    _add_bench_service(benches)
+    return parser
+
+
+def _trainer_cli() -> Any:
+    """``trainer_client.cli``, or None when the trainer side's dependencies (torch) are not installed."""
+    try:
+        from trainer_client import cli
+    except ImportError:
+        return None
+    return cli
+
+
+def _add_missing(sub: Any, name: str, help: str) -> None:
+    p = sub.add_parser(name, help=f"{help} (needs the trainer side)", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="not available: the trainer side is not installed")
+
+
+def _add_bench_train(benches: Any) -> None:
+    p = benches.add_parser(
+        "train",
+        help="time to accuracy: CREST against full data, random batches and InfoBatch",
+        description="Train the same model under full data, uniform random batches, CREST through a local service "
+        "(embedded Ray) and InfoBatch-style pruning, for the same steps and seeds; write JSON, a markdown table "
+        "and PNG plots (accuracy vs time and vs examples, difficulty of the selected examples, fraction of the "
+        "data left out). Defaults: Fashion-MNIST with a small CNN, 1,000 steps, 3 seeds (about 30 minutes on 2 "
+        "cores). See benchmarks/train.py.",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="the first 6,000/1,000 examples (CREST subsets of 10%% so r stays 600), 150 steps, 1 seed, every method "
+        "(about 2 minutes; the test suite's mode)",
+    )
+    p.add_argument(
+        "--demo",
+        action="store_true",
+        help="full and crest only, 1 seed, results/demo.json (what make demo runs; about 5 minutes on 2 cores)",
+    )
+    p.add_argument("--seeds", type=int, default=None, help="seeds per method (default 3; --quick and --demo 1)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 1000, --quick 150)")
+    p.add_argument(
+        "--methods",
+        default=None,
+        help="comma-separated subset of full,random,crest,infobatch; full is required (default all; --demo full,crest)",
+    )
+    p.add_argument(
+        "--crest-adaptive", action="store_true", help="CREST's Taylor check ends regions (default: 50-step regions)"
+    )
+    p.add_argument(
+        "--drop-learned",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="CREST: the service's learned-example exclusion (loss <= 0.1 over 5 visits; floor 0.8 N); default on",
+    )
+    p.add_argument("--prune", type=float, default=0.5, help="InfoBatch: pruned fraction of low-loss examples")
+    p.add_argument("--num-workers", type=int, default=2, help="selector actors of the service; default 2")
+    p.add_argument(
+        "--dataset",
+        default="crest_bench.train_data:fashion_mnist",
+        help="MODULE:FUNCTION or FILE.py:FUNCTION returning a crest_bench.train_data.BenchData (map-style "
+        "train/test datasets and a model factory); default Fashion-MNIST with the SmallCNN",
+    )
+    p.add_argument(
+        "--data-dir",
+        default=os.environ.get("CREST_DATA_DIR"),
+        help="passed to the dataset hook; Fashion-MNIST: the directory of its four .gz files (default: "
+        "$CREST_DATA_DIR, then /usr/share/datasets/fashion-mnist)",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="JSON output; the .md table and the PNGs go next to it (default results/train.json, --demo "
+        "results/demo.json)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (it shows only on a terminal)")
+
+
+def _add_bench_facility_location(benches: Any) -> None:
+    p = benches.add_parser(
+        "facility-location",
+        help="facility location against apricot and submodlib, side by side on the same inputs",
+        description="Time this project's facility location against apricot and submodlib (each library in its "
+        "own process, timed in turns) on a grid of seeded clustered inputs, score every selection under CREST's "
+        "objective, then run the CREST-shaped workload. Needs the bench extra. See benchmarks/facility_location.py.",
+    )
+    p.add_argument("--quick", action="store_true", help="two small configurations and 20 CREST repeats")
+    p.add_argument(
+        "--libraries", default="ours,submodlib,apricot", help="comma-separated subset of ours,submodlib,apricot"
+    )
+    p.add_argument("--timeout", type=float, default=600, help="seconds to wait for one library call")
+    p.add_argument("--out", default="results/facility_location.json", help="JSON output path")
+    p.add_argument("--sizes", default="", help="comma-separated ground-set sizes to keep from the grid")
+    p.add_argument(
+        "--crest-repeats",
+        type=int,
+        default=None,
+        help="repeats of the CREST-shaped workload (default 1000, quick 20; 0 skips it)",
+    )
+
+
+def _add_bench_workload(benches: Any) -> None:
+    p = benches.add_parser(
+        "workload",
+        help="the CREST-shaped workload alone: many small per-class problems, ours against submodlib",
+        description="Rounds of 5 subsets x 10 classes x 50 points (d = 10, budget 13 per class), timed in "
+        "alternating blocks against submodlib; prints the JSON. See benchmarks/crest_workload.py.",
+    )
+    p.add_argument("--repeats", type=int, default=1000, help="rounds per library (default 1000)")
+    p.add_argument("--timeout", type=float, default=600, help="seconds to wait for one block")
+
+
+def _add_bench_service(benches: Any) -> None:
+    p = benches.add_parser(
+        "service",
+        help="service overhead: selection through gRPC and Ray actors against the engine in process",
+        description="CIFAR-10-shaped sessions through a real server and Ray actors (1/2/4 actors x 1/4/16 "
+        "sessions): selections/s, embeddings/s and round latency, against the engine called in process. See "
+        "benchmarks/service.py.",
+    )
+    p.add_argument("--quick", action="store_true", help="1 and 2 actors, 1 and 4 sessions, 2 rounds each")
+    p.add_argument("--rounds", type=int, default=None, help="rounds per session (default 5; quick 2)")
+    p.add_argument("--out", default="results/service.json", help="JSON output path")
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    import logging
+
+    from selector_service.process import spawn_service
+
+    trainer = _trainer_cli()
+    with spawn_service(service_cli.selector_serve_args(args), log_level=args.log_level) as service:
+        logging.getLogger("crest").info("service ready at %s (pid %d)", service.target, service.proc.pid)
+        return int(trainer.run_train(args, service.target, None))
+
+
+def _command(argv: list[str]) -> str | None:
+    """The command word of ``argv`` (after the global ``--log-level LEVEL``), None when there is none."""
+    words = iter(argv)
+    for word in words:
+        if word == "--log-level":
+            next(words, None)
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if _command(argv) in service_cli.COMMANDS:
+        # The service side alone: a `crest serve` process never loads torch, and runs where it is not installed.
+        return service_cli.main(argv)
+    # Before torch loads anywhere: OpenMP spin-waiting slows torch 10-70x next to other busy processes.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    args = build_parser().parse_args(argv)
+    service_cli.setup_logging(args)
+    if args.command in ("train", "demo") and _trainer_cli() is None:
+        print(
+            f"crest {args.command}: the trainer side is not installed (torch); install it with "
+            "pip install -e '.' from a checkout",
+            file=sys.stderr,
+        )
+        return 2
+    if args.command == "train":
+        return int(_trainer_cli().run(args))
+    if args.command == "demo":
+        return _run_demo(args)
+    return _run_bench(args)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    """Import the benchmark that runs (each pulls in what it measures) and run it."""
+    if args.bench == "train":
+        from crest_bench import train as bench
+    elif args.bench == "facility-location":
+        from crest_bench import facility_location as bench  # type: ignore[no-redef]
+    elif args.bench == "workload":
+        from crest_bench import crest_workload as bench  # type: ignore[no-redef]
+    else:
+        from crest_bench import service as bench  # type: ignore[no-redef]
+    return int(bench.run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
