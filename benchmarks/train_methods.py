@@ -18,11 +18,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from crest.selector.v1 import codec
 from crest_bench._progress import Progress
 from crest_bench.train_data import DEFAULT_HOOK, BenchData, fetch
-from trainer_client.client import SelectionClient
-from trainer_client.loader import CoresetLoader, LoaderConfig
-from trainer_client.region import RegionConfig
+from trainer_client import CoresetLoader, LoaderConfig, RegionConfig, SelectionClient
 from trainer_client.train import evaluate
 
 METHODS = ("full", "random", "crest", "infobatch")
@@ -39,7 +38,7 @@ class BenchConfig:
     data_dir: str | None = None
     # Optimizer steps per run (the same for every method).
     steps: int = 1000
-    batch_size: int = 128
+    batch_size: int = codec.DEFAULT_BATCH_SIZE
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 5e-4

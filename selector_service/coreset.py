@@ -28,6 +28,7 @@ from selector_service.subsets import plan_groups
 log = logging.getLogger(__name__)
 
 _NO_SEEDS = np.zeros(0, dtype=np.int64)  # lazy greedy draws nothing
+_EPSILON = 0.1  # stochastic greedy's epsilon in mini-batch coresets (select_coreset's default)
 
 
 # Largest ground set (per class) selected on a dense kernel by default: 2 n^2 bytes = 512 MiB at this size.
@@ -98,29 +99,61 @@ def _stack(
             raise InvalidArgument(f"ground set {i}: {exc}" if count > 1 else str(exc)) from exc
     x = np.ascontiguousarray(np.concatenate(xs) if count > 1 else xs[0], dtype=np.float32)
     rows = np.array([0, *itertools.accumulate(len(y) for y in ys)], dtype=np.int64)
-    if not np.isfinite(x).all():
-        row, col = np.argwhere(~np.isfinite(x))[0]
-        i = int(np.searchsorted(rows, row, side="right")) - 1
-        where = f"ground set {i}: " if count > 1 else ""
-        raise InvalidArgument(
-            f"{where}embeddings must be finite, received {x[row, col]} at row {row - rows[i]}, col {col}"
-        )
+    _check_finite(x, rows)
     y = np.concatenate(ys) if count > 1 else ys[0]
     return x, y.astype(np.int64, copy=False), rows
 
 
+def _check_stacked(
+    embeddings: np.ndarray, labels: np.ndarray, rows: np.ndarray, ks: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Validate ground sets already stacked (``rows`` int64 (P + 1,) their boundaries); the same checks and
+    messages as ``_stack``, without a copy of a float32 C-contiguous ``embeddings``."""
+    x = np.ascontiguousarray(embeddings, dtype=np.float32)
+    if x.ndim != 2 or x.shape[1] == 0:
+        raise InvalidArgument(f"embeddings must be a non-empty (n, d) array, received shape {x.shape}")
+    rows = np.asarray(rows, dtype=np.int64)
+    if rows.ndim != 1 or len(rows) != len(ks) + 1 or rows[0] != 0 or rows[-1] != len(x):
+        raise InvalidArgument(
+            f"offsets must be {len(ks) + 1} increasing row positions from 0 to {len(x)}, received {rows.tolist()[:8]}"
+        )
+    count = len(ks)
+    for i in range(count):
+        size = int(rows[i + 1] - rows[i])
+        where = f"ground set {i}: " if count > 1 else ""
+        if size <= 0:
+            raise InvalidArgument(
+                f"{where}embeddings must be a non-empty (n, d) array, received shape {(size, x.shape[1])}"
+            )
+        if not 1 <= ks[i] <= size:
+            raise InvalidArgument(f"{where}budget k={ks[i]} must be between 1 and the ground-set size {size}")
+    y = _check_labels(labels, len(x))
+    _check_finite(x, rows)
+    return x, y.astype(np.int64, copy=False), rows
+
+
+def _check_finite(x: np.ndarray, rows: np.ndarray) -> None:
+    if not np.isfinite(x).all():
+        row, col = np.argwhere(~np.isfinite(x))[0]
+        i = int(np.searchsorted(rows, row, side="right")) - 1
+        where = f"ground set {i}: " if len(rows) > 2 else ""
+        raise InvalidArgument(
+            f"{where}embeddings must be finite, received {x[row, col]} at row {row - rows[i]}, col {col}"
+        )
+
+
 def _select(
-    embeddings: Sequence[np.ndarray],
+    x: np.ndarray,
+    y: np.ndarray,
+    rows: np.ndarray,
     ks: Sequence[int],
-    labels: Sequence[np.ndarray] | None,
     method: str,
     similarity: str,
     knn: int | None,
     seed: int,
     epsilon: float,
 ) -> list[Coreset]:
-    _check_options(method, similarity, knn, epsilon)
-    x, y, rows = _stack(embeddings, ks, labels)
+    """Coresets of stacked, validated ground sets (``_stack`` or ``_check_stacked``), positions within each."""
     members, offsets, budgets, first_group, status = plan_groups(y, rows, np.asarray(ks, dtype=np.int64))
     if status[0] >= 0:
         i = int(status[0])
@@ -189,7 +222,9 @@ def select_coreset(
         ``Coreset`` with row positions in selection order within each class (classes ascending), cluster sizes
         summing to n (per class: to the class size), and the marginal gains.
     """
-    return _select([embeddings], [k], None if labels is None else [labels], method, similarity, knn, seed, epsilon)[0]
+    _check_options(method, similarity, knn, epsilon)
+    x, y, rows = _stack([embeddings], [k], None if labels is None else [labels])
+    return _select(x, y, rows, [k], method, similarity, knn, seed, epsilon)[0]
 
 
 def select_coresets(
@@ -226,7 +261,9 @@ def select_coresets(
         raise InvalidArgument(f"received {len(labels)} label arrays for {len(embeddings)} ground sets")
     if not ks:
         return []
-    return _select(embeddings, ks, labels, method, similarity, knn, seed, epsilon)
+    _check_options(method, similarity, knn, epsilon)
+    x, y, rows = _stack(embeddings, ks, labels)
+    return _select(x, y, rows, ks, method, similarity, knn, seed, epsilon)
 
 
 @dataclass(frozen=True)
@@ -235,9 +272,12 @@ class MinibatchCoreset:
 
     Attributes:
         ids: int64 (m,) example ids, unique.
-        weights: float32 (m,) loss weights, positive, mean 1: cluster size * m / subset size, so the batch
-            mean of weight * loss estimates the subset's mean loss (CRAIG's gamma, normalised as in CREST).
-        selection_ms: wall time of the selection, in milliseconds.
+        weights: float32 (m,) loss weights, positive, mean 1 over the coreset: cluster size * m / subset size, so
+            the batch mean of weight * loss estimates the subset's mean loss (CRAIG's gamma, normalised as in
+            CREST). This is the one place weights are normalised: the service sends them as they are, and the
+            trainer uses them as they arrive.
+        selection_ms: wall time of the call that selected it, in milliseconds, from the call's start until its
+            coresets were ready. Coresets selected together in one call share it: none is ready before the others.
     """
 
     ids: np.ndarray
@@ -273,8 +313,8 @@ def minibatch_coresets(
     method: str = "lazy",
 ) -> list[MinibatchCoreset]:
     """CREST mini-batch coresets of several random subsets (a round, or a selector's share of one), selected
-    together by ``select_coresets``; each equals ``minibatch_coreset`` of its subset. ``selection_ms`` is the
-    call's wall time split evenly over the subsets.
+    together by ``select_coresets``; each equals ``minibatch_coreset`` of its subset, and all share the call's
+    wall time as ``selection_ms``. ``stacked_minibatch_coresets`` takes subsets already stacked in one matrix.
 
     Args:
         ids, labels, embeddings: P subsets' int64 (r_i,) ids, int64 (r_i,) classes, float32 (r_i, d) embeddings.
@@ -288,13 +328,64 @@ def minibatch_coresets(
     for i, (sub, emb) in enumerate(zip(ids, embeddings, strict=True)):
         if np.shape(sub) != (np.shape(emb)[0],):
             raise InvalidArgument(f"subset {i}: {np.shape(sub)} ids for embeddings of shape {np.shape(emb)}")
+    if not ids:
+        return []
     ks = [min(batch_size, len(sub)) for sub in ids]
-    coresets = select_coresets(embeddings, ks, labels=labels, method=method, similarity=similarity)
-    elapsed = (time.perf_counter() - start) * 1e3 / max(1, len(ids))
-    log.debug("selected %d coresets of %s from %s in %.2f ms each", len(ids), ks, [len(s) for s in ids], elapsed)
+    _check_options(method, similarity, None, _EPSILON)
+    x, y, rows = _stack(embeddings, ks, labels)
+    stacked = np.concatenate(ids) if len(ids) > 1 else np.asarray(ids[0])
+    return _minibatch(start, stacked, x, y, rows, ks, similarity, method)
+
+
+def stacked_minibatch_coresets(
+    ids: np.ndarray,
+    labels: np.ndarray,
+    embeddings: np.ndarray,
+    offsets: np.ndarray,
+    batch_size: int,
+    similarity: str = "exp",
+    method: str = "lazy",
+) -> list[MinibatchCoreset]:
+    """``minibatch_coresets`` of P subsets stacked in one matrix (a selector's share of a round): subset i is rows
+    ``offsets[i]:offsets[i + 1]``. Selected where they lie (a float32 C-contiguous matrix is not copied), with
+    results identical to ``minibatch_coresets`` of the same subsets.
+
+    Args:
+        ids: int64 (n,) example ids; labels: int64 (n,) their classes.
+        embeddings: float32 (n, d) their gradient embeddings.
+        offsets: int64 (P + 1,) subset boundaries, 0 first and n last.
+        batch_size: coreset size m; capped at each subset's size.
+    """
+    start = time.perf_counter()
+    offsets = np.asarray(offsets, dtype=np.int64)
+    if np.shape(ids) != (np.shape(embeddings)[0],):
+        raise InvalidArgument(f"{np.shape(ids)} ids for embeddings of shape {np.shape(embeddings)}")
+    if offsets.ndim != 1 or len(offsets) < 2:
+        raise InvalidArgument(f"offsets must hold at least 2 row positions, received {offsets.tolist()[:8]}")
+    ks = [min(batch_size, int(n)) for n in np.diff(offsets)]
+    _check_options(method, similarity, None, _EPSILON)
+    x, y, rows = _check_stacked(embeddings, labels, offsets, ks)
+    return _minibatch(start, np.asarray(ids), x, y, rows, ks, similarity, method)
+
+
+def _minibatch(
+    start: float,
+    ids: np.ndarray,
+    x: np.ndarray,
+    y: np.ndarray,
+    rows: np.ndarray,
+    ks: list[int],
+    similarity: str,
+    method: str,
+) -> list[MinibatchCoreset]:
+    """Mini-batch coresets of stacked, validated subsets; ``start``: when the call began (``perf_counter``)."""
+    coresets = _select(x, y, rows, ks, method, similarity, None, 0, _EPSILON)
+    elapsed = (time.perf_counter() - start) * 1e3
+    sizes = np.diff(rows).tolist()
+    log.debug("selected %d coresets of %s from %s in %.2f ms", len(ks), ks, sizes, elapsed)
     return [
         MinibatchCoreset(
-            ids=np.asarray(sub)[c.indices], weights=c.weights * np.float32(k / c.weights.sum()), selection_ms=elapsed
+            ids=ids[r + c.indices], weights=c.weights * np.float32(k / c.weights.sum()), selection_ms=elapsed
         )
-        for sub, c, k in zip(ids, coresets, ks, strict=True)
+        for c, k, r in zip(coresets, ks, rows, strict=False)
     ]

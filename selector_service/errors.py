@@ -39,5 +39,10 @@ class SelectorFailure(SelectionError):
     """A selector worker failed while selecting; the round cannot be completed."""
 
 
+class Cancelled(SelectionError):
+    """A call whose work was withdrawn under it: its session was closed while the call ran (a stream of its
+    batches, for one)."""
+
+
 class MissingExtra(ImportError):
     """An optional dependency is not installed; the message names the extra that provides it."""

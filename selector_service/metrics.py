@@ -13,7 +13,8 @@ from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from selector_service.sessions import Batch, SessionManager
+from selector_service.manager import SessionManager
+from selector_service.tasks import Batch
 
 
 class _ManagerCollector(Collector):
@@ -61,7 +62,8 @@ class Metrics:
         self.registry.register(_ManagerCollector(manager))
         self.selection_seconds = Histogram(
             "crest_selection_seconds",
-            "Selector time per mini-batch coreset",
+            "Wall time of the selector call that produced each delivered batch, from the worker starting on its "
+            "share of the round until the share's batches were ready (batches selected together share the time)",
             registry=self.registry,
             buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
         )

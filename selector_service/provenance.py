@@ -13,7 +13,10 @@ import json
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # for the annotation only: ``crest inspect`` reads logs without loading the selection engine
+    from selector_service.tasks import Batch
 
 FIELDS = (
     "session_id",
@@ -28,6 +31,22 @@ FIELDS = (
     "ids",
     "weights",
 )
+
+
+def batch_record(batch: Batch, rounds_behind: int) -> dict[str, Any]:
+    """The record of one delivered batch (``FIELDS`` but ``delivered_at``); weights to 6 decimals."""
+    return {
+        "session_id": batch.session_id,
+        "round_id": batch.round_id,
+        "subset_index": batch.subset_index,
+        "trainer_step": batch.trainer_step,
+        "rounds_behind": rounds_behind,
+        "worker": batch.worker,
+        "selection_ms": round(batch.selection_ms, 3),
+        "size": len(batch.ids),
+        "ids": batch.ids.tolist(),
+        "weights": [round(float(w), 6) for w in batch.weights],
+    }
 
 
 class ProvenanceLog:

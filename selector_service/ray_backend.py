@@ -2,7 +2,8 @@
 
 With no address the backend starts a local Ray bound to 127.0.0.1 (the embedded default); with an address
 (``auto`` or ``HOST:PORT``) it attaches to a running cluster. Each ``SelectorWorker`` actor selects its share of a
-round's random subsets per call; Ray restarts a dead actor and retries its calls.
+round's random subsets per call (a ``tasks.SelectionTask``, stacked once); Ray restarts a dead actor and retries
+its calls.
 """
 
 from __future__ import annotations
@@ -12,13 +13,12 @@ import os
 import socket
 import threading
 import uuid
-from collections.abc import Sequence
 from concurrent.futures import Future
 from typing import Any
 
 import ray
 
-from selector_service.backends import SelectionResult, SelectionTask, chunks, fan_out, run_tasks
+from selector_service.tasks import Batch, RoundInput, SelectionTask, chunks, fan_out, run_task
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +37,8 @@ class SelectorWorker:
         node = ray.get_runtime_context().get_node_id()[:12]
         self.name = f"{name}@{socket.gethostname()}:{os.getpid()}/node-{node}"
 
-    def select(self, tasks: list[SelectionTask]) -> list[SelectionResult]:
-        return run_tasks(tasks, self.name)
+    def select(self, task: SelectionTask) -> list[Batch]:
+        return run_task(task, self.name)
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
@@ -63,7 +63,7 @@ class RayBackend:
     Actors are named ``crest-selector-<instance>-<i>`` in namespace ``crest``. A selection call survives the
     death of its actor: Ray restarts the actor and retries the call (tasks are stateless and idempotent), and the
     session delivers each subset's batch once because it collects one result per subset. A round is dealt out
-    in contiguous shares (``backends.chunks``), one call per actor, starting where the last round stopped.
+    in contiguous shares (``tasks.chunks``), one call per actor, starting where the last round stopped.
     """
 
     name = "ray"
@@ -142,14 +142,15 @@ class RayBackend:
                 self._grow(target)
                 log.info("cluster grew: selector actors %d -> %d", before, target)
 
-    def submit(self, tasks: Sequence[SelectionTask]) -> list[Future[SelectionResult]]:
-        futures: list[Future[SelectionResult]] = []
+    def submit(self, work: RoundInput) -> list[Future[Batch]]:
         with self._lock:
-            shares = chunks(tasks, len(self._actors))
+            shares = chunks(work.sizes, len(self._actors))
             actors = [self._actors[(self._turn + i) % len(self._actors)] for i in range(len(shares))]
             self._turn += len(shares)
-        for actor, share in zip(actors, shares, strict=True):
-            futures += fan_out(actor.select.remote(share).future(), len(share))
+        futures: list[Future[Batch]] = []
+        for actor, subsets in zip(actors, shares, strict=True):
+            task = work.share(subsets)
+            futures += fan_out(actor.select.remote(task).future(), task.num_subsets)
         return futures
 
     def describe(self) -> dict[str, Any]:

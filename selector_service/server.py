@@ -21,11 +21,12 @@ from crest.selector.v1 import codec
 from crest.selector.v1 import selector_pb2 as pb
 from crest.selector.v1 import selector_pb2_grpc as pb_grpc
 from selector_service.backends import SelectionBackend, make_backend
+from selector_service.manager import SessionManager
 from selector_service.metrics import Metrics
 from selector_service.persistence import SessionStore
 from selector_service.provenance import ProvenanceLog
 from selector_service.servicer import SelectorServicer
-from selector_service.sessions import Limits, SessionManager
+from selector_service.session import Limits
 
 log = logging.getLogger(__name__)
 

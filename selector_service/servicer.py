@@ -1,5 +1,7 @@
 """The gRPC servicer: converts proto messages to domain types, calls one ``SessionManager`` method, converts
-back. Errors are mapped to status codes through ``STATUS_OF`` only."""
+back. Errors are mapped to status codes through ``STATUS_OF`` only: the service's refusals (``SelectionError``)
+and messages that break the wire contract (``codec.WireError``) by their kind; anything else is a fault of the
+service itself, answered INTERNAL with its message and logged with its traceback."""
 
 from __future__ import annotations
 
@@ -17,21 +19,26 @@ from crest.selector.v1 import selector_pb2_grpc as pb_grpc
 from selector_service import tokens
 from selector_service.errors import (
     AlreadyExists,
+    Cancelled,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     PermissionDenied,
     ResourceExhausted,
-    SelectionError,
     SelectorFailure,
     Unauthenticated,
 )
 from selector_service.exclusion import ExclusionConfig
-from selector_service.sessions import Batch, EmbeddingPart, SessionConfig, SessionManager
+from selector_service.manager import SessionManager
+from selector_service.rounds import EmbeddingPart
+from selector_service.session import SessionConfig
+from selector_service.tasks import Batch
 
 log = logging.getLogger(__name__)
 
-STATUS_OF: dict[type[SelectionError], grpc.StatusCode] = {
+# The status of each kind of error; an exception of no kind listed is a service fault: INTERNAL.
+STATUS_OF: dict[type[Exception], grpc.StatusCode] = {
+    codec.WireError: grpc.StatusCode.INVALID_ARGUMENT,
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     NotFound: grpc.StatusCode.NOT_FOUND,
     AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
@@ -39,20 +46,22 @@ STATUS_OF: dict[type[SelectionError], grpc.StatusCode] = {
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    Cancelled: grpc.StatusCode.CANCELLED,
     SelectorFailure: grpc.StatusCode.INTERNAL,
 }
-
-_SIMILARITY = {pb.SIMILARITY_EXP: "exp", pb.SIMILARITY_MAXDIST: "maxdist"}
-_EMBEDDING = {pb.EMBEDDING_LOGIT_GRADIENT: "logit_gradient", pb.EMBEDDING_LAST_LAYER_GRADIENT: "last_layer_gradient"}
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _abort(context: grpc.ServicerContext, exc: Exception) -> None:
-    code = next((c for t, c in STATUS_OF.items() if isinstance(exc, t)), grpc.StatusCode.INTERNAL)
+def status_of(exc: Exception) -> tuple[grpc.StatusCode, str]:
+    """The status and message a call that raised ``exc`` ends with; logs service faults with their traceback."""
+    code = next((c for kind, c in STATUS_OF.items() if isinstance(exc, kind)), None)
+    if code is None:
+        log.error("internal error: %s: %s", type(exc).__name__, exc, exc_info=exc)
+        return grpc.StatusCode.INTERNAL, f"internal error in the selection service: {type(exc).__name__}: {exc}"
     if code == grpc.StatusCode.INTERNAL:
-        log.error("internal error: %s", exc, exc_info=exc)
-    context.abort(code, str(exc))
+        log.error("%s", exc, exc_info=exc)
+    return code, str(exc)
 
 
 def _unary(method: F) -> F:
@@ -60,8 +69,8 @@ def _unary(method: F) -> F:
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
         try:
             return method(self, request, context)
-        except (SelectionError, ValueError) as exc:
-            _abort(context, exc if isinstance(exc, SelectionError) else InvalidArgument(str(exc)))
+        except Exception as exc:
+            context.abort(*status_of(exc))
 
     return wrapper  # type: ignore[return-value]
 
@@ -71,8 +80,8 @@ def _streaming(method: F) -> F:
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         try:
             yield from method(self, request, context)
-        except (SelectionError, ValueError) as exc:
-            _abort(context, exc if isinstance(exc, SelectionError) else InvalidArgument(str(exc)))
+        except Exception as exc:
+            context.abort(*status_of(exc))
 
     return wrapper  # type: ignore[return-value]
 
@@ -92,10 +101,8 @@ def _client_address(context: grpc.ServicerContext) -> str:
 
 
 def config_from_proto(c: pb.CrestConfig) -> SessionConfig:
-    if c.similarity not in (pb.SIMILARITY_UNSPECIFIED, *_SIMILARITY):
-        raise InvalidArgument(f"config.similarity: unknown enum value {c.similarity}")
-    if c.embedding_kind not in (pb.EMBEDDING_KIND_UNSPECIFIED, *_EMBEDDING):
-        raise InvalidArgument(f"config.embedding_kind: unknown enum value {c.embedding_kind}")
+    """The session configuration a ``CrestConfig`` asks for; a zero field means the default (``SessionConfig``'s,
+    which are the wire contract's ``codec.DEFAULT_*``)."""
     d, e = SessionConfig(), ExclusionConfig()
     exclusion = ExclusionConfig(
         enabled=c.drop_learned,
@@ -108,10 +115,12 @@ def config_from_proto(c: pb.CrestConfig) -> SessionConfig:
         subset_fraction=c.subset_fraction or d.subset_fraction,
         num_subsets=c.num_subsets or d.num_subsets,
         batch_size=c.batch_size or d.batch_size,
-        similarity=_SIMILARITY.get(c.similarity, d.similarity),
+        similarity=codec.enum_name("config.similarity", codec.SIMILARITIES, c.similarity, d.similarity),
         seed=c.seed,
         embedding_dim=c.embedding_dim or None,
-        embedding_kind=_EMBEDDING.get(c.embedding_kind, d.embedding_kind),
+        embedding_kind=codec.enum_name(
+            "config.embedding_kind", codec.EMBEDDING_KINDS, c.embedding_kind, d.embedding_kind
+        ),
         exclusion=exclusion,
     )
 
@@ -121,10 +130,10 @@ def config_to_proto(c: SessionConfig) -> pb.CrestConfig:
         subset_fraction=c.subset_fraction,
         num_subsets=c.num_subsets,
         batch_size=c.batch_size,
-        similarity={v: k for k, v in _SIMILARITY.items()}[c.similarity],
+        similarity=codec.enum_value("similarity", codec.SIMILARITIES, c.similarity),
         seed=c.seed,
         embedding_dim=c.embedding_dim or 0,
-        embedding_kind={v: k for k, v in _EMBEDDING.items()}[c.embedding_kind],
+        embedding_kind=codec.enum_value("embedding_kind", codec.EMBEDDING_KINDS, c.embedding_kind),
         drop_learned=c.exclusion.enabled,
         drop_threshold=c.exclusion.threshold,
         drop_window=c.exclusion.window,
@@ -141,7 +150,8 @@ def part_from_proto(chunk: pb.EmbeddingChunk, index: int) -> EmbeddingPart:
     emb = codec.decode(f"{where}.embeddings", chunk.embeddings, codec.FLOAT32, rows=len(ids), cols=chunk.dim)
     labels = codec.decode(f"{where}.labels", chunk.labels, codec.INT64, rows=len(ids)) if chunk.labels else None
     losses = codec.decode(f"{where}.losses", chunk.losses, codec.FLOAT32, rows=len(ids)) if chunk.losses else None
-    return EmbeddingPart(chunk.session_id, chunk.round_id, ids, emb, labels, losses)
+    # (n, dim) even when dim is 1, where decode returns (n,)
+    return EmbeddingPart(chunk.session_id, chunk.round_id, ids, emb.reshape(len(ids), chunk.dim), labels, losses)
 
 
 def batch_to_proto(b: Batch) -> pb.WeightedBatch:

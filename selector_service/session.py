@@ -1,47 +1,52 @@
-"""One session's state and the value types of the session layer: configuration, limits, rounds, batches.
+"""One session: its configuration, the limits it is held to, and its state (labels, active pool, rounds,
+counters), with the versioned ``state_dict`` a checkpoint stores.
 
-Pure data and validation; ``sessions.SessionManager`` holds the sessions and runs the rounds.
+Data and validation only; ``manager.SessionManager`` holds the sessions and runs their rounds (``rounds.Round``).
 """
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
-from enum import IntEnum
 from typing import Any
 
 import numpy as np
 
-from selector_service.backends import SelectionResult
+from crest.selector.v1 import codec
 from selector_service.errors import InvalidArgument
-from selector_service.exclusion import ExclusionConfig, ExclusionState, validate_config
+from selector_service.exclusion import ExclusionConfig, ExclusionState
+from selector_service.exclusion import validate_config as validate_exclusion
+from selector_service.rounds import Round
 from selector_service.similarity import KERNELS
 from selector_service.subsets import per_class_quota
+from selector_service.tasks import Batch
 
-EMBEDDING_KINDS = ("logit_gradient", "last_layer_gradient")
+EMBEDDING_KINDS = tuple(codec.EMBEDDING_KINDS)
 SESSION_STATE_VERSION = 2  # 2: adds token_digest
+# Completed rounds per session whose batches stay available to a retried stream (a dropped connection).
+RECENT_ROUNDS = 4
 
 
 @dataclass(frozen=True, kw_only=True)
 class SessionConfig:
-    """Selection settings of one session (defaults follow the released CREST code)."""
+    """Selection settings of one session. The defaults are the wire contract's (``codec.DEFAULT_*``: what an
+    unset ``CrestConfig`` field means), which follow the released CREST code."""
 
     # Random-subset size r as a fraction of N; 1% as in CREST (r = 500 on CIFAR-10).
-    subset_fraction: float = 0.01
+    subset_fraction: float = codec.DEFAULT_SUBSET_FRACTION
     # P, random subsets (and coresets) per round; CREST starts at 5.
-    num_subsets: int = 5
+    num_subsets: int = codec.DEFAULT_NUM_SUBSETS
     # m, coreset size per subset: the training mini-batch size.
-    batch_size: int = 128
-    # Facility-location kernel, a key of similarity.KERNELS.
-    similarity: str = "exp"
+    batch_size: int = codec.DEFAULT_BATCH_SIZE
+    # Facility-location kernel, a key of similarity.KERNELS (and of codec.SIMILARITIES).
+    similarity: str = codec.DEFAULT_SIMILARITY
     # Seed of every random step; round t uses the generator seeded by (seed, t).
     seed: int = 0
     # Embedding row dimension d; None means the number of classes (logit-gradient embedding).
     embedding_dim: int | None = None
     # What the rows are, one of EMBEDDING_KINDS.
-    embedding_kind: str = "logit_gradient"
+    embedding_kind: str = codec.DEFAULT_EMBEDDING_KIND
     # Learned-example exclusion (off by default, as in CREST).
     exclusion: ExclusionConfig = field(default_factory=ExclusionConfig)
     # With exclusion and re-admission, excluded ids re-tested per round, as a fraction of the round's ids.
@@ -63,68 +68,6 @@ class Limits:
     max_embedding_dim: int = 65536
     # Most random subsets per round.
     max_subsets: int = 1024
-
-
-class RoundState(IntEnum):
-    """Life of a round.
-
-    PLANNED -> EMBEDDED (SubmitEmbeddings accepted; selection tasks dispatched)
-    EMBEDDED -> DELIVERED (every batch streamed; the round is then dropped)
-    EMBEDDED -> FAILED (a selector failed; StreamBatches reports it)
-    """
-
-    PLANNED = 0
-    EMBEDDED = 1
-    DELIVERED = 2
-    FAILED = 3
-
-
-@dataclass
-class _Round:
-    round_id: int
-    trainer_step: int
-    subsets: list[np.ndarray]
-    ids: np.ndarray  # sorted union of the subsets
-    state: RoundState = RoundState.PLANNED
-    futures: list[Future[SelectionResult]] = field(default_factory=list)
-    delivered: set[int] = field(default_factory=set)  # subsets sent at least once
-    stream_gen: int = 0  # number of StreamBatches calls of this round; only the newest one sends
-
-
-@dataclass(frozen=True)
-class RoundPlan:
-    """Ids the trainer must embed for a round: int64 (n,), sorted, unique."""
-
-    session_id: str
-    round_id: int
-    ids: np.ndarray
-    num_subsets: int
-
-
-@dataclass(frozen=True)
-class EmbeddingPart:
-    """One streamed piece of a round's embeddings, already decoded (shapes agree with ``ids``)."""
-
-    session_id: str
-    round_id: int
-    ids: np.ndarray  # int64 (n,)
-    embeddings: np.ndarray  # float32 (n, d)
-    labels: np.ndarray | None  # int64 (n,) or None when not sent
-    losses: np.ndarray | None  # float32 (n,) or None when not sent
-
-
-@dataclass(frozen=True)
-class Batch:
-    """One weighted mini-batch coreset of a round."""
-
-    session_id: str
-    round_id: int
-    subset_index: int
-    ids: np.ndarray  # int64 (m,)
-    weights: np.ndarray  # float32 (m,), mean 1
-    trainer_step: int
-    selection_ms: float
-    worker: str
 
 
 @dataclass(frozen=True)
@@ -166,8 +109,8 @@ class Session:
         self.client_name = client_name
         self.quota = per_class_quota(len(labels), num_classes, config.subset_fraction)
         self.exclusion = ExclusionState(self.labels, config.exclusion, min_per_class=self.quota)
-        self.rounds: dict[int, _Round] = {}
-        self.finished: OrderedDict[int, _Round] = OrderedDict()  # recently delivered rounds, oldest first
+        self.rounds: dict[int, Round] = {}  # rounds started and not yet delivered
+        self.finished: OrderedDict[int, Round] = OrderedDict()  # the last RECENT_ROUNDS delivered, oldest first
         self.next_round_id = 0
         self.rounds_completed = 0
         self.batches_delivered = 0
@@ -234,8 +177,53 @@ class Session:
         """Nominal random-subset size r = C * quota."""
         return self.num_classes * self.quota
 
+    # The methods below are called under ``lock``.
 
-def _validate_config(config: SessionConfig, num_classes: int, limits: Limits) -> SessionConfig:
+    def snapshot(self) -> SessionSnapshot:
+        excluded = int(self.exclusion.excluded.sum())
+        return SessionSnapshot(
+            self.id,
+            len(self.labels),
+            len(self.labels) - excluded,
+            self.next_round_id,
+            self.rounds_completed,
+            self.batches_delivered,
+            self.examples_delivered,
+            self.config,
+            self.num_classes,
+            self.next_round_id,
+            excluded,
+            self.exclusion.readmitted_total,
+            self.trainer_wait_s,
+        )
+
+    def count_delivery(self, rnd: Round, batch: Batch) -> int | None:
+        """Count a sent batch once: the rounds it is behind the newest when first sent, else None."""
+        if not rnd.deliver(batch.subset_index):
+            return None
+        self.batches_delivered += 1
+        self.examples_delivered += len(batch.ids)
+        return self.next_round_id - 1 - rnd.round_id
+
+    def retire(self, rnd: Round) -> None:
+        """Move a delivered round to the recent rounds (the last ``RECENT_ROUNDS`` of them stay)."""
+        self.rounds.pop(rnd.round_id, None)
+        self.finished[rnd.round_id] = rnd
+        while len(self.finished) > RECENT_ROUNDS:
+            self.finished.popitem(last=False)
+        self.rounds_completed += 1
+
+    def cancel_rounds(self) -> None:
+        """Cancel every round (the session is closing): their open streams end with CANCELLED."""
+        for rnd in (*self.rounds.values(), *self.finished.values()):
+            rnd.cancel()
+        self.rounds.clear()
+        self.finished.clear()
+
+
+def validate_config(config: SessionConfig, num_classes: int, limits: Limits) -> SessionConfig:
+    """``config`` checked against the dataset's ``num_classes`` and ``limits``, with ``embedding_dim`` filled in;
+    ``InvalidArgument`` says which setting is wrong."""
     if not 0.0 < config.subset_fraction <= 1.0:
         raise InvalidArgument(f"subset_fraction must be in (0, 1], received {config.subset_fraction}")
     if not 1 <= config.num_subsets <= limits.max_subsets:
@@ -256,5 +244,5 @@ def _validate_config(config: SessionConfig, num_classes: int, limits: Limits) ->
         raise InvalidArgument(
             f"a logit-gradient embedding has one value per class: embedding_dim must be {num_classes}, received {dim}"
         )
-    validate_config(config.exclusion)
+    validate_exclusion(config.exclusion)
     return SessionConfig(**{**config.__dict__, "embedding_dim": dim})

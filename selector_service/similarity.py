@@ -59,7 +59,9 @@ def dense_similarity(x: np.ndarray, kind: str = "exp") -> np.ndarray:
     for lo in range(0, n, BLOCK_ROWS):
         block = out[lo : lo + BLOCK_ROWS]
         np.matmul(x[lo : lo + BLOCK_ROWS], xt, out=block)
+        _mirror_diagonal(block, lo)
         gram_to_similarity(block, sq[lo : lo + BLOCK_ROWS], sq, lo, scale, kind == "exp")
+        block[:, :lo] = out[:lo, lo : lo + BLOCK_ROWS].T  # the earlier blocks' entries: exactly symmetric
     if kind == "maxdist":
         np.subtract(out.max(), out, out=out)
     return out
@@ -128,10 +130,22 @@ def quantized_similarity(x: np.ndarray, kind: str = "exp", out: np.ndarray | Non
         hi = min(lo + STEP_BLOCK_ROWS, n)
         g = scratch[: (hi - lo) * (n - lo)].reshape(hi - lo, n - lo)
         np.matmul(x[lo:hi], xt[:, lo:], out=g)
+        _mirror_diagonal(g, 0)
         gram_to_steps(g, sq[lo:hi], sq[lo:], scale, kind == "exp", base, 1.0 / unit, steps, lo, sums, lows)
         mirror_steps(steps, lo, hi, sums)
     offset = base if kind == "exp" else -float(lows.min()) * unit
     return QuantizedKernel(steps=steps, unit=unit, offset=offset, row_sums=sums)
+
+
+def _mirror_diagonal(gram: np.ndarray, col0: int) -> None:
+    """Copy the upper triangle of a row block's diagonal block onto its lower one: ``gram`` float32 (b, m) holds
+    the dot products of b consecutive rows of x with the columns from the one whose diagonal block starts at
+    ``col0``. SGEMM is not symmetric on every CPU (on an AMD EPYC with OpenBLAS's Haswell kernels, x_i . x_j and
+    x_j . x_i can differ in the last bit), and the greedy relies on s_ij = s_ji exactly."""
+    b = gram.shape[0]
+    diag = gram[:, col0 : col0 + b]
+    lower = np.tril_indices(b, -1)
+    diag[lower] = diag.T[lower]
 
 
 def similarity_matrix(x: np.ndarray, kind: str = "exp") -> np.ndarray:

@@ -13,7 +13,7 @@ import pytest
 
 from selector_service.backends import LocalBackend
 from selector_service.server import RunningServer, ServerConfig, start_server
-from selector_service.sessions import Batch
+from selector_service.tasks import Batch
 
 pytestmark = pytest.mark.slow
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"

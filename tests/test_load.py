@@ -11,7 +11,7 @@ import pytest
 
 from selector_service.backends import LocalBackend
 from selector_service.server import ServerConfig, start_server
-from selector_service.sessions import Limits
+from selector_service.session import Limits
 from trainer_client.client import SelectionClient
 
 pytestmark = pytest.mark.slow

@@ -3,7 +3,10 @@ class grouping against numpy, errors that name the ground set, and backends that
 
 from __future__ import annotations
 
+import itertools
+import time
 from concurrent.futures import Future
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -16,15 +19,9 @@ from selector_service import (
     select_coreset,
     select_coresets,
 )
-from selector_service.backends import (
-    CHUNK_ROWS,
-    LocalBackend,
-    SelectionResult,
-    SelectionTask,
-    chunks,
-    fan_out,
-)
+from selector_service.backends import LocalBackend
 from selector_service.subsets import plan_groups, split_budget
+from selector_service.tasks import CHUNK_ROWS, Batch, RoundInput, chunks, deal, fan_out, run_task
 
 
 def _round(rng: np.random.Generator, sets: int, d: int = 10) -> tuple[list[np.ndarray], list[np.ndarray], list[int]]:
@@ -131,41 +128,95 @@ def test_minibatch_coresets_equal_one_subset_at_a_time() -> None:
         minibatch_coresets(ids[:2], ys[:1], xs[:2], batch_size=8)
 
 
-def _tasks(rng: np.random.Generator, sizes: list[int]) -> list[SelectionTask]:
+@dataclass(frozen=True)
+class _Subset:
+    ids: np.ndarray
+    labels: np.ndarray
+    embeddings: np.ndarray
+    batch_size: int = 32
+
+
+def _tasks(rng: np.random.Generator, sizes: list[int]) -> list[_Subset]:
     tasks = []
-    for i, n in enumerate(sizes):
+    for n in sizes:
         ids = np.sort(rng.choice(100_000, n, replace=False)).astype(np.int64)
         labels = rng.integers(0, 10, n).astype(np.int64)
         emb = rng.normal(size=(n, 10)).astype(np.float32)
-        tasks.append(SelectionTask("s", 0, i, ids, labels, emb, 32, "exp"))
+        tasks.append(_Subset(ids, labels, emb))
     return tasks
 
 
+def _round_input(tasks: list[_Subset]) -> RoundInput:
+    """The subsets as a session holds a round: one matrix, each subset's rows in it (here in order)."""
+    starts = [0, *itertools.accumulate(len(t.ids) for t in tasks)]
+    return RoundInput(
+        "s",
+        0,
+        0,
+        np.concatenate([t.ids for t in tasks]),
+        np.concatenate([t.labels for t in tasks]),
+        np.concatenate([t.embeddings for t in tasks]),
+        [np.arange(a, b) for a, b in itertools.pairwise(starts)],
+        32,
+        "exp",
+    )
+
+
 def test_a_round_is_dealt_to_workers_in_contiguous_shares() -> None:
-    rng = np.random.default_rng(6)
-    shares = chunks(_tasks(rng, [500] * 5), workers=2)
-    assert [[t.subset_index for t in s] for s in shares] == [[0, 1], [2, 3, 4]]  # the first batches come soonest
-    assert len(chunks(_tasks(rng, [500] * 5), workers=8)) == 5  # never an empty share
-    big = chunks(_tasks(rng, [5000] * 4), workers=1)  # 20,000 rows: shares of at most CHUNK_ROWS where possible
+    shares = chunks([500] * 5, workers=2)
+    assert [list(s) for s in shares] == [[0, 1], [2, 3, 4]]  # the first batches come soonest
+    assert len(chunks([500] * 5, workers=8)) == 5  # never an empty share
+    big = chunks([5000] * 4, workers=1)  # 20,000 rows: shares of at most CHUNK_ROWS where possible
     assert [len(s) for s in big] == [1, 1, 1, 1] and CHUNK_ROWS < 10_000
     assert chunks([], workers=2) == []
     with pytest.raises(SelectorFailure, match="no selector workers to select 5 subsets"):
-        chunks(_tasks(rng, [50] * 5), workers=0)
+        chunks([50] * 5, workers=0)
+
+
+def test_a_share_is_its_subsets_rows_stacked_once() -> None:
+    rng = np.random.default_rng(8)
+    tasks = _tasks(rng, [30, 20, 50, 40, 10])
+    flat = _round_input(tasks)
+    order = rng.permutation(len(flat.ids))  # the round matrix in another row order, like a session's sorted union
+    where = np.argsort(order)  # where row i of flat is in the shuffled matrix
+    rows = [where[r] for r in flat.subset_rows]
+    work = RoundInput("s", 0, 7, flat.ids[order], flat.labels[order], flat.embeddings[order], rows, 32, "exp")
+    shares = deal(work, 2)
+    assert [(t.first_subset, t.num_subsets, t.trainer_step) for t in shares] == [(0, 2, 7), (2, 3, 7)]
+    for task in shares:
+        assert task.embeddings.flags.c_contiguous and task.embeddings.dtype == np.float32
+        for i, (a, b) in enumerate(itertools.pairwise(task.offsets)):
+            sub = tasks[task.first_subset + i]
+            np.testing.assert_array_equal(task.ids[a:b], sub.ids)
+            np.testing.assert_array_equal(task.labels[a:b], sub.labels)
+            np.testing.assert_array_equal(task.embeddings[a:b], sub.embeddings)
+
+
+def test_each_batch_carries_the_wall_time_of_the_call_that_selected_it() -> None:
+    """Batches selected in one call are ready together: each carries the whole call's time, not a share of it."""
+    tasks = _tasks(np.random.default_rng(9), [400, 300, 500, 200, 350])
+    for task in deal(_round_input(tasks), 2):
+        start = time.perf_counter()
+        batches = run_task(task, "worker")
+        call_ms = (time.perf_counter() - start) * 1e3
+        assert len(batches) == task.num_subsets > 1
+        assert len({b.selection_ms for b in batches}) == 1  # one value per call
+        assert 0.5 * call_ms <= batches[0].selection_ms <= call_ms  # the call's time (a share would be <= 1/2)
 
 
 def test_task_futures_follow_their_call() -> None:
-    call: Future[list[SelectionResult]] = Future()
+    call: Future[list[Batch]] = Future()
     futures = fan_out(call, 2)
     assert futures[1].cancel()  # the session cancels a closed round's futures
     call.set_result(["first", "second"])  # type: ignore[list-item]
     assert futures[0].result() == "first" and futures[1].cancelled()
-    failing: Future[list[SelectionResult]] = Future()
+    failing: Future[list[Batch]] = Future()
     futures = fan_out(failing, 3)
     failing.set_exception(ValueError("selector died"))
     for f in futures:
         with pytest.raises(ValueError, match="selector died"):
             f.result()
-    short: Future[list[SelectionResult]] = Future()
+    short: Future[list[Batch]] = Future()
     futures = fan_out(short, 2)
     short.set_result(["only one"])  # type: ignore[list-item]
     with pytest.raises(RuntimeError, match="returned 1 results for 2 tasks"):
@@ -177,7 +228,7 @@ def test_local_backend_selects_each_subset_as_alone() -> None:
     tasks = _tasks(rng, [300, 120, 450, 80, 200])
     backend = LocalBackend(num_workers=2)
     try:
-        results = [f.result(timeout=60) for f in backend.submit(tasks)]
+        results = [f.result(timeout=60) for f in backend.submit(_round_input(tasks))]
     finally:
         backend.close()
     assert [r.subset_index for r in results] == [0, 1, 2, 3, 4]
@@ -189,8 +240,9 @@ def test_local_backend_selects_each_subset_as_alone() -> None:
 
 
 def test_a_round_the_backend_cannot_take_stays_planned() -> None:
-    from selector_service.session import EmbeddingPart, RoundState, SessionConfig
-    from selector_service.sessions import SessionManager
+    from selector_service.manager import SessionManager
+    from selector_service.rounds import EmbeddingPart, RoundState
+    from selector_service.session import SessionConfig
 
     backend = LocalBackend(num_workers=2)
     manager = SessionManager(backend)

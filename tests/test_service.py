@@ -15,7 +15,7 @@ from crest.selector.v1 import selector_pb2 as pb
 from crest.selector.v1 import selector_pb2_grpc as pb_grpc
 from selector_service.backends import LocalBackend
 from selector_service.server import RunningServer, ServerConfig, start_server
-from selector_service.sessions import Limits
+from selector_service.session import Limits
 from trainer_client.client import SelectionClient, SessionInfo
 
 

@@ -1,11 +1,11 @@
-"""Sessions and selection rounds: the service's domain state, with no gRPC in it.
+"""The sessions of one service and the rounds they run: the service's domain operations, with no gRPC in them.
 
-A session holds one training job's dataset labels, active pool and configuration (``session.py``). Each round
-draws P class-balanced random subsets from the active pool, receives the trainer's embeddings of their union,
-hands the backend one selection task per subset (it deals them out to its workers), and yields each weighted
-batch as soon as it is selected.
-Every method validates its whole input before it changes anything, so a rejected call leaves the session
-as it was.
+A session (``session.Session``) holds one training job's labels, active pool and configuration. Each round
+(``rounds.Round``) draws P class-balanced random subsets from the active pool, receives the trainer's embeddings
+of their union in one matrix, hands the backend that matrix with each subset's rows (the backend deals the
+subsets out to its workers in stacked shares), and yields each weighted batch as soon as it is selected.
+Every method validates its whole input before it changes anything, so a rejected call leaves the session as
+it was.
 """
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import as_completed
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
 from selector_service import tokens
-from selector_service.backends import SelectionBackend, SelectionResult, SelectionTask
+from selector_service.backends import SelectionBackend
 from selector_service.errors import (
     AlreadyExists,
+    Cancelled,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -32,36 +32,22 @@ from selector_service.errors import (
     SelectorFailure,
 )
 from selector_service.persistence import SessionStore
-from selector_service.provenance import ProvenanceLog
+from selector_service.provenance import ProvenanceLog, batch_record
+from selector_service.rounds import EmbeddingPart, Round, RoundPlan, RoundState, Upload
 from selector_service.session import (
-    Batch,
-    EmbeddingPart,
+    RECENT_ROUNDS,
     Limits,
-    RoundPlan,
-    RoundState,
     Session,
     SessionConfig,
     SessionSnapshot,
-    _Round,
-    _validate_config,
+    validate_config,
 )
 from selector_service.subsets import class_balanced_subsets
+from selector_service.tasks import Batch
 
 log = logging.getLogger(__name__)
 
-# Completed rounds per session whose batches stay available to a retried stream (a dropped connection).
-RECENT_ROUNDS = 4
-
-__all__ = [
-    "Batch",
-    "EmbeddingPart",
-    "Limits",
-    "NewSession",
-    "RoundPlan",
-    "SessionConfig",
-    "SessionManager",
-    "SessionSnapshot",
-]
+__all__ = ["NewSession", "SessionManager"]
 
 
 @dataclass(frozen=True)
@@ -91,21 +77,24 @@ class SessionManager:
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
         if store is not None:
-            for state in store.load_all():
-                try:
-                    session = Session.from_state_dict(state)
-                except (InvalidArgument, KeyError, TypeError, ValueError) as exc:
-                    log.error("cannot restore session %s: %s", state.get("session_id"), exc)
-                    continue
-                self._sessions[session.id] = session
-                log.info(
-                    "restored session %s (%s): next round %d, %d of %d examples active",
-                    session.id,
-                    session.client_name,
-                    session.next_round_id,
-                    int(session.exclusion.active.sum()),
-                    len(session.labels),
-                )
+            self._restore(store)
+
+    def _restore(self, store: SessionStore) -> None:
+        for state in store.load_all():
+            try:
+                session = Session.from_state_dict(state)
+            except (InvalidArgument, KeyError, TypeError, ValueError) as exc:
+                log.error("cannot restore session %s: %s", state.get("session_id"), exc)
+                continue
+            self._sessions[session.id] = session
+            log.info(
+                "restored session %s (%s): next round %d, %d of %d examples active",
+                session.id,
+                session.client_name,
+                session.next_round_id,
+                int(session.exclusion.active.sum()),
+                len(session.labels),
+            )
 
     def _checkpoint(self, s: Session) -> None:
         """Write the session's state when a store is configured (ordered per session, atomic on disk)."""
@@ -140,7 +129,7 @@ class SessionManager:
             raise InvalidArgument(f"num_classes must be >= 2, received {num_classes} (labels in [{lo}, {hi}])")
         if lo < 0 or hi >= num_classes:
             raise InvalidArgument(f"labels must be in [0, {num_classes}), received values in [{lo}, {hi}]")
-        config = _validate_config(config, num_classes, self.limits)
+        config = validate_config(config, num_classes, self.limits)
         with self._lock:
             if len(self._sessions) >= self.limits.max_sessions:
                 raise ResourceExhausted(
@@ -180,18 +169,8 @@ class SessionManager:
         """Counts over all open sessions (for metrics)."""
         with self._lock:
             sessions = list(self._sessions.values())
-        out: dict[str, float] = dict.fromkeys(
-            (
-                "rounds_started",
-                "rounds_completed",
-                "batches_delivered",
-                "examples_delivered",
-                "rounds_in_flight",
-                "excluded",
-                "trainer_wait_s",
-            ),
-            0,
-        )
+        keys = ("rounds_started", "rounds_completed", "batches_delivered", "examples_delivered", "trainer_wait_s")
+        out: dict[str, float] = dict.fromkeys((*keys, "rounds_in_flight", "excluded"), 0)
         for s in sessions:
             with s.lock:
                 out["rounds_started"] += s.next_round_id
@@ -217,17 +196,14 @@ class SessionManager:
         tokens.verify(session_id, self.get(session_id).token_digest, token)
 
     def close(self, session_id: str) -> int:
-        """Close a session; returns its number of completed rounds."""
+        """Close a session; returns its number of completed rounds. Streams of its rounds still open end with
+        ``Cancelled``."""
         with self._lock:
             session = self._sessions.pop(session_id, None)
         if session is None:
             raise NotFound(f"unknown session {session_id!r} (never created, or already closed)")
         with session.lock:
-            for rnd in session.rounds.values():
-                for f in rnd.futures:
-                    f.cancel()
-            session.rounds.clear()
-            session.finished.clear()
+            session.cancel_rounds()
         if self.store is not None:
             with session.save_lock:
                 self.store.delete(session_id)
@@ -237,22 +213,7 @@ class SessionManager:
     def snapshot(self, session_id: str) -> SessionSnapshot:
         s = self.get(session_id)
         with s.lock:
-            excluded = int(s.exclusion.excluded.sum())
-            return SessionSnapshot(
-                s.id,
-                len(s.labels),
-                len(s.labels) - excluded,
-                s.next_round_id,
-                s.rounds_completed,
-                s.batches_delivered,
-                s.examples_delivered,
-                s.config,
-                s.num_classes,
-                s.next_round_id,
-                excluded,
-                s.exclusion.readmitted_total,
-                s.trainer_wait_s,
-            )
+            return s.snapshot()
 
     # -- rounds ---------------------------------------------------------------------------------------------
 
@@ -290,12 +251,13 @@ class SessionManager:
             if s.config.exclusion.enabled:
                 retest = s.exclusion.retest_ids(int(np.ceil(s.config.retest_fraction * len(ids))), rng)
                 ids = np.union1d(ids, retest)
-            s.rounds[round_id] = _Round(round_id, trainer_step, subsets, ids)
+            s.rounds[round_id] = Round(round_id, trainer_step, subsets, ids)
             s.next_round_id += 1
         self._checkpoint(s)  # round ids stay unique across a restart
         return RoundPlan(session_id, round_id, ids, len(subsets))
 
-    def _planned_round(self, s: Session, round_id: int) -> _Round:
+    @staticmethod
+    def _planned_round(s: Session, round_id: int) -> Round:
         rnd = s.rounds.get(round_id)
         if rnd is None:
             raise NotFound(
@@ -320,29 +282,21 @@ class SessionManager:
         s = self.get(first.session_id)
         with s.lock:
             rnd = self._planned_round(s, first.round_id)
-        plan = rnd.ids
-        emb = np.empty((len(plan), s.dim), dtype=np.float32)
-        losses = np.full(len(plan), np.nan, dtype=np.float32)  # NaN: not sent
-        seen = np.zeros(len(plan), dtype=bool)
-        for index, part in enumerate(_chain(first, it)):
-            self._stage(s, rnd, part, index, emb, losses, seen)
-        if not seen.all():
-            missing = plan[~seen]
-            raise InvalidArgument(
-                f"received {int(seen.sum())} of the {len(plan)} ids of round {rnd.round_id}; "
-                f"missing {len(missing)}, e.g. {missing[:5].tolist()}"
-            )
+        upload = Upload(s.id, rnd, s.labels, s.dim)
+        upload.add(first, 0)
+        for index, part in enumerate(it, start=1):
+            upload.add(part, index)
+        upload.check_complete()
         with s.lock:
             rnd = self._planned_round(s, first.round_id)  # a concurrent submit may have won the race
+            work = rnd.selection_input(s.id, s.labels, upload.embeddings, s.config.batch_size, s.config.similarity)
             # Dispatch first: a backend that cannot take the round (closed, no workers) leaves it as it was.
-            futures = self.backend.submit([self._task(s, rnd, i, sub, emb) for i, sub in enumerate(rnd.subsets)])
-            rnd.state = RoundState.EMBEDDED
+            rnd.dispatch(self.backend.submit(work))
             if s.config.exclusion.enabled:
-                self._update_exclusion(s, rnd.round_id, plan, losses)
-            rnd.futures = futures
+                self._update_exclusion(s, rnd.round_id, rnd.ids, upload.losses)
         if s.config.exclusion.enabled:
             self._checkpoint(s)
-        return s.id, rnd.round_id, len(plan)
+        return s.id, rnd.round_id, len(rnd.ids)
 
     @staticmethod
     def _update_exclusion(s: Session, round_id: int, ids: np.ndarray, losses: np.ndarray) -> None:
@@ -360,80 +314,11 @@ class SessionManager:
                 len(s.labels),
             )
 
-    def _stage(
-        self,
-        s: Session,
-        rnd: _Round,
-        part: EmbeddingPart,
-        index: int,
-        emb: np.ndarray,
-        losses: np.ndarray,
-        seen: np.ndarray,
-    ) -> None:
-        where = f"message {index} of round {rnd.round_id}"
-        if (part.session_id, part.round_id) != (s.id, rnd.round_id):
-            raise InvalidArgument(
-                f"{where} names session {part.session_id!r} round {part.round_id}, but the stream "
-                f"started with session {s.id!r} round {rnd.round_id}"
-            )
-        if part.embeddings.shape[1] != s.dim:
-            raise InvalidArgument(f"{where}: embedding dim {part.embeddings.shape[1]}, the session expects {s.dim}")
-        pos = np.searchsorted(rnd.ids, part.ids)
-        pos = np.minimum(pos, len(rnd.ids) - 1)
-        foreign = rnd.ids[pos] != part.ids
-        if foreign.any():
-            raise InvalidArgument(
-                f"{where}: id {int(part.ids[foreign][0])} is not in the round's plan ({int(foreign.sum())} such ids)"
-            )
-        if seen[pos].any():
-            raise InvalidArgument(f"{where}: id {int(part.ids[seen[pos]][0])} was already sent in an earlier message")
-        uniq, counts = np.unique(pos, return_counts=True)
-        if (counts > 1).any():
-            raise InvalidArgument(f"{where}: id {int(rnd.ids[uniq[counts > 1][0]])} appears more than once")
-        if not np.isfinite(part.embeddings).all():
-            row = int(np.flatnonzero(~np.isfinite(part.embeddings).all(axis=1))[0])
-            raise InvalidArgument(
-                f"{where}: embedding of id {int(part.ids[row])} is not finite: {part.embeddings[row][:8].tolist()}"
-            )
-        if part.labels is not None and not np.array_equal(part.labels, s.labels[part.ids]):
-            row = int(np.flatnonzero(part.labels != s.labels[part.ids])[0])
-            raise InvalidArgument(
-                f"{where}: label {int(part.labels[row])} for id {int(part.ids[row])}, but the "
-                f"session was created with label {int(s.labels[part.ids[row]])}"
-            )
-        if part.losses is not None and not (np.isfinite(part.losses).all() and (part.losses >= 0).all()):
-            row = int(np.flatnonzero(~(np.isfinite(part.losses) & (part.losses >= 0)))[0])
-            raise InvalidArgument(
-                f"{where}: loss {float(part.losses[row])} for id {int(part.ids[row])} is not a "
-                "finite non-negative number"
-            )
-        emb[pos] = part.embeddings
-        if part.losses is not None:
-            losses[pos] = part.losses
-        seen[pos] = True
-
-    def _task(self, s: Session, rnd: _Round, index: int, subset: np.ndarray, emb: np.ndarray) -> SelectionTask:
-        rows = np.searchsorted(rnd.ids, subset)
-        return SelectionTask(
-            s.id, rnd.round_id, index, subset, s.labels[subset], emb[rows], s.config.batch_size, s.config.similarity
-        )
-
     def _record(self, batch: Batch, rounds_behind: int) -> None:
         if self.provenance is not None:
-            self.provenance.append(_provenance_record(batch, rounds_behind))
+            self.provenance.append(batch_record(batch, rounds_behind))
         for hook in self.batch_hooks:
             hook(batch)
-
-    @staticmethod
-    def _mark_delivered(s: Session, rnd: _Round, result: SelectionResult) -> tuple[Batch | None, int]:
-        """Count a sent batch once (call under ``s.lock``); returns it when first sent (to record), and staleness."""
-        behind = s.next_round_id - 1 - rnd.round_id
-        if result.subset_index in rnd.delivered:
-            return None, behind
-        rnd.delivered.add(result.subset_index)
-        s.batches_delivered += 1
-        s.examples_delivered += len(result.ids)
-        return _batch(s, rnd, result), behind
 
     def batches(self, session_id: str, round_id: int, received: Iterable[int] = ()) -> Iterator[Batch]:
         """Yield the round's batches the caller does not hold yet, as their selection finishes (completion order).
@@ -442,7 +327,8 @@ class SessionManager:
         round; every other batch is sent (again, if an earlier stream sent it before breaking), so a dropped
         connection loses nothing and the trainer sees each batch once. A new stream of a round supersedes one
         still open. The round completes when every batch has been sent; its batches stay available to such a
-        retry for the session's last ``RECENT_ROUNDS`` completed rounds.
+        retry for the session's last ``RECENT_ROUNDS`` completed rounds. Closing the session ends an open
+        stream with ``Cancelled``.
         """
         s = self.get(session_id)
         with s.lock:
@@ -452,89 +338,33 @@ class SessionManager:
                     f"session {session_id} has no open round {round_id} (next round is {s.next_round_id}; rounds "
                     f"older than the last {RECENT_ROUNDS} delivered are closed)"
                 )
-            count = len(rnd.subsets)
-            held = set(received)
-            if bad := sorted(i for i in held if not 0 <= i < count):
-                raise InvalidArgument(f"received_subsets holds {bad[:5]}; round {round_id} has subsets 0..{count - 1}")
-            if rnd.state == RoundState.PLANNED:
-                raise FailedPrecondition(
-                    f"round {round_id} of session {session_id} has no embeddings yet; call SubmitEmbeddings first"
-                )
-            if rnd.state == RoundState.FAILED:
-                raise SelectorFailure(f"round {round_id} of session {session_id} failed in selection")
-            # Batches the trainer says it holds were sent by an earlier stream that broke before it could record
-            # them: record them now (once), so the round completes and provenance has every batch.
-            unsent = sorted(i for i in held if not (rnd.futures[i].done() and rnd.futures[i].exception() is None))
-            if unsent:
-                raise InvalidArgument(
-                    f"received_subsets holds {unsent[:5]}, which round {round_id} has not selected yet, so no "
-                    "stream can have sent them"
-                )
-            acknowledged = [self._mark_delivered(s, rnd, rnd.futures[i].result()) for i in sorted(held)]
-            rnd.stream_gen += 1
-            gen = rnd.stream_gen
-            wanted = [rnd.futures[i] for i in range(count) if i not in held]
-        for batch, behind in acknowledged:
-            if batch is not None:
+            stream = rnd.open_stream(received, session_id)
+            held = [(batch, s.count_delivery(rnd, batch)) for batch in stream.held]
+        for batch, behind in held:
+            if behind is not None:
                 self._record(batch, behind)
-        for future in as_completed(wanted):
+        for future in as_completed(stream.pending):  # a future withdrawn by close() comes out at once
+            with s.lock:
+                if rnd.state == RoundState.CANCELLED:  # set before any future is withdrawn
+                    raise Cancelled(f"session {session_id} was closed while round {round_id} was streaming")
+                if not rnd.is_current(stream.generation):
+                    return  # a newer stream of this round (the trainer's retry) took over
             try:
-                result = future.result()
+                batch = future.result()
             except Exception as exc:
                 with s.lock:
-                    rnd.state = RoundState.FAILED
+                    rnd.fail()
                 raise SelectorFailure(
                     f"selection of round {round_id} of session {session_id} failed: {type(exc).__name__}: {exc}"
                 ) from exc
+            yield batch
             with s.lock:
-                if rnd.stream_gen != gen:
-                    return  # a newer stream of this round (the trainer's retry) took over
-            yield _batch(s, rnd, result)
-            with s.lock:
-                first, behind = self._mark_delivered(s, rnd, result)
-            if first is not None:
-                self._record(first, behind)
+                behind = s.count_delivery(rnd, batch)
+            if behind is not None:
+                self._record(batch, behind)
         with s.lock:
-            complete = rnd.state == RoundState.EMBEDDED and len(rnd.delivered) == count
+            complete = rnd.complete()
             if complete:
-                rnd.state = RoundState.DELIVERED
-                s.rounds.pop(round_id, None)
-                s.finished[round_id] = rnd
-                while len(s.finished) > RECENT_ROUNDS:
-                    s.finished.popitem(last=False)
-                s.rounds_completed += 1
+                s.retire(rnd)
         if complete:
             self._checkpoint(s)
-
-
-def _batch(s: Session, rnd: _Round, result: SelectionResult) -> Batch:
-    return Batch(
-        s.id,
-        rnd.round_id,
-        result.subset_index,
-        result.ids,
-        result.weights,
-        rnd.trainer_step,
-        result.selection_ms,
-        result.worker,
-    )
-
-
-def _provenance_record(batch: Batch, rounds_behind: int) -> dict[str, Any]:
-    return {
-        "session_id": batch.session_id,
-        "round_id": batch.round_id,
-        "subset_index": batch.subset_index,
-        "trainer_step": batch.trainer_step,
-        "rounds_behind": rounds_behind,
-        "worker": batch.worker,
-        "selection_ms": round(batch.selection_ms, 3),
-        "size": len(batch.ids),
-        "ids": batch.ids.tolist(),
-        "weights": [round(float(w), 6) for w in batch.weights],
-    }
-
-
-def _chain(first: EmbeddingPart, rest: Iterator[EmbeddingPart]) -> Iterator[EmbeddingPart]:
-    yield first
-    yield from rest
