@@ -353,7 +353,8 @@ class SessionManager:
                 batch = future.result()
             except Exception as exc:
                 with s.lock:
-                    rnd.fail()
+                    if rnd.fail():
+                        s.retire(rnd)
                 raise SelectorFailure(
                     f"selection of round {round_id} of session {session_id} failed: {type(exc).__name__}: {exc}"
                 ) from exc

@@ -126,10 +126,12 @@ class Round:
         self.futures = list(futures)
         self.state = RoundState.EMBEDDED
 
-    def fail(self) -> None:
-        """EMBEDDED -> FAILED (a selector call failed)."""
-        if self.state != RoundState.CANCELLED:
-            self.state = RoundState.FAILED
+    def fail(self) -> bool:
+        """EMBEDDED -> FAILED (a selector call failed); True when this call made the transition."""
+        if self.state != RoundState.EMBEDDED:
+            return False
+        self.state = RoundState.FAILED
+        return True
 
     def cancel(self) -> None:
         """any -> CANCELLED (the session closed): selections not yet finished are dropped."""

@@ -17,7 +17,7 @@ from crest.selector.v1 import codec
 from selector_service.errors import InvalidArgument
 from selector_service.exclusion import ExclusionConfig, ExclusionState
 from selector_service.exclusion import validate_config as validate_exclusion
-from selector_service.rounds import Round
+from selector_service.rounds import Round, RoundState
 from selector_service.similarity import KERNELS
 from selector_service.subsets import per_class_quota
 from selector_service.tasks import Batch
@@ -109,8 +109,8 @@ class Session:
         self.client_name = client_name
         self.quota = per_class_quota(len(labels), num_classes, config.subset_fraction)
         self.exclusion = ExclusionState(self.labels, config.exclusion, min_per_class=self.quota)
-        self.rounds: dict[int, Round] = {}  # rounds started and not yet delivered
-        self.finished: OrderedDict[int, Round] = OrderedDict()  # the last RECENT_ROUNDS delivered, oldest first
+        self.rounds: dict[int, Round] = {}  # rounds started and neither delivered nor failed
+        self.finished: OrderedDict[int, Round] = OrderedDict()  # last RECENT_ROUNDS done, oldest first
         self.next_round_id = 0
         self.rounds_completed = 0
         self.batches_delivered = 0
@@ -206,12 +206,15 @@ class Session:
         return self.next_round_id - 1 - rnd.round_id
 
     def retire(self, rnd: Round) -> None:
-        """Move a delivered round to the recent rounds (the last ``RECENT_ROUNDS`` of them stay)."""
+        """Move a delivered or failed round out of the rounds in flight (so it no longer counts against
+        ``Limits.max_rounds_in_flight``) to the recent rounds (the last ``RECENT_ROUNDS`` of them stay, so a
+        retried stream is served, or told the round failed). Only a delivered round counts as completed."""
         self.rounds.pop(rnd.round_id, None)
         self.finished[rnd.round_id] = rnd
         while len(self.finished) > RECENT_ROUNDS:
             self.finished.popitem(last=False)
-        self.rounds_completed += 1
+        if rnd.state == RoundState.DELIVERED:
+            self.rounds_completed += 1
 
     def cancel_rounds(self) -> None:
         """Cancel every round (the session is closing): their open streams end with CANCELLED."""

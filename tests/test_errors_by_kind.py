@@ -241,3 +241,20 @@ def test_a_checkpoint_that_cannot_be_read_now_stays_in_place(tmp_path: Path, cap
     again = SessionManager(backend, store=SessionStore(tmp_path))
     assert again.get(sid).next_round_id == 1  # the newest checkpoint, not the previous one
     backend.close()
+
+
+def test_failed_rounds_leave_the_rounds_in_flight(serve: Any) -> None:
+    """A failed round no longer counts against max_rounds_in_flight (4): after six failures the session still
+    starts rounds, each failure is reported again to a retried stream, and none counts as completed."""
+    server, session = serve(FaultySelector(1))
+    for round_id in range(6):
+        session.submit(session.plan(round_id), round_id=round_id)
+        with pytest.raises(grpc.RpcError) as err:
+            list(session.stream(round_id))
+        assert err.value.code() == grpc.StatusCode.INTERNAL, err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        list(session.stream(5))  # a retry of the last failed round: told again
+    assert err.value.code() == grpc.StatusCode.INTERNAL and "failed in selection" in err.value.details()
+    state = server.manager.get(session.id)
+    assert (len(state.rounds), state.rounds_completed, state.next_round_id) == (0, 0, 6)
+    session.close()

@@ -54,7 +54,8 @@ def test_crest_regions_check_and_reselect_against_a_real_server(
     with CoresetLoader(fmnist, model, client, fmnist.targets.numpy(), config=config) as loader:
         _train(loader, model, 30)
         stats, ctl = loader.stats, loader.controller.stats
-        region_ids = loader._region.ids if loader._region else np.zeros(0)
+        region = loader._state.region  # the region being trained (internal state)
+        region_ids = region.ids if region else np.zeros(0)
     assert stats.steps == 30 and stats.fallback_batches == 0 and stats.service_errors == 0
     assert stats.checks >= 5 and stats.reselections >= 1  # early training: the loss moves fast
     assert stats.regions == ctl.fits >= 2 and ctl.checks == stats.checks

@@ -1,8 +1,9 @@
 """The loader's background thread: submits a round's embeddings and streams its weighted batches back.
 
 Every item it puts on the queue carries the loader's round number, so the consumer can drop what belongs to
-a round it gave up on. Errors are queued as ``StreamFailure`` and re-raised (strict) or handled (fallback)
-by the training loop; the thread itself survives them and serves the next job.
+a round it gave up on (the session's round id cannot tell: a reopened session counts from 0 again). Errors are
+queued as ``StreamFailure`` and handled by the service link (``_link.py``) on the training loop's thread; the
+thread itself survives them and serves the next job.
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
+from trainer_client._failures import Failure, kind_of
 from trainer_client.client import SelectionClient, WeightedBatch
 
 log = logging.getLogger(__name__)
 
-# A stream that breaks with one of these is resumed (naming the subsets already received) after each delay.
-RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN}
+# A stream that breaks with a TRANSIENT failure (``_failures.KIND_OF``) is resumed, naming the subsets already
+# received, after each of these delays; then the failure goes to the loader.
 RETRY_BACKOFF_S = (0.2, 0.5, 1.0)
 
 
@@ -37,8 +39,8 @@ class StreamJob:
 
 @dataclass(frozen=True)
 class StreamBatch:
-    round: int
-    batch: WeightedBatch
+    round: int  # the loader's round number of the job
+    batch: WeightedBatch  # as received: the pending round keeps it as is
 
 
 @dataclass(frozen=True)
@@ -108,7 +110,8 @@ class RoundStreamer:
                         return False
                 return True
             except grpc.RpcError as exc:
-                if exc.code() not in RETRYABLE or attempt == len(RETRY_BACKOFF_S) or self.stopping.is_set():
+                last = attempt == len(RETRY_BACKOFF_S)
+                if kind_of(exc) is not Failure.TRANSIENT or last or self.stopping.is_set():
                     raise
                 log.warning(
                     "round %d: stream broke after %d batches (%s); resuming",

@@ -8,15 +8,21 @@ import contextlib
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
+from crest.selector.v1 import codec
 from trainer_client.embeddings import last_layer_gradient, logit_gradient, random_projection
 
 # (model, batch) -> (logits float (n, C), targets int64 (n,)), both on the model's device.
 ForwardFn = Callable[[nn.Module, Any], tuple[torch.Tensor, torch.Tensor]]
 
-EMBEDDINGS = ("logit_gradient", "last_layer_gradient")
+
+def collate_ids(dataset: Dataset, collate_fn: Callable[[list[Any]], Any], ids: np.ndarray) -> Any:
+    """The batch of the examples ``ids`` (int (n,)), in that order: ``collate_fn([dataset[i] for i in ids])``."""
+    return collate_fn([dataset[int(i)] for i in ids])
 
 
 def default_forward(model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,8 +79,7 @@ class Embedder:
     """
 
     def __init__(self, kind: str, layer: nn.Linear | None = None, dim: int = 0, seed: int = 0) -> None:
-        if kind not in EMBEDDINGS:
-            raise ValueError(f"embedding must be one of {EMBEDDINGS}, received {kind!r}")
+        codec.enum_value("embedding", codec.EMBEDDING_KINDS, kind)  # a WireError (ValueError) names the kinds
         if kind == "last_layer_gradient" and layer is None:
             raise ValueError("the last_layer_gradient embedding needs the model's last nn.Linear layer")
         self.kind, self.layer = kind, layer

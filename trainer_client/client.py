@@ -14,12 +14,6 @@ from crest.selector.v1 import codec
 from crest.selector.v1 import selector_pb2 as pb
 from crest.selector.v1 import selector_pb2_grpc as pb_grpc
 
-_SIMILARITY = {"exp": pb.SIMILARITY_EXP, "maxdist": pb.SIMILARITY_MAXDIST}
-_EMBEDDING = {
-    "logit_gradient": pb.EMBEDDING_LOGIT_GRADIENT,
-    "last_layer_gradient": pb.EMBEDDING_LAST_LAYER_GRADIENT,
-}
-
 
 @dataclass(frozen=True)
 class SessionInfo:
@@ -44,7 +38,7 @@ class WeightedBatch:
     round_id: int
     subset_index: int
     ids: np.ndarray  # int64 (m,)
-    weights: np.ndarray  # float32 (m,), mean 1
+    weights: np.ndarray  # float32 (m,), mean 1: normalised by the service's engine, used as is downstream
     trainer_step: int
     selection_ms: float
     worker: str
@@ -126,13 +120,13 @@ class SelectionClient:
         labels: np.ndarray,
         *,
         num_classes: int = 0,
-        subset_fraction: float = 0.01,
-        num_subsets: int = 5,
-        batch_size: int = 128,
-        similarity: str = "exp",
+        subset_fraction: float = codec.DEFAULT_SUBSET_FRACTION,
+        num_subsets: int = codec.DEFAULT_NUM_SUBSETS,
+        batch_size: int = codec.DEFAULT_BATCH_SIZE,
+        similarity: str = codec.DEFAULT_SIMILARITY,
         seed: int = 0,
         client_name: str = "",
-        embedding_kind: str = "logit_gradient",
+        embedding_kind: str = codec.DEFAULT_EMBEDDING_KIND,
         embedding_dim: int = 0,
         drop_learned: bool = False,
         drop_threshold: float = 0.0,
@@ -146,17 +140,16 @@ class SelectionClient:
         ``embedding_kind`` is "logit_gradient" or "last_layer_gradient"; ``embedding_dim`` 0 means C (logit
         gradient). ``drop_learned`` turns on learned-example exclusion (the ``drop_*``, ``min_pool_fraction``
         and ``keep_excluded`` settings are those of ``CrestConfig``; 0 means the service's default).
-        ``timeout_s`` overrides the client's deadline for this call.
+        ``timeout_s`` overrides the client's deadline for this call. A ``similarity`` or ``embedding_kind``
+        outside ``codec.SIMILARITIES`` / ``codec.EMBEDDING_KINDS`` raises ``codec.WireError`` (a ValueError).
         """
-        if embedding_kind not in _EMBEDDING:
-            raise ValueError(f"embedding_kind must be one of {sorted(_EMBEDDING)}, received {embedding_kind!r}")
         config = pb.CrestConfig(
             subset_fraction=subset_fraction,
             num_subsets=num_subsets,
             batch_size=batch_size,
-            similarity=_SIMILARITY[similarity],
+            similarity=codec.enum_value("similarity", codec.SIMILARITIES, similarity),
             seed=seed,
-            embedding_kind=_EMBEDDING[embedding_kind],
+            embedding_kind=codec.enum_value("embedding_kind", codec.EMBEDDING_KINDS, embedding_kind),
             embedding_dim=embedding_dim,
             drop_learned=drop_learned,
             drop_threshold=drop_threshold,

@@ -18,7 +18,15 @@ with the same batches.
 
 Never blocking: when the round is not there by the deadline, or the service is unreachable or drops, the loader
 yields uniformly sampled batches (weights 1, counted in ``fallback_batches``) and reconnects with exponential
-backoff, opening a new session when the old one is gone. ``strict=True`` raises instead.
+backoff, opening a new session when the old one is gone. ``strict=True`` raises instead. A failure the service
+will repeat (INTERNAL, UNKNOWN) is logged as an error and, repeated, stops the run: see ``CoresetLoader``.
+
+Weights are normalised once, by the service's selection engine: each coreset's weights have mean 1. A region
+concatenates whole coresets, so its weights have mean 1 too and the loader passes them on unchanged.
+
+This module schedules: iteration, regions, switching, and when each rank follows rank 0 under DDP. The link to
+the service is ``_link.py``, the model passes (embedding, check, fit) ``_passes.py``, the state a checkpoint
+holds ``_state.py``, and the mirroring of rank 0's service state on the other ranks ``_mirror.py``.
 
 Under ``torch.distributed`` (detected when initialised with more than one rank; the single-process path is
 unchanged otherwise) every rank builds the loader with the same arguments and iterates it in step. Rank 0 owns
@@ -35,27 +43,26 @@ checkpoints and the README for what the world size changes.
 
 from __future__ import annotations
 
+import functools
 import logging
-import queue
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
-import grpc
 import numpy as np
 import torch
 from numpy.typing import ArrayLike
 from torch.utils.data import Dataset, default_collate
 
-from trainer_client import _loader_state
-from trainer_client._loader_state import PendingRound, Region
-from trainer_client._stream import RoundStreamer, StreamBatch, StreamEnd, StreamItem, StreamJob
-from trainer_client.batches import Embedder, ForwardFn, default_forward, last_linear, with_weights
-from trainer_client.client import RoundPlan, SelectionClient, SessionInfo
+from trainer_client._link import ServiceLink
+from trainer_client._mirror import on_main
+from trainer_client._passes import ModelPasses, trainable
+from trainer_client._state import LoaderState, PendingRound, Region
+from trainer_client.batches import Embedder, ForwardFn, collate_ids, default_forward, last_linear, with_weights
+from trainer_client.client import RoundPlan, SelectionClient, SessionInfo, WeightedBatch
 from trainer_client.difficulty import RoundDifficulty, round_difficulty
-from trainer_client.distributed import DistContext, owners
-from trainer_client.embeddings import per_example_loss
+from trainer_client.distributed import DistContext
 from trainer_client.loader_config import LoaderConfig, LoaderStats, SelectionUnavailable
 from trainer_client.region import Decision, RegionController
 
@@ -63,26 +70,34 @@ log = logging.getLogger(__name__)
 
 __all__ = ["CoresetLoader", "LoaderConfig", "LoaderStats", "SelectionUnavailable"]
 
-# Service errors the loader rides out on uniform batches; anything else (a bad argument, auth) is a bug to raise.
-RECOVERABLE = {
-    grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.DEADLINE_EXCEEDED,
-    grpc.StatusCode.CANCELLED,
-    grpc.StatusCode.NOT_FOUND,
-    grpc.StatusCode.INTERNAL,
-    grpc.StatusCode.UNKNOWN,
-    grpc.StatusCode.ABORTED,
-    grpc.StatusCode.RESOURCE_EXHAUSTED,
-}
+T = TypeVar("T")
 
 
 class CoresetLoader:
     """Infinite iterator of weighted batches selected by the service.
 
     Yields ``(*batch, weights)`` for tuple/list batches (so ``(x, y, w)``) and ``{**batch, "weights": w}``
-    for dict batches; weights are float32 (n,). Call ``state_dict`` after the optimizer step of the last
-    batch. ``difficulty`` lists, per region this loader switched to, how hard its coresets were against the
-    round's random subsets (``RoundDifficulty``, from the embedding pass's losses; not kept in checkpoints).
+    for dict batches; weights are float32 (n,), mean 1 over the region as the service sent them (all ones for
+    a uniform batch). Call ``state_dict`` after the optimizer step of the last batch. ``difficulty`` lists, per
+    region this loader switched to, how hard its coresets were against the round's random subsets
+    (``RoundDifficulty``, from the embedding pass's losses; not kept in checkpoints).
+
+    When the service fails:
+
+    - a transient failure (UNAVAILABLE, DEADLINE_EXCEEDED, a broken stream that could not be resumed,
+      RESOURCE_EXHAUSTED, ABORTED; NOT_FOUND of a session the service lost, which opens a new one) is logged as
+      a warning and counted in ``stats.service_errors``; training goes on on uniform batches
+      (``stats.fallback_batches``) and the round is asked for again after an exponential backoff. With
+      ``strict=True`` it raises ``SelectionUnavailable`` instead.
+    - a persistent failure (INTERNAL, UNKNOWN, DATA_LOSS: the service failed on its side and would fail again,
+      e.g. its selectors cannot import faiss) is handled the same way, but logged as an ERROR naming the code
+      and the server's message and counted in ``stats.persistent_failures`` too; after
+      ``max_persistent_failures`` identical ones in a row (a round delivered in between resets the run) it
+      raises ``SelectionUnavailable`` with the server's message, whatever ``strict`` says.
+    - a refused request (INVALID_ARGUMENT, UNAUTHENTICATED, ...) is the trainer's bug or setup: raised at once.
+
+    A round whose stream ends with fewer coresets than its random subsets (a partial round) is trained on, and
+    logged and counted in ``stats.partial_rounds``.
 
     Under DDP, initialise ``torch.distributed`` before building the loader (it looks at the default group
     then), build it on every rank with the same arguments, and take the same number of batches on every rank;
@@ -130,32 +145,28 @@ class CoresetLoader:
         if cfg.steps_per_round is not None:
             region = replace(region, mode="fixed", fixed_steps=max(1, cfg.steps_per_round - cfg.lookahead_steps))
         self.controller = RegionController(replace(region, seed=cfg.seed), max_coresets=cfg.num_subsets)
-        self.stats = LoaderStats()
         self.difficulty: list[RoundDifficulty] = []
-        self.session: SessionInfo | None = None
         self.last_ids = np.zeros(0, dtype=np.int64)  # ids of the batch yielded last (this rank's share)
         self.last_round: int | None = None  # loader round of the region it came from; None for a uniform batch
-        self._rng = np.random.default_rng([cfg.seed, 1])
-        self._fallback_rng = np.random.default_rng([cfg.seed, 2])
-        # Only the rank that talks to the service streams.
-        self._streamer = RoundStreamer(client, cfg.queue_size) if self._is_main else None
-        self._region: Region | None = None
-        self._pending: PendingRound | None = None
-        self._pass_perm: np.ndarray | None = None  # int64 (n,) this pass's order of the pool positions
-        self._pass_next = 0  # next batch of the pass
-        self._round = 0  # the loader's round counter; the session's is _session_round
-        self._session_round = 0
-        self._want_at: int | None = None  # step at which the next region is due
-        self._need_request = False
-        self._from_region = False  # the batch yielded last came from a region
-        self._yielded = False
-        self._backoff = 0.0
-        self._next_attempt = 0.0
+        self._fetch = functools.partial(collate_ids, dataset, collate_fn)
+        self._passes = ModelPasses(
+            model, self._fetch, forward_fn, self.embedder, self.num_classes, cfg.embed_batch_size, self._dist
+        )
+        embedding_dim = self.embedder.dim(self.num_classes)
+        is_main = self._dist is None or self._dist.is_main  # only the rank that talks to the service streams
+        self._link = ServiceLink(client, cfg, self.labels, self.num_classes, embedding_dim, streams=is_main)
+        self._state = LoaderState.new(len(self.labels), cfg.seed, cfg.batch_size)
         self._closed = False
 
     @property
-    def _is_main(self) -> bool:
-        return self._dist is None or self._dist.is_main
+    def stats(self) -> LoaderStats:
+        """This loader's counters (they travel with ``state_dict``)."""
+        return self._state.stats
+
+    @property
+    def session(self) -> SessionInfo | None:
+        """The service session (rank 0's under DDP); None until the first round is asked for."""
+        return self._link.session
 
     # -- the iterator ----------------------------------------------------------------------------------------
 
@@ -164,34 +175,35 @@ class CoresetLoader:
             yield self._next()
 
     def _next(self) -> Any:
-        if self._yielded:
+        s = self._state
+        if s.yielded:
             self._after_step()
-        elif self._region is None and self._pending is None and self._want_at is None:
+        elif s.region is None and s.pending is None and s.want_at is None:
             self._want_round()
-        self._yielded = True
+        s.yielded = True
         if self._dist is None:
-            self._drain()
-            self._maybe_request()
+            if not self._link.drain(s.pending, s.stats):
+                self._give_up_round()
+            plan = self._request_plan()
+            if plan is not None:
+                self._begin_round(plan)
             p = self._switch_candidate()
             if p is not None:
                 self._switch(p)
         else:
             self._follow_service()
-        due = self._want_at is not None and self.stats.steps >= self._want_at
-        if self._region is not None and not due:
-            ids, weights = self._region_batch()
+        due = s.want_at is not None and s.stats.steps >= s.want_at
+        if s.region is not None and not due:
+            ids, weights = self._region_batch(s.region)
         else:
             ids, weights = self._uniform_batch()
-        self._from_region = self._region is not None and not due
-        self.last_round = self._region.round if self._region is not None and self._from_region else None
+        s.from_region = s.region is not None and not due
+        self.last_round = s.region.round if s.region is not None and s.from_region else None
         batch = self._fetch(ids)
         self.last_ids = ids
-        self.stats.steps += 1
-        self.stats.examples_backpropagated += len(ids)
+        s.stats.steps += 1
+        s.stats.examples_backpropagated += len(ids)
         return with_weights(batch, torch.from_numpy(weights.astype(np.float32)), self.config.weights_key)
-
-    def _fetch(self, ids: np.ndarray) -> Any:
-        return self.collate_fn([self.dataset[int(i)] for i in ids])
 
     def _batches_per_pass(self, region: Region) -> int:
         """Batches in one pass over the pool: about ``batch_size`` examples a step over all ranks, and never
@@ -202,371 +214,152 @@ class CoresetLoader:
             n = min(n, max(1, int(shares.min())))
         return n
 
-    def _region_batch(self) -> tuple[np.ndarray, np.ndarray]:
+    def _region_batch(self, region: Region) -> tuple[np.ndarray, np.ndarray]:
         """Next (ids, weights) of the region: reshuffled passes over its pool, this rank's share of each batch.
 
         Every rank draws the same permutation of the pool positions (so the RNG state stays the same on every
         rank), keeps the positions it owns in that order and cuts them into the same number of batches.
         """
-        region = self._region
-        assert region is not None
+        s = self._state
         parts = self._batches_per_pass(region)
-        if self._pass_perm is None or self._pass_next >= parts:
-            self._pass_perm, self._pass_next = self._rng.permutation(len(region.ids)), 0
-        perm = self._pass_perm
+        if s.pass_perm is None or s.pass_next >= parts:
+            s.pass_perm, s.pass_next = s.rng.permutation(len(region.ids)), 0
+        perm = s.pass_perm
         if self._dist is not None:
             perm = perm[region.owner[perm] == self._dist.rank]
-        take = np.array_split(perm, parts)[self._pass_next]
-        self._pass_next += 1
+        take = np.array_split(perm, parts)[s.pass_next]
+        s.pass_next += 1
         return region.ids[take], region.weights[take]
 
     def _uniform_batch(self) -> tuple[np.ndarray, np.ndarray]:
         """A uniformly sampled batch (weights 1); under DDP every rank draws the same one and keeps its share."""
-        n = len(self.labels)
-        ids = np.sort(self._fallback_rng.choice(n, size=min(self.config.batch_size, n), replace=False))
+        s, n = self._state, len(self.labels)
+        ids = np.sort(s.fallback_rng.choice(n, size=min(self.config.batch_size, n), replace=False))
         if self._dist is not None:
             ids = ids[self._dist.rank :: self._dist.world_size]
-        self.stats.fallback_batches += 1
-        if self._want_at is not None and self._pending is not None:
-            self.stats.late_steps += 1
+        s.stats.fallback_batches += 1
+        if s.want_at is not None and s.pending is not None:
+            s.stats.late_steps += 1
         return ids.astype(np.int64), np.ones(len(ids), dtype=np.float32)
 
     # -- region control --------------------------------------------------------------------------------------
 
-    def _params(self) -> list[torch.Tensor]:
-        return [p for p in self.model.parameters() if p.requires_grad]
-
     def _want_round(self) -> None:
-        self._want_at = self.stats.steps + (self.config.lookahead_steps if self._region is not None else 0)
-        self._need_request = True
+        s = self._state
+        s.want_at = s.stats.steps + (self.config.lookahead_steps if s.region is not None else 0)
+        s.need_request = True
 
     def _after_step(self) -> None:
         """The optimizer has taken the step of the batch yielded last: count it and run what is due."""
-        if not self._from_region or self._region is None:
+        s = self._state
+        if not s.from_region or s.region is None:
             return
         decision = self.controller.after_step()
-        if self._want_at is not None:
+        if s.want_at is not None:
             return  # already moving to the next region
         if decision == Decision.CHECK:
             start = time.perf_counter()
-            true_loss, predicted = self._check_values(self._region.check_ids)
-            result = self.controller.check(self._params(), true_loss, self.stats.steps, predicted)
-            self.stats.check_s += time.perf_counter() - start
-            self.stats.checks += 1
+            loss = self._passes.check_loss(s.region.check_ids, self.controller)
+            result = self.controller.check(trainable(self.model), loss.true_loss, s.stats.steps, loss.predicted)
+            s.stats.check_s += time.perf_counter() - start
+            s.stats.checks += 1
             if result.reselect:
-                self.stats.reselections += 1
+                s.stats.reselections += 1
                 self._want_round()
         elif decision == Decision.RESELECT:
-            log.info("step %d: region %d reached its fixed length", self.stats.steps, self._region.round)
-            self.stats.reselections += 1
+            log.info("step %d: region %d reached its fixed length", s.stats.steps, s.region.round)
+            s.stats.reselections += 1
             self._want_round()
 
-    def _eval_batches(self, ids: np.ndarray) -> Iterator[Any]:
-        for lo in range(0, len(ids), self.config.embed_batch_size):
-            yield self._fetch(ids[lo : lo + self.config.embed_batch_size])
-
-    @torch.no_grad()
-    def _loss_sum(self, ids: np.ndarray) -> float:
-        """Summed unweighted cross-entropy on ``ids`` (some of the round's random-subset ids), eval mode."""
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            total = 0.0
-            for batch in self._eval_batches(ids):
-                logits, y = self.forward_fn(self.model, batch)
-                total += float(per_example_loss(logits, y).sum())
-        finally:
-            self.model.train(was_training)
-        return total
-
-    def _check_values(self, ids: np.ndarray) -> tuple[float, float | None]:
-        """(true mean loss on ``ids``, prediction or None to let the controller compute it).
-
-        Under DDP each rank evaluates its shard of ``ids``; one all-reduce sums the losses, the counts and the
-        ranks' predictions, so every rank ends with the same mean loss and the same (mean) prediction.
-        """
-        if self._dist is None:
-            return self._loss_sum(ids) / len(ids), None
-        lo, hi = self._dist.shard_bounds(len(ids))
-        local = [self._loss_sum(ids[lo:hi]), float(hi - lo), self.controller.predict(self._params())]
-        total, count, predicted = self._dist.all_reduce_sum(local)
-        return float(total / count), float(predicted / self._dist.world_size)
-
-    def _fit(self) -> None:
-        """Fit the quadratic model on the new region's weighted pool (eval mode: no BN side effects)."""
-        assert self._region is not None
-        if self.controller.config.mode == "fixed":
-            self.controller.start_region()  # the fixed rule needs no model: skip the Hessian estimate
-            return
-        region, bs = self._region, self.config.batch_size
-
-        def batches() -> Iterator[tuple[torch.Tensor, int]]:
-            for lo in range(0, len(region.ids), bs):
-                logits, y = self.forward_fn(self.model, self._fetch(region.ids[lo : lo + bs]))
-                w = torch.from_numpy(region.weights[lo : lo + bs]).to(logits.device)
-                ce = torch.nn.functional.cross_entropy(logits.float(), y, reduction="none")
-                yield (ce * w).mean(), len(y)
-
-        start = time.perf_counter()
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.enable_grad():
-                self.controller.fit(self._params(), batches(), self.stats.steps)
-        except NotImplementedError as exc:
-            raise NotImplementedError(
-                f"the CREST quadratic model needs a double backward through {type(self.model).__name__} ({exc}); "
-                "use the fixed rule (LoaderConfig(steps_per_round=...)) for this model"
-            ) from exc
-        finally:
-            self.model.train(was_training)
-        self.stats.fit_s += time.perf_counter() - start
-        if self._dist is not None:
-            # Identical replicas give identical fits; rank 0's schedule is broadcast anyway, because ranks that
-            # disagreed on when to check would stop meeting in the check's all-reduce.
-            ctl = self.controller
-            mine = (ctl.interval, ctl.num_coresets)
-            ctl.interval, ctl.num_coresets = theirs = self._dist.broadcast_object(mine)
-            if theirs != mine:
-                log.warning(
-                    "rank %d: the quadratic model gave interval/coresets %s, rank 0 %s; following rank 0",
-                    self._dist.rank,
-                    mine,
-                    theirs,
-                )
-
-    # -- talking to the service --------------------------------------------------------------------------------
-
-    def _open_session(self) -> SessionInfo:
-        cfg = self.config
-        self.session = self.client.create_session(
-            self.labels,
-            num_classes=self.num_classes,
-            subset_fraction=cfg.subset_fraction,
-            num_subsets=cfg.num_subsets,
-            batch_size=cfg.batch_size,
-            similarity=cfg.similarity,
-            seed=cfg.seed,
-            client_name=cfg.client_name,
-            embedding_kind=cfg.embedding,
-            embedding_dim=self.embedder.dim(self.num_classes),
-            drop_learned=cfg.drop_learned,
-            timeout_s=cfg.first_batch_timeout_s,
-        )
-        self._session_round = 0
-        self.stats.sessions_opened += 1
-        log.info("session %s opened at %s (step %d)", self.session.session_id, self.client.target, self.stats.steps)
-        return self.session
-
-    def _start_round(self) -> Any:
-        for _ in range(3):
-            session = self.session or self._open_session()
-            try:
-                # Only the coresets this region will use are drawn, embedded and selected.
-                count = min(self.controller.num_coresets, self.config.num_subsets)
-                return self.client.start_round(
-                    session.session_id,
-                    self._session_round,
-                    self.stats.steps,
-                    num_subsets=count,
-                    trainer_wait_s=self.stats.wait_s,  # reported for the service's metrics
-                )
-            except grpc.RpcError as exc:
-                if exc.code() == grpc.StatusCode.NOT_FOUND:
-                    log.warning("session %s is gone (%s); opening a new one", session.session_id, exc.details())
-                    self.session = None
-                elif exc.code() in (grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.FAILED_PRECONDITION):
-                    self._session_round = int(self.client.session_state(session.session_id).next_round_id)
-                else:
-                    raise
-        raise SelectionUnavailable(f"could not start a round at {self.client.target} after reopening the session")
-
-    def _service_failed(self, exc: BaseException, doing: str) -> None:
-        code = exc.code() if isinstance(exc, grpc.RpcError) else None
-        if code not in RECOVERABLE:
-            raise exc
-        self.stats.service_errors += 1
-        if self.config.strict:
-            raise SelectionUnavailable(
-                f"selection service at {self.client.target} failed while {doing}: {code}: {exc}"
-            ) from exc
-        self._pending, self._need_request = None, True
-        self._backoff = min(max(2 * self._backoff, self.config.reconnect_initial_s), self.config.reconnect_max_s)
-        self._next_attempt = time.monotonic() + self._backoff
-        log.warning(
-            "step %d: selection service at %s failed while %s (%s); training on uniform batches, retrying in %.1f s",
-            self.stats.steps,
-            self.client.target,
-            doing,
-            code,
-            self._backoff,
-        )
-
-    def _maybe_request(self) -> None:
-        plan = self._request_plan()
-        if plan is not None:
-            self._begin_round(plan)
+    def _give_up_round(self) -> None:
+        """The round in flight failed (the link has counted it and set the backoff): ask for another."""
+        self._state.pending, self._state.need_request = None, True
 
     def _request_plan(self) -> RoundPlan | None:
         """Start a round on the service when one is wanted and the backoff allows (rank 0 only)."""
-        if not self._need_request or self._pending is not None or time.monotonic() < self._next_attempt:
+        s = self._state
+        if not s.need_request or s.pending is not None:
             return None
-        try:
-            plan = self._start_round()
-        except grpc.RpcError as exc:
-            self._service_failed(exc, "starting a round")
-            return None
-        self._backoff = 0.0
-        return plan
+        # Only the coresets this region will use are drawn, embedded and selected.
+        return self._link.start_round(min(self.controller.num_coresets, self.config.num_subsets), s.stats)
 
     def _begin_round(self, plan: RoundPlan) -> None:
         """Embed the round's ids (sharded over the ranks under DDP) and hand them to the stream thread."""
+        s = self._state
         start = time.perf_counter()
-        emb, labels, losses = self._embed_round(plan.ids)
-        self.stats.embed_s += time.perf_counter() - start
-        self.stats.rounds_started += 1
+        embedded = self._passes.embed_round(plan.ids)
+        s.stats.embed_s += time.perf_counter() - start
+        s.stats.examples_embedded += embedded.embedded
+        s.stats.rounds_started += 1
         num = min(self.controller.num_coresets, plan.num_subsets)
-        self._pending = PendingRound(self._round, plan.round_id, plan.ids, num, self.stats.steps, losses=losses)
-        if self._streamer is not None:
-            assert self.session is not None
-            self._streamer.submit(
-                StreamJob(self._round, self.session.session_id, plan.round_id, plan.ids, emb, labels, losses)
-            )
-        log.info("step %d: round %d requested: %d ids embedded", self.stats.steps, self._round, len(plan.ids))
-        self._round += 1
-        self._session_round += 1
-        self._need_request = False
-
-    def _embed_round(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(embeddings float32 (n, d), targets int64 (n,), losses float32 (n,)) of the round's ``ids`` (n,).
-
-        Under DDP each rank embeds its contiguous shard with its replica and one all-gather of
-        [embedding, target, loss] rows (float32; targets are exact below 2**24) gives rank 0 all of them.
-        """
-        if self._dist is None:
-            self.stats.examples_embedded += len(ids)
-            return self._embed(ids)
-        lo, hi = self._dist.shard_bounds(len(ids))
-        emb, targets, losses = self._embed(ids[lo:hi])
-        self.stats.examples_embedded += hi - lo
-        rows = np.concatenate([emb, targets[:, None], losses[:, None]], axis=1, dtype=np.float32)
-        full = self._dist.gather_rows(rows, len(ids))
-        return np.ascontiguousarray(full[:, :-2]), full[:, -2].astype(np.int64), np.ascontiguousarray(full[:, -1])
-
-    @torch.no_grad()
-    def _embed(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        if len(ids) == 0:  # a DDP rank's shard of a round smaller than the world
-            dim = self.embedder.dim(self.num_classes)
-            return np.zeros((0, dim), np.float32), np.zeros(0, np.int64), np.zeros(0, np.float32)
-        was_training = self.model.training
-        self.model.eval()
-        embs, targets, losses = [], [], []
-        try:
-            for batch in self._eval_batches(ids):
-                emb, y, logits = self.embedder(self.model, batch, self.forward_fn)
-                embs.append(emb.cpu())
-                losses.append(per_example_loss(logits, y).cpu())
-                targets.append(y.cpu())
-        finally:
-            self.model.train(was_training)
-        return (
-            torch.cat(embs).float().numpy(),
-            torch.cat(targets).numpy().astype(np.int64),
-            torch.cat(losses).float().numpy(),
-        )
-
-    def _handle(self, item: StreamItem) -> None:
-        p = self._pending
-        if p is None or item.round != p.round:
-            return  # a round given up on
-        if isinstance(item, StreamBatch):
-            p.coresets[item.batch.subset_index] = (item.batch.ids, item.batch.weights)
-            self.stats.batches_received += 1
-        elif isinstance(item, StreamEnd):
-            p.ended = True
-        else:
-            self._service_failed(item.error, f"streaming round {p.round}")
-
-    def _drain(self) -> None:
-        assert self._streamer is not None, "only rank 0 streams"
-        while True:
-            try:
-                self._handle(self._streamer.items.get_nowait())
-            except queue.Empty:
-                return
-
-    def _wait_for_pending(self, timeout_s: float) -> bool:
-        """Block until the pending round is ready, it fails, or ``timeout_s`` passes; True when ready."""
-        assert self._streamer is not None, "only rank 0 streams"
-        start = time.perf_counter()
-        deadline = start + timeout_s
-        try:
-            while (p := self._pending) is not None and not p.ready:
-                remaining = deadline - time.perf_counter()
-                if remaining <= 0:
-                    return False
-                try:
-                    self._handle(self._streamer.items.get(timeout=remaining))
-                except queue.Empty:
-                    return False
-            return self._pending is not None
-        finally:
-            self.stats.wait_s += time.perf_counter() - start
+        session_round = self._link.session_round
+        s.pending = PendingRound(s.round, session_round, plan.ids, num, s.stats.steps, losses=embedded.losses)
+        self._link.submit(s.round, plan, embedded)
+        log.info("step %d: round %d requested: %d ids embedded", s.stats.steps, s.round, len(plan.ids))
+        s.round += 1
+        s.need_request = False
 
     def _switch_due(self) -> bool:
-        return self._want_at is not None and self.stats.steps >= self._want_at and self._pending is not None
+        s = self._state
+        return s.want_at is not None and s.stats.steps >= s.want_at and s.pending is not None
 
     def _switch_candidate(self) -> PendingRound | None:
         """The pending round when training should switch to it now, waiting for it at the switch step."""
         if not self._switch_due():
             return None
-        p = self._pending
-        assert p is not None and self._want_at is not None
-        if not p.ready and p.requested_step <= self._want_at and self.stats.steps == self._want_at:
-            first = self.stats.regions == 0
+        s = self._state
+        p = s.pending
+        assert p is not None and s.want_at is not None
+        if not p.ready and p.requested_step <= s.want_at and s.stats.steps == s.want_at:
+            first = s.stats.regions == 0
             timeout = self.config.first_batch_timeout_s if first else self.config.deadline_s
-            if not self._wait_for_pending(timeout):
-                if self._pending is None:
-                    return None  # failed while waiting; already handled
+            if not self._link.wait(p, timeout, s.stats):
+                self._give_up_round()
+                return None
+            if not p.ready:
                 if self.config.strict:
                     raise TimeoutError(
                         f"round {p.round} from {self.client.target} not ready within {timeout:.1f} s at step "
-                        f"{self.stats.steps} ({len(p.coresets)}/{p.num_coresets} coresets arrived)"
+                        f"{s.stats.steps} ({len(p.coresets)}/{p.num_coresets} coresets arrived)"
                     )
                 log.warning(
                     "step %d: round %d late after %.1f s; uniform batches until it arrives",
-                    self.stats.steps,
+                    s.stats.steps,
                     p.round,
                     timeout,
                 )
-        return p if p.ready and self._pending is p else None
+        return p if p.ready and s.pending is p else None
 
     def _switch(self, p: PendingRound) -> None:
-        used = sorted(p.coresets)[: p.num_coresets]
-        ids = np.concatenate([p.coresets[i][0] for i in used])
-        weights = np.concatenate([p.coresets[i][1] for i in used]).astype(np.float32)
-        check_ids = p.check_ids
-        k = self.config.check_examples
-        if 0 < k < len(check_ids):
-            check_ids = np.sort(
-                np.random.default_rng([self.config.seed, 3, p.round]).choice(check_ids, k, replace=False)
-            )
+        s = self._state
         world = 1 if self._dist is None else self._dist.world_size
-        owner = owners(ids, world, self.config.seed, p.round)
-        self._region = Region(p.round, ids, weights / weights.mean(), check_ids, owner)
-        self._pending, self._want_at, self._pass_perm, self._pass_next = None, None, None, 0
-        self.stats.regions += 1
+        region = s.region = Region.of_round(p, self.config.check_examples, self.config.seed, world)
+        used = min(len(p.coresets), p.num_coresets)
+        if used < p.num_coresets:
+            s.stats.partial_rounds += 1
+            log.warning(
+                "step %d: round %d ended with %d of its %d coresets (subsets %s); training on those",
+                s.stats.steps,
+                p.round,
+                used,
+                p.num_coresets,
+                sorted(p.coresets),
+            )
+        s.pending, s.want_at, s.pass_perm, s.pass_next = None, None, None, 0
+        s.stats.regions += 1
         log.info(
             "step %d: region %d: %d coresets, %d examples; checks on %d of %d random-subset ids",
-            self.stats.steps,
+            s.stats.steps,
             p.round,
-            len(used),
-            len(ids),
-            len(check_ids),
+            used,
+            len(region.ids),
+            len(region.check_ids),
             len(p.check_ids),
         )
         if p.losses is not None:
-            d = round_difficulty(p.round, p.requested_step, self.stats.steps, p.check_ids, p.losses, ids, weights)
+            d = round_difficulty(
+                p.round, p.requested_step, s.stats.steps, p.check_ids, p.losses, region.ids, region.weights
+            )
             self.difficulty.append(d)
             log.info(
                 "region %d: selected loss %.3f (weighted %.3f) against %.3f for the round's ids; percentile %.2f",
@@ -576,14 +369,20 @@ class CoresetLoader:
                 d.embedded_loss,
                 d.selected_percentile,
             )
-        self._fit()
+        if self.controller.config.mode == "fixed":
+            self.controller.start_region()  # the fixed rule needs no model: skip the Hessian estimate
+            return
+        start = time.perf_counter()
+        self._passes.fit(self.controller, region.ids, region.weights, self.config.batch_size, s.stats.steps)
+        s.stats.fit_s += time.perf_counter() - start
 
     # -- DDP: rank 0 talks to the service, every rank follows ----------------------------------------------
 
     def _follow_service(self) -> None:
         """The DDP version of drain / request / switch. Collective, but only while a round is wanted or in flight
         (the same condition on every rank): inside a region with nothing pending, steps need no communication."""
-        if self._pending is None and not self._need_request:
+        s = self._state
+        if s.pending is None and not s.need_request:
             return
         plan = self._on_main(self._main_request)
         if plan is not None:
@@ -591,76 +390,33 @@ class CoresetLoader:
         if self._switch_due():
             coresets = self._on_main(self._main_switch)
             if coresets is not None:
-                p = self._pending
+                p = s.pending
                 assert p is not None
                 p.coresets, p.ended = coresets, True
                 self._switch(p)
 
     def _main_request(self) -> RoundPlan | None:
-        self._drain()
+        if not self._link.drain(self._state.pending, self._state.stats):
+            self._give_up_round()
         return self._request_plan()
 
-    def _main_switch(self) -> dict[int, tuple[np.ndarray, np.ndarray]] | None:
+    def _main_switch(self) -> dict[int, WeightedBatch] | None:
         p = self._switch_candidate()
         return None if p is None else dict(p.coresets)
 
-    def _main_settle(self) -> tuple[dict[int, tuple[np.ndarray, np.ndarray]], bool] | None:
-        p = self._pending
-        if p is not None and not p.ready:
-            self._wait_for_pending(self.config.first_batch_timeout_s)
-            p = self._pending
+    def _main_settle(self) -> tuple[dict[int, WeightedBatch], bool] | None:
+        """Wait (up to ``first_batch_timeout_s``) for the round in flight, so that a checkpoint holds it."""
+        p = self._state.pending
+        if p is not None and not p.ready and not self._link.wait(p, self.config.first_batch_timeout_s, self.stats):
+            self._give_up_round()
+        p = self._state.pending
         return None if p is None else (dict(p.coresets), p.ended)
 
-    def _control(self) -> dict[str, Any]:
-        """Rank 0's service state that the other ranks mirror (small: no coresets, no embeddings)."""
-        return {
-            "pending": None if self._pending is None else self._pending.round,
-            "need_request": self._need_request,
-            "session": self.session,
-            "session_round": self._session_round,
-            "service_errors": self.stats.service_errors,
-            "sessions_opened": self.stats.sessions_opened,
-        }
-
-    def _on_main(self, fn: Callable[[], Any]) -> Any:
-        """Run ``fn`` on rank 0 and broadcast its result with rank 0's service state; every rank returns the
-        result. An exception on rank 0 (strict mode, a bug) is raised there and, as SelectionUnavailable, on
-        every other rank, so no rank is left waiting in a collective."""
+    def _on_main(self, fn: Callable[[], T | None]) -> T | None:
         assert self._dist is not None
-        start = time.perf_counter()
-        result: Any = None
-        error: BaseException | None = None
-        if self._dist.is_main:
-            try:
-                result = fn()
-            except BaseException as exc:  # re-raised below, after the other ranks have heard of it
-                error = exc
-        message = self._dist.broadcast_object(
-            {
-                "result": result,
-                "control": self._control(),
-                "error": None if error is None else f"{type(error).__name__}: {error}",
-            }
-        )
-        if error is not None:
-            raise error
-        if message["error"] is not None:
-            raise SelectionUnavailable(f"rank 0 stopped the selection loop: {message['error']}")
-        if not self._dist.is_main:
-            c = message["control"]
-            if c["pending"] is None:
-                self._pending = None
-            elif self._pending is None or self._pending.round != c["pending"]:
-                raise RuntimeError(
-                    f"rank {self._dist.rank} lost step with rank 0: rank 0 is waiting for round {c['pending']}, "
-                    f"this rank for {None if self._pending is None else self._pending.round}"
-                )
-            self._need_request, self.session, self._session_round = c["need_request"], c["session"], c["session_round"]
-            self.stats.service_errors, self.stats.sessions_opened = c["service_errors"], c["sessions_opened"]
-            self.stats.wait_s += time.perf_counter() - start  # time rank 0 spent on the service, waited for here
-        return message["result"]
+        return on_main(self._dist, fn, self._state, self._link)
 
-    # -- checkpointing (trainer_client/_loader_state.py) -------------------------------------------------------
+    # -- checkpointing ---------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
         """The loader's and controller's state for the user's checkpoint (tensors and plain values only).
@@ -674,29 +430,36 @@ class CoresetLoader:
         enough; each rank loads it and trains its own share. It loads under another world size too (the pool
         is dealt again), with other per-rank batches.
         """
-        return _loader_state.save(self)
+        s = self._state
+        if self._dist is not None and s.pending is not None:
+            settled = self._on_main(self._main_settle)
+            if settled is not None and s.pending is not None:
+                s.pending.coresets, s.pending.ended = settled
+        elif self._dist is None:
+            self._main_settle()
+        return {**s.state_dict(), **self._link.state_dict(), "controller": self.controller.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state_dict()``; call before iterating. Refuses another version or dataset."""
-        _loader_state.load(self, state)
+        if self._state.yielded or self._link.session is not None:
+            raise RuntimeError("load_state_dict must be called on a fresh loader, before the first batch")
+        loaded = LoaderState.from_state_dict(
+            state,
+            dataset_size=len(self.labels),
+            seed=self.config.seed,
+            batch_size=self.config.batch_size,
+            world_size=1 if self._dist is None else self._dist.world_size,
+        )
+        self.controller.load_state_dict(state["controller"])
+        self._state = loaded
+        self._link.resume(state, loaded.stats.steps)
 
     def close(self, end_session: bool = True) -> None:
         """Stop the stream thread and, unless ``end_session`` is False, close the session (idempotent)."""
         if self._closed:
             return
         self._closed = True
-        if self._streamer is None:  # a DDP rank other than 0: the session is rank 0's to close
-            return
-        self._streamer.stopping.set()
-        try:
-            if end_session and self.session is not None:
-                self.client.close_session(self.session.session_id, timeout_s=self.config.deadline_s)
-        except grpc.RpcError as exc:
-            if self.config.strict and exc.code() != grpc.StatusCode.NOT_FOUND:
-                raise
-            log.warning("could not close session %s: %s", self.session.session_id if self.session else "", exc.code())
-        finally:
-            self._streamer.stop()
+        self._link.close(end_session)
 
     def __enter__(self) -> CoresetLoader:
         return self

@@ -4,26 +4,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from crest.selector.v1 import codec
 from trainer_client.region import RegionConfig
 
 
 class SelectionUnavailable(RuntimeError):
-    """The service failed and ``strict`` forbids training on uniform batches."""
+    """The service failed and ``strict`` forbids training on uniform batches, or it failed the same way on its
+    side ``max_persistent_failures`` times in a row; the message carries the service's."""
 
 
 @dataclass(frozen=True, kw_only=True)
 class LoaderConfig:
     """Selection settings sent to the service and how the loader schedules rounds."""
 
-    # Coreset size m per random subset, and the training batch size.
-    batch_size: int = 128
+    # Coreset size m per random subset, and the training batch size (CREST's 128: the service's default).
+    batch_size: int = codec.DEFAULT_BATCH_SIZE
     # Random-subset size r as a fraction of the dataset (CREST: 1%).
-    subset_fraction: float = 0.01
+    subset_fraction: float = codec.DEFAULT_SUBSET_FRACTION
     # Random subsets per round in the service session: the cap on CREST's adaptive P (fixed per session; a
     # region uses the first min(P, this) coresets).
-    num_subsets: int = 5
+    num_subsets: int = codec.DEFAULT_NUM_SUBSETS
     # Facility-location kernel: "exp" (CREST) or "maxdist" (CRAIG).
-    similarity: str = "exp"
+    similarity: str = codec.DEFAULT_SIMILARITY
     # Seeds the service's subset sampling, the loader's reshuffling and the Hutchinson probes.
     seed: int = 0
     # When a region ends: the CREST Taylor check by default (see region.py).
@@ -34,7 +36,7 @@ class LoaderConfig:
     # of selecting with a model that many steps older. 0 switches at once, as the released code does.
     lookahead_steps: int = 4
     # Selection feature: "logit_gradient" (C floats) or "last_layer_gradient" ((p - y) ⊗ [h, 1]).
-    embedding: str = "logit_gradient"
+    embedding: str = codec.DEFAULT_EMBEDDING_KIND
     # Random-projection dimension of the last-layer gradient; 0 sends all C·(H+1) values.
     embedding_dim: int = 0
     # Check on a fixed seeded sample of this many of the round's random-subset ids; 0 uses them all (CREST).
@@ -54,6 +56,12 @@ class LoaderConfig:
     first_batch_timeout_s: float = 60.0
     # Raise SelectionUnavailable / TimeoutError instead of falling back to uniform batches.
     strict: bool = False
+    # A failure the service will repeat (INTERNAL, UNKNOWN, DATA_LOSS: a selector that cannot import faiss, a
+    # bug) is logged as an error and falls back like an outage; after this many identical ones in a row (the
+    # same code and message up to the round numbers and session ids in it; a round delivered in between resets
+    # the count) the loader raises SelectionUnavailable with the service's message even when strict is False.
+    # A few, not 1: a one-off fault of one round should not stop a long run.
+    max_persistent_failures: int = 3
     # Reconnection backoff after a service failure: first delay and cap, in seconds (doubling in between).
     reconnect_initial_s: float = 0.5
     reconnect_max_s: float = 30.0
@@ -62,14 +70,18 @@ class LoaderConfig:
     # Job name shown in the service's logs.
     client_name: str = "trainer"
 
+    def __post_init__(self) -> None:
+        if self.max_persistent_failures < 1:
+            raise ValueError(f"max_persistent_failures must be >= 1, received {self.max_persistent_failures}")
+
 
 @dataclass
 class LoaderStats:
     """Counters of one loader; ``wait_s`` is time the training loop spent blocked on the service.
 
     Under DDP they count this rank's work (its share of the batches, embeddings and checks);
-    ``service_errors`` and ``sessions_opened`` are rank 0's, mirrored; ``batches_received`` is 0 on the other
-    ranks (rank 0 receives the coresets and broadcasts them).
+    ``service_errors``, ``persistent_failures`` and ``sessions_opened`` are rank 0's, mirrored;
+    ``batches_received`` is 0 on the other ranks (rank 0 receives the coresets and broadcasts them).
     """
 
     steps: int = 0
@@ -82,7 +94,9 @@ class LoaderStats:
     reselections: int = 0  # regions ended by a failed check (or by the fixed rule)
     late_steps: int = 0  # steps at which a due round had not arrived (each yields a fallback batch)
     fallback_batches: int = 0  # uniformly sampled batches (weights 1) yielded instead of coresets
-    service_errors: int = 0
+    service_errors: int = 0  # failed calls to the service, of every kind the loader rides out
+    persistent_failures: int = 0  # those of them the service would repeat (INTERNAL, UNKNOWN, DATA_LOSS)
+    partial_rounds: int = 0  # regions switched to with fewer coresets than asked for (the stream ended early)
     sessions_opened: int = 0
     wait_s: float = 0.0
     embed_s: float = 0.0

@@ -7,6 +7,8 @@ received and what was expected; the service answers it with INVALID_ARGUMENT.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import numpy as np
 
 from crest.selector.v1 import selector_pb2 as pb
@@ -29,25 +31,28 @@ DEFAULT_SIMILARITY = "exp"
 DEFAULT_EMBEDDING_KIND = "logit_gradient"
 
 # Names of the wire enums' values (UNSPECIFIED is absent: it means the default above).
-SIMILARITIES: dict[str, int] = {"exp": pb.SIMILARITY_EXP, "maxdist": pb.SIMILARITY_MAXDIST}
-EMBEDDING_KINDS: dict[str, int] = {
+SIMILARITIES: dict[str, pb.Similarity] = {"exp": pb.SIMILARITY_EXP, "maxdist": pb.SIMILARITY_MAXDIST}
+EMBEDDING_KINDS: dict[str, pb.EmbeddingKind] = {
     "logit_gradient": pb.EMBEDDING_LOGIT_GRADIENT,
     "last_layer_gradient": pb.EMBEDDING_LAST_LAYER_GRADIENT,
 }
+
+
+E = TypeVar("E", bound=int)  # a wire enum (pb.Similarity, pb.EmbeddingKind)
 
 
 class WireError(ValueError):
     """A message that breaks the wire contract (byte length, enum value); the message names the field."""
 
 
-def enum_value(field: str, table: dict[str, int], name: str) -> int:
+def enum_value(field: str, table: dict[str, E], name: str) -> E:
     """The wire value of ``name`` in ``table`` (``SIMILARITIES`` or ``EMBEDDING_KINDS``)."""
     if name not in table:
         raise WireError(f"{field} must be one of {sorted(table)}, received {name!r}")
     return table[name]
 
 
-def enum_name(field: str, table: dict[str, int], value: int, default: str) -> str:
+def enum_name(field: str, table: dict[str, E], value: int, default: str) -> str:
     """The name of wire value ``value`` in ``table``; 0 (UNSPECIFIED) is ``default``."""
     if value == 0:
         return default

@@ -1,0 +1,302 @@
+"""The loader's link to the selection service: the session (opened lazily, reopened when the service lost it),
+starting rounds, the stream thread and its items, and what a failure does.
+
+Only rank 0 talks to the service (``streams=True``); on the other DDP ranks the link only holds rank 0's
+session and round counter, mirrored from rank 0 (``_mirror.py``).
+
+``failed`` applies the failure policy that ``CoresetLoader``'s docstring states, by the kind of the failure
+(``_failures.KIND_OF``). Two persistent failures are identical when ``_failures.signature`` says so (same code,
+same message once its round numbers and session ids are masked); a round whose stream ends resets the run of
+them, and transient failures in between neither extend nor reset it.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import time
+from dataclasses import asdict
+from typing import Any
+
+import grpc
+import numpy as np
+
+from trainer_client._failures import Failure, describe, kind_of, signature
+from trainer_client._passes import RoundEmbeddings
+from trainer_client._state import PendingRound
+from trainer_client._stream import RoundStreamer, StreamBatch, StreamEnd, StreamItem, StreamJob
+from trainer_client.client import RoundPlan, SelectionClient, SessionInfo
+from trainer_client.loader_config import LoaderConfig, LoaderStats, SelectionUnavailable
+
+log = logging.getLogger("trainer_client.loader")
+
+
+class ServiceLink:
+    """Rank 0's session with the service and its stream thread.
+
+    Args:
+        client: the ``SelectionClient``.
+        config: the loader's settings (selection, timeouts, backoff, failure policy).
+        labels: int64 (N,) every example's label, sent when a session opens.
+        num_classes: C.
+        embedding_dim: d of the embeddings the loader sends.
+        streams: True on the rank that talks to the service (starts the stream thread).
+    """
+
+    def __init__(
+        self,
+        client: SelectionClient,
+        config: LoaderConfig,
+        labels: np.ndarray,
+        num_classes: int,
+        embedding_dim: int,
+        *,
+        streams: bool,
+    ) -> None:
+        self.client, self.config = client, config
+        self._labels, self._num_classes, self._embedding_dim = labels, num_classes, embedding_dim
+        self.session: SessionInfo | None = None
+        self.session_round = 0  # the session's next round id
+        self._streamer = RoundStreamer(client, config.queue_size) if streams else None
+        self._backoff = 0.0
+        self._next_attempt = 0.0
+        self._persistent: tuple[str, str] | None = None  # signature of the last persistent failure in the run
+        self._persistent_run = 0
+
+    # -- rounds ----------------------------------------------------------------------------------------------
+
+    def start_round(self, num_subsets: int, stats: LoaderStats) -> RoundPlan | None:
+        """Start the session's next round of ``num_subsets`` random subsets, opening a session first if needed.
+
+        None while the backoff after a failure runs, or when the call failed (handled by ``failed``).
+        """
+        if time.monotonic() < self._next_attempt:
+            return None
+        try:
+            plan = self._start_round(num_subsets, stats)
+        except grpc.RpcError as exc:
+            self.failed(exc, "starting a round", stats)
+            return None
+        self._backoff = 0.0
+        return plan
+
+    def _open_session(self, stats: LoaderStats) -> SessionInfo:
+        cfg = self.config
+        self.session = self.client.create_session(
+            self._labels,
+            num_classes=self._num_classes,
+            subset_fraction=cfg.subset_fraction,
+            num_subsets=cfg.num_subsets,
+            batch_size=cfg.batch_size,
+            similarity=cfg.similarity,
+            seed=cfg.seed,
+            client_name=cfg.client_name,
+            embedding_kind=cfg.embedding,
+            embedding_dim=self._embedding_dim,
+            drop_learned=cfg.drop_learned,
+            timeout_s=cfg.first_batch_timeout_s,
+        )
+        self.session_round = 0
+        stats.sessions_opened += 1
+        log.info("session %s opened at %s (step %d)", self.session.session_id, self.client.target, stats.steps)
+        return self.session
+
+    def _start_round(self, num_subsets: int, stats: LoaderStats) -> RoundPlan:
+        for _ in range(3):
+            session = self.session or self._open_session(stats)
+            try:
+                return self.client.start_round(
+                    session.session_id,
+                    self.session_round,
+                    stats.steps,
+                    num_subsets=num_subsets,
+                    trainer_wait_s=stats.wait_s,  # reported for the service's metrics
+                )
+            except grpc.RpcError as exc:
+                if kind_of(exc) is Failure.SESSION_LOST:
+                    log.warning("session %s is gone (%s); opening a new one", session.session_id, exc.details())
+                    self.session = None
+                elif exc.code() in (grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.FAILED_PRECONDITION):
+                    self.session_round = int(self.client.session_state(session.session_id).next_round_id)
+                else:
+                    raise
+        raise SelectionUnavailable(f"could not start a round at {self.client.target} after reopening the session")
+
+    def submit(self, round_: int, plan: RoundPlan, embedded: RoundEmbeddings) -> None:
+        """Hand the round's embeddings to the stream thread (rank 0); every rank advances the round counter."""
+        if self._streamer is not None:
+            assert self.session is not None
+            self._streamer.submit(
+                StreamJob(
+                    round_,
+                    self.session.session_id,
+                    plan.round_id,
+                    plan.ids,
+                    embedded.embeddings,
+                    embedded.labels,
+                    embedded.losses,
+                )
+            )
+        self.session_round += 1
+
+    # -- the stream's items ----------------------------------------------------------------------------------
+
+    def _apply(self, item: StreamItem, pending: PendingRound | None, stats: LoaderStats) -> bool:
+        """Add ``item`` to ``pending`` when it is that round's; False when it is that round's failure."""
+        if isinstance(item, StreamEnd):  # a round delivered, even one switched to before its end was read
+            self._persistent, self._persistent_run = None, 0
+        if pending is None or item.round != pending.round:
+            return True  # a round given up on, or switched to already
+        if isinstance(item, StreamBatch):
+            pending.coresets[item.batch.subset_index] = item.batch
+            stats.batches_received += 1
+        elif isinstance(item, StreamEnd):
+            pending.ended = True
+        else:
+            self.failed(item.error, f"streaming round {pending.round}", stats)
+            return False
+        return True
+
+    def drain(self, pending: PendingRound | None, stats: LoaderStats) -> bool:
+        """Add every item queued so far to ``pending``; False when its stream failed (see ``failed``)."""
+        assert self._streamer is not None, "only rank 0 streams"
+        alive = True
+        while True:
+            try:
+                item = self._streamer.items.get_nowait()
+            except queue.Empty:
+                return alive
+            alive = self._apply(item, pending if alive else None, stats) and alive
+
+    def wait(self, pending: PendingRound, timeout_s: float, stats: LoaderStats) -> bool:
+        """Block until ``pending`` is ready, its stream fails, or ``timeout_s`` passes (counted in
+        ``stats.wait_s``); False when it failed."""
+        assert self._streamer is not None, "only rank 0 streams"
+        start = time.perf_counter()
+        deadline = start + timeout_s
+        try:
+            while not pending.ready:
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0:
+                    return True
+                try:
+                    item = self._streamer.items.get(timeout=remaining)
+                except queue.Empty:
+                    return True
+                if not self._apply(item, pending, stats):
+                    return False
+            return True
+        finally:
+            stats.wait_s += time.perf_counter() - start
+
+    # -- failures --------------------------------------------------------------------------------------------
+
+    def failed(self, exc: BaseException, doing: str, stats: LoaderStats) -> None:
+        """Apply the failure policy (module docstring) to ``exc``, raised while ``doing``: raise, or count it
+        and schedule the next attempt (the caller gives the round up)."""
+        kind = kind_of(exc)
+        if kind is Failure.FATAL:
+            raise exc
+        stats.service_errors += 1
+        what = describe(exc)
+        if kind is Failure.PERSISTENT:
+            assert isinstance(exc, grpc.RpcError)
+            stats.persistent_failures += 1
+            sig = signature(exc)
+            self._persistent_run = self._persistent_run + 1 if sig == self._persistent else 1
+            self._persistent = sig
+            if self._persistent_run >= self.config.max_persistent_failures:
+                raise SelectionUnavailable(
+                    f"selection service at {self.client.target} failed the same way {self._persistent_run} times "
+                    f"in a row (last while {doing}): {what}. This is a failure on the service's side that "
+                    "retrying does not mend: see the service's log"
+                ) from exc
+        if self.config.strict:
+            raise SelectionUnavailable(
+                f"selection service at {self.client.target} failed while {doing}: {what}"
+            ) from exc
+        self._backoff = min(max(2 * self._backoff, self.config.reconnect_initial_s), self.config.reconnect_max_s)
+        self._next_attempt = time.monotonic() + self._backoff
+        if kind is Failure.PERSISTENT:
+            log.error(
+                "step %d: selection service at %s failed while %s: %s (%d of %d in a row before the loader stops); "
+                "training on uniform batches, retrying in %.1f s",
+                stats.steps,
+                self.client.target,
+                doing,
+                what,
+                self._persistent_run,
+                self.config.max_persistent_failures,
+                self._backoff,
+            )
+            return
+        log.warning(
+            "step %d: selection service at %s failed while %s (%s); training on uniform batches, retrying in %.1f s",
+            stats.steps,
+            self.client.target,
+            doing,
+            exc.code() if isinstance(exc, grpc.RpcError) else what,
+            self._backoff,
+        )
+
+    # -- checkpoints and closing -----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"session": asdict(self.session) if self.session else None, "session_round": self.session_round}
+
+    def resume(self, state: dict[str, Any], step: int) -> None:
+        """Continue with the session of ``state_dict()``: rank 0 keeps it when the service still has it at the
+        saved round (else opens a new one at the next round); the other ranks take rank 0's at the next
+        service step."""
+        self.session_round = int(state["session_round"])
+        saved = state["session"]
+        if self._streamer is None:
+            self.session = None if saved is None else SessionInfo(**saved)
+        else:
+            self.session = None if saved is None else self._adopt(SessionInfo(**saved), step)
+
+    def _adopt(self, session: SessionInfo, step: int) -> SessionInfo | None:
+        self.client.attach_session(session)
+        try:
+            next_round = int(
+                self.client.session_state(session.session_id, timeout_s=self.config.deadline_s).next_round_id
+            )
+        except grpc.RpcError as exc:
+            if kind_of(exc) is Failure.SESSION_LOST:
+                log.warning(
+                    "session %s is gone; resuming with a new session (different random subsets from now on)",
+                    session.session_id,
+                )
+                return None
+            log.warning(
+                "could not reach %s to check session %s (%s); will retry",
+                self.client.target,
+                session.session_id,
+                exc.code(),
+            )
+            return session
+        if next_round != self.session_round:
+            log.warning(
+                "session %s is at round %d, the checkpoint at %d; resuming with a new session",
+                session.session_id,
+                next_round,
+                self.session_round,
+            )
+            return None
+        log.info("resumed session %s at round %d, step %d", session.session_id, next_round, step)
+        return session
+
+    def close(self, end_session: bool) -> None:
+        """Stop the stream thread and, when ``end_session``, close the session (rank 0 only)."""
+        if self._streamer is None:  # a DDP rank other than 0: the session is rank 0's to close
+            return
+        self._streamer.stopping.set()
+        try:
+            if end_session and self.session is not None:
+                self.client.close_session(self.session.session_id, timeout_s=self.config.deadline_s)
+        except grpc.RpcError as exc:
+            if self.config.strict and kind_of(exc) is not Failure.SESSION_LOST:
+                raise
+            log.warning("could not close session %s: %s", self.session.session_id if self.session else "", exc.code())
+        finally:
+            self._streamer.stop()
