@@ -17,7 +17,9 @@ method builds its batches the same way, ``default_collate([train[i] for i in ids
 ``model()`` returns a fresh, untrained model mapping a batch of inputs to ``(n, num_classes)`` logits; it is
 called once per run after ``torch.manual_seed(seed)``, so runs of one seed start from the same weights. The
 default hook, ``crest_bench.train_data:fashion_mnist``, is Fashion-MNIST (Debian's ``dataset-fashion-mnist``)
-with ``trainer_client.models.SmallCNN``.
+with ``trainer_client.models.SmallCNN``; ``fashion_mnist_noisy`` (30% of the training labels flipped) and
+``fashion_mnist_imbalanced`` (a long-tailed training set) are the harder variants. ``split_validation`` holds
+part of the training set out for tuning.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +68,98 @@ def fashion_mnist(data_dir: str | None) -> BenchData:
         num_classes=classes,
         model=lambda: SmallCNN(num_classes=classes),
         train_labels=train.targets.numpy(),
+    )
+
+
+class Relabeled(Dataset):
+    """``base`` with other labels: item i is (base[i]'s input, labels[i])."""
+
+    def __init__(self, base: Dataset, labels: np.ndarray) -> None:
+        self.base, self.labels = base, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.base[i][0], int(self.labels[i])
+
+
+# The harder variants of the default task: where the literature says coresets help most. Their corruption is
+# fixed (seed 0), whatever the run's seed, so every method and seed sees the same training set.
+NOISE_FRACTION = 0.3
+IMBALANCE_RATIO = 10.0
+
+
+def flip_labels(labels: np.ndarray, num_classes: int, fraction: float, seed: int = 0) -> np.ndarray:
+    """int64 (N,): a copy of ``labels`` with a seeded ``fraction`` of them (exactly round(fraction N) ids) moved
+    to a uniformly drawn *other* class."""
+    rng = np.random.default_rng([seed, 20])
+    out = np.asarray(labels, dtype=np.int64).copy()
+    flipped = rng.choice(len(out), round(fraction * len(out)), replace=False)
+    out[flipped] = (out[flipped] + rng.integers(1, num_classes, len(flipped))) % num_classes
+    return out
+
+
+def long_tail(labels: np.ndarray, num_classes: int, ratio: float, seed: int = 0) -> np.ndarray:
+    """int64 sorted ids of a long-tailed subset: class c keeps n_c = n_max x ratio^(-c / (C - 1)) of its
+    examples (seeded choice), so the largest class is ``ratio`` times the smallest."""
+    rng = np.random.default_rng([seed, 21])
+    labels = np.asarray(labels)
+    n_max = int(np.bincount(labels, minlength=num_classes).min())
+    keep = []
+    for c in range(num_classes):
+        members = np.flatnonzero(labels == c)
+        count = max(1, round(n_max * ratio ** (-c / (num_classes - 1))))
+        keep.append(rng.choice(members, count, replace=False))
+    return np.sort(np.concatenate(keep))
+
+
+def fashion_mnist_noisy(data_dir: str | None) -> BenchData:
+    """Fashion-MNIST with 30% of the training labels flipped to another class (test labels clean)."""
+    data = fashion_mnist(data_dir)
+    assert data.train_labels is not None
+    labels = flip_labels(data.train_labels, data.num_classes, NOISE_FRACTION)
+    return replace(
+        data,
+        name=f"Fashion-MNIST, {NOISE_FRACTION:.0%} training labels flipped, SmallCNN",
+        train=Relabeled(data.train, labels),
+        train_labels=labels,
+    )
+
+
+def fashion_mnist_imbalanced(data_dir: str | None) -> BenchData:
+    """A long-tailed Fashion-MNIST training set (imbalance ratio 10: 6,000 down to 600 per class, 24,523 in all);
+    the balanced test set."""
+    data = fashion_mnist(data_dir)
+    assert data.train_labels is not None
+    ids = long_tail(data.train_labels, data.num_classes, IMBALANCE_RATIO)
+    return replace(
+        data,
+        name=f"Fashion-MNIST, long-tailed 1:{IMBALANCE_RATIO:.0f} training set, SmallCNN",
+        train=Subset(data.train, ids.tolist()),
+        train_labels=data.train_labels[ids],
+    )
+
+
+def split_validation(data: BenchData, size: int, seed: int = 0) -> BenchData:
+    """Carve a validation set out of the training set, for tuning without the test set: ``size`` seeded ids
+    (stratified by nothing: a uniform draw) become ``test``, the rest ``train``. The split is fixed by ``seed``,
+    not by the runs' seeds, so every method and seed tunes on the same one."""
+    labels = data.train_labels
+    assert labels is not None, "load_data fills the labels in"
+    if not 0 < size < len(labels):
+        raise ValueError(
+            f"a validation set of {size} examples must leave training data; the training set has {len(labels)}"
+        )
+    held = np.zeros(len(labels), dtype=bool)
+    held[np.random.default_rng([seed, 22]).choice(len(labels), size, replace=False)] = True
+    train_ids, val_ids = np.flatnonzero(~held), np.flatnonzero(held)
+    return replace(
+        data,
+        name=f"{data.name} (validation split: {size} of the training examples)",
+        train=Subset(data.train, train_ids.tolist()),
+        test=Subset(data.train, val_ids.tolist()),
+        train_labels=labels[train_ids],
     )
 
 

@@ -13,6 +13,7 @@ most similar candidate is its nearest one and every candidate covers itself best
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -144,8 +145,13 @@ def _mirror_diagonal(gram: np.ndarray, col0: int) -> None:
     x_j . x_i can differ in the last bit), and the greedy relies on s_ij = s_ji exactly."""
     b = gram.shape[0]
     diag = gram[:, col0 : col0 + b]
-    lower = np.tril_indices(b, -1)
-    diag[lower] = diag.T[lower]
+    np.copyto(diag, diag.T.copy(), where=_strictly_lower(b))
+
+
+@functools.cache
+def _strictly_lower(b: int) -> np.ndarray:
+    """bool (b, b), True below the diagonal (one per block size: a few sizes per process)."""
+    return np.tri(b, b, -1, dtype=bool)
 
 
 def similarity_matrix(x: np.ndarray, kind: str = "exp") -> np.ndarray:

@@ -1,0 +1,61 @@
+"""The harder benchmark tasks and the validation split: what they change, exactly, and what they keep."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from crest_bench.train_data import (
+    IMBALANCE_RATIO,
+    NOISE_FRACTION,
+    fashion_mnist,
+    fashion_mnist_imbalanced,
+    fashion_mnist_noisy,
+    flip_labels,
+    long_tail,
+    split_validation,
+)
+
+
+def test_flipped_labels_move_exactly_the_fraction_to_other_classes() -> None:
+    labels = np.repeat(np.arange(10), 100)
+    noisy = flip_labels(labels, 10, 0.3, seed=0)
+    assert (noisy != labels).sum() == 300  # exactly round(0.3 N), each to another class
+    assert noisy.min() >= 0 and noisy.max() < 10
+    np.testing.assert_array_equal(noisy, flip_labels(labels, 10, 0.3, seed=0))  # fixed by its seed
+    assert not np.array_equal(noisy, flip_labels(labels, 10, 0.3, seed=1))
+
+
+def test_long_tail_keeps_a_geometric_profile_from_the_largest_class() -> None:
+    labels = np.repeat(np.arange(5), 200)
+    ids = long_tail(labels, 5, 10.0)
+    counts = np.bincount(labels[ids], minlength=5)
+    assert counts.tolist() == [200, 112, 63, 36, 20]  # 200 x 10^(-c/4), rounded
+    assert len(np.unique(ids)) == len(ids) and (np.diff(ids) > 0).all()
+
+
+def test_split_validation_partitions_the_training_set() -> None:
+    data = fashion_mnist(None)
+    assert data.train_labels is not None
+    split = split_validation(data, 1000)
+    train_ids = np.asarray(split.train.indices)  # type: ignore[attr-defined]
+    val_ids = np.asarray(split.test.indices)  # type: ignore[attr-defined]
+    assert len(val_ids) == 1000 and len(train_ids) == 59_000
+    assert len(np.union1d(train_ids, val_ids)) == 60_000  # disjoint, and together the whole training set
+    np.testing.assert_array_equal(split.train_labels, data.train_labels[train_ids])
+    assert int(split.test[0][1]) == int(data.train_labels[val_ids[0]])  # validation comes from training data
+    with pytest.raises(ValueError, match="must leave training data; the training set has 60000"):
+        split_validation(data, 60_000)
+
+
+def test_noisy_and_long_tailed_fashion_mnist() -> None:
+    clean = fashion_mnist(None)
+    noisy = fashion_mnist_noisy(None)
+    assert clean.train_labels is not None and noisy.train_labels is not None
+    assert (noisy.train_labels != clean.train_labels).mean() == pytest.approx(NOISE_FRACTION)
+    assert int(noisy.train[7][1]) == noisy.train_labels[7]  # items carry the flipped label
+    assert noisy.test is clean.test or len(noisy.test) == len(clean.test)  # type: ignore[arg-type]
+    tail = fashion_mnist_imbalanced(None)
+    assert tail.train_labels is not None
+    counts = np.bincount(tail.train_labels, minlength=10)
+    assert counts[0] == 6000 and counts[-1] == round(6000 / IMBALANCE_RATIO) and len(tail.train) == counts.sum()  # type: ignore[arg-type]
