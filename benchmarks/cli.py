@@ -2,12 +2,13 @@
 
 - ``serve``, ``inspect``: the service side (``selector_service.cli``);
 - ``train``: the trainer side (``trainer_client.cli``);
-- ``demo`` and ``bench {train,facility-location,workload,service}``: the benchmarks (this package).
+- ``demo`` and ``bench {train,frontier,facility-location,workload,service}``: the benchmarks (this package).
 
 This module sits at the top of the package graph (``crest`` <- {``selector_service``, ``trainer_client``} <-
 ``crest_bench``), so it may import both sides; neither side imports it. Building the parser imports only the
 sides' flag definitions (no torch, Ray or faiss): a side whose dependencies are missing keeps its command
-names, which then say what to install. Environment read here: CREST_DATA_DIR (``bench train --data-dir``).
+names, which then say what to install. Environment read here: CREST_DATA_DIR (``bench train``/``frontier``
+``--data-dir``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ import sys
 from typing import Any
 
 from selector_service import cli as service_cli
+
+# The training benchmark's methods (crest_bench.train_methods.METHODS, which imports torch).
+METHOD_NAMES = ("full", "random", "crest", "infobatch")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks", description="Benchmarks that start what they measure.")
     benches = bench.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
     _add_bench_train(benches)
+    _add_bench_frontier(benches)
     _add_bench_facility_location(benches)
     _add_bench_workload(benches)
     _add_bench_service(benches)
@@ -123,6 +128,101 @@ def _add_bench_train(benches: Any) -> None:
         default=None,
         help="JSON output; the .md table and the PNGs go next to it (default results/train.json, --demo "
         "results/demo.json)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (it shows only on a terminal)")
+
+
+def _add_bench_frontier(benches: Any) -> None:
+    p = benches.add_parser(
+        "frontier",
+        help="the budget frontier: accuracy against wall-clock, every method at a sweep of budgets",
+        description="Train full data, uniform random batches, CREST through a local service and InfoBatch at "
+        "budgets that are fractions of E epochs, each run with its cosine schedule sized to its own steps, seeds "
+        "paired across methods, on the same two cores (the split recorded per run); then full data at E epochs "
+        "(and 2E with --reference). Report each method's frontier against wall-clock and steps, paired "
+        "differences, time to accuracy and speedups, the paper's metric against the reference, and CREST's "
+        "accuracy at equal steps and time with its cost per step by part. Defaults: Fashion-MNIST, E = 10, "
+        "budgets 5-50%%, 3 seeds (about an hour on 2 cores). See benchmarks/frontier.py.",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="the first 6,000/1,000 examples (CREST subsets of 10%%), E = 2, budgets 0.25,0.5, 1 seed, every "
+        "method (about 2 minutes; the test suite's mode)",
+    )
+    p.add_argument("--epochs", type=float, default=None, help="E: the reference run's epochs (default 10; --quick 2)")
+    p.add_argument(
+        "--budgets",
+        default=None,
+        help="comma-separated fractions of E epochs; steps = round(b E N / batch) (default 0.05,0.1,0.2,0.3,0.5)",
+    )
+    p.add_argument(
+        "--methods",
+        default=",".join(METHOD_NAMES),
+        help="comma-separated subset of full,random,crest,infobatch; full is required (default all)",
+    )
+    p.add_argument("--seeds", type=int, default=None, help="seeds 0..S-1, paired across methods (default 3)")
+    p.add_argument(
+        "--reference",
+        action="store_true",
+        help="also train full data for 2E epochs (E always runs) and report the gap doubling E adds",
+    )
+    p.add_argument("--baseline-threads", type=int, default=2, help="torch threads of full, random, infobatch")
+    p.add_argument("--crest-threads", type=int, default=1, help="torch threads of CREST's trainer (default 1)")
+    p.add_argument("--num-workers", type=int, default=2, help="selector actors of the service; default 2")
+    p.add_argument("--cpus-per-worker", type=float, default=0.5, help="CPUs each selector actor reserves; 0.5")
+    p.add_argument(
+        "--eval",
+        default="test",
+        choices=("test", "validation"),
+        help="score on the test set, or on --validation-size examples held out of the training set (for tuning)",
+    )
+    p.add_argument(
+        "--validation-size", type=int, default=None, help="held-out training examples (default 5000; --quick 1000)"
+    )
+    p.add_argument(
+        "--crest-steps-per-round",
+        type=int,
+        default=50,
+        help="CREST: fixed regions of this many steps; 0 uses CREST's adaptive Taylor check (default 50)",
+    )
+    p.add_argument(
+        "--crest-num-subsets",
+        type=int,
+        default=5,
+        help="CREST: random subsets per round; a fixed region trains on that many coresets (default 5)",
+    )
+    p.add_argument(
+        "--subset-fraction",
+        type=float,
+        default=None,
+        help="CREST: random-subset size r as a fraction of the training set (default 0.01; --quick 0.1)",
+    )
+    p.add_argument(
+        "--drop-learned",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="CREST: the service's learned-example exclusion (default on)",
+    )
+    p.add_argument("--prune", type=float, default=0.5, help="InfoBatch: pruned fraction of low-loss examples")
+    p.add_argument(
+        "--dataset",
+        default="crest_bench.train_data:fashion_mnist",
+        help="MODULE:FUNCTION or FILE.py:FUNCTION returning a crest_bench.train_data.BenchData, as bench train's "
+        "(crest_bench.train_data:fashion_mnist_noisy and :fashion_mnist_imbalanced are the harder tasks)",
+    )
+    p.add_argument(
+        "--data-dir",
+        default=os.environ.get("CREST_DATA_DIR"),
+        help="passed to the dataset hook (default: $CREST_DATA_DIR, then /usr/share/datasets/fashion-mnist)",
+    )
+    p.add_argument(
+        "--out", default="results/frontier.json", help="JSON output; the .md tables and the PNGs go next to it"
+    )
+    p.add_argument(
+        "--summary",
+        default=None,
+        help="also write the final tables alone, with the command line, to this JSON (the file to commit)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar (it shows only on a terminal)")
 
@@ -204,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     # Before torch loads anywhere: OpenMP spin-waiting slows torch 10-70x next to other busy processes.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
+    args.argv = argv  # the exact command line, for the results that record it
     service_cli.setup_logging(args)
     if args.command in ("train", "demo") and _trainer_cli() is None:
         print(
@@ -223,6 +324,8 @@ def _run_bench(args: argparse.Namespace) -> int:
     """Import the benchmark that runs (each pulls in what it measures) and run it."""
     if args.bench == "train":
         from crest_bench import train as bench
+    elif args.bench == "frontier":
+        from crest_bench import frontier as bench  # type: ignore[no-redef]
     elif args.bench == "facility-location":
         from crest_bench import facility_location as bench  # type: ignore[no-redef]
     elif args.bench == "workload":

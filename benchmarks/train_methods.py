@@ -10,7 +10,7 @@ learned-example exclusion, InfoBatch's pruning).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from crest.selector.v1 import codec
 from crest_bench._progress import Progress
 from crest_bench.train_data import DEFAULT_HOOK, BenchData, fetch
-from trainer_client import CoresetLoader, LoaderConfig, RegionConfig, SelectionClient
+from trainer_client import CoresetLoader, LoaderConfig, RegionConfig, SelectionClient, WeightedBatch
 from trainer_client.train import evaluate
 
 METHODS = ("full", "random", "crest", "infobatch")
@@ -56,6 +56,9 @@ class BenchConfig:
     subset_fraction: float = 0.01
     # CREST: fixed regions of this many steps; None uses CREST's adaptive Taylor check.
     steps_per_round: int | None = 50
+    # CREST: random subsets per round (LoaderConfig.num_subsets). Fixed regions train on that many coresets
+    # (RegionConfig.coresets_per_interval is set to it); the adaptive rule's P = 5 x interval is capped by it.
+    num_subsets: int = codec.DEFAULT_NUM_SUBSETS
     # CREST adaptive rule: random-subset ids the check evaluates (as the crest CLI's default).
     check_examples: int = 256
     # CREST: the service's learned-example exclusion (CREST section 4; window 5, loss <= 0.1, floor 0.8 N,
@@ -85,6 +88,12 @@ class RunResult:
     embed_s: float = 0.0
     rounds: int = 0
     fallback_batches: int = 0
+    # CREST: the service's selection wall time (its selector actors, off the trainer's critical path), each
+    # selector call counted once (batches selected together share their call's time), and the number of calls.
+    selection_s: float = 0.0
+    selection_calls: int = 0
+    # CREST: every LoaderStats counter (trainer_client.LoaderStats: embed_s, fit_s, check_s, wait_s, checks, ...).
+    loader: dict[str, float] = field(default_factory=dict)
     curve: list[dict[str, float]] = field(default_factory=list)  # {"step", "time_s", "examples", "accuracy"}
     # Mean unweighted cross-entropy (nats) of the trained batches, at training time, per curve window:
     # {"step" (window end), "loss"}.
@@ -126,6 +135,26 @@ class Clock:
 
     def read(self) -> float:
         return self.elapsed + (time.perf_counter() - self._start if self._start is not None else 0.0)
+
+
+class _TimedClient(SelectionClient):
+    """A ``SelectionClient`` that notes the service's selection time of every batch it streams.
+
+    Batches selected by one selector call carry that call's time (``WeightedBatch.selection_ms``), so a call is
+    keyed by (round, worker, selection_ms) and counted once; a resumed stream re-sends only the batches it lacked.
+    """
+
+    def __init__(self, target: str) -> None:
+        super().__init__(target)
+        self.calls: dict[tuple[int, str, float], None] = {}  # written by the loader's stream thread only
+
+    def stream_batches(self, session_id: str, round_id: int, received: Iterable[int] = ()) -> Iterator[WeightedBatch]:
+        for b in super().stream_batches(session_id, round_id, received):
+            self.calls[(b.round_id, b.worker, b.selection_ms)] = None
+            yield b
+
+    def selection_s(self) -> float:
+        return sum(ms for _, _, ms in list(self.calls)) / 1e3
 
 
 # -- batch sources --------------------------------------------------------------------------------------------
@@ -211,7 +240,7 @@ def run_one(
     excluded: list[dict[str, float]] = []
     backprop = 0
     loader: CoresetLoader | None = None
-    client: SelectionClient | None = None
+    client: _TimedClient | None = None
     info: InfoBatch | None = None
     current = [0]
 
@@ -229,15 +258,16 @@ def run_one(
         source = info.batches(step_counter())
     elif method == "crest":
         assert endpoint is not None
-        client = SelectionClient(endpoint)
+        client = _TimedClient(endpoint)
         client.wait_ready(timeout_s=60)
         loader_config = LoaderConfig(
             batch_size=config.batch_size,
             subset_fraction=config.subset_fraction,
             seed=seed,
             steps_per_round=config.steps_per_round,
+            num_subsets=config.num_subsets,
             check_examples=0 if config.steps_per_round else config.check_examples,
-            region=RegionConfig(),
+            region=RegionConfig(coresets_per_interval=config.num_subsets) if config.steps_per_round else RegionConfig(),
             drop_learned=config.drop_learned,
             client_name=f"bench-train-{seed}",
         )
@@ -254,7 +284,7 @@ def run_one(
         window.clear()
         clock.resume()
 
-    def record_excluded(loader: CoresetLoader, client: SelectionClient, done: int) -> None:
+    def record_excluded(loader: CoresetLoader, client: _TimedClient, done: int) -> None:
         """The service's excluded count at each new region (clock paused: a measurement, not CREST's work)."""
         clock.pause()
         assert loader.session is not None
@@ -314,6 +344,9 @@ def run_one(
         embed_s=stats.embed_s if stats else 0.0,
         rounds=stats.rounds_started if stats else 0,
         fallback_batches=stats.fallback_batches if stats else 0,
+        selection_s=client.selection_s() if client is not None else 0.0,
+        selection_calls=len(client.calls) if client is not None else 0,
+        loader=asdict(stats) if stats else {},
         curve=curve,
         batch_loss=batch_loss,
         difficulty=[asdict(d) for d in loader.difficulty] if loader is not None else [],

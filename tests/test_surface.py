@@ -29,6 +29,31 @@ CLI_FLAGS = {
         "--out",
         "--no-progress",
     ],
+    "bench frontier": [
+        "--quick",
+        "--epochs",
+        "--budgets",
+        "--methods",
+        "--seeds",
+        "--reference",
+        "--baseline-threads",
+        "--crest-threads",
+        "--num-workers",
+        "--cpus-per-worker",
+        "--eval",
+        "--validation-size",
+        "--crest-steps-per-round",
+        "--crest-num-subsets",
+        "--subset-fraction",
+        "--drop-learned",
+        "--no-drop-learned",
+        "--prune",
+        "--dataset",
+        "--data-dir",
+        "--out",
+        "--summary",
+        "--no-progress",
+    ],
     "bench facility-location": ["--quick", "--libraries", "--timeout", "--out", "--sizes", "--crest-repeats"],
     "bench workload": ["--repeats", "--timeout"],
     "bench service": ["--quick", "--rounds", "--out"],
@@ -155,7 +180,7 @@ def _subparser(path: str) -> argparse.ArgumentParser:
 
 def test_cli_commands_are_frozen() -> None:
     assert sorted(_commands(build_parser())) == ["bench", "demo", "inspect", "serve", "train"]
-    assert sorted(_commands(_subparser("bench"))) == ["facility-location", "service", "train", "workload"]
+    assert sorted(_commands(_subparser("bench"))) == ["facility-location", "frontier", "service", "train", "workload"]
 
 
 @pytest.mark.parametrize("command", sorted(CLI_FLAGS))

@@ -1,0 +1,350 @@
+"""The budget frontier: accuracy against wall-clock for every method at a sweep of budgets, each run with its LR
+schedule sized to its own budget (issue 15, points 1 and 2: the measurement harness; it claims no result).
+
+    crest bench frontier                      # Fashion-MNIST, E = 10 epochs, budgets 5-50%, 3 seeds, 4 methods
+    crest bench frontier --reference          # also full data at 2E epochs: does doubling E add < 0.3 points?
+    crest bench frontier --eval validation    # score on a split of the training set: tune without the test set
+    crest bench frontier --quick              # 6,000/1,000 examples, E = 2, budgets 25%/50%, 1 seed (the tests')
+
+The flags are parsed in ``benchmarks/cli.py``. The protocol:
+
+- A budget b is a fraction of a reference run of E epochs (``--epochs``): steps = round(b x E x N / batch_size).
+  Every run trains from scratch for its steps with ``train_methods.run_one`` (the model, SGD, batch assembly and
+  clock of ``crest bench train``), and its cosine schedule spans its own steps.
+- Methods ``full``, ``random``, ``crest``, ``infobatch``; seeds 0..S-1, paired: the same seed gives every method
+  the same initial weights. For each seed the sweep runs budget by budget, every method in turn (side by side in
+  time, so a slow minute on a shared box moves every method), then the reference: full data at E epochs (budget
+  1.0; the paper's metric and one target use it) and, with ``--reference``, at 2E.
+- The same two cores for every method, split as each likes and recorded per run: the baselines (full, random,
+  InfoBatch) train with ``--baseline-threads`` torch threads (2); CREST trains with ``--crest-threads`` (1) while
+  the service (``crest serve --port 0``, embedded Ray, started once and idle during the other runs) runs
+  ``--num-workers`` selector actors of ``--cpus-per-worker`` CPUs (2 x 0.5) on the other core. The service's
+  process-tree CPU during each run is recorded too (Linux), so its idle cost during the baselines shows.
+- The clock excludes evaluation: each run is scored once, at its end, on the whole evaluation split: the test set
+  (``--eval test``) or ``--validation-size`` examples held out of the training set (``--eval validation``,
+  ``train_data.split_validation``: the test set is never used for tuning).
+
+Scoring (``frontier_report``): each method's frontier (upper envelope of the seed-mean points, against wall-clock
+and against steps), paired differences at each budget, time to accuracy on each frontier and the speedups, the
+paper's metric against the reference, each CREST (and InfoBatch) run at equal steps and at equal wall-clock
+against its seed's baselines, and the cost per step by part (training, embedding, quadratic-model fits, checks,
+waiting; the service's selection time, each selector call counted once).
+
+Writes the JSON (default results/frontier.json: ``command``, ``protocol``, ``runs``, ``summary``), the markdown
+tables next to it (.md), two PNGs when matplotlib is installed, and with ``--summary PATH`` the summary alone with
+the command line that produced it (the file to commit; the raw JSON stays under results/).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spin-waiting starves the selectors
+
+import argparse
+import shlex
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from crest_bench._report import machine, write_atomic, write_json
+from crest_bench.frontier_report import REFERENCE, SWEEP, FrontierRun, budget_steps, summarize
+from crest_bench.frontier_tables import markdown, plot
+from crest_bench.train import start_service
+from crest_bench.train_data import BenchData, load_data, materialize, split_validation
+from crest_bench.train_methods import METHODS, BenchConfig, EvalSets, RunResult, run_one, warm_up
+from selector_service.process import ServiceProcess
+
+# As ``crest bench train --quick``: a tenth of the data keeps CREST's random subsets at r = 600.
+QUICK = {"train_limit": 6000, "test_limit": 1000, "subset_fraction": 0.1}
+QUICK_PROTOCOL = {"epochs": 2.0, "budgets": (0.25, 0.5), "seeds": 1, "validation_size": 1000}
+EVALUATIONS = ("test", "validation")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FrontierConfig:
+    """One frontier: the protocol around the methods' shared settings."""
+
+    # Model, optimizer, data and each method's own settings; ``steps`` is set per run from its budget.
+    bench: BenchConfig = field(default_factory=BenchConfig)
+    # E, the reference run's length in epochs of the training set: the issue asks for an E that doubling
+    # changes by under 0.3 points (--reference measures it). 10 epochs of Fashion-MNIST: 4,688 steps of 128.
+    epochs: float = 10.0
+    # Budgets as fractions of E epochs (the issue's 5-50%).
+    budgets: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5)
+    methods: tuple[str, ...] = METHODS
+    seeds: int = 3
+    # Also train full data for 2E epochs (E always runs).
+    reference: bool = False
+    # "test", or "validation": validation_size examples held out of the training set (seeded, fixed).
+    evaluation: str = "test"
+    validation_size: int = 5000
+    # The two cores: torch threads of the baselines; CREST's torch threads, its service's selector actors and
+    # the CPUs each reserves in Ray (2 x 0.5: the core CREST's trainer leaves).
+    baseline_threads: int = 2
+    crest_threads: int = 1
+    num_workers: int = 2
+    cpus_per_worker: float = 0.5
+
+
+def plan(args: argparse.Namespace) -> FrontierConfig:
+    """The protocol from ``crest bench frontier`` flags; explicit flags beat the ``--quick`` preset."""
+    methods = tuple(m for m in args.methods.split(",") if m)
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    if "full" not in methods:
+        raise ValueError("full data sets the targets and the reference; keep 'full' in --methods")
+    if args.eval not in EVALUATIONS:
+        raise ValueError(f"--eval takes {' or '.join(EVALUATIONS)}, received {args.eval!r}")
+    preset: dict[str, Any] = QUICK_PROTOCOL if args.quick else {}
+    budgets = tuple(float(b) for b in args.budgets.split(",") if b) if args.budgets else preset.get("budgets")
+    if budgets is not None and not all(0 < b <= 1 for b in budgets):
+        raise ValueError(f"--budgets are fractions of E epochs in (0, 1], received {args.budgets!r}")
+    if args.crest_steps_per_round < 0 or args.crest_num_subsets < 1:
+        raise ValueError("--crest-steps-per-round must be >= 0 (0: adaptive) and --crest-num-subsets >= 1")
+    bench = BenchConfig(
+        **(QUICK if args.quick else {}),  # type: ignore[arg-type]
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        steps_per_round=args.crest_steps_per_round or None,
+        num_subsets=args.crest_num_subsets,
+        drop_learned=args.drop_learned,
+        prune=args.prune,
+        **({"subset_fraction": args.subset_fraction} if args.subset_fraction is not None else {}),
+    )
+    given = {
+        "epochs": args.epochs,
+        "budgets": budgets,
+        "seeds": args.seeds,
+        "validation_size": args.validation_size,
+    }
+    return FrontierConfig(
+        bench=bench,
+        **{**preset, **{k: v for k, v in given.items() if v is not None}},
+        methods=methods,
+        reference=args.reference,
+        evaluation=args.eval,
+        baseline_threads=args.baseline_threads,
+        crest_threads=args.crest_threads,
+        num_workers=args.num_workers,
+        cpus_per_worker=args.cpus_per_worker,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """``crest bench frontier``: every seed, budget and method, the reference runs, then the report."""
+    try:
+        config = plan(args)
+    except ValueError as exc:
+        print(f"crest bench frontier: {exc}", file=sys.stderr)
+        return 2
+    command = "crest " + shlex.join(getattr(args, "argv", None) or sys.argv[1:])
+    out = Path(args.out)
+    bench = config.bench
+    data = load_data(bench.dataset, bench.data_dir, bench.train_limit, bench.test_limit)
+    if config.evaluation == "validation":
+        data = split_validation(data, config.validation_size)
+    evals = EvalSets(curve=materialize(data.test, bench.eval_examples), test=materialize(data.test))
+    service = (
+        start_service(config.num_workers, cpus_per_worker=config.cpus_per_worker) if "crest" in config.methods else None
+    )
+    runs: list[FrontierRun] = []
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: stop the service, keep finished seeds
+    try:
+        for threads in sorted({config.baseline_threads, config.crest_threads}):
+            torch.set_num_threads(threads)
+            warm_up(data, bench)
+        if service is not None:  # one untimed region, so the first timed CREST run pays no first-round start-up
+            run_one("crest", 0, replace(bench, steps=8, eval_every=8), data, evals, service.target, progress=False)
+        started = time.perf_counter()
+        for seed in range(config.seeds):
+            for method, budget, role in schedule(config):
+                r = measure(method, seed, budget, role, config, data, evals, service, progress=not args.no_progress)
+                runs.append(r)
+                print(f"[{time.perf_counter() - started:6.0f} s] {_line(r)}", flush=True)
+            report(runs, config, data, out, command)
+    finally:
+        if service is not None:
+            service.stop()
+    table = report(runs, config, data, out, command)
+    print()
+    print(table)
+    written = [str(out), str(out.with_suffix(".md"))]
+    written += [str(p) for p in plot(runs, summarize(runs), out, config.evaluation)]
+    if args.summary:
+        doc = _document(runs, config, data, command)
+        write_json(Path(args.summary), _rounded({k: v for k, v in doc.items() if k != "runs"}))
+        written.append(args.summary)
+    print("wrote " + ", ".join(written))
+    return 0
+
+
+def schedule(config: FrontierConfig) -> list[tuple[str, float, str]]:
+    """One seed's runs in order, (method, budget, role): budget by budget every method, then the reference."""
+    sweep = [(m, b, SWEEP) for b in config.budgets for m in config.methods]
+    return sweep + [("full", 1.0, REFERENCE)] + ([("full", 2.0, REFERENCE)] if config.reference else [])
+
+
+def measure(
+    method: str,
+    seed: int,
+    budget: float,
+    role: str,
+    config: FrontierConfig,
+    data: BenchData,
+    evals: EvalSets,
+    service: ServiceProcess | None,
+    progress: bool,
+) -> FrontierRun:
+    """Train one method for a budget and score it, with its threads, cost split and counters."""
+    n = len(data.train)  # type: ignore[arg-type]
+    steps = budget_steps(budget, config.epochs, n, config.bench.batch_size)
+    crest = method == "crest"
+    threads = config.crest_threads if crest else config.baseline_threads
+    torch.set_num_threads(threads)
+    cpu_before = tree_cpu_s(service.proc.pid) if service is not None else None
+    endpoint = service.target if service is not None else None
+    r = run_one(method, seed, replace(config.bench, steps=steps, eval_every=steps), data, evals, endpoint, progress)
+    cpu_after = tree_cpu_s(service.proc.pid) if service is not None else None
+    return FrontierRun(
+        method=method,
+        seed=seed,
+        budget=budget,
+        steps=steps,
+        wall_s=r.wall_s,
+        accuracy=r.test_accuracy,
+        role=role,
+        torch_threads=threads,
+        service_workers=config.num_workers if crest else 0,
+        cpus_per_worker=config.cpus_per_worker if crest else 0.0,
+        cost=_cost(r, None if cpu_before is None or cpu_after is None else cpu_after - cpu_before),
+        counters=_counters(r),
+        detail=asdict(r),
+    )
+
+
+def _cost(r: RunResult, service_cpu_s: float | None) -> dict[str, float | None]:
+    """Seconds: the trainer's wall time by part (training is what the loader's counters leave), the service's."""
+    parts = {
+        "embed_s": r.loader.get("embed_s", 0.0),
+        "fit_s": r.loader.get("fit_s", 0.0),
+        "check_s": r.loader.get("check_s", 0.0),
+        "wait_s": r.wait_s,
+    }
+    return {
+        "train_s": r.wall_s - sum(parts.values()),
+        **parts,
+        "selection_s": r.selection_s,
+        "service_cpu_s": service_cpu_s,
+    }
+
+
+def _counters(r: RunResult) -> dict[str, int]:
+    names = ("checks", "reselections", "regions", "fallback_batches", "partial_rounds", "persistent_failures")
+    return {
+        "examples_backpropagated": r.examples_backpropagated,
+        "examples_embedded": r.examples_forward_only,
+        "selection_calls": r.selection_calls,
+        "rounds": r.rounds,
+        **{name: int(r.loader.get(name, 0)) for name in names},
+    }
+
+
+def tree_cpu_s(pid: int) -> float | None:
+    """CPU seconds (user + system) used so far by ``pid`` and its descendants, live ones and the children they
+    reaped, from /proc; None where /proc cannot be read (not Linux)."""
+    try:
+        tick = os.sysconf("SC_CLK_TCK")
+        parents: dict[int, int] = {}
+        cpu: dict[int, int] = {}
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # exited meanwhile
+            parents[int(entry.name)] = int(fields[1])
+            cpu[int(entry.name)] = sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
+    except (OSError, ValueError):
+        return None
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        children = [p for p, pp in parents.items() if pp == parent and p not in tree]
+        tree.update(children)
+        frontier.extend(children)
+    return sum(cpu.get(p, 0) for p in tree) / tick
+
+
+def _line(r: FrontierRun) -> str:
+    text = (
+        f"seed {r.seed} {r.method:<9} {r.budget:>4.0%} {r.role:<9} {r.steps:>5} steps  acc {r.accuracy:.4f}  "
+        f"wall {r.wall_s:6.1f} s  threads {r.torch_threads}"
+    )
+    if r.service_workers:
+        c = r.cost
+        text += (
+            f" + {r.service_workers} actors  embed {c['embed_s']:.1f} s  fit {c['fit_s']:.1f} s  "
+            f"wait {c['wait_s']:.2f} s  selection {c['selection_s']:.2f} s"
+        )
+    return text
+
+
+def _rounded(value: Any, digits: int = 5) -> Any:
+    """``value`` with every float rounded to ``digits`` significant digits (the committed summary stays small)."""
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}")
+    if isinstance(value, dict):
+        return {k: _rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v, digits) for v in value]
+    return value
+
+
+def _document(runs: list[FrontierRun], config: FrontierConfig, data: BenchData, command: str) -> dict[str, Any]:
+    n = len(data.train)  # type: ignore[arg-type]
+    return {
+        "command": command,
+        "machine": machine(),
+        "dataset": data.name,
+        "evaluation": config.evaluation,
+        "train_examples": n,
+        "eval_examples": len(data.test),  # type: ignore[arg-type]
+        "protocol": {
+            **{k: v for k, v in asdict(config).items() if k != "bench"},
+            "steps": {f"{b:g}": budget_steps(b, config.epochs, n, config.bench.batch_size) for b in config.budgets},
+            "reference_steps": budget_steps(1.0, config.epochs, n, config.bench.batch_size),
+            # The shared settings; steps and eval_every are per run, torch threads per method (above).
+            "bench": {k: v for k, v in asdict(config.bench).items() if k not in ("steps", "eval_every", "threads")},
+        },
+        "seeds_done": len({r.seed for r in runs if r.role == REFERENCE}),
+        "runs": [asdict(r) for r in runs],
+        "summary": summarize(runs),
+    }
+
+
+def report(runs: list[FrontierRun], config: FrontierConfig, data: BenchData, out: Path, command: str) -> str:
+    """Score the runs so far, write the JSON and the markdown tables atomically, and return the tables."""
+    doc = _document(runs, config, data, command)
+    b = config.bench
+    rule = f"{b.steps_per_round}-step regions" if b.steps_per_round else "adaptive Taylor check"
+    learned = "on" if b.drop_learned else "off"
+    crest = f"CREST: {rule}, {b.num_subsets} subsets/round, r = {b.subset_fraction:g} N, drop-learned {learned}"
+    header = (
+        f"{data.name}: {doc['train_examples']:,} training examples, evaluated on the {config.evaluation} split "
+        f"({doc['eval_examples']:,}); E = {config.epochs:g} epochs ({doc['protocol']['reference_steps']} steps of "
+        f"{b.batch_size}); seeds done {doc['seeds_done']}/{config.seeds}. Torch threads: baselines "
+        f"{config.baseline_threads}, CREST {config.crest_threads} + {config.num_workers} selector actors x "
+        f"{config.cpus_per_worker:g} CPU. {crest}.\n\n`{command}`"
+    )
+    table = markdown(doc["summary"], header)
+    write_json(out, doc)
+    write_atomic(out.with_suffix(".md"), table)
+    return table
