@@ -161,7 +161,13 @@ def _add_bench_frontier(benches: Any) -> None:
         default=",".join(METHOD_NAMES),
         help="comma-separated subset of full,random,crest,infobatch; full is required (default all)",
     )
-    p.add_argument("--seeds", type=int, default=None, help="seeds 0..S-1, paired across methods (default 3)")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per method, paired across methods (default 3)")
+    p.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="seeds are FIRST..FIRST+S-1 (default 0): tune on other seeds than the reported table's",
+    )
     p.add_argument(
         "--reference",
         action="store_true",

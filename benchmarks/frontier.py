@@ -11,10 +11,10 @@ The flags are parsed in ``benchmarks/cli.py``. The protocol:
 - A budget b is a fraction of a reference run of E epochs (``--epochs``): steps = round(b x E x N / batch_size).
   Every run trains from scratch for its steps with ``train_methods.run_one`` (the model, SGD, batch assembly and
   clock of ``crest bench train``), and its cosine schedule spans its own steps.
-- Methods ``full``, ``random``, ``crest``, ``infobatch``; seeds 0..S-1, paired: the same seed gives every method
-  the same initial weights. For each seed the sweep runs budget by budget, every method in turn (side by side in
-  time, so a slow minute on a shared box moves every method), then the reference: full data at E epochs (budget
-  1.0; the paper's metric and one target use it) and, with ``--reference``, at 2E.
+- Methods ``full``, ``random``, ``crest``, ``infobatch``; seeds F..F+S-1 (``--first-seed``), paired: the same
+  seed gives every method the same initial weights. For each seed the sweep runs budget by budget, every method
+  in turn (side by side in time, so a slow minute on a shared box moves every method), then the reference: full
+  data at E epochs (budget 1.0; the paper's metric and one target use it) and, with ``--reference``, at 2E.
 - The same two cores for every method, split as each likes and recorded per run: the baselines (full, random,
   InfoBatch) train with ``--baseline-threads`` torch threads (2); CREST trains with ``--crest-threads`` (1) while
   the service (``crest serve --port 0``, embedded Ray, started once and idle during the other runs) runs
@@ -79,6 +79,8 @@ class FrontierConfig:
     budgets: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5)
     methods: tuple[str, ...] = METHODS
     seeds: int = 3
+    # Seeds are first_seed .. first_seed + seeds - 1: ablations run on seeds the reported table does not use.
+    first_seed: int = 0
     # Also train full data for 2E epochs (E always runs).
     reference: bool = False
     # "test", or "validation": validation_size examples held out of the training set (seeded, fixed).
@@ -128,6 +130,7 @@ def plan(args: argparse.Namespace) -> FrontierConfig:
         bench=bench,
         **{**preset, **{k: v for k, v in given.items() if v is not None}},
         methods=methods,
+        first_seed=args.first_seed,
         reference=args.reference,
         evaluation=args.eval,
         baseline_threads=args.baseline_threads,
@@ -163,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
         if service is not None:  # one untimed region, so the first timed CREST run pays no first-round start-up
             run_one("crest", 0, replace(bench, steps=8, eval_every=8), data, evals, service.target, progress=False)
         started = time.perf_counter()
-        for seed in range(config.seeds):
+        for seed in range(config.first_seed, config.first_seed + config.seeds):
             for method, budget, role in schedule(config):
                 r = measure(method, seed, budget, role, config, data, evals, service, progress=not args.no_progress)
                 runs.append(r)

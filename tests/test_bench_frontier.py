@@ -204,6 +204,7 @@ def test_protocol_flags_and_presets() -> None:
     assert schedule(q)[-2:] == [("full", 1.0, "reference"), ("full", 2.0, "reference")]
     v = plan(_args("--eval", "validation", "--validation-size", "2000", "--crest-num-subsets", "10"))
     assert (v.evaluation, v.validation_size, v.bench.num_subsets) == ("validation", 2000, 10)
+    assert (c.first_seed, plan(_args("--first-seed", "10")).first_seed) == (0, 10)  # tuning seeds apart
     for flags, error in (
         (("--methods", "crest,random"), "keep 'full'"),
         (("--methods", "full,craig"), "unknown methods"),

@@ -35,6 +35,7 @@ CLI_FLAGS = {
         "--budgets",
         "--methods",
         "--seeds",
+        "--first-seed",
         "--reference",
         "--baseline-threads",
         "--crest-threads",
