@@ -67,7 +67,8 @@ def add_commands(sub: Any) -> None:
         "serve",
         help="run the selection service",
         description="Run the gRPC selection service until SIGTERM/SIGINT. Prints "
-        f"'{READY_PREFIX}HOST:PORT' on stdout once it serves.",
+        f"'{READY_PREFIX}HOST:PORT' on stdout once it serves, after every selector worker has compiled (or loaded "
+        "from numba's cache, NUMBA_CACHE_DIR) the selection kernels.",
     )
     serve.add_argument(
         "--host", default="127.0.0.1", help="address to bind; default 127.0.0.1. Other addresses require an auth token"

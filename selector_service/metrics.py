@@ -47,10 +47,15 @@ class _ManagerCollector(Collector):
             "Seconds trainers spent blocked on coresets, summed over open sessions (as reported by the trainers)",
             value=totals["trainer_wait_s"],
         )
+        backend = self.manager.backend.describe()
         yield GaugeMetricFamily(
-            "crest_selector_workers",
-            "Selector workers of the backend",
-            value=self.manager.backend.describe().get("workers", 0),
+            "crest_selector_workers", "Selector workers of the backend", value=backend.get("workers", 0)
+        )
+        yield GaugeMetricFamily(
+            "crest_selector_warmup_seconds",
+            "Seconds the backend's start-up warm-up took (compiling or loading the selection kernels in every "
+            "worker); 0 when nothing was left to warm (a local backend in a process warmed before), NaN before it ran",
+            value=float("nan") if backend.get("warmup_s") is None else backend["warmup_s"],
         )
 
 

@@ -52,14 +52,18 @@ def spawn_service(
     log_level: str = "WARNING",
     env: Mapping[str, str] | None = None,
     timeout_s: float = 120.0,
+    stderr: IO[str] | None = None,
 ) -> ServiceProcess:
     """Start ``crest serve <serve_args>`` and wait until it prints ``READY host:port``.
 
-    Raises ``RuntimeError`` naming what the child printed (or that it printed nothing) when it is not serving in
-    ``timeout_s``; the child is stopped then.
+    The child logs on ``stderr`` (an open file; default: this process's stderr). Raises ``RuntimeError`` naming
+    what the child printed (or that it printed nothing) when it is not serving in ``timeout_s``; the child is
+    stopped then. Serving includes the warm-up of the selection kernels: seconds on a fresh numba cache.
     """
     cmd = [sys.executable, "-m", "selector_service.cli", "--log-level", log_level, "serve", *serve_args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=None if env is None else dict(env))
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, env=None if env is None else dict(env)
+    )
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
     try:

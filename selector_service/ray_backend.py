@@ -4,6 +4,15 @@ With no address the backend starts a local Ray bound to 127.0.0.1 (the embedded 
 (``auto`` or ``HOST:PORT``) it attaches to a running cluster. Each ``SelectorWorker`` actor selects its share of a
 round's random subsets per call (a ``tasks.SelectionTask``, stacked once); Ray restarts a dead actor and retries
 its calls.
+
+Warm-up (``warm_up``, which ``start_server`` calls before the service reports ready): every actor selects the
+synthetic shares of ``warmup`` through its ``select`` method, the call real shares take, so it compiles (or loads
+from numba's on-disk cache) the kernels with the argument types of real work: Ray hands actors read-only arrays,
+a separate numba specialisation. After ``warm_up``, an actor the cluster adds (``num_workers=0``) warms the same
+way before it joins the pool, so no round is dealt to a cold actor. An actor Ray restarts after a crash starts
+cold; its first call loads the kernels from the on-disk cache its node already holds.
+Environment: an embedded Ray's workers inherit this process's environment (``NUMBA_CACHE_DIR`` among it); on a
+cluster they have the environment of the node's ``ray start``.
 """
 
 from __future__ import annotations
@@ -12,13 +21,16 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from concurrent.futures import Future
 from typing import Any
 
 import ray
 
+from selector_service.errors import SelectorFailure
 from selector_service.tasks import Batch, RoundInput, SelectionTask, chunks, fan_out, run_task
+from selector_service.warmup import warmup_tasks
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +67,9 @@ MAX_RESTARTS = 5
 # Auto mode (num_workers=0): how often the cluster size is checked, and the most actors it creates.
 SCALE_INTERVAL_S = 2.0
 MAX_AUTO_WORKERS = 256
+# Longest a group of new actors may take to start and warm up (on a fresh cache the first actor compiled for 16 s
+# on 2 cores); past it they are reported as unable to start, as when the cluster lacks the resources they reserve.
+WARMUP_TIMEOUT_S = 300.0
 
 
 class RayBackend:
@@ -98,7 +113,10 @@ class RayBackend:
         self.actor_names: list[str] = []
         self._actors: list[Any] = []
         self._turn = 0
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the pool (actors and turn): held briefly, by submit
+        self._growing = threading.Lock()  # held by _grow and warm_up throughout: one of them at a time
+        self._warm_joiners = False  # set by warm_up: actors added later warm before they join the pool
+        self._warmup_s: float | None = None
         self._stop = threading.Event()
         self._auto = num_workers == 0
         self._grow(self._target() if self._auto else num_workers)
@@ -120,14 +138,57 @@ class RayBackend:
         return max(1, min(MAX_AUTO_WORKERS, int(cpus / self._cpus)))
 
     def _grow(self, target: int) -> None:
-        with self._lock:
-            for i in range(len(self._actors), target):
-                name = f"crest-selector-{self.instance}-{i}"
-                handle = self._actor_class.options(
+        """Add actors up to ``target``. After ``warm_up`` they warm first, outside the pool's lock, so rounds keep
+        flowing to the others meanwhile; an actor joins the pool only once it is warm."""
+        with self._growing:
+            with self._lock:
+                first = len(self._actors)
+            names = [f"crest-selector-{self.instance}-{i}" for i in range(first, target)]
+            handles = [
+                self._actor_class.options(
                     name=name, num_cpus=self._cpus, num_gpus=self._gpus, scheduling_strategy="SPREAD"
                 ).remote(f"selector-{i}", self._threads)
-                self._actors.append(handle)
-                self.actor_names.append(name)
+                for i, name in enumerate(names, start=first)
+            ]
+            try:
+                if self._warm_joiners:
+                    self._warm(handles)
+            except BaseException:
+                for h in handles:
+                    ray.kill(h)
+                raise
+            with self._lock:
+                if self._stop.is_set():  # closed while they warmed
+                    for h in handles:
+                        ray.kill(h)
+                    return
+                self._actors += handles
+                self.actor_names += names
+
+    def _warm(self, actors: list[Any]) -> None:
+        """Select the warm-up shares on each of ``actors``: the first alone, so that on a fresh cache it compiles
+        once and fills its node's on-disk cache, then the others together, loading it."""
+        tasks = warmup_tasks()
+        for group in (actors[:1], actors[1:]):
+            try:
+                ray.get([a.select.remote(t) for a in group for t in tasks], timeout=WARMUP_TIMEOUT_S)
+            except ray.exceptions.GetTimeoutError:
+                raise SelectorFailure(
+                    f"{len(group)} selector actors did not start and warm up within {WARMUP_TIMEOUT_S:.0f} s; each "
+                    f"reserves {self._cpus} CPU and {self._gpus} GPU: does the cluster have them free?"
+                ) from None
+
+    def warm_up(self) -> float:
+        """Warm every actor of the pool, and from now on every actor added later before it joins the pool."""
+        start = time.perf_counter()
+        with self._growing:
+            self._warm_joiners = True
+            with self._lock:
+                actors = list(self._actors)
+            self._warm(actors)
+            self._warmup_s = time.perf_counter() - start
+        log.info("warmed %d selector actors in %.1f s", len(actors), self._warmup_s)
+        return self._warmup_s
 
     def _follow_cluster(self) -> None:
         """Add actors when nodes join (auto mode); checks every ``SCALE_INTERVAL_S`` until closed."""
@@ -139,8 +200,22 @@ class RayBackend:
                 continue
             if target > len(self._actors):
                 before = len(self._actors)
-                self._grow(target)
-                log.info("cluster grew: selector actors %d -> %d", before, target)
+                start = time.perf_counter()
+                try:
+                    self._grow(target)
+                except Exception as exc:  # the new actors were removed; try again next time
+                    if not self._stop.is_set():
+                        log.warning("cannot add selector actors %d -> %d: %s", before, target, exc)
+                    continue
+                if self._stop.is_set():
+                    return
+                log.info(
+                    "cluster grew: selector actors %d -> %d (started%s in %.1f s)",
+                    before,
+                    len(self._actors),
+                    " and warmed" if self._warm_joiners else "",
+                    time.perf_counter() - start,
+                )
 
     def submit(self, work: RoundInput) -> list[Future[Batch]]:
         with self._lock:
@@ -161,6 +236,7 @@ class RayBackend:
                 "embedded": self._started_ray,
                 "follows_cluster": self._auto,
                 "actors": list(self.actor_names),
+                "warmup_s": self._warmup_s,
             }
 
     def close(self) -> None:

@@ -71,6 +71,9 @@ class Reshaped:
         call, self.calls = self.calls, self.calls + 1
         return [self._reshape(call, i, f) for i, f in enumerate(futures)]
 
+    def warm_up(self) -> float:
+        return self._inner.warm_up()
+
     def describe(self) -> dict[str, Any]:
         return self._inner.describe()
 

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -103,6 +104,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str
         )
     ]
     state = tmp_path_factory.mktemp("state")
+    with socket.socket() as s:  # the service's metrics, on its own (default) host
+        s.bind(("127.0.0.1", 0))
+        metrics_port = int(s.getsockname()[1])
     service = None
     try:
         _wait_for_nodes(address, 1)
@@ -118,6 +122,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str
                 "0.25",
                 "--state-dir",
                 str(state),
+                "--metrics-port",
+                str(metrics_port),
             ],
             env=ENV,
         )
@@ -129,6 +135,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str
         while (count := _selector_actors(address)) < 2 * SCALING["before"] and time.monotonic() < deadline:
             time.sleep(0.5)
         SCALING["after"] = count
+        # A new actor takes work once it has warmed up: wait until the service's pool holds them all.
+        while _pool_size(metrics_port) < count and time.monotonic() < deadline:
+            time.sleep(0.5)
+        SCALING["pool"] = _pool_size(metrics_port)
         yield address, service.target, state
     finally:
         if service is not None:
@@ -150,9 +160,17 @@ def _selector_actors(address: str) -> int:
     return int(out.stdout.strip().splitlines()[-1])
 
 
+def _pool_size(metrics_port: int) -> int:
+    """Selector actors in the service's pool (warm, taking work), from its metrics."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    (line,) = [x for x in text.splitlines() if x.startswith("crest_selector_workers ")]
+    return int(float(line.split()[1]))
+
+
 def test_adding_a_node_adds_selector_actors_without_a_restart(cluster: tuple[str, str, Path]) -> None:
     assert SCALING["before"] == 4  # 1 CPU / 0.25
     assert SCALING["after"] == 8  # 2 CPUs / 0.25, the same service process
+    assert SCALING["pool"] == 8  # and each new actor joined the pool once warm
 
 
 def _run_job(target: str, labels: np.ndarray, rounds: int, out: dict[str, object]) -> None:
