@@ -172,6 +172,7 @@ def run_train(args: argparse.Namespace, endpoint: str, token: str | None) -> int
         ("check time / quadratic-model time", f"{result.check_s:.2f} s / {result.fit_s:.2f} s"),
         ("uniform fallback batches (late rounds)", f"{result.fallback_batches} ({result.late_steps})"),
         ("service errors ridden out", f"{result.service_errors}"),
+        ("of them on the service's side / partial rounds", f"{result.persistent_failures} / {result.partial_rounds}"),
     ]
     width = max(len(k) for k, _ in rows)
     print(f"\nCREST on Fashion-MNIST via {endpoint}")

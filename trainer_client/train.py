@@ -66,6 +66,8 @@ class TrainResult:
     service_errors: int = 0
     check_s: float = 0.0  # forward passes on the random subsets for the checks
     fit_s: float = 0.0  # quadratic-model fits (Hutchinson)
+    persistent_failures: int = 0  # failures on the service's side (INTERNAL, ...), each logged as an error
+    partial_rounds: int = 0  # regions started with fewer coresets than asked for
 
 
 @torch.no_grad()
@@ -128,4 +130,6 @@ def train(config: TrainConfig, client: SelectionClient) -> TrainResult:
         stats.service_errors,
         stats.check_s,
         stats.fit_s,
+        stats.persistent_failures,
+        stats.partial_rounds,
     )
