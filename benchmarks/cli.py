@@ -174,7 +174,12 @@ def _add_bench_frontier(benches: Any) -> None:
         help="also train full data for 2E epochs (E always runs) and report the gap doubling E adds",
     )
     p.add_argument("--baseline-threads", type=int, default=2, help="torch threads of full, random, infobatch")
-    p.add_argument("--crest-threads", type=int, default=1, help="torch threads of CREST's trainer (default 1)")
+    p.add_argument(
+        "--crest-threads",
+        type=int,
+        default=2,
+        help="torch threads of CREST's trainer (default 2: its selector actors barely use the CPU they reserve)",
+    )
     p.add_argument("--num-workers", type=int, default=2, help="selector actors of the service; default 2")
     p.add_argument("--cpus-per-worker", type=float, default=0.5, help="CPUs each selector actor reserves; 0.5")
     p.add_argument(

@@ -190,7 +190,7 @@ def test_protocol_flags_and_presets() -> None:
         METHODS,
         "test",
     )
-    assert (c.baseline_threads, c.crest_threads, c.num_workers, c.cpus_per_worker) == (2, 1, 2, 0.5)
+    assert (c.baseline_threads, c.crest_threads, c.num_workers, c.cpus_per_worker) == (2, 2, 2, 0.5)
     assert (c.bench.steps_per_round, c.bench.num_subsets, c.bench.subset_fraction, c.bench.drop_learned) == (
         50,
         5,
