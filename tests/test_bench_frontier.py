@@ -247,7 +247,7 @@ def test_frontier_quick_end_to_end(tmp_path: Path) -> None:
         parts = sum(r["cost"][k] for k in ("train_s", "embed_s", "fit_s", "check_s", "wait_s"))
         assert parts == pytest.approx(r["wall_s"])
         if r["method"] == "crest":
-            assert (r["torch_threads"], r["service_workers"], r["cpus_per_worker"]) == (1, 2, 0.5)
+            assert (r["torch_threads"], r["service_workers"], r["cpus_per_worker"]) == (2, 2, 0.5)
             assert r["counters"]["examples_embedded"] > 0 and r["counters"]["selection_calls"] >= 1
             assert r["cost"]["selection_s"] > 0 and r["counters"]["rounds"] >= 1
         else:
