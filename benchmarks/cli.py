@@ -285,12 +285,11 @@ def _add_bench_service(benches: Any) -> None:
     p.add_argument("--out", default="results/service.json", help="JSON output path")
 
 
-def _run_demo(args: argparse.Namespace) -> int:
+def _run_demo(args: argparse.Namespace, trainer: Any) -> int:
     import logging
 
     from selector_service.process import spawn_service
 
-    trainer = _trainer_cli()
     with spawn_service(service_cli.selector_serve_args(args), log_level=args.log_level) as service:
         logging.getLogger("crest").info("service ready at %s (pid %d)", service.target, service.proc.pid)
         return int(trainer.run_train(args, service.target, None))
@@ -317,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv  # the exact command line, for the results that record it
     service_cli.setup_logging(args)
-    if args.command in ("train", "demo") and _trainer_cli() is None:
+    trainer = _trainer_cli() if args.command in ("train", "demo") else None
+    if args.command in ("train", "demo") and trainer is None:
         print(
             f"crest {args.command}: the trainer side is not installed (torch); install it with "
             "pip install -e '.' from a checkout",
@@ -325,9 +325,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     if args.command == "train":
-        return int(_trainer_cli().run(args))
+        return int(trainer.run(args))
     if args.command == "demo":
-        return _run_demo(args)
+        return _run_demo(args, trainer)
     return _run_bench(args)
 
 
