@@ -1,7 +1,9 @@
 # Two commands do everything on a fresh Debian machine (as root):
 #   make demo   set up, then train a CNN on Fashion-MNIST with CREST selection over gRPC on a local Ray and on
 #               all the data, and print the comparison (crest bench train --demo, about 5 minutes on 2 cores)
-#   make test   set up, then lint, type-check and run every test tier
+#   make test   set up, then lint, type-check and run every test tier, the Docker deploy tier included (it installs
+#               and starts a Docker engine: tests/test_deploy_engine.py)
+# Also: make test-deploy (the deploy tier alone), make wheel (dist/crest_selection-*.whl, to install by side).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -9,13 +11,17 @@ DATA := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 # OpenMP spin-waiting slows torch 10-70x next to other busy processes on small machines.
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: demo test lint setup dataset proto clean
+.PHONY: demo test test-deploy lint setup dataset engine wheel proto clean
 
 demo: setup dataset
 	$(BIN)/crest bench train --demo
 
-test: setup dataset lint
+test: setup dataset engine lint
 	$(BIN)/python -m pytest
+
+# The deploy tier alone: a real engine builds the images and runs the CPU compose stack (deploy/README.md).
+test-deploy: setup dataset engine
+	$(BIN)/python -m pytest -m deploy
 
 lint: setup
 	$(BIN)/ruff check .
@@ -32,10 +38,21 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[cpu,dev,bench]'
+	$(BIN)/python -m pip install -q -e '.[trainer,cpu,dev,bench]'
 	touch $@
 
 dataset: $(DATA)
+
+# The Docker engine and debootstrap (the deploy tier bootstraps its base image from Debian's packages); the test
+# starts dockerd when none runs, and stops it after.
+engine:
+	@command -v dockerd >/dev/null && command -v debootstrap >/dev/null || { \
+	  echo "installing docker.io and debootstrap"; \
+	  apt-get update -qq && apt-get install -y -qq docker.io debootstrap; }
+
+# The project's wheel, for installing one side elsewhere: pip install 'dist/crest_selection-0.1.0-py3-none-any.whl[trainer]'
+wheel: setup
+	$(BIN)/python -m pip wheel -q --no-deps -w dist .
 
 $(DATA):
 	apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist

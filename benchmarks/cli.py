@@ -313,17 +313,17 @@ def main(argv: list[str] | None = None) -> int:
         return service_cli.main(argv)
     # Before torch loads anywhere: OpenMP spin-waiting slows torch 10-70x next to other busy processes.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    args = build_parser().parse_args(argv)
-    args.argv = argv  # the exact command line, for the results that record it
-    service_cli.setup_logging(args)
-    trainer = _trainer_cli() if args.command in ("train", "demo") else None
-    if args.command in ("train", "demo") and trainer is None:
+    trainer = _trainer_cli() if _command(argv) in ("train", "demo") else None
+    if _command(argv) in ("train", "demo") and trainer is None:
         print(
-            f"crest {args.command}: the trainer side is not installed (torch); install it with "
-            "pip install -e '.' from a checkout",
+            f"crest {_command(argv)}: the trainer side is not installed (torch); install it: pip install "
+            "'.[trainer]' from a checkout, or the wheel that `make wheel` builds with the same extra",
             file=sys.stderr,
         )
         return 2
+    args = build_parser().parse_args(argv)
+    args.argv = argv  # the exact command line, for the results that record it
+    service_cli.setup_logging(args)
     if args.command == "train":
         return int(trainer.run(args))
     if args.command == "demo":

@@ -15,7 +15,7 @@ Every selection is then scored in the parent under one objective, CREST's facili
 s_ij = exp(-||x_i - x_j|| / d) (submodlib's "euclidean" kernel; apricot optimises max - squared distance, so its
 score can be a little lower), relative to the best library on that configuration. A library whose dense kernel
 cannot fit in memory is skipped with the reason. Writes JSON (default results/facility_location.json).
-Needs the bench extra: pip install 'crest-selection[bench]'.
+Needs the bench extra: pip install '.[trainer,cpu,bench]' from a checkout.
 """
 
 from __future__ import annotations

@@ -69,6 +69,12 @@ def main() -> None:
         f"{stats.reselections} reselections, {stats.examples_backpropagated} examples back-propagated here, "
         f"{stats.fallback_batches} fallback batches, waited {stats.wait_s:.2f} s"
     )
+    if rank == 0:  # the coresets arrive at rank 0, which hands every rank its share
+        print(
+            f"rank 0 received {stats.batches_received} coreset batches in {stats.rounds_started} rounds: "
+            f"{stats.partial_rounds} partial rounds, {stats.duplicate_batches} duplicate batches, "
+            f"{stats.service_errors} service errors"
+        )
     if rank == 0:
         model.eval()
         with torch.no_grad():

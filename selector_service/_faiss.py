@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 from types import ModuleType
 
-from selector_service.errors import MissingExtra
+from selector_service.errors import SELECTOR_INSTALL, MissingExtra
 
 
 @functools.cache
@@ -14,10 +14,7 @@ def faiss() -> ModuleType:
     try:
         import faiss as _faiss
     except ImportError as exc:
-        raise MissingExtra(
-            "faiss is not installed; install the extra for your machine: "
-            "pip install 'crest-selection[cpu]' (or '[gpu]' on a CUDA machine)"
-        ) from exc
+        raise MissingExtra(f"faiss is not installed; {SELECTOR_INSTALL}") from exc
     return _faiss
 
 

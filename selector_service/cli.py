@@ -121,7 +121,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from selector_service.server import ServerConfig, serve_forever
+    try:
+        from selector_service.server import ServerConfig, serve_forever
+    except ImportError as exc:  # a trainer-only install: no numba, Ray or the gRPC reflection service
+        from selector_service.errors import SELECTOR_INSTALL
+
+        print(f"crest serve: {exc}; {SELECTOR_INSTALL}", file=sys.stderr)
+        return 2
 
     config = ServerConfig(
         host=args.host,

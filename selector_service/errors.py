@@ -46,3 +46,10 @@ class Cancelled(SelectionError):
 
 class MissingExtra(ImportError):
     """An optional dependency is not installed; the message names the extra that provides it."""
+
+
+# How to install the selector side, for the messages of ``MissingExtra`` and of the commands that need it.
+SELECTOR_INSTALL = (
+    "install the selector side: pip install '.[cpu]' (or '.[gpu]') from a checkout, or the wheel that "
+    "`make wheel` builds with the same extra (deploy/README.md, 'Installing by side')"
+)

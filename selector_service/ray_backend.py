@@ -17,6 +17,7 @@ cluster they have the environment of the node's ``ray start``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -29,6 +30,7 @@ from typing import Any
 import ray
 
 from selector_service.errors import SelectorFailure
+from selector_service.hedge import HEDGE_AFTER_S, MAX_ATTEMPTS, hedged
 from selector_service.tasks import Batch, RoundInput, SelectionTask, chunks, fan_out, run_task
 from selector_service.warmup import warmup_tasks
 
@@ -64,12 +66,19 @@ class SelectorWorker:
 NAMESPACE = "crest"
 # An actor that dies (its process or node) is restarted, and the calls it was running are retried, this often.
 MAX_RESTARTS = 5
+# How often an actor set aside (it did not answer a share in time) is probed until it answers again.
+PROBE_INTERVAL_S = 5.0
 # Auto mode (num_workers=0): how often the cluster size is checked, and the most actors it creates.
 SCALE_INTERVAL_S = 2.0
 MAX_AUTO_WORKERS = 256
 # Longest a group of new actors may take to start and warm up (on a fresh cache the first actor compiled for 16 s
 # on 2 cores); past it they are reported as unable to start, as when the cluster lacks the resources they reserve.
 WARMUP_TIMEOUT_S = 300.0
+
+
+def _select_on(actors: list[Any], task: SelectionTask, index: int) -> Future[list[Batch]]:
+    """Select ``task`` on ``actors[index]``."""
+    return actors[index].select.remote(task).future()
 
 
 class RayBackend:
@@ -79,6 +88,10 @@ class RayBackend:
     death of its actor: Ray restarts the actor and retries the call (tasks are stateless and idempotent), and the
     session delivers each subset's batch once because it collects one result per subset. A round is dealt out
     in contiguous shares (``tasks.chunks``), one call per actor, starting where the last round stopped.
+
+    A share that has not come back after ``hedge.HEDGE_AFTER_S`` goes to the next actor too (``hedge.hedged``):
+    an actor whose node died would hold it until Ray noticed, and its restart may find no free CPU. Such an actor
+    is set aside (dealt no shares) until it answers a probe, as a restarted one does.
     """
 
     name = "ray"
@@ -113,7 +126,8 @@ class RayBackend:
         self.actor_names: list[str] = []
         self._actors: list[Any] = []
         self._turn = 0
-        self._lock = threading.Lock()  # the pool (actors and turn): held briefly, by submit
+        self._set_aside: set[int] = set()  # indices of actors that did not answer in time, until a probe answers
+        self._lock = threading.Lock()  # the pool (actors, turn, set-aside): held briefly, by submit
         self._growing = threading.Lock()  # held by _grow and warm_up throughout: one of them at a time
         self._warm_joiners = False  # set by warm_up: actors added later warm before they join the pool
         self._warmup_s: float | None = None
@@ -219,20 +233,60 @@ class RayBackend:
 
     def submit(self, work: RoundInput) -> list[Future[Batch]]:
         with self._lock:
-            shares = chunks(work.sizes, len(self._actors))
-            actors = [self._actors[(self._turn + i) % len(self._actors)] for i in range(len(shares))]
-            self._turn += len(shares)
+            actors = list(self._actors)
+            live = [i for i in range(len(actors)) if i not in self._set_aside] or list(range(len(actors)))
+            shares = chunks(work.sizes, len(live))
+            turn, self._turn = self._turn, self._turn + len(shares)
         futures: list[Future[Batch]] = []
-        for actor, subsets in zip(actors, shares, strict=True):
+        for k, subsets in enumerate(shares):
             task = work.share(subsets)
-            futures += fan_out(actor.select.remote(task).future(), task.num_subsets)
+            # This share's actor, then the next ones of the pool as its hedges (SPREAD puts neighbours on other nodes).
+            order = [live[(turn + k + j) % len(live)] for j in range(min(MAX_ATTEMPTS, len(live)))]
+            call: Future[list[Batch]] = hedged(
+                functools.partial(_select_on, actors, task), order, HEDGE_AFTER_S, self._set_aside_slow
+            )
+            futures += fan_out(call, task.num_subsets)
         return futures
+
+    def _set_aside_slow(self, index: int) -> None:
+        """Deal no more shares to actor ``index``, which did not answer in time, until it answers a probe."""
+        with self._lock:
+            if index in self._set_aside or index >= len(self._actors):
+                return
+            self._set_aside.add(index)
+            actor, name = self._actors[index], self.actor_names[index]
+        log.warning(
+            "selector actor %s did not answer within %.1f s: its shares go to the others until it answers",
+            name,
+            HEDGE_AFTER_S,
+        )
+        self._probe(index, name, actor)
+
+    def _probe(self, index: int, name: str, actor: Any) -> None:
+        actor.node_id.remote().future().add_done_callback(lambda done: self._probed(index, name, actor, done))
+
+    def _probed(self, index: int, name: str, actor: Any, probe: Future[Any]) -> None:
+        """Put actor ``index`` back in the pool when its probe answered; probe it again later when it could not
+        answer yet (its node may come back, or Ray may restart it where CPUs free up)."""
+        error = probe.exception()
+        if error is None:
+            with self._lock:
+                self._set_aside.discard(index)
+            log.info("selector actor %s answers again: back in the pool", name)
+        elif isinstance(error, ray.exceptions.ActorDiedError):  # out of restarts: it will never answer
+            log.warning("selector actor %s is gone for good: %s", name, error)
+        elif not self._stop.is_set():
+            log.info("selector actor %s does not answer yet; probing it again in %.0f s", name, PROBE_INTERVAL_S)
+            timer = threading.Timer(PROBE_INTERVAL_S, self._probe, args=(index, name, actor))
+            timer.daemon = True
+            timer.start()
 
     def describe(self) -> dict[str, Any]:
         with self._lock:
             return {
                 "backend": self.name,
                 "workers": len(self._actors),
+                "set_aside": len(self._set_aside),
                 "embedded": self._started_ray,
                 "follows_cluster": self._auto,
                 "actors": list(self.actor_names),

@@ -22,13 +22,19 @@ large spends seconds selecting anyway.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import time
+
 import numpy as np
 
 from selector_service._greedy import BATCH_MAX
 from selector_service.rounds import Round
 from selector_service.similarity import KERNELS
 from selector_service.subsets import class_balanced_subsets
-from selector_service.tasks import RoundInput, SelectionTask
+from selector_service.tasks import RoundInput, SelectionTask, run_task
+
+log = logging.getLogger(__name__)
 
 SESSION_ID = "warm-up"  # the session id on warm-up batches (never a real session's: those are hex digests)
 _CLASSES = 2
@@ -75,3 +81,32 @@ def warm_subset_drawing() -> None:
     class_balanced_subsets(
         labels, np.ones(len(labels), dtype=np.bool_), _SMALL_QUOTA, _SUBSETS, np.random.default_rng(0)
     )
+
+
+def fill_cache() -> float:
+    """Compile every kernel a round calls into numba's on-disk cache (``NUMBA_CACHE_DIR``), then return the
+    seconds it took. For container images: their build runs ``python -m selector_service.warmup``, so that a
+    server or actor started from the image loads the kernels instead of compiling them (16 s on 2 cores). Each
+    warm-up share runs as a thread of the local backend gets it (writable) and as Ray hands it to an actor (read
+    only, a separate specialisation); then the subset drawing."""
+    start = time.perf_counter()
+    for task in warmup_tasks():
+        run_task(task, SESSION_ID)
+        run_task(_read_only(task), SESSION_ID)
+    warm_subset_drawing()
+    return time.perf_counter() - start
+
+
+def _read_only(task: SelectionTask) -> SelectionTask:
+    """``task`` with read-only copies of its arrays, as an actor receives them from Ray's object store."""
+    arrays = {}
+    for field in ("offsets", "ids", "labels", "embeddings"):
+        array = getattr(task, field).copy()
+        array.flags.writeable = False
+        arrays[field] = array
+    return dataclasses.replace(task, **arrays)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log.info("filled numba's cache with the selection kernels in %.1f s", fill_cache())

@@ -260,8 +260,11 @@ def cpu_override_problems(base: dict[str, Any], override: dict[str, Any]) -> lis
     problems += env_problems("trainer-cpu", cpu.get("environment") or {})
     if cpu.get("deploy"):
         problems.append("trainer-cpu: reserves devices")
-    if cpu.get("image") != base["services"]["selector"]["image"]:
-        problems.append("trainer-cpu: not the selector image the compose file builds")
+    gpu_build = base["services"]["trainer"].get("build", {})
+    if cpu.get("build", {}).get("dockerfile") != gpu_build.get("dockerfile"):
+        problems.append("trainer-cpu: not built from the GPU trainer's Dockerfile")
+    if cpu.get("image") in (base["services"]["selector"]["image"], base["services"]["trainer"]["image"]):
+        problems.append("trainer-cpu: shares its image name with another image of the stack")
     return problems
 
 

@@ -104,12 +104,28 @@ def test_selector_command_in_compose_is_the_image_default() -> None:
     """`docker run crest-selector` and compose serve the same way (apart from the cluster address)."""
     compose = load_compose()
     cmd = compose["services"]["selector"]["command"]
-    for dockerfile in ("selector-cpu.Dockerfile", "selector-gpu.Dockerfile"):
-        text = (DEPLOY / dockerfile).read_text()
-        default = json.loads(re.search(r"^CMD (\[.*\])$", text, re.M)[1])  # type: ignore[index]
-        image_args, compose_args = vars(parse_crest(default)), vars(parse_crest(cmd))
-        differ = {k for k in image_args if image_args[k] != compose_args[k]}
-        assert differ <= {"ray_address", "num_workers", "cpus_per_worker"}, differ
+    text = (DEPLOY / "selector.Dockerfile").read_text()
+    default = json.loads(re.search(r"^CMD (\[.*\])$", text, re.M)[1])  # type: ignore[index]
+    image_args, compose_args = vars(parse_crest(default)), vars(parse_crest(cmd))
+    differ = {k for k in image_args if image_args[k] != compose_args[k]}
+    assert differ <= {"ray_address", "num_workers", "cpus_per_worker"}, differ
+
+
+def test_gpu_and_cpu_trainers_differ_only_in_base_image_and_torch_build() -> None:
+    """The GPU compose file's trainer and the CPU file's build the same Dockerfile with the same entry point."""
+    compose, override = load_compose(), load_compose(COMPOSE_CPU)
+    gpu, cpu = compose["services"]["trainer"], override["services"]["trainer-cpu"]
+    assert gpu["build"]["dockerfile"] == cpu["build"]["dockerfile"] == "deploy/trainer.Dockerfile"
+    assert set(gpu["build"]["args"]) == set(cpu["build"]["args"]) == {"PYTHON_IMAGE", "TORCH_INDEX_URL"}
+    assert "cuda" in gpu["build"]["args"]["PYTHON_IMAGE"] and "cuda" not in cpu["build"]["args"]["PYTHON_IMAGE"]
+    assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
+    assert "deploy" not in cpu and override["services"]["trainer"]["profiles"] == ["gpu"]  # the GPU one moves aside
+    # The selector image is built once, by the selector service; the Ray nodes run it as built.
+    selector = compose["services"]["selector"]
+    assert selector["build"]["dockerfile"] == "deploy/selector.Dockerfile"
+    for node in ("ray-head", "ray-worker"):
+        assert "build" not in compose["services"][node]
+        assert compose["services"][node]["image"] == selector["image"]
 
 
 def test_trainer_sends_the_token_the_selector_requires() -> None:
@@ -126,9 +142,9 @@ def test_dockerfile_passes_hadolint(dockerfile: Path) -> None:
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-def test_three_images_non_root_with_healthchecks() -> None:
+def test_two_images_non_root_with_healthchecks() -> None:
     names = {p.name for p in DOCKERFILES}
-    assert names == {"selector-cpu.Dockerfile", "selector-gpu.Dockerfile", "trainer-gpu.Dockerfile"}
+    assert names == {"selector.Dockerfile", "trainer.Dockerfile"}
     for path in DOCKERFILES:
         text = path.read_text()
         assert len(re.findall(r"^FROM ", text, re.M)) >= 2, f"{path.name}: not multi-stage"
@@ -140,7 +156,7 @@ def test_three_images_non_root_with_healthchecks() -> None:
 
 def test_hadolint_rejects_a_broken_dockerfile(tmp_path: Path) -> None:
     path = tmp_path / "Dockerfile"
-    text = (DEPLOY / "selector-cpu.Dockerfile").read_text()
+    text = (DEPLOY / "selector.Dockerfile").read_text()
     path.write_text(text.replace("WORKDIR /app", "WORKDIR app").replace("USER 10001:10001", "USER root"))
     out = run_tool(tool("hadolint"), "--no-color", "--failure-threshold", "error", path)
     assert out.returncode == 1, out.stdout + out.stderr
@@ -156,7 +172,7 @@ def test_dockerignore_keeps_what_the_images_copy() -> None:
     for path in DOCKERFILES:
         for line in re.findall(r"^COPY (?!--from)(.+)$", path.read_text(), re.M):
             copied.update(line.split()[:-1])
-    assert copied >= {"proto", "selector_service", "trainer_client", "pyproject.toml", "examples"}
+    assert copied >= {"proto", "selector_service", "trainer_client", "benchmarks", "pyproject.toml", "examples"}
     for src in copied:
         assert (ROOT / src).exists(), f"COPY {src}: not in the repository"
         for pattern in patterns:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from selector_service.backends import LocalBackend
-from selector_service.errors import MissingExtra
+from selector_service.errors import SELECTOR_INSTALL, MissingExtra
 from selector_service.server import RunningServer, ServerConfig, start_server
 from trainer_client._state import LoaderState, PendingRound, Region
 from trainer_client.client import SelectionClient, WeightedBatch
@@ -36,7 +36,7 @@ from trainer_client.models import SmallCNN
 torch.set_num_threads(1)
 SMALL: dict[str, Any] = {"batch_size": 32, "subset_fraction": 0.05, "num_subsets": 2, "check_examples": 128}
 FAST_RETRY: dict[str, Any] = {"reconnect_initial_s": 0.01, "reconnect_max_s": 0.05}
-NO_FAISS = "faiss is not installed; install the extra for your machine"
+NO_FAISS = f"faiss is not installed; {SELECTOR_INSTALL}"  # what selector_service._faiss raises
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,7 @@ class Reshaped:
 def _fails(src: Future[Any]) -> Future[Any]:
     """A future that fails as a selector without faiss does, once ``src``'s selection has run."""
     dst: Future[Any] = Future()
-    src.add_done_callback(lambda f: _settle(dst, f, MissingExtra(f"{NO_FAISS}: pip install 'crest-selection[cpu]'")))
+    src.add_done_callback(lambda f: _settle(dst, f, MissingExtra(NO_FAISS)))
     return dst
 
 

@@ -148,8 +148,13 @@ class ServiceLink:
         if pending is None or item.round != pending.round:
             return True  # a round given up on, or switched to already
         if isinstance(item, StreamBatch):
-            pending.coresets[item.batch.subset_index] = item.batch
-            stats.batches_received += 1
+            index = item.batch.subset_index
+            if index in pending.coresets:  # would train on one subset twice and on a sibling never
+                stats.duplicate_batches += 1
+                log.warning("round %d: subset %d arrived twice; the second copy is dropped", pending.round, index)
+            else:
+                pending.coresets[index] = item.batch
+                stats.batches_received += 1
         elif isinstance(item, StreamEnd):
             pending.ended = True
         else:

@@ -97,6 +97,7 @@ class LoaderStats:
     service_errors: int = 0  # failed calls to the service, of every kind the loader rides out
     persistent_failures: int = 0  # those of them the service would repeat (INTERNAL, UNKNOWN, DATA_LOSS)
     partial_rounds: int = 0  # regions switched to with fewer coresets than asked for (the stream ended early)
+    duplicate_batches: int = 0  # batches of a subset already received in their round (dropped)
     sessions_opened: int = 0
     wait_s: float = 0.0
     embed_s: float = 0.0
