@@ -25,6 +25,10 @@ COPY pyproject.toml README.md deploy/requirements.py ./
 COPY deploy/wheels /wheels
 
 FROM build AS deps
+# pip's index settings, passed through: a package mirror (PIP_INDEX_URL), or none at all (PIP_NO_INDEX=1, with every
+# wheel in deploy/wheels/).
+ARG PIP_INDEX_URL
+ARG PIP_NO_INDEX
 ARG TORCH_INDEX_URL=""
 # torch first, then the other dependencies, in a layer of their own: rebuilt when pyproject.toml changes rather
 # than with every source change. (Pinned: hadolint misreads the optional index argument as a package.)
@@ -35,6 +39,8 @@ RUN python -m venv /opt/venv \
     && /opt/venv/bin/pip install --find-links /wheels -r /tmp/requirements.txt
 
 FROM deps AS wheel
+ARG PIP_INDEX_URL
+ARG PIP_NO_INDEX
 COPY proto ./proto
 COPY selector_service ./selector_service
 COPY trainer_client ./trainer_client
