@@ -38,7 +38,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[trainer,cpu,dev,bench]'
+	$(BIN)/python -m pip install -q -e '.[trainer,cpu,dev,bench,hf,lightning]'
 	touch $@
 
 dataset: $(DATA)

@@ -2,7 +2,8 @@
 
 - ``serve``, ``inspect``: the service side (``selector_service.cli``);
 - ``train``: the trainer side (``trainer_client.cli``);
-- ``demo`` and ``bench {train,frontier,facility-location,workload,service}``: the benchmarks (this package).
+- ``demo`` and ``bench {train,frontier,facility-location,workload,service,integrations}``: the benchmarks (this
+  package).
 
 This module sits at the top of the package graph (``crest`` <- {``selector_service``, ``trainer_client``} <-
 ``crest_bench``), so it may import both sides; neither side imports it. Building the parser imports only the
@@ -55,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench_facility_location(benches)
     _add_bench_workload(benches)
     _add_bench_service(benches)
+    _add_bench_integrations(benches)
     return parser
 
 
@@ -285,6 +287,22 @@ def _add_bench_service(benches: Any) -> None:
     p.add_argument("--out", default="results/service.json", help="JSON output path")
 
 
+def _add_bench_integrations(benches: Any) -> None:
+    p = benches.add_parser(
+        "integrations",
+        help="per-step overhead of the Hugging Face and Lightning integrations against each framework's own loop",
+        description="Train the same model three ways, side by side in interleaved blocks: the framework's own "
+        "loop, the integration on uniform-random batches, and the integration on coresets from a local service; "
+        "print ms per step, the ratios to the framework's loop, and CREST's embedding passes and waits separately. "
+        "Needs the hf and lightning extras. See benchmarks/integrations.py.",
+    )
+    p.add_argument("--quick", action="store_true", help="1,000 examples, 2 blocks of 20 steps (the test suite's mode)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per block (default 100; --quick 20)")
+    p.add_argument("--blocks", type=int, default=None, help="interleaved blocks per way (default 5; --quick 2)")
+    p.add_argument("--frameworks", default="hf,lightning", help="comma-separated subset of hf,lightning")
+    p.add_argument("--out", default="results/integrations.json", help="JSON output path")
+
+
 def _run_demo(args: argparse.Namespace, trainer: Any) -> int:
     import logging
 
@@ -341,6 +359,8 @@ def _run_bench(args: argparse.Namespace) -> int:
         from crest_bench import facility_location as bench  # type: ignore[no-redef]
     elif args.bench == "workload":
         from crest_bench import crest_workload as bench  # type: ignore[no-redef]
+    elif args.bench == "integrations":
+        from crest_bench import integrations as bench  # type: ignore[no-redef]
     else:
         from crest_bench import service as bench  # type: ignore[no-redef]
     return int(bench.run(args))

@@ -1,8 +1,11 @@
 """The README's before/after examples run as scripts: the plain loop, and the same loop on CREST coresets from a
-real server (five lines differ)."""
+real server (five lines differ); the same for a Hugging Face ``Trainer`` and a Lightning fit."""
 
 from __future__ import annotations
 
+import ast
+import difflib
+import importlib.util
 import os
 import subprocess
 import sys
@@ -15,7 +18,6 @@ from selector_service.backends import LocalBackend
 from selector_service.server import RunningServer, ServerConfig, start_server
 from selector_service.tasks import Batch
 
-pytestmark = pytest.mark.slow
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 ENV = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
 
@@ -34,6 +36,7 @@ def _accuracy(args: list[str]) -> float:
     return float(line.split()[2])
 
 
+@pytest.mark.slow
 def test_plain_loop_and_its_crest_version_both_train(server: RunningServer) -> None:
     delivered: list[Batch] = []
     server.manager.batch_hooks.append(delivered.append)
@@ -42,3 +45,54 @@ def test_plain_loop_and_its_crest_version_both_train(server: RunningServer) -> N
     assert before > 0.5 and after > 0.5  # ten classes: chance is 0.1
     assert len(delivered) > 0  # the CREST version trained on coresets from the server ...
     assert server.manager.totals()["sessions"] == 0  # ... and closed its session
+
+
+# (script without CREST, the same script on CREST coresets)
+PAIRS = [
+    ("plain_before.py", "plain_after.py"),
+    ("hf_trainer_plain.py", "hf_trainer.py"),
+    ("lightning_fit_plain.py", "lightning_fit.py"),
+]
+
+
+def _code_lines(path: Path) -> list[str]:
+    """The script's lines after its module docstring (the usage text differs by design)."""
+    lines = path.read_text().splitlines()
+    docstring = ast.parse("\n".join(lines)).body[0]
+    assert isinstance(docstring, ast.Expr), f"{path.name} starts with its docstring"
+    return lines[docstring.end_lineno :]
+
+
+@pytest.mark.parametrize(("plain", "crest"), PAIRS)
+def test_each_crest_example_is_a_small_diff_of_its_plain_script(plain: str, crest: str) -> None:
+    diff = difflib.ndiff(_code_lines(EXAMPLES / plain), _code_lines(EXAMPLES / crest))
+    added = [line[2:] for line in diff if line.startswith("+ ")]
+    assert 1 <= len(added) <= 5, f"{crest} differs from {plain} by {len(added)} lines:\n" + "\n".join(added)
+
+
+def _needs(module: str) -> None:
+    if importlib.util.find_spec(module) is None:
+        pytest.skip(f"{module} is not installed (its extra is missing)")
+
+
+@pytest.mark.slow
+def test_hf_trainer_and_its_crest_version_both_train(server: RunningServer, tmp_path: Path) -> None:
+    _needs("transformers")
+    delivered: list[Batch] = []
+    server.manager.batch_hooks.append(delivered.append)
+    out = ["--steps", "60", "--out", str(tmp_path)]
+    before = _accuracy([str(EXAMPLES / "hf_trainer_plain.py"), *out])
+    after = _accuracy([str(EXAMPLES / "hf_trainer.py"), *out, "--endpoint", server.target])
+    assert before > 0.5 and after > 0.5
+    assert len(delivered) > 0 and server.manager.totals()["sessions"] == 0
+
+
+@pytest.mark.slow
+def test_lightning_fit_and_its_crest_version_both_train(server: RunningServer) -> None:
+    _needs("lightning")
+    delivered: list[Batch] = []
+    server.manager.batch_hooks.append(delivered.append)
+    before = _accuracy([str(EXAMPLES / "lightning_fit_plain.py"), "--steps", "30"])
+    after = _accuracy([str(EXAMPLES / "lightning_fit.py"), "--steps", "30", "--endpoint", server.target])
+    assert before > 0.5 and after > 0.5
+    assert len(delivered) > 0 and server.manager.totals()["sessions"] == 0

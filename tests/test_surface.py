@@ -58,6 +58,7 @@ CLI_FLAGS = {
     "bench facility-location": ["--quick", "--libraries", "--timeout", "--out", "--sizes", "--crest-repeats"],
     "bench workload": ["--repeats", "--timeout"],
     "bench service": ["--quick", "--rounds", "--out"],
+    "bench integrations": ["--quick", "--steps", "--blocks", "--frameworks", "--out"],
     "inspect": ["--state-dir", "--session", "--step", "--export"],
     "serve": [
         "--host",
@@ -181,7 +182,14 @@ def _subparser(path: str) -> argparse.ArgumentParser:
 
 def test_cli_commands_are_frozen() -> None:
     assert sorted(_commands(build_parser())) == ["bench", "demo", "inspect", "serve", "train"]
-    assert sorted(_commands(_subparser("bench"))) == ["facility-location", "frontier", "service", "train", "workload"]
+    assert sorted(_commands(_subparser("bench"))) == [
+        "facility-location",
+        "frontier",
+        "integrations",
+        "service",
+        "train",
+        "workload",
+    ]
 
 
 @pytest.mark.parametrize("command", sorted(CLI_FLAGS))

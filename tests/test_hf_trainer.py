@@ -1,0 +1,285 @@
+"""The Hugging Face integration against a real server: a tiny ViT (built from its config, no download) on
+Fashion-MNIST under ``CoresetTrainer``, in one process and in two gloo processes under torchrun; a checkpoint, a
+kill and a ``resume_from_checkpoint`` continue with the batches of an uninterrupted run; bad use fails clearly."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers", reason="the hf extra is not installed")
+
+from torch.utils.data import Dataset
+from transformers import TrainingArguments, ViTConfig, ViTForImageClassification, ViTModel
+
+from selector_service.server import RunningServer
+from trainer_client.data import FashionMNIST
+from trainer_client.integrations._steps import split_batch
+from trainer_client.integrations.hf import LOADER_STATE_NAME, CoresetTrainer
+from trainer_client.loader import LoaderConfig, SelectionUnavailable
+
+STEPS, SAVE_AT = 14, 6
+
+# One worker for every run: phase "full" trains STEPS steps; "first" trains until the checkpoint at SAVE_AT and
+# is killed there (SIGKILL, after every rank has saved); "rest" resumes from that checkpoint.
+WORKER = textwrap.dedent(
+    """
+    import json, os, signal, sys
+    import torch
+    import torch.distributed as dist
+    from torch.utils.data import Dataset
+    from transformers import ResNetConfig, ResNetForImageClassification, TrainerCallback, TrainingArguments
+    from trainer_client.data import FashionMNIST
+    from trainer_client.integrations.hf import CoresetTrainer
+    from trainer_client.loader import LoaderConfig
+
+    target, out, phase, run_dir = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+    steps, save_at, accumulation, per_device = (int(a) for a in sys.argv[5:9])
+    rank = int(os.environ.get("RANK", "0"))
+    out = out.format(rank=rank)
+    torch.set_num_threads(1)
+
+    class Pixels(Dataset):
+        def __init__(self):
+            self.data = FashionMNIST("train", limit=600)
+        def __len__(self):
+            return len(self.data)
+        def __getitem__(self, i):
+            x, y = self.data[i]
+            return {"pixel_values": x, "labels": y}
+
+    class Record(TrainerCallback):
+        def __init__(self):
+            self.ids = {}
+        def on_step_end(self, args, state, control, **kwargs):
+            self.ids[state.global_step] = trainer.coreset_loader.last_ids.tolist()
+        def on_save(self, args, state, control, **kwargs):
+            if phase == "first" and state.global_step == save_at:
+                report(state.global_step)
+                if dist.is_initialized():
+                    dist.barrier()  # every rank has written its part of the checkpoint
+                os.kill(os.getpid(), signal.SIGKILL)  # preempted: no cleanup, the session stays on the service
+
+    def report(step):
+        digest = float(sum(p.detach().double().sum() for p in trainer.model.parameters()))
+        stats = vars(trainer.coreset_loader.stats)
+        with open(out, "w") as f:
+            json.dump({"ids": record.ids, "digest": digest, "stats": stats, "step": step}, f)
+
+    torch.manual_seed(0)
+    # A ResNet: transformers 5.24 resumes a ViT checkpoint with its weights missing (renamed keys).
+    config = ResNetConfig(num_channels=1, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=10)
+    model = ResNetForImageClassification(config)
+    args = TrainingArguments(output_dir=run_dir, max_steps=steps, per_device_train_batch_size=per_device,
+                             gradient_accumulation_steps=accumulation, learning_rate=2e-3, save_strategy="steps",
+                             save_steps=save_at, report_to=[], logging_steps=1000, use_cpu=True, seed=0,
+                             dataloader_pin_memory=False, disable_tqdm=True,
+                             ddp_backend="gloo" if "WORLD_SIZE" in os.environ else None)
+    loader_config = LoaderConfig(subset_fraction=0.1, num_subsets=2, steps_per_round=4, lookahead_steps=1,
+                                 deadline_s=60.0)
+    record = Record()
+    trainer = CoresetTrainer(model=model, args=args, train_dataset=Pixels(), endpoint=target,
+                             loader_config=loader_config, callbacks=[record])
+    trainer.train(resume_from_checkpoint=True if phase == "rest" else None)
+    report(trainer.state.global_step)
+    """
+)
+ENV = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")}
+
+
+def _run(tmp_path: Path, target: str, phase: str, *, world: int, accumulation: int, per_device: int) -> list[dict]:
+    """One phase on ``world`` processes (under torchrun when more than one); each rank's report, in rank order."""
+    script = tmp_path / "hf_worker.py"
+    script.write_text(WORKER)
+    run_dir = tmp_path / ("full" if phase == "full" else "resumed")
+    out = tmp_path / f"{phase}-rank{{rank}}.json"
+    launch = [sys.executable]
+    if world > 1:
+        launch += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}"]
+    args = [str(script), target, str(out), phase, str(run_dir), str(STEPS), str(SAVE_AT), str(accumulation)]
+    proc = subprocess.run(
+        [*launch, *args, str(per_device)], capture_output=True, text=True, env=ENV, timeout=300, check=False
+    )
+    logs = proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.returncode != 0 if phase == "first" else proc.returncode == 0, logs  # "first" is killed
+    return [json.loads((tmp_path / f"{phase}-rank{r}.json").read_text()) for r in range(world)]
+
+
+def _check_resume(full: list[dict], head: list[dict], rest: list[dict]) -> None:
+    """The resumed run trained on the batches of the uninterrupted one, and ended with the same weights."""
+    for f, h, r in zip(full, head, rest, strict=True):
+        assert h["step"] == SAVE_AT and r["step"] == f["step"] == STEPS
+        assert {k: h["ids"][k] for k in h["ids"]} == {k: f["ids"][k] for k in h["ids"]}
+        after = {k: v for k, v in f["ids"].items() if int(k) > SAVE_AT}
+        assert len(after) == STEPS - SAVE_AT and r["ids"] == after  # the next batches, not a fresh start
+        assert r["digest"] == f["digest"]
+        assert f["stats"]["fallback_batches"] == r["stats"]["fallback_batches"] == 0
+        assert r["stats"]["steps"] == f["stats"]["steps"] == STEPS  # the counters travelled with the state
+        assert r["stats"]["regions"] == f["stats"]["regions"] >= 2
+
+
+@pytest.mark.slow
+def test_one_process_with_accumulation_resumes_with_the_batches_of_an_uninterrupted_run(
+    local_server: RunningServer, tmp_path: Path
+) -> None:
+    run = {"world": 1, "accumulation": 2, "per_device": 8}
+    full = _run(tmp_path, local_server.target, "full", **run)
+    head = _run(tmp_path, local_server.target, "first", **run)
+    assert (tmp_path / "resumed" / f"checkpoint-{SAVE_AT}" / LOADER_STATE_NAME).is_file()
+    rest = _run(tmp_path, local_server.target, "rest", **run)
+    _check_resume(full, head, rest)
+    # One coreset batch (2 x 8 examples) per optimizer step, and every batch came from the service.
+    assert all(len(ids) == 16 for ids in full[0]["ids"].values())
+    assert local_server.manager.totals()["sessions"] == 0  # both finished runs closed their session
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_under_torchrun_share_each_step_and_resume(
+    local_server: RunningServer, tmp_path: Path
+) -> None:
+    run = {"world": 2, "accumulation": 2, "per_device": 8}
+    full = _run(tmp_path, local_server.target, "full", **run)
+    head = _run(tmp_path, local_server.target, "first", **run)
+    rest = _run(tmp_path, local_server.target, "rest", **run)
+    _check_resume(full, head, rest)
+    assert full[0]["digest"] == full[1]["digest"]  # DDP kept the replicas identical
+    assert full[0]["stats"]["sessions_opened"] == 1  # rank 0's session, mirrored
+    for step, ids in full[0]["ids"].items():  # each rank its own share of the step's coreset batch
+        other = full[1]["ids"][step]
+        assert ids and other and not set(ids) & set(other), step
+
+
+# -- in-process: the pieces, and bad use ------------------------------------------------------------------------
+
+
+class Pixels(Dataset):
+    """Fashion-MNIST as Hugging Face dict examples; ``key`` None drops the label."""
+
+    def __init__(self, limit: int = 200, key: str | None = "labels") -> None:
+        self.data, self.key = FashionMNIST("train", limit=limit), key
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        x, y = self.data[i]
+        return {"pixel_values": x} if self.key is None else {"pixel_values": x, self.key: y}
+
+
+VIT = {
+    "image_size": 28,
+    "patch_size": 7,
+    "num_channels": 1,
+    "hidden_size": 16,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "intermediate_size": 32,
+}
+
+
+def _trainer(
+    tmp_path: Path, model: torch.nn.Module, dataset: Dataset, endpoint: str, **kwargs: object
+) -> CoresetTrainer:
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=16,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        dataloader_pin_memory=False,
+    )
+    config = LoaderConfig(subset_fraction=0.2, num_subsets=1, first_batch_timeout_s=5.0, deadline_s=30.0, **kwargs)
+    return CoresetTrainer(model=model, args=args, train_dataset=dataset, endpoint=endpoint, loader_config=config)
+
+
+def test_micro_batches_add_up_to_the_weighted_mean_of_the_step() -> None:
+    torch.manual_seed(0)
+    n = 11
+    batch = {"x": torch.randn(n, 3), "labels": torch.arange(n) % 3, "weights": torch.rand(n) + 0.5}
+    losses = torch.rand(n)
+    whole = (losses * batch["weights"]).mean()
+    parts = split_batch(batch, 3)
+    assert [len(p["x"]) for p in parts] == [4, 4, 3]
+    assert torch.equal(torch.cat([p["labels"] for p in parts]), batch["labels"])
+    lo = 0
+    accumulated = torch.tensor(0.0)
+    for p in parts:  # what the Trainer does: each micro-batch's weighted mean, divided by the accumulation
+        hi = lo + len(p["x"])
+        accumulated += (losses[lo:hi] * p["weights"]).mean() / 3
+        lo = hi
+    torch.testing.assert_close(accumulated, whole)
+    (single,) = split_batch((batch["x"], batch["labels"], batch["weights"]), 1)
+    assert single[2] is batch["weights"]
+    with pytest.raises(ValueError, match="fewer than the 12"):
+        split_batch(batch, 12)
+
+
+def test_a_short_run_trains_on_coresets_from_the_server(local_server: RunningServer, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = ViTForImageClassification(ViTConfig(**VIT, num_labels=10))
+    trainer = _trainer(tmp_path, model, Pixels(), local_server.target, steps_per_round=2, lookahead_steps=0)
+    trainer.train()
+    stats = trainer.coreset_loader.stats
+    assert stats.steps == 3 and stats.fallback_batches == 0 and stats.regions >= 1
+    assert local_server.manager.totals()["sessions"] == 0  # closed when train() returned
+
+
+def test_a_model_without_logits_is_refused_by_name(local_server: RunningServer, tmp_path: Path) -> None:
+    trainer = _trainer(tmp_path, ViTModel(ViTConfig(**VIT)), Pixels(), local_server.target)
+    with pytest.raises(TypeError, match="ViTModel returned no logits"):
+        trainer.train()
+
+
+def test_a_dataset_without_labels_is_refused(local_server: RunningServer, tmp_path: Path) -> None:
+    model = ViTForImageClassification(ViTConfig(**VIT, num_labels=10))
+    trainer = _trainer(tmp_path, model, Pixels(key=None), local_server.target)
+    with pytest.raises(ValueError, match=r"no class label: example 0 has keys \['pixel_values'\]"):
+        trainer.train()
+
+
+def test_an_unreachable_endpoint_raises_in_strict_mode(tmp_path: Path) -> None:
+    model = ViTForImageClassification(ViTConfig(**VIT, num_labels=10))
+    trainer = _trainer(tmp_path, model, Pixels(), "127.0.0.1:1", strict=True)
+    with pytest.raises(SelectionUnavailable, match=r"127\.0\.0\.1:1"):
+        trainer.train()
+
+
+def test_a_loader_batch_size_other_than_the_trainers_is_refused(local_server: RunningServer, tmp_path: Path) -> None:
+    model = ViTForImageClassification(ViTConfig(**VIT, num_labels=10))
+    trainer = _trainer(tmp_path, model, Pixels(), local_server.target, batch_size=7)
+    with pytest.raises(ValueError, match=r"loader_config\.batch_size is 7, the Trainer's total train batch size 16"):
+        trainer.train()
+
+
+@pytest.mark.slow
+def test_bench_integrations_quick_reports_each_frameworks_ratios(tmp_path: Path) -> None:
+    pytest.importorskip("lightning", reason="the lightning extra is not installed")
+    out = tmp_path / "integrations.json"
+    cmd = [sys.executable, "-m", "crest_bench.cli", "bench", "integrations", "--quick", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    for framework in ("hf", "lightning"):
+        r = results[framework]
+        assert r["plain"]["ratio_to_plain"] == 1.0 and r["plain"]["measured_steps"] > 0
+        assert r["uniform"]["ratio_to_plain"] > 0 and r["crest"]["ratio_to_plain"] > 0
+        assert r["crest"]["embedding_ms_per_step"] > 0 and r["crest"]["fallback_batches"] == 0
+        assert f"{framework}: plain" in proc.stdout
+
+
+def test_import_trainer_client_loads_no_framework_and_a_missing_extra_is_named() -> None:
+    light = "import sys, trainer_client, trainer_client.integrations; print('transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", light], capture_output=True, text=True, env=ENV, check=True)
+    assert out.stdout.strip() == "False"
+    missing = "import sys; sys.modules['transformers'] = None; import trainer_client.integrations.hf"
+    out = subprocess.run([sys.executable, "-c", missing], capture_output=True, text=True, env=ENV, check=False)
+    assert out.returncode != 0 and "pip install '.[hf]'" in out.stderr, out.stderr[-2000:]

@@ -1,0 +1,239 @@
+"""The Lightning integration against a real server: a real ``LightningModule`` (the project's SmallCNN) fitted on
+Fashion-MNIST through ``CoresetDataModule``, in one process and under Lightning's DDP strategy on two CPU
+processes; a checkpoint, a kill and ``fit(ckpt_path=...)`` continue with the batches of an uninterrupted fit; bad
+use fails clearly."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("lightning", reason="the lightning extra is not installed")
+
+import lightning.pytorch as pl
+from torch.utils.data import Dataset
+
+from selector_service.server import RunningServer
+from trainer_client.data import FashionMNIST
+from trainer_client.embeddings import weighted_loss
+from trainer_client.integrations.lightning import CoresetDataModule
+from trainer_client.loader import LoaderConfig, SelectionUnavailable
+from trainer_client.models import SmallCNN
+
+STEPS, SAVE_AT = 14, 6
+
+# Phase "full" fits STEPS steps; "first" is killed (SIGKILL, every rank) once the checkpoint of step SAVE_AT is
+# on disk; "rest" resumes from that checkpoint. Each rank writes the ids it trained per loader step.
+WORKER = textwrap.dedent(
+    """
+    import json, os, signal, sys
+    import lightning.pytorch as pl
+    import torch
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from trainer_client.data import FashionMNIST
+    from trainer_client.embeddings import weighted_loss
+    from trainer_client.integrations.lightning import CoresetDataModule
+    from trainer_client.loader import LoaderConfig
+    from trainer_client.models import SmallCNN
+
+    target, out, phase, run_dir = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+    steps, save_at, accumulation, devices, batch = (int(a) for a in sys.argv[5:10])
+    torch.set_num_threads(1)
+
+    class Classifier(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = SmallCNN()
+        def forward(self, x):
+            return self.net(x)
+        def training_step(self, batch, batch_idx):
+            x, y, w = batch
+            return weighted_loss(self(x), y, w)
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+    class Record(pl.Callback):
+        def __init__(self):
+            self.ids = {}
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            self.ids[data.loader.stats.steps] = data.loader.last_ids.tolist()
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if phase == "first" and trainer.global_step == save_at:
+                report(trainer)
+                trainer.strategy.barrier()  # every rank is past the checkpoint
+                os.kill(os.getpid(), signal.SIGKILL)  # preempted: no cleanup, the session stays on the service
+
+    def report(trainer):
+        digest = float(sum(p.detach().double().sum() for p in trainer.lightning_module.parameters()))
+        with open(out.format(rank=trainer.global_rank), "w") as f:
+            json.dump({"ids": record.ids, "digest": digest, "stats": vars(data.loader.stats),
+                       "step": trainer.global_step}, f)
+
+    pl.seed_everything(0)
+    model = Classifier()
+    config = LoaderConfig(subset_fraction=0.1, num_subsets=2, steps_per_round=4, lookahead_steps=1, deadline_s=60.0)
+    data = CoresetDataModule(FashionMNIST("train", limit=600), target, batch_size=batch, loader_config=config)
+    record = Record()
+    saver = ModelCheckpoint(dirpath=run_dir, filename="{step}", every_n_train_steps=save_at, save_top_k=-1)
+    trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
+                         max_steps=steps, accumulate_grad_batches=accumulation, callbacks=[record, saver],
+                         logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    ckpt = os.path.join(run_dir, f"step={save_at}.ckpt") if phase == "rest" else None
+    trainer.fit(model, datamodule=data, ckpt_path=ckpt)
+    report(trainer)
+    """
+)
+ENV = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")}
+
+
+def _run(tmp_path: Path, target: str, phase: str, *, devices: int, accumulation: int, batch: int) -> list[dict]:
+    """One phase on ``devices`` processes (Lightning launches the others); each rank's report, in rank order."""
+    script = tmp_path / "lightning_worker.py"
+    script.write_text(WORKER)
+    run_dir = tmp_path / ("full" if phase == "full" else "resumed")
+    out = tmp_path / f"{phase}-rank{{rank}}.json"
+    args = [str(script), target, str(out), phase, str(run_dir), str(STEPS), str(SAVE_AT), str(accumulation)]
+    proc = subprocess.run(
+        [sys.executable, *args, str(devices), str(batch)], capture_output=True, text=True, env=ENV, timeout=300
+    )
+    logs = proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.returncode != 0 if phase == "first" else proc.returncode == 0, logs  # "first" is killed
+    return [json.loads((tmp_path / f"{phase}-rank{r}.json").read_text()) for r in range(devices)]
+
+
+def _check_resume(full: list[dict], head: list[dict], rest: list[dict]) -> None:
+    """The resumed fit trained on the batches of the uninterrupted one, and ended with the same weights."""
+    for f, h, r in zip(full, head, rest, strict=True):
+        assert h["step"] == SAVE_AT and r["step"] == f["step"] == STEPS
+        assert h["ids"] == {k: f["ids"][k] for k in h["ids"]} and len(h["ids"]) == SAVE_AT
+        after = {k: v for k, v in f["ids"].items() if int(k) > SAVE_AT}
+        assert len(after) == STEPS - SAVE_AT and r["ids"] == after  # the next batches, not a fresh start
+        assert r["digest"] == f["digest"]
+        assert f["stats"]["fallback_batches"] == r["stats"]["fallback_batches"] == 0
+        assert r["stats"]["steps"] == f["stats"]["steps"] == STEPS  # the counters travelled with the state
+        assert r["stats"]["regions"] == f["stats"]["regions"] >= 2
+
+
+@pytest.mark.slow
+def test_one_process_with_accumulation_resumes_with_the_batches_of_an_uninterrupted_fit(
+    local_server: RunningServer, tmp_path: Path
+) -> None:
+    run = {"devices": 1, "accumulation": 2, "batch": 32}
+    full = _run(tmp_path, local_server.target, "full", **run)
+    head = _run(tmp_path, local_server.target, "first", **run)
+    rest = _run(tmp_path, local_server.target, "rest", **run)
+    _check_resume(full, head, rest)
+    assert all(len(ids) == 32 for ids in full[0]["ids"].values())  # one coreset batch per optimizer step
+    assert local_server.manager.totals()["sessions"] == 0  # both finished fits closed their session
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_under_the_ddp_strategy_share_each_step_and_resume(
+    local_server: RunningServer, tmp_path: Path
+) -> None:
+    run = {"devices": 2, "accumulation": 2, "batch": 32}
+    full = _run(tmp_path, local_server.target, "full", **run)
+    head = _run(tmp_path, local_server.target, "first", **run)
+    rest = _run(tmp_path, local_server.target, "rest", **run)
+    _check_resume(full, head, rest)
+    assert full[0]["digest"] == full[1]["digest"]  # DDP kept the replicas identical
+    assert full[0]["stats"]["sessions_opened"] == 1  # rank 0's session, mirrored
+    for step, ids in full[0]["ids"].items():  # each rank its own share of the step's coreset batch
+        other = full[1]["ids"][step]
+        assert ids and other and not set(ids) & set(other), step
+
+
+# -- in-process: a short fit, and bad use --------------------------------------------------------------------------
+
+
+class Classifier(pl.LightningModule):
+    def __init__(self, net: torch.nn.Module | None = None) -> None:
+        super().__init__()
+        self.net = net or SmallCNN()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        x, y, w = batch
+        return weighted_loss(self(x), y, w)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+class Unlabelled(Dataset):
+    def __init__(self) -> None:
+        self.images = FashionMNIST("train", limit=200).images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.images[i]
+
+
+def _fit(model: pl.LightningModule, data: CoresetDataModule, steps: int = 3) -> pl.Trainer:
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(model, datamodule=data)
+    return trainer
+
+
+def _config(**kwargs: object) -> LoaderConfig:
+    return LoaderConfig(subset_fraction=0.2, num_subsets=1, first_batch_timeout_s=5.0, deadline_s=30.0, **kwargs)
+
+
+def test_a_short_fit_trains_on_coresets_from_the_server(local_server: RunningServer) -> None:
+    data = CoresetDataModule(
+        FashionMNIST("train", limit=200), local_server.target, batch_size=16, loader_config=_config(steps_per_round=2)
+    )
+    trainer = _fit(Classifier(), data)
+    assert data.loader is not None
+    assert trainer.global_step == 3 and data.loader.stats.steps == 3 and data.loader.stats.fallback_batches == 0
+    assert local_server.manager.totals()["sessions"] == 0  # closed at teardown
+
+
+def test_a_model_without_logits_is_refused(local_server: RunningServer) -> None:
+    features = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10), torch.nn.Flatten(0))  # (n·10,)
+    dataset = FashionMNIST("train", limit=200)
+    data = CoresetDataModule(dataset, local_server.target, batch_size=16, loader_config=_config())
+    with pytest.raises(TypeError, match=r"Classifier returned logits of shape \(\d+,\) for \d+ targets"):
+        _fit(Classifier(features), data)
+
+
+def test_a_dataset_without_labels_is_refused(local_server: RunningServer) -> None:
+    data = CoresetDataModule(Unlabelled(), local_server.target, batch_size=16, loader_config=_config())
+    with pytest.raises(ValueError, match="cannot find the class labels of a dataset whose examples are Tensor"):
+        _fit(Classifier(), data)
+
+
+def test_an_unreachable_endpoint_raises_in_strict_mode() -> None:
+    data = CoresetDataModule(
+        FashionMNIST("train", limit=200), "127.0.0.1:1", batch_size=16, loader_config=_config(strict=True)
+    )
+    with pytest.raises(SelectionUnavailable, match=r"127\.0\.0\.1:1"):
+        _fit(Classifier(), data)
+
+
+def test_import_trainer_client_loads_no_framework_and_a_missing_extra_is_named() -> None:
+    light = "import sys, trainer_client, trainer_client.integrations; print('lightning' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", light], capture_output=True, text=True, env=ENV, check=True)
+    assert out.stdout.strip() == "False"
+    missing = "import sys; sys.modules['lightning'] = None; import trainer_client.integrations.lightning"
+    out = subprocess.run([sys.executable, "-c", missing], capture_output=True, text=True, env=ENV, check=False)
+    assert out.returncode != 0 and "pip install '.[lightning]'" in out.stderr, out.stderr[-2000:]
