@@ -242,7 +242,9 @@ def test_killed_selector_actor_loses_and_repeats_nothing(cluster: tuple[str, str
 
 
 def test_killed_selector_worker_processes_lose_and_repeat_nothing(cluster: tuple[str, str, Path]) -> None:
-    """SIGKILL the operating-system processes of every selector actor mid-round (not ray.kill: a crash)."""
+    """SIGKILL the operating-system processes of every selector actor mid-round (not ray.kill: a crash), after the
+    round started and before its embeddings arrive, so that every selection of the round meets a dead process.
+    (Killed after the embeddings, a share that selects in milliseconds may finish before its process dies.)"""
     import ray
 
     address, target, state = cluster
@@ -260,9 +262,9 @@ def test_killed_selector_worker_processes_lose_and_repeat_nothing(cluster: tuple
             sid = client.create_session(labels, subset_fraction=0.1, num_subsets=4, batch_size=40).session_id
             plan = client.start_round(sid, 0, 0)
             emb = np.random.default_rng(6).normal(size=(len(plan.ids), 2)).astype(np.float32)
-            client.submit_embeddings(sid, 0, plan.ids, emb)
-            for pid in pids:  # the selections are running in these processes
+            for pid in pids:  # the processes the round's selections would run in
                 os.kill(pid, signal.SIGKILL)
+            client.submit_embeddings(sid, 0, plan.ids, emb)
             batches = list(client.stream_batches(sid, 0))
             assert sorted(b.subset_index for b in batches) == [0, 1, 2, 3]
             assert client.session_state(sid).rounds_completed == 1
