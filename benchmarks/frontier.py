@@ -156,7 +156,9 @@ def run(args: argparse.Namespace) -> int:
     data = load_data(bench.dataset, bench.data_dir, bench.train_limit, bench.test_limit)
     if config.evaluation == "validation":
         data = split_validation(data, config.validation_size)
-    evals = EvalSets(curve=materialize(data.test, bench.eval_examples), test=materialize(data.test))
+    evals = EvalSets(
+        curve=materialize(data.test, bench.eval_examples), test=materialize(data.test), balanced=data.balanced_score
+    )
     service = (
         start_service(config.num_workers, cpus_per_worker=config.cpus_per_worker) if "crest" in config.methods else None
     )

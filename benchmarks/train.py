@@ -110,7 +110,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     torch.set_num_threads(config.threads)
     data = load_data(config.dataset, config.data_dir, config.train_limit, config.test_limit)
-    evals = EvalSets(curve=materialize(data.test, config.eval_examples), test=materialize(data.test))
+    evals = EvalSets(
+        curve=materialize(data.test, config.eval_examples), test=materialize(data.test), balanced=data.balanced_score
+    )
     service = start_service(args.num_workers) if "crest" in methods else None
     endpoint = service.target if service else None
     runs: list[RunResult] = []

@@ -116,6 +116,24 @@ class EvalSets:
 
     curve: tuple[torch.Tensor, torch.Tensor]  # the first eval_examples test examples, every eval_every steps
     test: tuple[torch.Tensor, torch.Tensor]  # the whole test split (test_limit), at the end
+    # Score the mean of the per-class accuracies rather than the accuracy (BenchData.balanced_score).
+    balanced: bool = False
+
+    def score(self, model: torch.nn.Module, split: tuple[torch.Tensor, torch.Tensor]) -> float:
+        """The score of ``model`` on ``split`` (``curve`` or ``test``): accuracy, or its per-class mean."""
+        return balanced_accuracy(model, *split) if self.balanced else evaluate(model, *split)
+
+
+def balanced_accuracy(model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor) -> float:
+    """Mean over the classes present in ``targets`` of the accuracy on that class's examples: on a
+    class-balanced split it equals the accuracy; on a skewed one it estimates the accuracy on a balanced one."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        predicted = torch.cat([model(images[lo : lo + 2000]).argmax(1) for lo in range(0, len(targets), 2000)])
+    model.train(was_training)
+    classes = torch.unique(targets)
+    return float(torch.stack([(predicted[targets == c] == c).float().mean() for c in classes]).mean())
 
 
 class Clock:
@@ -278,7 +296,7 @@ def run_one(
 
     def checkpoint(step: int) -> None:
         clock.pause()
-        accuracy = evaluate(model, *evals.curve)
+        accuracy = evals.score(model, evals.curve)
         curve.append({"step": step, "time_s": clock.read(), "examples": backprop, "accuracy": accuracy})
         batch_loss.append({"step": step, "loss": float(np.mean(window))})
         window.clear()
@@ -329,7 +347,7 @@ def run_one(
             loader.close()
         if client is not None:
             client.close()
-    accuracy = evaluate(model, *evals.test)
+    accuracy = evals.score(model, evals.test)
     forward_only = stats.examples_embedded if stats else 0
     return RunResult(
         method=method,

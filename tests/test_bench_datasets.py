@@ -59,3 +59,22 @@ def test_noisy_and_long_tailed_fashion_mnist() -> None:
     assert tail.train_labels is not None
     counts = np.bincount(tail.train_labels, minlength=10)
     assert counts[0] == 6000 and counts[-1] == round(6000 / IMBALANCE_RATIO) and len(tail.train) == counts.sum()  # type: ignore[arg-type]
+    assert tail.balanced_score and not clean.balanced_score and not noisy.balanced_score
+
+
+def test_balanced_score_is_the_accuracy_on_a_balanced_split_and_not_on_a_skewed_one() -> None:
+    """A model that always answers class 0, scored on a 9:1 split and on a 1:1 one."""
+    import torch
+
+    from crest_bench.train_methods import EvalSets, balanced_accuracy
+
+    class AlwaysZero(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.stack([torch.ones(len(x)), torch.zeros(len(x))], 1)
+
+    model, x = AlwaysZero(), torch.zeros(10, 1)
+    skewed, balanced = torch.tensor([0] * 9 + [1]), torch.tensor([0] * 5 + [1] * 5)
+    assert balanced_accuracy(model, x, skewed) == pytest.approx(0.5)  # per class: 1.0 and 0.0
+    assert balanced_accuracy(model, x, balanced) == pytest.approx(0.5)
+    plain, weighted = EvalSets((x, skewed), (x, skewed)), EvalSets((x, skewed), (x, skewed), balanced=True)
+    assert plain.score(model, plain.test) == pytest.approx(0.9) and weighted.score(model, weighted.test) == 0.5
