@@ -208,9 +208,7 @@ def load_data(spec: str, data_dir: str | None, train_limit: int | None, test_lim
         raise ValueError(
             f"--dataset {spec!r}: labels span {labels.min()}..{labels.max()}, num_classes is {data.num_classes}"
         )
-    return BenchData(
-        name=data.name, train=train, test=test, num_classes=data.num_classes, model=data.model, train_labels=labels
-    )
+    return replace(data, train=train, test=test, train_labels=labels)
 
 
 def fetch(dataset: Dataset, ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,6 +12,7 @@ from crest_bench.train_data import (
     fashion_mnist_imbalanced,
     fashion_mnist_noisy,
     flip_labels,
+    load_data,
     long_tail,
     split_validation,
 )
@@ -60,6 +61,7 @@ def test_noisy_and_long_tailed_fashion_mnist() -> None:
     counts = np.bincount(tail.train_labels, minlength=10)
     assert counts[0] == 6000 and counts[-1] == round(6000 / IMBALANCE_RATIO) and len(tail.train) == counts.sum()  # type: ignore[arg-type]
     assert tail.balanced_score and not clean.balanced_score and not noisy.balanced_score
+    assert load_data("crest_bench.train_data:fashion_mnist_imbalanced", None, 1000, 100).balanced_score
 
 
 def test_balanced_score_is_the_accuracy_on_a_balanced_split_and_not_on_a_skewed_one() -> None:
