@@ -22,7 +22,7 @@ from typing import Any
 from selector_service import cli as service_cli
 
 # The training benchmark's methods (crest_bench.train_methods.METHODS, which imports torch).
-METHOD_NAMES = ("full", "random", "crest", "infobatch")
+METHOD_NAMES = ("full", "random", "crest", "infobatch", "balanced")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,7 +100,8 @@ def _add_bench_train(benches: Any) -> None:
     p.add_argument(
         "--methods",
         default=None,
-        help="comma-separated subset of full,random,crest,infobatch; full is required (default all; --demo full,crest)",
+        help="comma-separated subset of full,random,crest,infobatch,balanced (uniform class-balanced batches); "
+        "full is required (default all but balanced; --demo full,crest)",
     )
     p.add_argument(
         "--crest-adaptive", action="store_true", help="CREST's Taylor check ends regions (default: 50-step regions)"
@@ -160,8 +161,9 @@ def _add_bench_frontier(benches: Any) -> None:
     )
     p.add_argument(
         "--methods",
-        default=",".join(METHOD_NAMES),
-        help="comma-separated subset of full,random,crest,infobatch; full is required (default all)",
+        default=",".join(METHOD_NAMES[:4]),
+        help="comma-separated subset of full,random,crest,infobatch,balanced (uniform class-balanced batches: the "
+        "control of CREST's class-balanced subsets); full is required (default all but balanced)",
     )
     p.add_argument("--seeds", type=int, default=None, help="seeds per method, paired across methods (default 3)")
     p.add_argument(
@@ -175,7 +177,7 @@ def _add_bench_frontier(benches: Any) -> None:
         action="store_true",
         help="also train full data for 2E epochs (E always runs) and report the gap doubling E adds",
     )
-    p.add_argument("--baseline-threads", type=int, default=2, help="torch threads of full, random, infobatch")
+    p.add_argument("--baseline-threads", type=int, default=2, help="torch threads of full, random, infobatch, balanced")
     p.add_argument(
         "--crest-threads",
         type=int,

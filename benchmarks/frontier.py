@@ -59,7 +59,7 @@ from crest_bench.frontier_report import REFERENCE, SWEEP, FrontierRun, budget_st
 from crest_bench.frontier_tables import markdown, plot
 from crest_bench.train import start_service
 from crest_bench.train_data import BenchData, load_data, materialize, split_validation
-from crest_bench.train_methods import METHODS, BenchConfig, EvalSets, RunResult, run_one, warm_up
+from crest_bench.train_methods import DEFAULT_METHODS, METHODS, BenchConfig, EvalSets, RunResult, run_one, warm_up
 from selector_service.process import ServiceProcess
 
 # As ``crest bench train --quick``: a tenth of the data keeps CREST's random subsets at r = 600.
@@ -79,7 +79,7 @@ class FrontierConfig:
     epochs: float = 10.0
     # Budgets as fractions of E epochs (the 5-50%).
     budgets: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5)
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = DEFAULT_METHODS
     seeds: int = 3
     # Seeds are first_seed .. first_seed + seeds - 1: ablations run on seeds the reported table does not use.
     first_seed: int = 0

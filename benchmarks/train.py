@@ -56,7 +56,7 @@ import torch
 
 from crest_bench._report import machine, write_atomic, write_json
 from crest_bench.train_data import BenchData, load_data, materialize
-from crest_bench.train_methods import METHODS, BenchConfig, EvalSets, RunResult, run_one, warm_up
+from crest_bench.train_methods import DEFAULT_METHODS, METHODS, BenchConfig, EvalSets, RunResult, run_one, warm_up
 from crest_bench.train_report import markdown, plot, score, summarize
 from selector_service.process import ServiceProcess, spawn_service
 
@@ -74,7 +74,9 @@ QUICK = {
 
 def plan(args: argparse.Namespace) -> tuple[BenchConfig, tuple[str, ...], int, Path]:
     """(config, methods, seeds, JSON path) from ``crest bench train`` flags; explicit flags beat the presets."""
-    methods = tuple(m for m in (args.methods or ("full,crest" if args.demo else ",".join(METHODS))).split(",") if m)
+    methods = tuple(
+        m for m in (args.methods or ("full,crest" if args.demo else ",".join(DEFAULT_METHODS))).split(",") if m
+    )
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")

@@ -24,7 +24,10 @@ from crest_bench.train_data import DEFAULT_HOOK, BenchData, fetch
 from trainer_client import CoresetLoader, LoaderConfig, RegionConfig, SelectionClient, WeightedBatch
 from trainer_client.train import evaluate
 
-METHODS = ("full", "random", "crest", "infobatch")
+METHODS = ("full", "random", "crest", "infobatch", "balanced")
+# What runs when --methods is not given: the frontier's four; "balanced" (the control of CREST's class-balanced
+# subsets, which matters on skewed tasks) is asked for by name.
+DEFAULT_METHODS = METHODS[:4]
 
 Batches = Iterator[tuple[np.ndarray, np.ndarray]]  # (ids int64 (b,), weights float32 (b,)) forever
 
@@ -194,6 +197,20 @@ def random_batches(n: int, batch_size: int, seed: int) -> Batches:
         yield rng.choice(n, batch_size, replace=False), ones
 
 
+def balanced_batches(labels: np.ndarray, batch_size: int, seed: int) -> Batches:
+    """Uniform batches with an equal quota per class (the extra ones of ``batch_size % C`` to classes drawn at
+    random each batch), each class's drawn without replacement: the class balance of CREST's random subsets
+    without its selection, the control that separates the two on a skewed training set. int64 labels (N,)."""
+    rng = np.random.default_rng([seed, 13])
+    members = [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    base, extra = divmod(batch_size, len(members))
+    ones = np.ones(batch_size, dtype=np.float32)
+    while True:
+        quota = np.full(len(members), base)
+        quota[rng.choice(len(members), extra, replace=False)] += 1
+        yield np.concatenate([rng.choice(ids, q, replace=False) for ids, q in zip(members, quota, strict=True)]), ones
+
+
 class InfoBatch:
     """InfoBatch-style pruning: losses of the last visit drive which examples the next epoch leaves out."""
 
@@ -271,6 +288,8 @@ def run_one(
         source = full_batches(n, config.batch_size, seed)
     elif method == "random":
         source = random_batches(n, config.batch_size, seed)
+    elif method == "balanced":
+        source = balanced_batches(labels, config.batch_size, seed)
     elif method == "infobatch":
         info = InfoBatch(n, config, seed)
         source = info.batches(step_counter())

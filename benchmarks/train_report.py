@@ -11,7 +11,7 @@ import numpy as np
 
 from crest_bench.train_methods import METHODS, BenchConfig, RunResult
 
-COLOURS = dict(zip(METHODS, ("black", "tab:grey", "tab:red", "tab:blue"), strict=True))
+COLOURS = dict(zip(METHODS, ("black", "tab:grey", "tab:red", "tab:blue", "tab:green"), strict=True))
 
 
 def score(runs: list[RunResult], drop: float) -> None:

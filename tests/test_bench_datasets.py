@@ -80,3 +80,18 @@ def test_balanced_score_is_the_accuracy_on_a_balanced_split_and_not_on_a_skewed_
     assert balanced_accuracy(model, x, balanced) == pytest.approx(0.5)
     plain, weighted = EvalSets((x, skewed), (x, skewed)), EvalSets((x, skewed), (x, skewed), balanced=True)
     assert plain.score(model, plain.test) == pytest.approx(0.9) and weighted.score(model, weighted.test) == 0.5
+
+
+def test_balanced_batches_give_every_class_its_quota_without_repeats() -> None:
+    from crest_bench.train_methods import balanced_batches
+
+    labels = np.random.default_rng(0).permutation(np.repeat(np.arange(4), [400, 200, 100, 50]))
+    source = balanced_batches(labels, 30, seed=3)
+    for _ in range(20):
+        ids, weights = next(source)
+        counts = np.bincount(labels[ids], minlength=4)
+        assert len(np.unique(ids)) == 30 and sorted(counts) == [7, 7, 8, 8]  # 30 = 4 x 7 + 2 extra
+        assert (weights == 1).all()
+    again = balanced_batches(labels, 30, seed=3)
+    first = next(balanced_batches(labels, 30, seed=3))[0]
+    np.testing.assert_array_equal(next(again)[0], first)  # fixed by its seed

@@ -24,7 +24,7 @@ from crest_bench.frontier_report import (
     time_to,
 )
 from crest_bench.frontier_tables import markdown
-from crest_bench.train_methods import METHODS
+from crest_bench.train_methods import DEFAULT_METHODS, METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -187,7 +187,7 @@ def test_protocol_flags_and_presets() -> None:
         10.0,
         (0.05, 0.1, 0.2, 0.3, 0.5),
         3,
-        METHODS,
+        DEFAULT_METHODS,
         "test",
     )
     assert (c.baseline_threads, c.crest_threads, c.num_workers, c.cpus_per_worker) == (2, 2, 2, 0.5)
@@ -237,7 +237,7 @@ def test_frontier_quick_end_to_end(tmp_path: Path) -> None:
     sweep = [r for r in runs if r["role"] == "sweep"]
     # Every method x budget x seed once, and the reference at E and 2E for every seed.
     assert sorted((r["method"], r["budget"], r["seed"]) for r in sweep) == sorted(
-        itertools.product(METHODS, (0.25, 0.5), [0])
+        itertools.product(DEFAULT_METHODS, (0.25, 0.5), [0])
     )
     refs = sorted((r["method"], r["budget"], r["seed"]) for r in runs if r["role"] == "reference")
     assert refs == [("full", 1.0, 0), ("full", 2.0, 0)]
@@ -254,7 +254,7 @@ def test_frontier_quick_end_to_end(tmp_path: Path) -> None:
             assert (r["torch_threads"], r["service_workers"], r["cost"]["selection_s"]) == (2, 0, 0.0)
     assert protocol["steps"] == {"0.25": 23, "0.5": 47} and protocol["reference_steps"] == 94
     acc = {(r["method"], r["budget"], r["seed"]): r["accuracy"] for r in sweep}
-    for m in METHODS:
+    for m in DEFAULT_METHODS:
         for axis, x in (("time", "time_s"), ("steps", "steps")):
             front = s["frontier"][m][axis]
             assert front and all(b[x] > a[x] and b["accuracy"] > a["accuracy"] for a, b in itertools.pairwise(front))
@@ -265,7 +265,7 @@ def test_frontier_quick_end_to_end(tmp_path: Path) -> None:
             assert p["seeds"] == [0] and p["diffs"] == pytest.approx([acc[a, float(b), 0] - acc[base, float(b), 0]])
     assert len(s["targets"]) == 3 and s["targets"][0]["name"] == "full@25% - 0.5 pt"
     for t in s["targets"]:
-        for m in METHODS:
+        for m in DEFAULT_METHODS:
             time_s, front = t["time_s"][m], s["frontier"][m]["time"]
             assert (time_s is None) == (t["accuracy"] > front[-1]["accuracy"])
             if time_s is not None:
