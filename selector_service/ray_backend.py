@@ -81,6 +81,25 @@ def _select_on(actors: list[Any], task: SelectionTask, index: int) -> Future[lis
     return actors[index].select.remote(task).future()
 
 
+def _known(node: Future[str]) -> str | None:
+    """The node id an actor reported, or None while it has not (or could not)."""
+    return node.result() if node.done() and node.exception() is None else None
+
+
+def _hedge_order(live: list[int], first: int, nodes: list[str | None]) -> list[int]:
+    """The actors a share tries, at most ``MAX_ATTEMPTS``: ``live[first]``, then the next live actors on other
+    nodes than those already in the order (a node that died takes all its actors with it), then the rest, each
+    group in pool order from ``first``."""
+    ring = [live[(first + j) % len(live)] for j in range(len(live))]
+    order = ring[:1]
+    for i in ring[1:]:
+        if len(order) == MAX_ATTEMPTS:
+            return order
+        if nodes[i] is None or all(nodes[i] != nodes[o] for o in order):
+            order.append(i)
+    return (order + [i for i in ring if i not in order])[:MAX_ATTEMPTS]
+
+
 class RayBackend:
     """A pool of ``SelectorWorker`` actors, used round-robin, spread over the cluster's nodes.
 
@@ -125,6 +144,7 @@ class RayBackend:
         self.instance = uuid.uuid4().hex[:8]
         self.actor_names: list[str] = []
         self._actors: list[Any] = []
+        self._nodes: list[Future[str]] = []  # each actor's node id, as first reported (a restart may move it)
         self._turn = 0
         self._set_aside: set[int] = set()  # indices of actors that did not answer in time, until a probe answers
         self._lock = threading.Lock()  # the pool (actors, turn, set-aside): held briefly, by submit
@@ -178,6 +198,8 @@ class RayBackend:
                     return
                 self._actors += handles
                 self.actor_names += names
+                # Each actor's node, for hedging on another node (an answer arrives once the actor has started).
+                self._nodes += [h.node_id.remote().future() for h in handles]
 
     def _warm(self, actors: list[Any]) -> None:
         """Select the warm-up shares on each of ``actors``: the first alone, so that on a fresh cache it compiles
@@ -234,14 +256,14 @@ class RayBackend:
     def submit(self, work: RoundInput) -> list[Future[Batch]]:
         with self._lock:
             actors = list(self._actors)
+            nodes = [_known(f) for f in self._nodes]
             live = [i for i in range(len(actors)) if i not in self._set_aside] or list(range(len(actors)))
             shares = chunks(work.sizes, len(live))
             turn, self._turn = self._turn, self._turn + len(shares)
         futures: list[Future[Batch]] = []
         for k, subsets in enumerate(shares):
             task = work.share(subsets)
-            # This share's actor, then the next ones of the pool as its hedges (SPREAD puts neighbours on other nodes).
-            order = [live[(turn + k + j) % len(live)] for j in range(min(MAX_ATTEMPTS, len(live)))]
+            order = _hedge_order(live, (turn + k) % len(live), nodes)
             call: Future[list[Batch]] = hedged(
                 functools.partial(_select_on, actors, task), order, HEDGE_AFTER_S, self._set_aside_slow
             )
@@ -300,6 +322,6 @@ class RayBackend:
         with self._lock:
             for a in self._actors:
                 ray.kill(a)
-            self._actors, self.actor_names = [], []
+            self._actors, self.actor_names, self._nodes = [], [], []
         if self._started_ray:
             ray.shutdown()

@@ -94,3 +94,17 @@ def test_the_first_answer_wins_when_both_answer() -> None:
 def test_no_workers_is_refused() -> None:
     with pytest.raises(ValueError, match="at least one worker"):
         hedged(Workers().launch, [])
+
+
+def test_hedges_go_to_other_nodes_first() -> None:
+    """A node that dies takes all its actors: a share's hedges try actors on other nodes before its own node's."""
+    from selector_service.ray_backend import _hedge_order
+
+    nodes: list[str | None] = ["a", "a", "a", "b", "b", "c"]
+    live = list(range(6))
+    assert _hedge_order(live, 0, nodes) == [0, 3, 5]
+    assert _hedge_order(live, 1, nodes) == [1, 3, 5]
+    assert _hedge_order(live, 4, nodes) == [4, 5, 0]
+    assert _hedge_order(live, 0, ["a"] * 6) == [0, 1, 2]  # one node: the pool's order
+    assert _hedge_order([2, 5], 1, nodes) == [5, 2]  # only the live actors, at most all of them
+    assert _hedge_order(live, 0, [None, "a", "a", None, "b", "b"]) == [0, 1, 3]  # unknown: another node
