@@ -108,9 +108,9 @@ class RayBackend:
     session delivers each subset's batch once because it collects one result per subset. A round is dealt out
     in contiguous shares (``tasks.chunks``), one call per actor, starting where the last round stopped.
 
-    A share that has not come back after ``hedge.HEDGE_AFTER_S`` goes to the next actor too (``hedge.hedged``):
-    an actor whose node died would hold it until Ray noticed, and its restart may find no free CPU. Such an actor
-    is set aside (dealt no shares) until it answers a probe, as a restarted one does.
+    A share that has not come back after ``hedge.HEDGE_AFTER_S`` goes to another actor too (``hedge.hedged``), on
+    another node first (``_hedge_order``): an actor whose node died would hold it until Ray noticed, and its
+    restart may find no free CPU. Such an actor is set aside (dealt no shares) until it answers a probe.
     """
 
     name = "ray"
