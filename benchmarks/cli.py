@@ -328,15 +328,16 @@ def _command(argv: list[str]) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if _command(argv) in service_cli.COMMANDS:
+    command = _command(argv)
+    if command in service_cli.COMMANDS:
         # The service side alone: a `crest serve` process never loads torch, and runs where it is not installed.
         return service_cli.main(argv)
     # Before torch loads anywhere: OpenMP spin-waiting slows torch 10-70x next to other busy processes.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    trainer = _trainer_cli() if _command(argv) in ("train", "demo") else None
-    if _command(argv) in ("train", "demo") and trainer is None:
+    trainer = _trainer_cli() if command in ("train", "demo") else None
+    if command in ("train", "demo") and trainer is None:
         print(
-            f"crest {_command(argv)}: the trainer side is not installed (torch); install it: pip install "
+            f"crest {command}: the trainer side is not installed (torch); install it: pip install "
             "'.[trainer]' from a checkout, or the wheel that `make wheel` builds with the same extra",
             file=sys.stderr,
         )

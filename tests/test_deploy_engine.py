@@ -148,12 +148,13 @@ def stack(engine: dict[str, str]) -> Iterator[Stack]:
         }
     )
     timings = stack.report.setdefault("seconds", {})
-    wheel = ROOT / "deploy" / "wheels" / _local_torch_wheel().name
+    torch_wheel = _local_torch_wheel()
+    wheel = ROOT / "deploy" / "wheels" / torch_wheel.name
     try:
         start = time.perf_counter()
         stack.run(["sh", "deploy/base-image.sh", BASE_IMAGE], timeout=600)
         timings["base_image"] = round(time.perf_counter() - start, 1)
-        shutil.copyfile(_local_torch_wheel(), wheel)
+        shutil.copyfile(torch_wheel, wheel)
         start = time.perf_counter()
         stack.compose("build", timeout=1500)
         timings["build"] = round(time.perf_counter() - start, 1)
