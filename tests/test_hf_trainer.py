@@ -89,6 +89,8 @@ WORKER = textwrap.dedent(
                              loader_config=loader_config, callbacks=[record])
     trainer.train(resume_from_checkpoint=True if phase == "rest" else None)
     report(trainer.state.global_step)
+    if torch.distributed.is_initialized():  # gloo's threads must not outlive the interpreter
+        torch.distributed.destroy_process_group()
     """
 )
 ENV = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")}
