@@ -300,7 +300,7 @@ def _add_bench_integrations(benches: Any) -> None:
     )
     p.add_argument("--quick", action="store_true", help="1,000 examples, 2 blocks of 20 steps (the test suite's mode)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per block (default 100; --quick 20)")
-    p.add_argument("--blocks", type=int, default=None, help="interleaved blocks per way (default 5; --quick 2)")
+    p.add_argument("--blocks", type=int, default=None, help="interleaved blocks per way (default 10; --quick 2)")
     p.add_argument("--frameworks", default="hf,lightning", help="comma-separated subset of hf,lightning")
     p.add_argument("--out", default="results/integrations.json", help="JSON output path")
 

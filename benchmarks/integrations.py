@@ -1,6 +1,6 @@
 """Per-step overhead of the trainer integrations against each framework's own loop on the same model.
 
-    crest bench integrations            # Hugging Face Trainer and Lightning, 5 interleaved blocks of 100 steps
+    crest bench integrations            # Hugging Face Trainer and Lightning, 10 interleaved blocks of 100 steps
     crest bench integrations --quick    # 2 blocks of 20 steps on 1,000 examples (the test suite's mode)
 
 Each framework trains the same seeded model on Fashion-MNIST three ways, side by side in one process, in
@@ -17,11 +17,13 @@ machine touches all three:
 
 A step's time is the wall clock between two consecutive optimizer-step callbacks, the first ``WARMUP`` steps of
 every block left out (start-up, the first round). Reported per framework: mean ms per step of each way (the
-wall-clock ratio) and its ratio to ``plain``; the median step's ratio (robust to the machine's hiccups; it leaves
-out the steps that embed a round); and CREST's own passes (the no-grad embedding of each round's candidates,
-from ``LoaderStats`` deltas over the measured steps) and its waits for the service, separately, with the ratio
-once they are taken out. The round's other service calls (StartRound, handing over the embeddings, receiving
-the coresets) stay in the steps. Writes JSON (default results/integrations.json).
+wall-clock ratio) and its ratio to ``plain``; the **paired ratio**, the median over the rotations of each way's
+mean step against ``plain``'s in the same rotation (this box's speed drifts by 10-30% over tens of seconds, so
+only blocks run next to each other compare fairly); the median step's ratio (it leaves out the steps that embed a
+round); and CREST's own passes (the no-grad embedding of each round's candidates, from ``LoaderStats`` deltas
+over the measured steps) and its waits for the service, separately, with the ratios once they are taken out.
+The round's other service calls (StartRound, handing over the embeddings, receiving the coresets) stay in the
+steps. Writes JSON (default results/integrations.json).
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ class IntegrationsConfig:
     batch_size: int = 64
     # Optimizer steps per block, and blocks per way (interleaved).
     steps: int = 100
-    blocks: int = 5
+    blocks: int = 10
     # CREST: fixed regions of this many steps (one embedding pass of a round's candidates each), random subsets
     # per round and their size as a fraction of the data.
     steps_per_round: int = 20
@@ -72,6 +74,8 @@ class Timing:
     """The measured steps of one way, over every block."""
 
     step_s: list[float] = field(default_factory=list)  # each measured step's wall time
+    block_s: list[float] = field(default_factory=list)  # each block's mean measured step
+    block_passes_s: list[float] = field(default_factory=list)  # CREST: each block's passes per measured step
     embed_s: float = 0.0  # CREST: no-grad passes over the measured steps (embedding, checks, fits)
     wait_s: float = 0.0  # CREST: time blocked on the service over the measured steps
     fallback_batches: int = 0
@@ -104,11 +108,14 @@ class StepClock:
         return s.embed_s + s.check_s + s.fit_s, s.wait_s
 
     def add_to(self, timing: Timing) -> None:
-        timing.step_s.extend(np.diff(self.stamps[WARMUP - 1 :]).tolist())
+        steps = np.diff(self.stamps[WARMUP - 1 :])
+        timing.step_s.extend(steps.tolist())
+        timing.block_s.append(float(steps.mean()))
         if self.start is not None:
             passes, wait = self._passes()
             timing.embed_s += passes - self.start[0]
             timing.wait_s += wait - self.start[1]
+            timing.block_passes_s.append((passes - self.start[0]) / len(steps))
         loader = self.loader()
         if loader is not None and hasattr(loader, "stats"):
             timing.fallback_batches += loader.stats.fallback_batches
@@ -288,28 +295,37 @@ def _loader_config(cfg: IntegrationsConfig) -> Any:
     )
 
 
+def paired(way_s: list[float], plain_s: list[float]) -> dict[str, float]:
+    """Block-by-block ratios of a way's mean step to plain's in the same rotation: median, min and max."""
+    ratios = np.asarray(way_s) / np.asarray(plain_s)
+    return {"median": float(np.median(ratios)), "min": float(ratios.min()), "max": float(ratios.max())}
+
+
 def summarise(timings: dict[str, Timing]) -> dict[str, Any]:
-    """Per way: ms per step and the ratio to plain; CREST's passes and waits per step, and its ratio without."""
-    plain = timings["plain"].ms()
+    """Per way: ms per step and the ratio to plain (pooled and paired by rotation); CREST's passes and waits per
+    step, and its ratios without them."""
+    plain = timings["plain"]
     out: dict[str, Any] = {}
     for way, t in timings.items():
-        steps = len(t.step_s)
         out[way] = {
             "ms_per_step": t.ms(),
-            "ratio_to_plain": t.ms() / plain,
+            "ratio_to_plain": t.ms() / plain.ms(),
+            "paired_ratio_to_plain": paired(t.block_s, plain.block_s),
             "median_ms_per_step": t.median_ms(),
-            "median_ratio_to_plain": t.median_ms() / timings["plain"].median_ms(),
-            "measured_steps": steps,
+            "median_ratio_to_plain": t.median_ms() / plain.median_ms(),
+            "measured_steps": len(t.step_s),
         }
     crest = timings["crest"]
     steps = len(crest.step_s)
     passes_ms, wait_ms = 1e3 * crest.embed_s / steps, 1e3 * crest.wait_s / steps
+    without = np.asarray(crest.block_s) - np.asarray(crest.block_passes_s)
     out["crest"].update(
         {
             "embedding_ms_per_step": passes_ms,
             "wait_ms_per_step": wait_ms,
-            "ratio_to_plain_without_embedding": (crest.ms() - passes_ms) / plain,
-            "ratio_to_plain_without_embedding_and_wait": (crest.ms() - passes_ms - wait_ms) / plain,
+            "ratio_to_plain_without_embedding": (crest.ms() - passes_ms) / plain.ms(),
+            "paired_ratio_to_plain_without_embedding": paired(without.tolist(), plain.block_s),
+            "ratio_to_plain_without_embedding_and_wait": (crest.ms() - passes_ms - wait_ms) / plain.ms(),
             "fallback_batches": crest.fallback_batches,
         }
     )
@@ -364,4 +380,14 @@ def _print(framework: str, r: dict[str, Any]) -> None:
         f"x{c['ratio_to_plain_without_embedding']:.3f} without embedding, "
         f"x{c['ratio_to_plain_without_embedding_and_wait']:.3f} without both; median step: uniform "
         f"x{r['uniform']['median_ratio_to_plain']:.3f}, crest x{c['median_ratio_to_plain']:.3f}"
+    )
+    u, cp, cw = (
+        r["uniform"]["paired_ratio_to_plain"],
+        c["paired_ratio_to_plain"],
+        c["paired_ratio_to_plain_without_embedding"],
+    )
+    print(
+        f"{framework}, paired by rotation (median [min, max]): uniform x{u['median']:.3f} [{u['min']:.3f}, "
+        f"{u['max']:.3f}]; crest x{cp['median']:.3f} [{cp['min']:.3f}, {cp['max']:.3f}], without embedding "
+        f"x{cw['median']:.3f} [{cw['min']:.3f}, {cw['max']:.3f}]"
     )
