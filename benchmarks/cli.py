@@ -221,6 +221,12 @@ def _add_bench_frontier(benches: Any) -> None:
     )
     p.add_argument("--prune", type=float, default=0.5, help="InfoBatch: pruned fraction of low-loss examples")
     p.add_argument(
+        "--crest-weights",
+        default="cluster",
+        choices=("cluster", "uniform"),
+        help="CREST: train on the coresets with their cluster-size weights (default) or with weight 1 (ablation)",
+    )
+    p.add_argument(
         "--dataset",
         default="crest_bench.train_data:fashion_mnist",
         help="MODULE:FUNCTION or FILE.py:FUNCTION returning a crest_bench.train_data.BenchData, as bench train's "

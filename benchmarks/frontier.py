@@ -120,6 +120,7 @@ def plan(args: argparse.Namespace) -> FrontierConfig:
         steps_per_round=args.crest_steps_per_round or None,
         num_subsets=args.crest_num_subsets,
         drop_learned=args.drop_learned,
+        crest_weights=args.crest_weights,
         prune=args.prune,
         **({"subset_fraction": args.subset_fraction} if args.subset_fraction is not None else {}),
     )
@@ -344,7 +345,10 @@ def report(runs: list[FrontierRun], config: FrontierConfig, data: BenchData, out
     b = config.bench
     rule = f"{b.steps_per_round}-step regions" if b.steps_per_round else "adaptive Taylor check"
     learned = "on" if b.drop_learned else "off"
-    crest = f"CREST: {rule}, {b.num_subsets} subsets/round, r = {b.subset_fraction:g} N, drop-learned {learned}"
+    crest = (
+        f"CREST: {rule}, {b.num_subsets} subsets/round, r = {b.subset_fraction:g} N, drop-learned {learned}, "
+        f"{b.crest_weights} weights"
+    )
     header = (
         f"{data.name}: {doc['train_examples']:,} training examples, evaluated on the {config.evaluation} split "
         f"({doc['eval_examples']:,}); E = {config.epochs:g} epochs ({doc['protocol']['reference_steps']} steps of "

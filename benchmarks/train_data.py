@@ -55,6 +55,9 @@ class BenchData:
     # Score runs by the mean of the per-class accuracies: for a skewed training set with a balanced test set, so
     # that a validation split carved from the training set (skewed like it) scores what the test set does.
     balanced_score: bool = False
+    # bool (N,): the training examples whose label the hook corrupted (None: none known). A diagnostic only: the
+    # runs report the share of their trained examples (and of their loss weight) on these.
+    flipped: np.ndarray | None = None
 
 
 def fashion_mnist(data_dir: str | None) -> BenchData:
@@ -127,6 +130,7 @@ def fashion_mnist_noisy(data_dir: str | None) -> BenchData:
         name=f"Fashion-MNIST, {NOISE_FRACTION:.0%} training labels flipped, SmallCNN",
         train=Relabeled(data.train, labels),
         train_labels=labels,
+        flipped=labels != data.train_labels,
     )
 
 
@@ -166,6 +170,7 @@ def split_validation(data: BenchData, size: int, seed: int = 0) -> BenchData:
         train=Subset(data.train, train_ids.tolist()),
         test=Subset(data.train, val_ids.tolist()),
         train_labels=labels[train_ids],
+        flipped=data.flipped[train_ids] if data.flipped is not None else None,
     )
 
 
@@ -198,9 +203,12 @@ def load_data(spec: str, data_dir: str | None, train_limit: int | None, test_lim
     labels = data.train_labels
     if labels is None:
         labels = np.array([int(data.train[i][1]) for i in range(len(data.train))], dtype=np.int64)  # type: ignore[arg-type]
-    train, test = data.train, data.test
+    train, test, flipped = data.train, data.test, data.flipped
+    if flipped is not None and flipped.shape != labels.shape:
+        raise ValueError(f"--dataset {spec!r}: flipped has shape {flipped.shape}, the labels {labels.shape}")
     if train_limit is not None and train_limit < len(labels):
         train, labels = Subset(train, range(train_limit)), labels[:train_limit]
+        flipped = flipped[:train_limit] if flipped is not None else None
     if test_limit is not None and test_limit < len(test):  # type: ignore[arg-type]
         test = Subset(test, range(test_limit))
     labels = np.asarray(labels, dtype=np.int64)
@@ -208,7 +216,7 @@ def load_data(spec: str, data_dir: str | None, train_limit: int | None, test_lim
         raise ValueError(
             f"--dataset {spec!r}: labels span {labels.min()}..{labels.max()}, num_classes is {data.num_classes}"
         )
-    return replace(data, train=train, test=test, train_labels=labels)
+    return replace(data, train=train, test=test, train_labels=labels, flipped=flipped)
 
 
 def fetch(dataset: Dataset, ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

@@ -67,6 +67,9 @@ class BenchConfig:
     # CREST: the service's learned-example exclusion (CREST section 4; window 5, loss <= 0.1, floor 0.8 N,
     # re-admission). On: the design counts the rule as part of CREST (the released code defaults it off).
     drop_learned: bool = True
+    # CREST: train on the coresets with their cluster-size weights ("cluster", CRAIG's gamma, as CREST does) or
+    # with weight 1 ("uniform": the ablation that tells the weights' effect from the selection's).
+    crest_weights: str = "cluster"
     # InfoBatch: fraction of the below-mean-loss examples pruned each epoch, and the final fraction of
     # training on all data (the paper's delta = 0.875).
     prune: float = 0.5
@@ -106,6 +109,10 @@ class RunResult:
     # Data left out of sampling: CREST's excluded examples at each region start ({"step", "round", "count",
     # "fraction"}), InfoBatch's pruned examples of each epoch ({"step", "epoch", "count", "fraction"}).
     excluded: list[dict[str, float]] = field(default_factory=list)
+    # Tasks with corrupted labels (BenchData.flipped): the share of the trained examples, and of their loss
+    # weight, whose label was flipped (uniform sampling: the corruption rate).
+    flipped_share: float | None = None
+    flipped_weight_share: float | None = None
     target_accuracy: float | None = None
     time_to_target_s: float | None = None
     speedup: float | None = None
@@ -312,6 +319,11 @@ def run_one(
         source = iter(loader)
     else:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    if config.crest_weights not in ("cluster", "uniform"):
+        raise ValueError(f"crest_weights is 'cluster' or 'uniform', received {config.crest_weights!r}")
+    flipped = data.flipped
+    on_flipped = np.zeros(2)  # examples and loss weight trained on flipped labels
+    weight_total = 0.0
 
     def checkpoint(step: int) -> None:
         clock.pause()
@@ -337,6 +349,9 @@ def run_one(
             current[0] = step
             if loader is not None:
                 x, y, w = next(source)
+                ids = loader.last_ids
+                if config.crest_weights == "uniform":
+                    w = torch.ones_like(w)
                 if len(loader.difficulty) > len(excluded):
                     assert client is not None
                     record_excluded(loader, client, len(excluded))
@@ -344,6 +359,10 @@ def run_one(
                 ids, weights = next(source)
                 x, y = fetch(data.train, ids)
                 w = torch.from_numpy(weights)
+            if flipped is not None:
+                hit = flipped[ids]
+                on_flipped += (hit.sum(), float(w[torch.from_numpy(hit)].sum()))
+                weight_total += float(w.sum())
             ce = F.cross_entropy(model(x), y, reduction="none")
             loss = (ce * w.to(ce.dtype)).mean()  # trainer_client.weighted_loss, sharing the per-example losses
             opt.zero_grad(set_to_none=True)
@@ -388,6 +407,8 @@ def run_one(
         batch_loss=batch_loss,
         difficulty=[asdict(d) for d in loader.difficulty] if loader is not None else [],
         excluded=info.excluded if info is not None else excluded,
+        flipped_share=float(on_flipped[0] / backprop) if flipped is not None else None,
+        flipped_weight_share=float(on_flipped[1] / weight_total) if flipped is not None else None,
     )
 
 

@@ -55,6 +55,14 @@ def test_noisy_and_long_tailed_fashion_mnist() -> None:
     assert clean.train_labels is not None and noisy.train_labels is not None
     assert (noisy.train_labels != clean.train_labels).mean() == pytest.approx(NOISE_FRACTION)
     assert int(noisy.train[7][1]) == noisy.train_labels[7]  # items carry the flipped label
+    assert noisy.flipped is not None and clean.flipped is None
+    np.testing.assert_array_equal(noisy.flipped, noisy.train_labels != clean.train_labels)
+    split = split_validation(noisy, 1000)  # the mask follows the examples into the split and the limit
+    assert split.flipped is not None
+    np.testing.assert_array_equal(split.flipped, noisy.flipped[np.asarray(split.train.indices)])  # type: ignore[attr-defined]
+    limited = load_data("crest_bench.train_data:fashion_mnist_noisy", None, 500, 100)
+    assert limited.flipped is not None
+    np.testing.assert_array_equal(limited.flipped, noisy.flipped[:500])
     assert noisy.test is clean.test or len(noisy.test) == len(clean.test)  # type: ignore[arg-type]
     tail = fashion_mnist_imbalanced(None)
     assert tail.train_labels is not None
@@ -95,3 +103,23 @@ def test_balanced_batches_give_every_class_its_quota_without_repeats() -> None:
     again = balanced_batches(labels, 30, seed=3)
     first = next(balanced_batches(labels, 30, seed=3))[0]
     np.testing.assert_array_equal(next(again)[0], first)  # fixed by its seed
+
+
+def test_a_run_reports_the_share_it_trained_on_flipped_labels() -> None:
+    """Full data for exactly one epoch trains on every example once: its share is the corruption rate."""
+    from dataclasses import replace
+
+    from crest_bench.train_data import materialize
+    from crest_bench.train_methods import BenchConfig, EvalSets, run_one
+
+    data = load_data("crest_bench.train_data:fashion_mnist_noisy", None, 512, 200)
+    evals = EvalSets(curve=materialize(data.test), test=materialize(data.test))
+    config = BenchConfig(steps=4, batch_size=128, eval_every=4)
+    result = run_one("full", 0, config, data, evals, endpoint=None, progress=False)
+    assert data.flipped is not None
+    assert result.flipped_share == pytest.approx(data.flipped.mean())
+    assert result.flipped_weight_share == pytest.approx(data.flipped.mean())  # weights all 1
+    clean = run_one("full", 0, config, replace(data, flipped=None), evals, endpoint=None, progress=False)
+    assert clean.flipped_share is None and clean.flipped_weight_share is None
+    with pytest.raises(ValueError, match="crest_weights is 'cluster' or 'uniform', received 'equal'"):
+        run_one("full", 0, replace(config, crest_weights="equal"), data, evals, endpoint=None, progress=False)
