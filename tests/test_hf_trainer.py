@@ -1,6 +1,7 @@
 """The Hugging Face integration against a real server: a tiny ViT (built from its config, no download) on
-Fashion-MNIST under ``CoresetTrainer``, in one process and in two gloo processes under torchrun; a checkpoint, a
-kill and a ``resume_from_checkpoint`` continue with the batches of an uninterrupted run; bad use fails clearly."""
+Fashion-MNIST under ``CoresetTrainer``, in one process and in two gloo processes under torchrun and under
+``accelerate launch``; a checkpoint, a kill and a ``resume_from_checkpoint`` continue with the batches of an
+uninterrupted run; bad use fails clearly."""
 
 from __future__ import annotations
 
@@ -96,15 +97,40 @@ WORKER = textwrap.dedent(
 ENV = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")}
 
 
-def _run(tmp_path: Path, target: str, phase: str, *, world: int, accumulation: int, per_device: int) -> list[dict]:
-    """One phase on ``world`` processes (under torchrun when more than one); each rank's report, in rank order."""
+# accelerate's multi-process launch without MPI is its "multi-GPU" one, torch's elastic launcher whatever the device;
+# the worker's TrainingArguments (use_cpu, ddp_backend="gloo") make it CPU gloo DDP. The config file is ours, so that
+# the user's default (~/.cache/huggingface/accelerate) is never read; the flags give every other setting.
+ACCELERATE_CONFIG = "compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nuse_cpu: true\n"
+
+
+def _launcher(name: str, world: int, tmp_path: Path) -> list[str]:
+    """The command that starts ``world`` processes of a script: ``name`` is "torchrun" or "accelerate"."""
+    if name == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}"]
+    assert name == "accelerate", name
+    config = tmp_path / "accelerate.yaml"
+    config.write_text(ACCELERATE_CONFIG)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", f"--config_file={config}", "--multi_gpu"]
+    return [*launch, f"--num_processes={world}", "--num_machines=1", "--main_process_port=0", "--mixed_precision=no"]
+
+
+def _run(
+    tmp_path: Path,
+    target: str,
+    phase: str,
+    *,
+    world: int,
+    accumulation: int,
+    per_device: int,
+    launcher: str = "torchrun",
+) -> list[dict]:
+    """One phase on ``world`` processes (under ``launcher`` when more than one); each rank's report, in rank
+    order."""
     script = tmp_path / "hf_worker.py"
     script.write_text(WORKER)
     run_dir = tmp_path / ("full" if phase == "full" else "resumed")
     out = tmp_path / f"{phase}-rank{{rank}}.json"
-    launch = [sys.executable]
-    if world > 1:
-        launch += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}"]
+    launch = [sys.executable] if world == 1 else _launcher(launcher, world, tmp_path)
     args = [str(script), target, str(out), phase, str(run_dir), str(STEPS), str(SAVE_AT), str(accumulation)]
     proc = subprocess.run(
         [*launch, *args, str(per_device)], capture_output=True, text=True, env=ENV, timeout=300, check=False
@@ -143,10 +169,11 @@ def test_one_process_with_accumulation_resumes_with_the_batches_of_an_uninterrup
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_under_torchrun_share_each_step_and_resume(
-    local_server: RunningServer, tmp_path: Path
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_two_gloo_processes_share_each_step_and_resume(
+    local_server: RunningServer, tmp_path: Path, launcher: str
 ) -> None:
-    run = {"world": 2, "accumulation": 2, "per_device": 8}
+    run = {"world": 2, "accumulation": 2, "per_device": 8, "launcher": launcher}
     full = _run(tmp_path, local_server.target, "full", **run)
     head = _run(tmp_path, local_server.target, "first", **run)
     rest = _run(tmp_path, local_server.target, "rest", **run)
