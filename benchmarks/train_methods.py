@@ -22,6 +22,7 @@ from crest.selector.v1 import codec
 from crest_bench._progress import Progress
 from crest_bench.train_data import DEFAULT_HOOK, BenchData, fetch
 from trainer_client import CoresetLoader, LoaderConfig, RegionConfig, SelectionClient, WeightedBatch
+from trainer_client.loader_config import CORESET_WEIGHTS
 from trainer_client.train import evaluate
 
 METHODS = ("full", "random", "crest", "infobatch", "balanced")
@@ -68,7 +69,7 @@ class BenchConfig:
     # re-admission). On: the design counts the rule as part of CREST (the released code defaults it off).
     drop_learned: bool = True
     # CREST: train on the coresets with their cluster-size weights ("cluster", CRAIG's gamma, as CREST does) or
-    # with weight 1 ("uniform": the ablation that tells the weights' effect from the selection's).
+    # with weight 1 ("uniform"): LoaderConfig.coreset_weights.
     crest_weights: str = "cluster"
     # InfoBatch: fraction of the below-mean-loss examples pruned each epoch, and the final fraction of
     # training on all data (the paper's delta = 0.875).
@@ -313,13 +314,14 @@ def run_one(
             check_examples=0 if config.steps_per_round else config.check_examples,
             region=RegionConfig(coresets_per_interval=config.num_subsets) if config.steps_per_round else RegionConfig(),
             drop_learned=config.drop_learned,
+            coreset_weights=config.crest_weights,
             client_name=f"bench-train-{seed}",
         )
         loader = CoresetLoader(data.train, model, client, labels, num_classes=data.num_classes, config=loader_config)
         source = iter(loader)
     else:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
-    if config.crest_weights not in ("cluster", "uniform"):
+    if config.crest_weights not in CORESET_WEIGHTS:
         raise ValueError(f"crest_weights is 'cluster' or 'uniform', received {config.crest_weights!r}")
     flipped = data.flipped
     on_flipped = np.zeros(2)  # examples and loss weight trained on flipped labels
@@ -350,8 +352,6 @@ def run_one(
             if loader is not None:
                 x, y, w = next(source)
                 ids = loader.last_ids
-                if config.crest_weights == "uniform":
-                    w = torch.ones_like(w)
                 if len(loader.difficulty) > len(excluded):
                     assert client is not None
                     record_excluded(loader, client, len(excluded))

@@ -48,6 +48,7 @@ CLI_FLAGS = {
         "--subset-fraction",
         "--drop-learned",
         "--no-drop-learned",
+        "--crest-weights",
         "--prune",
         "--dataset",
         "--data-dir",

@@ -87,6 +87,28 @@ def test_difficulty_of_every_region_and_exclusion_reach_the_service(
     assert records[-1].embedded_loss < records[0].embedded_loss  # trained in between: the round's loss falls
 
 
+def test_uniform_coreset_weights_train_the_same_ids_with_weight_one(
+    client: SelectionClient, fmnist: FashionMNIST
+) -> None:
+    """Same seed, same service: the uniform loader yields the cluster loader's ids, every weight 1."""
+    seen: dict[str, list[tuple[list[int], torch.Tensor]]] = {}
+    for weighting in ("cluster", "uniform"):
+        torch.manual_seed(0)
+        model = SmallCNN()
+        config = LoaderConfig(**SMALL, steps_per_round=5, lookahead_steps=0, coreset_weights=weighting)  # type: ignore[arg-type]
+        with CoresetLoader(fmnist, model, client, fmnist.targets.numpy(), config=config) as loader:
+            batches = []
+            for _, (_x, _y, w) in zip(range(12), loader, strict=False):
+                batches.append((loader.last_ids.tolist(), w.clone()))
+            assert loader.stats.fallback_batches == 0
+        seen[weighting] = batches
+    assert [ids for ids, _ in seen["uniform"]] == [ids for ids, _ in seen["cluster"]]
+    assert all(torch.equal(w, torch.ones_like(w)) for _, w in seen["uniform"])
+    assert any(not torch.equal(w, torch.ones_like(w)) for _, w in seen["cluster"])  # cluster sizes differ
+    with pytest.raises(ValueError, match="coreset_weights must be one of cluster, uniform, received 'equal'"):
+        LoaderConfig(coreset_weights="equal")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

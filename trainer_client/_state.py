@@ -32,10 +32,13 @@ class Region:
     owner: np.ndarray  # int64 (n,) the rank that trains each pool entry (all 0 in a single process)
 
     @classmethod
-    def of_round(cls, p: PendingRound, check_examples: int, seed: int, world_size: int) -> Region:
+    def of_round(
+        cls, p: PendingRound, check_examples: int, seed: int, world_size: int, weighting: str = "cluster"
+    ) -> Region:
         """The region of a ready round: its first ``p.num_coresets`` coresets (by subset index) concatenated,
         dealt over ``world_size`` ranks, and checked on a seeded sample of ``check_examples`` of the round's
-        random-subset ids (0: all of them).
+        random-subset ids (0: all of them). ``weighting`` is ``LoaderConfig.coreset_weights``: "uniform" trains
+        every coreset example with weight 1 (the quadratic model is then fitted to that loss too).
 
         The weights are not normalised again: each coreset's have mean 1 (the service's engine is the one
         place that normalises them), so the concatenation's have too.
@@ -43,6 +46,8 @@ class Region:
         used = [p.coresets[i] for i in sorted(p.coresets)[: p.num_coresets]]
         ids = np.concatenate([c.ids for c in used])
         weights = np.concatenate([c.weights for c in used]).astype(np.float32)
+        if weighting == "uniform":
+            weights = np.ones_like(weights)
         check_ids = p.check_ids
         if 0 < check_examples < len(check_ids):
             rng = np.random.default_rng([seed, 3, p.round])

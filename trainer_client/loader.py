@@ -333,7 +333,9 @@ class CoresetLoader:
     def _switch(self, p: PendingRound) -> None:
         s = self._state
         world = 1 if self._dist is None else self._dist.world_size
-        region = s.region = Region.of_round(p, self.config.check_examples, self.config.seed, world)
+        region = s.region = Region.of_round(
+            p, self.config.check_examples, self.config.seed, world, self.config.coreset_weights
+        )
         used = min(len(p.coresets), p.num_coresets)
         if used < p.num_coresets:
             s.stats.partial_rounds += 1
