@@ -48,8 +48,10 @@ class LoaderConfig:
     check_examples: int = 0
     # The loss weight of each coreset example: "cluster", the size of its facility-location cluster scaled to mean
     # 1 (CRAIG's gamma, as CREST trains), or "uniform", 1 for every example. On Fashion-MNIST with the SmallCNN,
-    # uniform weights trained better per step (README, "What this says so far": +0.4 to +0.8 points over cluster
-    # weights at equal steps, on a validation split); the service sends the cluster sizes either way.
+    # uniform weights trained better per step (README, "Second round of tuning": +0.4 to +1.0 points over cluster
+    # weights at equal steps on a validation split); with 30% flipped labels, cluster weights were safer (the
+    # coresets are 55-60% flipped examples, which the cluster sizes weigh down). The service sends the cluster
+    # sizes either way.
     coreset_weights: str = "cluster"
     # Learned-example exclusion in the service (CREST section 4; CrestConfig.drop_learned, with the service's
     # threshold, window and pool floor): off by default, as in the released code.
