@@ -78,6 +78,10 @@ class BenchConfig:
     # torch intra-op threads of the trainer (the other core is the selectors').
     threads: int = 1
 
+    def __post_init__(self) -> None:
+        if self.crest_weights not in CORESET_WEIGHTS:
+            raise ValueError(f"crest_weights is 'cluster' or 'uniform', received {self.crest_weights!r}")
+
 
 @dataclass
 class RunResult:
@@ -321,11 +325,8 @@ def run_one(
         source = iter(loader)
     else:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
-    if config.crest_weights not in CORESET_WEIGHTS:
-        raise ValueError(f"crest_weights is 'cluster' or 'uniform', received {config.crest_weights!r}")
     flipped = data.flipped
-    on_flipped = np.zeros(2)  # examples and loss weight trained on flipped labels
-    weight_total = 0.0
+    flipped_examples, flipped_weight, weight_total = 0, 0.0, 0.0  # trained on flipped labels, and all weight
 
     def checkpoint(step: int) -> None:
         clock.pause()
@@ -361,7 +362,8 @@ def run_one(
                 w = torch.from_numpy(weights)
             if flipped is not None:
                 hit = flipped[ids]
-                on_flipped += (hit.sum(), float(w[torch.from_numpy(hit)].sum()))
+                flipped_examples += int(hit.sum())
+                flipped_weight += float(w[torch.from_numpy(hit)].sum())
                 weight_total += float(w.sum())
             ce = F.cross_entropy(model(x), y, reduction="none")
             loss = (ce * w.to(ce.dtype)).mean()  # trainer_client.weighted_loss, sharing the per-example losses
@@ -407,8 +409,8 @@ def run_one(
         batch_loss=batch_loss,
         difficulty=[asdict(d) for d in loader.difficulty] if loader is not None else [],
         excluded=info.excluded if info is not None else excluded,
-        flipped_share=float(on_flipped[0] / backprop) if flipped is not None else None,
-        flipped_weight_share=float(on_flipped[1] / weight_total) if flipped is not None else None,
+        flipped_share=flipped_examples / backprop if flipped is not None else None,
+        flipped_weight_share=flipped_weight / weight_total if flipped is not None else None,
     )
 
 
