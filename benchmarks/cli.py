@@ -187,6 +187,12 @@ def _add_bench_frontier(benches: Any) -> None:
     p.add_argument("--num-workers", type=int, default=2, help="selector actors of the service; default 2")
     p.add_argument("--cpus-per-worker", type=float, default=0.5, help="CPUs each selector actor reserves; 0.5")
     p.add_argument(
+        "--service-backend",
+        default="ray",
+        choices=("ray", "local"),
+        help="CREST's service: selectors as Ray actors (default) or as threads in the server's process (local)",
+    )
+    p.add_argument(
         "--eval",
         default="test",
         choices=("test", "validation"),
@@ -225,6 +231,12 @@ def _add_bench_frontier(benches: Any) -> None:
         default="cluster",
         choices=("cluster", "uniform"),
         help="CREST: train on the coresets with their cluster-size weights (default) or with weight 1 (ablation)",
+    )
+    p.add_argument(
+        "--crest-embed-dtype",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="CREST: precision of the embedding pass (default float32; training is float32 for every method)",
     )
     p.add_argument(
         "--dataset",

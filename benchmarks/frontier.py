@@ -95,6 +95,9 @@ class FrontierConfig:
     crest_threads: int = 2
     num_workers: int = 2
     cpus_per_worker: float = 0.5
+    # The service's selectors: Ray actors ("ray", as deployed on a cluster) or threads in the server's process
+    # ("local": a single machine's deployment, without Ray's processes on the trainer's cores).
+    service_backend: str = "ray"
 
 
 def plan(args: argparse.Namespace) -> FrontierConfig:
@@ -121,6 +124,7 @@ def plan(args: argparse.Namespace) -> FrontierConfig:
         num_subsets=args.crest_num_subsets,
         drop_learned=args.drop_learned,
         crest_weights=args.crest_weights,
+        crest_embed_dtype=args.crest_embed_dtype,
         prune=args.prune,
         **({"subset_fraction": args.subset_fraction} if args.subset_fraction is not None else {}),
     )
@@ -141,6 +145,7 @@ def plan(args: argparse.Namespace) -> FrontierConfig:
         crest_threads=args.crest_threads,
         num_workers=args.num_workers,
         cpus_per_worker=args.cpus_per_worker,
+        service_backend=args.service_backend,
     )
 
 
@@ -161,7 +166,9 @@ def run(args: argparse.Namespace) -> int:
         curve=materialize(data.test, bench.eval_examples), test=materialize(data.test), balanced=data.balanced_score
     )
     service = (
-        start_service(config.num_workers, cpus_per_worker=config.cpus_per_worker) if "crest" in config.methods else None
+        start_service(config.num_workers, cpus_per_worker=config.cpus_per_worker, backend=config.service_backend)
+        if "crest" in config.methods
+        else None
     )
     runs: list[FrontierRun] = []
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: stop the service, keep finished seeds
@@ -231,7 +238,7 @@ def measure(
         role=role,
         torch_threads=threads,
         service_workers=config.num_workers if crest else 0,
-        cpus_per_worker=config.cpus_per_worker if crest else 0.0,
+        cpus_per_worker=config.cpus_per_worker if crest and config.service_backend == "ray" else 0.0,
         cost=_cost(r, None if cpu_before is None or cpu_after is None else cpu_after - cpu_before),
         counters=_counters(r),
         detail=asdict(r),
@@ -300,7 +307,7 @@ def _line(r: FrontierRun) -> str:
     if r.service_workers:
         c = r.cost
         text += (
-            f" + {r.service_workers} actors  embed {c['embed_s']:.1f} s  fit {c['fit_s']:.1f} s  "
+            f" + {r.service_workers} selectors  embed {c['embed_s']:.1f} s  fit {c['fit_s']:.1f} s  "
             f"wait {c['wait_s']:.2f} s  selection {c['selection_s']:.2f} s"
         )
     return text
@@ -347,14 +354,18 @@ def report(runs: list[FrontierRun], config: FrontierConfig, data: BenchData, out
     learned = "on" if b.drop_learned else "off"
     crest = (
         f"CREST: {rule}, {b.num_subsets} subsets/round, r = {b.subset_fraction:g} N, drop-learned {learned}, "
-        f"{b.crest_weights} weights"
+        f"{b.crest_weights} weights, {b.crest_embed_dtype} embedding pass"
+    )
+    selectors = (
+        f"{config.num_workers} selector actors x {config.cpus_per_worker:g} CPU"
+        if config.service_backend == "ray"
+        else f"{config.num_workers} selector threads in the service's process (local backend, no Ray)"
     )
     header = (
         f"{data.name}: {doc['train_examples']:,} training examples, evaluated on the {config.evaluation} split "
         f"({doc['eval_examples']:,}); E = {config.epochs:g} epochs ({doc['protocol']['reference_steps']} steps of "
         f"{b.batch_size}); seeds done {doc['seeds_done']}/{config.seeds}. Torch threads: baselines "
-        f"{config.baseline_threads}, CREST {config.crest_threads} + {config.num_workers} selector actors x "
-        f"{config.cpus_per_worker:g} CPU. {crest}.\n\n`{command}`"
+        f"{config.baseline_threads}, CREST {config.crest_threads} + {selectors}. {crest}.\n\n`{command}`"
     )
     table = markdown(doc["summary"], header)
     write_json(out, doc)

@@ -46,8 +46,8 @@ class FrontierRun:
     accuracy: float  # final, on the whole evaluation split (test or validation: the JSON says which)
     role: str = SWEEP  # SWEEP: a point of the frontier; REFERENCE: full data at E or 2E epochs
     torch_threads: int = 1  # intra-op threads of the trainer for this run
-    service_workers: int = 0  # CREST: the service's selector actors (0: the run did not use the service)
-    cpus_per_worker: float = 0.0  # CREST: CPUs each actor reserved in Ray
+    service_workers: int = 0  # CREST: the service's selector actors or threads (0: the run did not use it)
+    cpus_per_worker: float = 0.0  # CREST: CPUs each actor reserved in Ray (0 with the local backend)
     # Seconds: WALL_PARTS sum to wall_s; SERVICE_PARTS are the service's (selection: each selector call once;
     # service_cpu_s: CPU of the whole service process tree during the run, None where it cannot be read).
     cost: dict[str, float | None] = field(default_factory=dict)

@@ -126,7 +126,7 @@ def markdown(summary: dict[str, Any], header: str) -> str:
             if c is None:
                 continue
             threads = "/".join(map(str, c["torch_threads"])) + (
-                f" + {'/'.join(map(str, c['service_workers']))} actors" if any(c["service_workers"]) else ""
+                f" + {'/'.join(map(str, c['service_workers']))} selectors" if any(c["service_workers"]) else ""
             )
             cells = [_pm(c["ms_per_step"][p], ".1f") for p in parts]
             lines.append(

@@ -96,11 +96,13 @@ def plan(args: argparse.Namespace) -> tuple[BenchConfig, tuple[str, ...], int, P
     return config, methods, seeds, out
 
 
-def start_service(num_workers: int, *, cpus_per_worker: float | None = None) -> ServiceProcess:
-    """``crest serve --port 0`` with an embedded Ray, serving; ``cpus_per_worker`` None keeps serve's default."""
+def start_service(num_workers: int, *, cpus_per_worker: float | None = None, backend: str = "ray") -> ServiceProcess:
+    """``crest serve --port 0``, serving: with an embedded Ray and ``num_workers`` selector actors (``backend``
+    "ray"; ``cpus_per_worker`` None keeps serve's default), or ``num_workers`` selector threads in the server's
+    process ("local")."""
     env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
-    cpus = [] if cpus_per_worker is None else ["--cpus-per-worker", str(cpus_per_worker)]
-    return spawn_service(["--port", "0", "--num-workers", str(num_workers), *cpus], env=env)
+    cpus = [] if cpus_per_worker is None or backend != "ray" else ["--cpus-per-worker", str(cpus_per_worker)]
+    return spawn_service(["--port", "0", "--backend", backend, "--num-workers", str(num_workers), *cpus], env=env)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -22,7 +22,7 @@ from crest.selector.v1 import codec
 from crest_bench._progress import Progress
 from crest_bench.train_data import DEFAULT_HOOK, BenchData, fetch
 from trainer_client import CoresetLoader, LoaderConfig, RegionConfig, SelectionClient, WeightedBatch
-from trainer_client.loader_config import CORESET_WEIGHTS
+from trainer_client.loader_config import CORESET_WEIGHTS, EMBED_DTYPES
 from trainer_client.train import evaluate
 
 METHODS = ("full", "random", "crest", "infobatch", "balanced")
@@ -71,6 +71,9 @@ class BenchConfig:
     # CREST: train on the coresets with their cluster-size weights ("cluster", CRAIG's gamma, as CREST does) or
     # with weight 1 ("uniform"): LoaderConfig.coreset_weights.
     crest_weights: str = "cluster"
+    # CREST: precision of the embedding pass, "float32" or "bfloat16" (LoaderConfig.embed_dtype); training stays
+    # float32 for every method.
+    crest_embed_dtype: str = "float32"
     # InfoBatch: fraction of the below-mean-loss examples pruned each epoch, and the final fraction of
     # training on all data (the paper's delta = 0.875).
     prune: float = 0.5
@@ -81,6 +84,10 @@ class BenchConfig:
     def __post_init__(self) -> None:
         if self.crest_weights not in CORESET_WEIGHTS:
             raise ValueError(f"crest_weights is 'cluster' or 'uniform', received {self.crest_weights!r}")
+        if self.crest_embed_dtype not in EMBED_DTYPES:
+            raise ValueError(
+                f"crest_embed_dtype is one of {', '.join(EMBED_DTYPES)}, received {self.crest_embed_dtype!r}"
+            )
 
 
 @dataclass
@@ -319,6 +326,7 @@ def run_one(
             region=RegionConfig(coresets_per_interval=config.num_subsets) if config.steps_per_round else RegionConfig(),
             drop_learned=config.drop_learned,
             coreset_weights=config.crest_weights,
+            embed_dtype=config.crest_embed_dtype,
             client_name=f"bench-train-{seed}",
         )
         loader = CoresetLoader(data.train, model, client, labels, num_classes=data.num_classes, config=loader_config)

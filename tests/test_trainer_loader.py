@@ -109,6 +109,38 @@ def test_uniform_coreset_weights_train_the_same_ids_with_weight_one(
         LoaderConfig(coreset_weights="equal")
 
 
+def test_a_bfloat16_embedding_pass_sends_float32_embeddings_close_to_the_float32_pass(
+    client: SelectionClient, fmnist: FashionMNIST
+) -> None:
+    """embed_dtype="bfloat16": the round's candidates are embedded under autocast; the embeddings and losses the
+    service receives are float32 and within bfloat16's error of the float32 pass's; training runs on coresets."""
+    torch.manual_seed(0)
+    model = SmallCNN()
+    passes = {}
+    for dtype in ("float32", "bfloat16"):
+        config = LoaderConfig(**SMALL, steps_per_round=4, lookahead_steps=0, embed_dtype=dtype)  # type: ignore[arg-type]
+        loader = CoresetLoader(fmnist, model, client, fmnist.targets.numpy(), config=config)
+        passes[dtype] = loader._passes.embed_round(np.arange(200, dtype=np.int64))
+        loader.close()
+    full, half = passes["float32"], passes["bfloat16"]
+    assert half.embeddings.dtype == np.float32 and half.losses.dtype == np.float32
+    np.testing.assert_array_equal(half.labels, full.labels)
+    assert np.abs(half.embeddings - full.embeddings).max() < 0.05  # softmax(z) - onehot(y), entries in [-1, 1]
+    np.testing.assert_allclose(half.losses, full.losses, rtol=0.05, atol=0.02)
+    assert not np.array_equal(half.embeddings, full.embeddings)  # the pass did run in bfloat16
+
+    config = LoaderConfig(**SMALL, steps_per_round=4, lookahead_steps=0, embed_dtype="bfloat16")  # type: ignore[arg-type]
+    with CoresetLoader(fmnist, model, client, fmnist.targets.numpy(), config=config) as loader:
+        losses = _train(loader, model, 12)
+        assert loader.stats.fallback_batches == 0 and loader.stats.regions >= 3
+        assert loader.stats.rounds_started >= 3 and loader.stats.examples_embedded >= 3 * 2 * 40  # 2 subsets of ~50
+    assert all(np.isfinite(losses))
+    with pytest.raises(ValueError, match="embed_dtype must be one of float32, bfloat16, received 'float16'"):
+        LoaderConfig(embed_dtype="float16")
+    with pytest.raises(ValueError, match="embed_batch_size must be >= 1, received 0"):
+        LoaderConfig(embed_batch_size=0)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -243,3 +275,46 @@ def test_state_from_another_dataset_or_version_is_refused(client: SelectionClien
         with pytest.raises(ValueError, match="version 99"):
             fresh.load_state_dict({**state, "version": 99})
     assert RegionConfig().mode == "crest"
+
+
+def test_rounds_started_ahead_train_the_ids_of_rounds_started_at_their_step(
+    client: SelectionClient, fmnist: FashionMNIST
+) -> None:
+    """Same seed, same service, with and without starting rounds ahead (fixed rule): every round after the first
+    comes from a StartRound run on the stream thread, and every step trains the same ids with the same weights as
+    when each round is started at the step that asks for it. With learned-example exclusion too, once examples
+    have left the pool and some have come back (the draw depends on the pool: the start ahead must meet the pool
+    the round just switched to left)."""
+    for drop_learned in (False, True):
+        seen: dict[bool, list[tuple[list[int], torch.Tensor]]] = {}
+        for ahead in (True, False):
+            torch.manual_seed(0)
+            model = SmallCNN()
+            config = LoaderConfig(  # type: ignore[arg-type]
+                **{**SMALL, "subset_fraction": 0.3},
+                steps_per_round=2,
+                lookahead_steps=1,
+                deadline_s=60.0,
+                drop_learned=drop_learned,
+                prefetch_rounds=ahead,
+            )
+            opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+            with CoresetLoader(fmnist, model, client, fmnist.targets.numpy(), config=config) as loader:
+                batches = []
+                for _, (x, y, w) in zip(range(50), loader, strict=False):
+                    loss = weighted_loss(model(x), y, w)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    batches.append((loader.last_ids.tolist(), w.clone()))
+                stats = loader.stats
+                assert loader.session is not None
+                state = client.session_state(loader.session.session_id)
+            assert stats.fallback_batches == 0 and stats.service_errors == 0 and stats.sessions_opened == 1
+            assert stats.rounds_started >= 20
+            assert stats.rounds_prefetched == (stats.rounds_started - 1 if ahead else 0)
+            if drop_learned:
+                assert state.excluded_size > 0 and state.readmitted_total > 0  # the pool changed round to round
+            seen[ahead] = batches
+        assert [ids for ids, _ in seen[True]] == [ids for ids, _ in seen[False]]
+        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(seen[True], seen[False], strict=True))

@@ -3,6 +3,7 @@ equal those of an uninterrupted run with the same seed (against one real server,
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -10,7 +11,14 @@ import sys
 import textwrap
 from pathlib import Path
 
+import torch
+
 from selector_service.server import RunningServer
+from trainer_client.client import SelectionClient
+from trainer_client.data import FashionMNIST
+from trainer_client.embeddings import weighted_loss
+from trainer_client.loader import CoresetLoader, LoaderConfig
+from trainer_client.models import SmallCNN
 
 SCRIPT = textwrap.dedent(
     """
@@ -84,3 +92,65 @@ def test_restored_loader_continues_with_the_batches_of_an_uninterrupted_run(
     assert rest["ids"] == full["ids"][first:]  # the next batches, not a fresh start
     assert full["regions"] >= 3 and rest["regions"] == full["regions"]  # regions switched after the restore too
     assert rest["checks"] == full["checks"]  # counters travelled with the state
+
+
+def _fixed_run(
+    target: str, steps: range, state: dict | None = None, *, ahead: bool = True
+) -> tuple[list[list[int]], dict, CoresetLoader]:
+    """Train ``steps`` in this process (fixed rule: a round asked for every 5 steps, switched to 1 later) from
+    ``state`` (model, optimizer, loader) or from the seed; the ids of every step and the state after the last."""
+    torch.manual_seed(0)
+    data = FashionMNIST("train", limit=1000)
+    model = SmallCNN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    config = LoaderConfig(
+        batch_size=32,
+        subset_fraction=0.05,
+        num_subsets=2,
+        steps_per_round=6,
+        lookahead_steps=1,
+        deadline_s=60.0,
+        prefetch_rounds=ahead,
+    )
+    loader = CoresetLoader(data, model, SelectionClient(target, timeout_s=60), data.targets.numpy(), config=config)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        loader.load_state_dict(state["loader"])
+    ids = []
+    for _, (x, y, w) in zip(steps, loader, strict=False):
+        loss = weighted_loss(model(x), y, w)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        ids.append(loader.last_ids.tolist())
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "loader": loader.state_dict()}, buffer)
+    buffer.seek(0)
+    loader.close(end_session=False)  # as if preempted: the session stays on the service
+    return ids, torch.load(buffer, weights_only=True), loader
+
+
+def test_a_checkpoint_with_a_round_started_ahead_resumes_with_the_batches_of_an_uninterrupted_run(
+    local_server: RunningServer,
+) -> None:
+    """The checkpoint is taken between a switch (where the next round was started ahead, on the stream thread) and
+    the step that asks for that round: the service has started it, and the checkpoint carries its plan, which the
+    restored loader trains on. A checkpoint from before rounds were started ahead (no "prefetched") still loads."""
+    first, total = 8, 24
+    full, _, whole = _fixed_run(local_server.target, range(total))
+    assert whole.stats.rounds_prefetched == whole.stats.rounds_started - 1 >= 3 and whole.stats.fallback_batches == 0
+
+    head, state, _ = _fixed_run(local_server.target, range(first))
+    saved = state["loader"]["prefetched"]
+    assert saved is not None and saved["session_round"] == state["loader"]["session_round"] == 2  # switched at 6
+    rest, _, resumed = _fixed_run(local_server.target, range(first, total), state)
+    assert head == full[:first] and rest == full[first:]
+    assert resumed.stats.sessions_opened == 1 and resumed.stats.fallback_batches == 0  # the session was kept
+    assert resumed.stats.rounds_prefetched == whole.stats.rounds_prefetched  # the saved plan was taken
+
+    _, state, _ = _fixed_run(local_server.target, range(first), ahead=False)
+    assert state["loader"]["prefetched"] is None
+    del state["loader"]["prefetched"]  # as written before rounds were started ahead
+    rest, _, resumed = _fixed_run(local_server.target, range(first, total), state)
+    assert rest == full[first:] and resumed.stats.sessions_opened == 1 and resumed.stats.rounds_prefetched > 0

@@ -1,5 +1,6 @@
 """The loader's link to the selection service: the session (opened lazily, reopened when the service lost it),
-starting rounds, the stream thread and its items, and what a failure does.
+starting rounds (ahead of time when it can: ``prefetch``), the stream thread and its items, and what a failure
+does.
 
 Only rank 0 talks to the service (``streams=True``); on the other DDP ranks the link only holds rank 0's
 session and round counter, mirrored from rank 0 (``_mirror.py``).
@@ -15,6 +16,7 @@ from __future__ import annotations
 import logging
 import queue
 import time
+from concurrent.futures import CancelledError, wait
 from dataclasses import asdict
 from typing import Any
 
@@ -23,12 +25,16 @@ import numpy as np
 
 from trainer_client._failures import Failure, describe, kind_of, signature
 from trainer_client._passes import RoundEmbeddings
-from trainer_client._state import PendingRound
-from trainer_client._stream import RoundStreamer, StreamBatch, StreamEnd, StreamItem, StreamJob
+from trainer_client._state import PendingRound, plan_of_state, plan_state
+from trainer_client._stream import PlanJob, RoundStreamer, StreamBatch, StreamEnd, StreamItem, StreamJob
 from trainer_client.client import RoundPlan, SelectionClient, SessionInfo
 from trainer_client.loader_config import LoaderConfig, LoaderStats, SelectionUnavailable
 
 log = logging.getLogger("trainer_client.loader")
+
+# Failures of a StartRound run ahead that the call made at the step mends itself (``_start_round``: a lost
+# session is reopened, a round id out of step with the service's is corrected): that call is made instead.
+_MENDED_BY_STARTING = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.FAILED_PRECONDITION)
 
 
 class ServiceLink:
@@ -62,14 +68,48 @@ class ServiceLink:
         self._next_attempt = 0.0
         self._persistent: tuple[str, str] | None = None  # signature of the last persistent failure in the run
         self._persistent_run = 0
+        self._ahead: PlanJob | None = None  # the next round, started on the stream thread (``prefetch``)
 
     # -- rounds ----------------------------------------------------------------------------------------------
 
+    def prefetch(self, num_subsets: int, trainer_step: int, stats: LoaderStats) -> None:
+        """Start the session's next round of ``num_subsets`` random subsets on the stream thread, for the next
+        ``start_round`` of that size to take (rank 0; nothing without a session, during a backoff, or with
+        ``config.prefetch_rounds`` off).
+
+        Exact: StartRound draws its subsets from (seed, round id, the session's labels and active pool, the
+        count); the round id is the session's next either way, and the pool (learned-example exclusion, with
+        ``drop_learned``) changes only when a round's embeddings are submitted. The job runs after the jobs
+        queued before it, so after the upload of the round just switched to, the last one before the next
+        round is asked for: the draw meets the state the call at that step would meet, with ``drop_learned``
+        too. ``trainer_step`` is the step the embeddings are expected at (the region's earliest end); the
+        service keeps it for provenance only.
+        """
+        if self._streamer is None or self.session is None or not self.config.prefetch_rounds:
+            return
+        if self._ahead is not None or time.monotonic() < self._next_attempt:
+            return
+        self._ahead = PlanJob(self.session.session_id, self.session_round, num_subsets, trainer_step, stats.wait_s)
+        self._streamer.submit(self._ahead)
+
     def start_round(self, num_subsets: int, stats: LoaderStats) -> RoundPlan | None:
-        """Start the session's next round of ``num_subsets`` random subsets, opening a session first if needed.
+        """Start the session's next round of ``num_subsets`` random subsets, opening a session first if needed;
+        the round started ahead (``prefetch``) when it is that one, waiting for its call if needed.
 
         None while the backoff after a failure runs, or when the call failed (handled by ``failed``).
         """
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            try:
+                plan = self._take(ahead, num_subsets, stats)
+            except grpc.RpcError as exc:
+                if exc.code() not in _MENDED_BY_STARTING:
+                    self.failed(exc, "starting a round", stats)
+                    return None
+                plan = None
+            if plan is not None:
+                self._backoff = 0.0
+                return plan
         if time.monotonic() < self._next_attempt:
             return None
         try:
@@ -79,6 +119,44 @@ class ServiceLink:
             return None
         self._backoff = 0.0
         return plan
+
+    def _take(self, ahead: PlanJob, num_subsets: int, stats: LoaderStats) -> RoundPlan | None:
+        """The plan of the round started ahead, when it is the session's next round of ``num_subsets`` (waiting
+        for its call, counted in ``stats.wait_s``); None when it is not, or was cancelled. Raises its call's
+        ``grpc.RpcError``, and re-raises anything else it raised (a bug, as on the synchronous path)."""
+        session = self.session
+        if session is None or (ahead.session_id, ahead.session_round, ahead.num_subsets) != (
+            session.session_id,
+            self.session_round,
+            num_subsets,
+        ):
+            log.info("round %d started ahead is not the one asked for; starting that one", ahead.session_round)
+            return None
+        try:
+            plan = self._settle(ahead, stats).plan.result(timeout=0)
+        except CancelledError:
+            return None
+        stats.rounds_prefetched += 1
+        return plan
+
+    def _settle(self, ahead: PlanJob, stats: LoaderStats) -> PlanJob:
+        """Wait until ``ahead``'s call has returned (counted in ``stats.wait_s``). Called with no round pending:
+        the stream items that arrive meanwhile belong to rounds the loader is done with, and are dropped as
+        ``drain`` drops them, so the stream thread never blocks on a full queue."""
+        if not ahead.plan.done():
+            start = time.perf_counter()
+            try:
+                while not wait([ahead.plan], timeout=0.05).done:
+                    self.drain(None, stats)
+            finally:
+                stats.wait_s += time.perf_counter() - start
+        return ahead
+
+    def settle(self, stats: LoaderStats) -> None:
+        """Wait for the round started ahead, if any, so that ``state_dict`` holds its plan (the loader has no
+        round pending while one is ahead)."""
+        if self._ahead is not None:
+            self._settle(self._ahead, stats)
 
     def _open_session(self, stats: LoaderStats) -> SessionInfo:
         cfg = self.config
@@ -247,18 +325,32 @@ class ServiceLink:
     # -- checkpoints and closing -----------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        return {"session": asdict(self.session) if self.session else None, "session_round": self.session_round}
+        """The session, its next round, and the round started ahead when its plan is there (``settle`` first):
+        the service has started that round, so a resumed loader must train it rather than ask for it."""
+        ahead, prefetched = self._ahead, None
+        if ahead is not None and ahead.plan.done() and not ahead.plan.cancelled() and ahead.plan.exception() is None:
+            prefetched = plan_state(ahead)
+        return {
+            "session": asdict(self.session) if self.session else None,
+            "session_round": self.session_round,
+            "prefetched": prefetched,
+        }
 
     def resume(self, state: dict[str, Any], step: int) -> None:
         """Continue with the session of ``state_dict()``: rank 0 keeps it when the service still has it at the
-        saved round (else opens a new one at the next round); the other ranks take rank 0's at the next
-        service step."""
+        saved round, or one round further with that round's plan saved (else opens a new one at the next
+        round); the other ranks take rank 0's at the next service step."""
         self.session_round = int(state["session_round"])
         saved = state["session"]
-        if self._streamer is None:
+        if self._streamer is None or saved is None:
             self.session = None if saved is None else SessionInfo(**saved)
-        else:
-            self.session = None if saved is None else self._adopt(SessionInfo(**saved), step)
+            return
+        session = SessionInfo(**saved)
+        ahead = state.get("prefetched")  # absent from checkpoints written before rounds were started ahead
+        self._ahead = None if ahead is None else plan_of_state(session.session_id, ahead)
+        self.session = self._adopt(session, step)
+        if self.session is None:
+            self._ahead = None
 
     def _adopt(self, session: SessionInfo, step: int) -> SessionInfo | None:
         self.client.attach_session(session)
@@ -280,6 +372,18 @@ class ServiceLink:
                 exc.code(),
             )
             return session
+        if self._ahead is not None and next_round == self.session_round + 1:
+            log.info(
+                "resumed session %s at round %d, step %d, with round %d started ahead",
+                session.session_id,
+                self.session_round,
+                step,
+                self.session_round,
+            )
+            return session
+        if self._ahead is not None and next_round == self.session_round:  # its state predates the call
+            log.info("session %s has not started round %d; it is drawn again", session.session_id, next_round)
+            self._ahead = None
         if next_round != self.session_round:
             log.warning(
                 "session %s is at round %d, the checkpoint at %d; resuming with a new session",

@@ -30,6 +30,7 @@ def _control(state: LoaderState, link: ServiceLink) -> dict[str, Any]:
         "service_errors": state.stats.service_errors,
         "persistent_failures": state.stats.persistent_failures,
         "sessions_opened": state.stats.sessions_opened,
+        "rounds_prefetched": state.stats.rounds_prefetched,
     }
 
 
@@ -46,7 +47,7 @@ def _follow(dist: DistContext, c: dict[str, Any], state: LoaderState, link: Serv
     link.session, link.session_round = c["session"], c["session_round"]
     stats = state.stats
     stats.service_errors, stats.sessions_opened = c["service_errors"], c["sessions_opened"]
-    stats.persistent_failures = c["persistent_failures"]
+    stats.persistent_failures, stats.rounds_prefetched = c["persistent_failures"], c["rounds_prefetched"]
 
 
 def on_main(dist: DistContext, fn: Callable[[], T | None], state: LoaderState, link: ServiceLink) -> T | None:

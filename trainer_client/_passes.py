@@ -60,6 +60,8 @@ class ModelPasses:
         num_classes: C.
         embed_batch_size: examples per no-grad forward pass.
         dist: the DDP context, or None in a single process.
+        embed_dtype: precision of the embedding pass; below float32 it runs under autocast on the model's
+            device (the check and the fit stay in float32).
     """
 
     def __init__(
@@ -71,9 +73,26 @@ class ModelPasses:
         num_classes: int,
         embed_batch_size: int,
         dist: DistContext | None,
+        *,
+        embed_dtype: torch.dtype = torch.float32,
     ) -> None:
         self.model, self.fetch, self.forward_fn, self.embedder = model, fetch, forward_fn, embedder
         self.num_classes, self.embed_batch_size, self.dist = num_classes, embed_batch_size, dist
+        self.embed_dtype = embed_dtype
+
+    def _embed_forward(self) -> ForwardFn:
+        """``forward_fn`` in ``embed_dtype``: below float32, the forward pass alone runs under autocast on the
+        model's device and its logits come back as float32 (the embeddings are computed from them outside it)."""
+        if self.embed_dtype == torch.float32:
+            return self.forward_fn
+        device_type = next(self.model.parameters()).device.type
+
+        def forward(model: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            with torch.autocast(device_type, dtype=self.embed_dtype):
+                logits, targets = self.forward_fn(model, batch)
+            return logits.float(), targets
+
+        return forward
 
     def _eval_batches(self, ids: np.ndarray) -> Iterator[Any]:
         for lo in range(0, len(ids), self.embed_batch_size):
@@ -108,8 +127,9 @@ class ModelPasses:
         self.model.eval()
         embs, targets, losses = [], [], []
         try:
+            forward = self._embed_forward()
             for batch in self._eval_batches(ids):
-                emb, y, logits = self.embedder(self.model, batch, self.forward_fn)
+                emb, y, logits = self.embedder(self.model, batch, forward)
                 embs.append(emb.cpu())
                 losses.append(per_example_loss(logits, y).cpu())
                 targets.append(y.cpu())

@@ -2,19 +2,22 @@
 RNGs and the counters, and how they go to and from a checkpoint.
 
 ``CoresetLoader`` owns one ``LoaderState`` and changes its fields as it schedules; its ``state_dict`` is this
-state's ``state_dict`` with the service link's (the session) and the region controller's added.
+state's ``state_dict`` with the service link's (the session, and a round started ahead: ``plan_state``) and
+the region controller's added.
 """
 
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
-from trainer_client.client import WeightedBatch
+from trainer_client._stream import PlanJob
+from trainer_client.client import RoundPlan, WeightedBatch
 from trainer_client.distributed import owners
 from trainer_client.loader_config import LoaderStats
 
@@ -211,3 +214,30 @@ def _coreset(version: int, pending: dict[str, Any], subset: int, saved: Any) -> 
             pending["session_round"], subset, ids.numpy(), weights.numpy(), pending["requested_step"], float("nan"), ""
         )
     return WeightedBatch(**{**saved, "ids": saved["ids"].numpy(), "weights": saved["weights"].numpy()})
+
+
+def plan_state(job: PlanJob) -> dict[str, Any]:
+    """A round started ahead whose StartRound succeeded (``job.plan`` holds its plan), for a checkpoint."""
+    plan = job.plan.result(timeout=0)
+    return {
+        "session_round": job.session_round,
+        "num_subsets": job.num_subsets,
+        "trainer_step": job.trainer_step,
+        "trainer_wait_s": job.trainer_wait_s,
+        "plan": {"round_id": plan.round_id, "ids": _tensor(plan.ids), "num_subsets": plan.num_subsets},
+    }
+
+
+def plan_of_state(session_id: str, saved: dict[str, Any]) -> PlanJob:
+    """The round started ahead that ``plan_state`` saved, for ``session_id``, with its plan already there."""
+    p = saved["plan"]
+    plan: Future[RoundPlan] = Future()
+    plan.set_result(RoundPlan(int(p["round_id"]), p["ids"].numpy(), int(p["num_subsets"])))
+    return PlanJob(
+        session_id,
+        int(saved["session_round"]),
+        int(saved["num_subsets"]),
+        int(saved["trainer_step"]),
+        float(saved["trainer_wait_s"]),
+        plan,
+    )

@@ -1,4 +1,5 @@
-"""The loader's background thread: submits a round's embeddings and streams its weighted batches back.
+"""The loader's background thread: submits a round's embeddings and streams its weighted batches back, and
+starts the session's next round ahead of time (``PlanJob``), after the jobs queued before it.
 
 Every item it puts on the queue carries the loader's round number, so the consumer can drop what belongs to
 a round it gave up on (the session's round id cannot tell: a reopened session counts from 0 again). Errors are
@@ -11,13 +12,14 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from dataclasses import dataclass
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
 
 from trainer_client._failures import Failure, kind_of
-from trainer_client.client import SelectionClient, WeightedBatch
+from trainer_client.client import RoundPlan, SelectionClient, WeightedBatch
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,19 @@ class StreamJob:
     embeddings: np.ndarray  # float32 (n, d)
     labels: np.ndarray  # int64 (n,)
     losses: np.ndarray  # float32 (n,)
+
+
+@dataclass(frozen=True)
+class PlanJob:
+    """StartRound of the session's next round, run on the stream thread (``ServiceLink.prefetch``); the plan,
+    or the call's exception, lands in ``plan``."""
+
+    session_id: str
+    session_round: int
+    num_subsets: int
+    trainer_step: int  # sent as StartRound's trainer_step: the step the embeddings are expected at
+    trainer_wait_s: float  # the loader's wait so far, reported for the service's metrics
+    plan: Future[RoundPlan] = field(default_factory=Future, compare=False)
 
 
 @dataclass(frozen=True)
@@ -58,17 +73,17 @@ StreamItem = StreamBatch | StreamEnd | StreamFailure
 
 
 class RoundStreamer:
-    """Owns the thread; ``submit`` a job, read ``items``."""
+    """Owns the thread; ``submit`` a job, read ``items``. Jobs run one at a time, in the order submitted."""
 
     def __init__(self, client: SelectionClient, queue_size: int) -> None:
         self.client = client
         self.items: queue.Queue[StreamItem] = queue.Queue(queue_size)
-        self._jobs: queue.Queue[StreamJob | None] = queue.Queue()
+        self._jobs: queue.Queue[StreamJob | PlanJob | None] = queue.Queue()
         self.stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="crest-stream", daemon=True)
         self._thread.start()
 
-    def submit(self, job: StreamJob) -> None:
+    def submit(self, job: StreamJob | PlanJob) -> None:
         self._jobs.put(job)
 
     def _put(self, item: StreamItem) -> bool:
@@ -83,6 +98,9 @@ class RoundStreamer:
 
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
+            if isinstance(job, PlanJob):
+                self._start_round(job)
+                continue
             try:
                 self.client.submit_embeddings(
                     job.session_id, job.session_round, job.ids, job.embeddings, job.labels, job.losses
@@ -96,6 +114,25 @@ class RoundStreamer:
                 log.debug("round %d stream failed: %s", job.round, exc)
                 if not self._put(StreamFailure(job.round, exc)):
                     return
+
+    def _start_round(self, job: PlanJob) -> None:
+        """Run ``job``'s StartRound and settle its future; cancel it when the loader is stopping."""
+        if self.stopping.is_set() or not job.plan.set_running_or_notify_cancel():
+            job.plan.cancel()
+            return
+        try:
+            plan = self.client.start_round(
+                job.session_id,
+                job.session_round,
+                job.trainer_step,
+                num_subsets=job.num_subsets,
+                trainer_wait_s=job.trainer_wait_s,
+            )
+        except BaseException as exc:  # the training loop reads it from the future
+            log.debug("starting round %d of session %s ahead failed: %s", job.session_round, job.session_id, exc)
+            job.plan.set_exception(exc)
+        else:
+            job.plan.set_result(plan)
 
     def _stream(self, job: StreamJob) -> bool:
         """Queue the round's batches, resuming a broken stream from the subsets received; False when stopping."""
@@ -128,3 +165,10 @@ class RoundStreamer:
         self.stopping.set()
         self._jobs.put(None)
         self._thread.join(timeout_s)
+        while True:  # jobs the thread left: nobody may wait on their rounds for ever
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(job, PlanJob):
+                job.plan.cancel()

@@ -14,7 +14,9 @@ that step the loader asks the service for a round, embeds its candidate ids with
 forward pass), and a background thread streams them out and the weighted batches back. Training switches to
 the new region exactly ``lookahead_steps`` later, waiting there (bounded by ``deadline_s``, counted in
 ``wait_s``) if the round is late, so for a seed the batches do not depend on timing and a resumed run continues
-with the same batches.
+with the same batches. The service call that starts a round (its random subsets) is made ahead, on the stream
+thread, as soon as the round's size is known at the previous switch (``LoaderConfig.prefetch_rounds``): the
+draw does not depend on when it is made, so the plan is the one the step would have received.
 
 Never blocking: when the round is not there by the deadline, or the service is unreachable or drops, the loader
 yields uniformly sampled batches (weights 1, counted in ``fallback_batches``) and reconnects with exponential
@@ -150,7 +152,14 @@ class CoresetLoader:
         self.last_round: int | None = None  # loader round of the region it came from; None for a uniform batch
         self._fetch = functools.partial(collate_ids, dataset, collate_fn)
         self._passes = ModelPasses(
-            model, self._fetch, forward_fn, self.embedder, self.num_classes, cfg.embed_batch_size, self._dist
+            model,
+            self._fetch,
+            forward_fn,
+            self.embedder,
+            self.num_classes,
+            cfg.embed_batch_size,
+            self._dist,
+            embed_dtype=getattr(torch, cfg.embed_dtype),
         )
         embedding_dim = self.embedder.dim(self.num_classes)
         is_main = self._dist is None or self._dist.is_main  # only the rank that talks to the service streams
@@ -373,10 +382,15 @@ class CoresetLoader:
             )
         if self.controller.config.mode == "fixed":
             self.controller.start_region()  # the fixed rule needs no model: skip the Hessian estimate
-            return
-        start = time.perf_counter()
-        self._passes.fit(self.controller, region.ids, region.weights, self.config.batch_size, s.stats.steps)
-        s.stats.fit_s += time.perf_counter() - start
+            earliest_end = s.stats.steps + self.controller.config.fixed_steps
+        else:
+            start = time.perf_counter()
+            self._passes.fit(self.controller, region.ids, region.weights, self.config.batch_size, s.stats.steps)
+            s.stats.fit_s += time.perf_counter() - start
+            earliest_end = s.stats.steps + self.controller.interval  # the first check
+        # The next round's size is final now (only a fit changes it): start that round on the stream thread, after
+        # this one's upload, so that the step that asks for it finds its plan (see ServiceLink.prefetch).
+        self._link.prefetch(min(self.controller.num_coresets, self.config.num_subsets), earliest_end, s.stats)
 
     # -- DDP: rank 0 talks to the service, every rank follows ----------------------------------------------
 
@@ -424,13 +438,14 @@ class CoresetLoader:
         """The loader's and controller's state for the user's checkpoint (tensors and plain values only).
 
         A round in flight is first awaited (up to ``first_batch_timeout_s``) so that its coresets are saved
-        with it: the service delivers a round once. Exact resumption also needs the session to survive (close
-        the interrupted loader with ``close(end_session=False)``, or not at all).
+        with it: the service delivers a round once. So is the next round when it was started ahead (at the last
+        switch): its plan is saved, as the service has started it. Exact resumption also needs the session to
+        survive (close the interrupted loader with ``close(end_session=False)``, or not at all).
 
         Under DDP this is a collective (call it on every rank): rank 0's round in flight reaches every rank, and
-        the state is then the same on every rank except ``stats`` (this rank's counters), so saving rank 0's is
-        enough; each rank loads it and trains its own share. It loads under another world size too (the pool
-        is dealt again), with other per-rank batches.
+        the state is then the same on every rank except ``stats`` (this rank's counters) and the round started
+        ahead (rank 0's alone), so saving rank 0's is enough; each rank loads it and trains its own share. It
+        loads under another world size too (the pool is dealt again), with other per-rank batches.
         """
         s = self._state
         if self._dist is not None and s.pending is not None:
@@ -439,6 +454,7 @@ class CoresetLoader:
                 s.pending.coresets, s.pending.ended = settled
         elif self._dist is None:
             self._main_settle()
+        self._link.settle(s.stats)  # a round started ahead (rank 0): its plan is saved, as the service has it
         return {**s.state_dict(), **self._link.state_dict(), "controller": self.controller.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

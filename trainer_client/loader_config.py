@@ -15,6 +15,8 @@ class SelectionUnavailable(RuntimeError):
 
 # LoaderConfig.coreset_weights: the loss weight of a coreset example.
 CORESET_WEIGHTS = ("cluster", "uniform")
+# LoaderConfig.embed_dtype: the precision of the embedding pass.
+EMBED_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,8 +59,15 @@ class LoaderConfig:
     # threshold, window and pool floor): off by default, as in the released code.
     drop_learned: bool = False
     # Examples per no-grad forward pass when embedding a round or checking the region. Larger batches were
-    # slower per example on CPU (SmallCNN, one thread: 1,024 cost twice 128-256, from cache misses).
+    # slower per example on CPU (SmallCNN, one thread: 1,024 cost twice 128-256, from cache misses); between 64
+    # and 256 the embedding pass costs about the same per example in float32 (2 threads: 59, 56, 59 us).
     embed_batch_size: int = 256
+    # Precision of the embedding pass: "float32", or "bfloat16" (autocast on the model's device; the embeddings
+    # and losses are computed in float32 from its logits). Selection ranks examples by these embeddings, so it
+    # needs no more precision than training does; the Taylor check and the quadratic model stay in float32. On a
+    # CPU with bfloat16 instructions (AVX512-BF16, AMX) or a GPU it is the cheaper pass (SmallCNN on two AVX512-BF16
+    # cores, the whole pass at 256 a batch: 35 against 59 us per example); on a CPU without them, slower.
+    embed_dtype: str = "float32"
     # Capacity of the prefetch queue, in batches; the stream thread blocks when it is full.
     queue_size: int = 32
     # Longest wait, in seconds, at a switch step for a late round before yielding a uniform batch instead.
@@ -80,12 +89,21 @@ class LoaderConfig:
     weights_key: str = "weights"
     # Job name shown in the service's logs.
     client_name: str = "trainer"
+    # Start the next round on the service (StartRound, about 1.6 ms over loopback) on the stream thread as soon as
+    # its size is known (at the switch, after the fit), so that the step that asks for it finds the plan there
+    # instead of waiting for the call. The plan's ids are those the call at that step would draw; False makes the
+    # call at that step, as before.
+    prefetch_rounds: bool = True
 
     def __post_init__(self) -> None:
         if self.coreset_weights not in CORESET_WEIGHTS:
             raise ValueError(
                 f"coreset_weights must be one of {', '.join(CORESET_WEIGHTS)}, received {self.coreset_weights!r}"
             )
+        if self.embed_dtype not in EMBED_DTYPES:
+            raise ValueError(f"embed_dtype must be one of {', '.join(EMBED_DTYPES)}, received {self.embed_dtype!r}")
+        if self.embed_batch_size < 1:
+            raise ValueError(f"embed_batch_size must be >= 1, received {self.embed_batch_size}")
         if self.max_persistent_failures < 1:
             raise ValueError(f"max_persistent_failures must be >= 1, received {self.max_persistent_failures}")
 
@@ -118,3 +136,4 @@ class LoaderStats:
     embed_s: float = 0.0
     check_s: float = 0.0
     fit_s: float = 0.0
+    rounds_prefetched: int = 0  # rounds whose StartRound ran ahead, on the stream thread (rank 0's, mirrored)
