@@ -1,6 +1,6 @@
 # Two commands do everything on a fresh Debian machine (as root):
 #   make demo   set up, then train a CNN on Fashion-MNIST with CREST selection over gRPC on a local Ray and on
-#               all the data, and print the comparison (crest bench train --demo, about 5 minutes on 2 cores)
+#               all the data, and print the comparison (crest bench train --demo, about 3 minutes on 2 cores)
 #   make test   set up, then lint, type-check and run every test tier, the Docker deploy tier included (it installs
 #               and starts a Docker engine: tests/test_deploy_engine.py)
 # Also: make test-deploy (the deploy tier alone), make wheel (dist/crest_selection-*.whl, to install by side).

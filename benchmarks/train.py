@@ -70,6 +70,10 @@ QUICK = {
     "eval_examples": 1000,
     "subset_fraction": 0.1,
 }
+# make demo's CREST: the clean task's settings from the frontier's tuning (README, "Budget frontier": chosen on a
+# validation split): fresh 20-step regions of 10 coresets, subsets of r = 0.5% (1.2 candidates embedded per trained
+# example), the coresets trained with weight 1. The embedding pass stays float32, which every CPU runs well.
+DEMO_CREST = {"steps_per_round": 20, "num_subsets": 10, "subset_fraction": 0.005, "crest_weights": "uniform"}
 
 
 def plan(args: argparse.Namespace) -> tuple[BenchConfig, tuple[str, ...], int, Path]:
@@ -82,12 +86,18 @@ def plan(args: argparse.Namespace) -> tuple[BenchConfig, tuple[str, ...], int, P
         raise ValueError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
     if "full" not in methods:
         raise ValueError("the full-data run sets the target; keep 'full' in --methods")
-    preset: dict[str, float] = {**(QUICK if args.quick else {}), **({"steps": args.steps} if args.steps else {})}
+    preset: dict[str, float | str] = {
+        "steps_per_round": 50,
+        **(DEMO_CREST if args.demo and not args.quick else {}),
+        **(QUICK if args.quick else {}),
+        **({"steps": args.steps} if args.steps else {}),
+    }
+    if args.crest_adaptive:
+        preset["steps_per_round"] = None  # type: ignore[assignment]
     config = BenchConfig(
         **preset,  # type: ignore[arg-type]
         dataset=args.dataset,
         data_dir=args.data_dir,
-        steps_per_round=None if args.crest_adaptive else 50,
         drop_learned=args.drop_learned,
         prune=args.prune,
     )
