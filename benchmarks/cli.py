@@ -240,6 +240,25 @@ def _add_bench_frontier(benches: Any) -> None:
         help="CREST: precision of the embedding pass (default float32; training is float32 for every method)",
     )
     p.add_argument(
+        "--crest-embedding",
+        default="logit_gradient",
+        choices=("logit_gradient", "last_layer_gradient"),
+        help="CREST: the gradient embedding selection runs on (default logit_gradient: C floats)",
+    )
+    p.add_argument(
+        "--crest-embedding-dim",
+        type=int,
+        default=0,
+        help="CREST: random projection of the last-layer embedding to this many dimensions (0 keeps C (H + 1))",
+    )
+    p.add_argument("--lr", type=float, default=0.05, help="every method's peak learning rate (cosine to 0)")
+    p.add_argument(
+        "--momentum",
+        type=float,
+        default=0.9,
+        help="every method's SGD momentum (0: plain SGD, as the released CREST code trains)",
+    )
+    p.add_argument(
         "--dataset",
         default="crest_bench.train_data:fashion_mnist",
         help="MODULE:FUNCTION or FILE.py:FUNCTION returning a crest_bench.train_data.BenchData, as bench train's "

@@ -125,6 +125,10 @@ def plan(args: argparse.Namespace) -> FrontierConfig:
         drop_learned=args.drop_learned,
         crest_weights=args.crest_weights,
         crest_embed_dtype=args.crest_embed_dtype,
+        crest_embedding=args.crest_embedding,
+        crest_embedding_dim=args.crest_embedding_dim,
+        lr=args.lr,
+        momentum=args.momentum,
         prune=args.prune,
         **({"subset_fraction": args.subset_fraction} if args.subset_fraction is not None else {}),
     )
@@ -354,7 +358,8 @@ def report(runs: list[FrontierRun], config: FrontierConfig, data: BenchData, out
     learned = "on" if b.drop_learned else "off"
     crest = (
         f"CREST: {rule}, {b.num_subsets} subsets/round, r = {b.subset_fraction:g} N, drop-learned {learned}, "
-        f"{b.crest_weights} weights, {b.crest_embed_dtype} embedding pass"
+        f"{b.crest_weights} weights, {b.crest_embed_dtype} embedding pass, {b.crest_embedding}"
+        + (f" projected to {b.crest_embedding_dim}" if b.crest_embedding_dim else "")
     )
     selectors = (
         f"{config.num_workers} selector actors x {config.cpus_per_worker:g} CPU"
@@ -364,7 +369,8 @@ def report(runs: list[FrontierRun], config: FrontierConfig, data: BenchData, out
     header = (
         f"{data.name}: {doc['train_examples']:,} training examples, evaluated on the {config.evaluation} split "
         f"({doc['eval_examples']:,}); E = {config.epochs:g} epochs ({doc['protocol']['reference_steps']} steps of "
-        f"{b.batch_size}); seeds done {doc['seeds_done']}/{config.seeds}. Torch threads: baselines "
+        f"{b.batch_size}, SGD lr {b.lr:g} cosine, momentum {b.momentum:g}); seeds done "
+        f"{doc['seeds_done']}/{config.seeds}. Torch threads: baselines "
         f"{config.baseline_threads}, CREST {config.crest_threads} + {selectors}. {crest}.\n\n`{command}`"
     )
     table = markdown(doc["summary"], header)

@@ -74,6 +74,11 @@ class BenchConfig:
     # CREST: precision of the embedding pass, "float32" or "bfloat16" (LoaderConfig.embed_dtype); training stays
     # float32 for every method.
     crest_embed_dtype: str = "float32"
+    # CREST: the gradient embedding the coresets are selected on (LoaderConfig.embedding): "logit_gradient" (C
+    # floats) or "last_layer_gradient" ((softmax - onehot) x [h, 1]), randomly projected to crest_embedding_dim
+    # dimensions (0 keeps all C (H + 1)).
+    crest_embedding: str = "logit_gradient"
+    crest_embedding_dim: int = 0
     # InfoBatch: fraction of the below-mean-loss examples pruned each epoch, and the final fraction of
     # training on all data (the paper's delta = 0.875).
     prune: float = 0.5
@@ -87,6 +92,15 @@ class BenchConfig:
         if self.crest_embed_dtype not in EMBED_DTYPES:
             raise ValueError(
                 f"crest_embed_dtype is one of {', '.join(EMBED_DTYPES)}, received {self.crest_embed_dtype!r}"
+            )
+        if self.crest_embedding not in codec.EMBEDDING_KINDS:
+            raise ValueError(
+                f"crest_embedding is one of {', '.join(codec.EMBEDDING_KINDS)}, received {self.crest_embedding!r}"
+            )
+        if self.crest_embedding_dim < 0 or self.lr <= 0 or not 0 <= self.momentum < 1:
+            raise ValueError(
+                f"crest_embedding_dim must be >= 0, lr > 0 and momentum in [0, 1); received "
+                f"{self.crest_embedding_dim}, {self.lr}, {self.momentum}"
             )
 
 
@@ -327,6 +341,8 @@ def run_one(
             drop_learned=config.drop_learned,
             coreset_weights=config.crest_weights,
             embed_dtype=config.crest_embed_dtype,
+            embedding=config.crest_embedding,
+            embedding_dim=config.crest_embedding_dim,
             client_name=f"bench-train-{seed}",
         )
         loader = CoresetLoader(data.train, model, client, labels, num_classes=data.num_classes, config=loader_config)

@@ -205,10 +205,29 @@ def test_protocol_flags_and_presets() -> None:
     v = plan(_args("--eval", "validation", "--validation-size", "2000", "--crest-num-subsets", "10"))
     assert (v.evaluation, v.validation_size, v.bench.num_subsets) == ("validation", 2000, 10)
     assert (c.first_seed, plan(_args("--first-seed", "10")).first_seed) == (0, 10)  # tuning seeds apart
+    assert (c.bench.crest_embedding, c.bench.crest_embedding_dim, c.bench.lr, c.bench.momentum) == (
+        "logit_gradient",
+        0,
+        0.05,
+        0.9,
+    )
+    o = plan(
+        _args(
+            "--crest-embedding", "last_layer_gradient", "--crest-embedding-dim", "64", "--lr", "0.2", "--momentum", "0"
+        )
+    )
+    assert (o.bench.crest_embedding, o.bench.crest_embedding_dim, o.bench.lr, o.bench.momentum) == (
+        "last_layer_gradient",
+        64,
+        0.2,
+        0.0,
+    )
     for flags, error in (
         (("--methods", "crest,random"), "keep 'full'"),
         (("--methods", "full,craig"), "unknown methods"),
         (("--budgets", "0.5,1.5"), "fractions of E"),
+        (("--momentum", "1.0"), "momentum in \\[0, 1\\); received 0, 0.05, 1.0"),
+        (("--crest-embedding-dim", "-1"), "crest_embedding_dim must be >= 0"),
     ):
         with pytest.raises(ValueError, match=error):
             plan(_args(*flags))
