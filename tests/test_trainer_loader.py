@@ -263,6 +263,47 @@ def test_dict_batches_with_a_forward_fn_and_projected_last_layer_embeddings(clie
     assert stats.examples_embedded > 0 and calls  # embeddings and checks went through forward_fn
 
 
+class _AttentionClassifier(nn.Module):
+    """Self-attention over the token embeddings (``scaled_dot_product_attention``), mean-pooled, then a head."""
+
+    def __init__(self, vocab: int = 50) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, 16)
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(input_ids).unsqueeze(1)  # (n, 1 head, length, 16)
+        attended = nn.functional.scaled_dot_product_attention(h, h, h).squeeze(1)
+        return self.head(torch.relu(attended.mean(1)))
+
+
+def test_the_quadratic_models_fit_differentiates_twice_through_attention(client: SelectionClient) -> None:
+    """CREST's adaptive rule fits its quadratic model with Hessian-vector products, a double backward that CPU's
+    fused attention kernel cannot take: the fit runs attention on the math kernel, and only the fit does."""
+    q = torch.randn(2, 1, 4, 8, requires_grad=True)
+    grad = torch.autograd.grad(nn.functional.scaled_dot_product_attention(q, q, q).square().sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="not implemented"):  # the default kernel, as training uses it
+        torch.autograd.grad(grad[0].sum(), q)
+    data = _Tokens()
+    torch.manual_seed(0)
+    model = _AttentionClassifier()
+    config = LoaderConfig(batch_size=24, subset_fraction=0.1, num_subsets=2, check_examples=48)
+    assert config.steps_per_round is None and config.region.mode == "crest"  # the adaptive rule fits
+
+    def forward_fn(m: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return m(batch["input_ids"]), batch["labels"]
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    with CoresetLoader(data, model, client, data.labels.numpy(), config=config, forward_fn=forward_fn) as loader:
+        for _, batch in zip(range(8), loader, strict=False):
+            loss = weighted_loss(model(batch["input_ids"]), batch["labels"], batch.pop("weights"))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        stats = loader.stats
+    assert stats.regions >= 1 and stats.fit_s > 0 and stats.checks >= 1 and stats.fallback_batches == 0
+
+
 def test_state_from_another_dataset_or_version_is_refused(client: SelectionClient, fmnist: FashionMNIST) -> None:
     model = SmallCNN()
     with CoresetLoader(fmnist, model, client, fmnist.targets.numpy(), config=LoaderConfig(**SMALL)) as loader:  # type: ignore[arg-type]

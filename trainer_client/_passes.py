@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from trainer_client.batches import Embedder, ForwardFn
 from trainer_client.distributed import DistContext
@@ -184,7 +185,9 @@ class ModelPasses:
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.enable_grad():
+            # The fit differentiates twice, which the fused attention kernels cannot (CPU flash attention has no
+            # double backward): its attention runs on the math kernel; training and embedding keep the fast ones.
+            with torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]):
                 controller.fit(trainable(self.model), batches(), step)
         except NotImplementedError as exc:
             raise NotImplementedError(

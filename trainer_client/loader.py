@@ -147,7 +147,10 @@ class CoresetLoader:
         if cfg.steps_per_round is not None:
             region = replace(region, mode="fixed", fixed_steps=max(1, cfg.steps_per_round - cfg.lookahead_steps))
         self.controller = RegionController(replace(region, seed=cfg.seed), max_coresets=cfg.num_subsets)
-        self.difficulty: list[RoundDifficulty] = []
+        self._difficulty: list[RoundDifficulty] = []
+        # Regions switched to whose difficulty is not computed yet: round_difficulty's arguments. Scored when
+        # ``difficulty`` is read, off the switch step (a sort of the round's losses: 0.2 ms a round).
+        self._unscored: list[tuple[Any, ...]] = []
         self.last_ids = np.zeros(0, dtype=np.int64)  # ids of the batch yielded last (this rank's share)
         self.last_round: int | None = None  # loader round of the region it came from; None for a uniform batch
         self._fetch = functools.partial(collate_ids, dataset, collate_fn)
@@ -171,6 +174,14 @@ class CoresetLoader:
     def stats(self) -> LoaderStats:
         """This loader's counters (they travel with ``state_dict``)."""
         return self._state.stats
+
+    @property
+    def difficulty(self) -> list[RoundDifficulty]:
+        """Per region switched to, how hard its coresets were against the round's embedded ids (in order)."""
+        if self._unscored:
+            self._difficulty.extend(round_difficulty(*args) for args in self._unscored)
+            self._unscored.clear()
+        return self._difficulty
 
     @property
     def session(self) -> SessionInfo | None:
@@ -368,10 +379,11 @@ class CoresetLoader:
             len(p.check_ids),
         )
         if p.losses is not None:
-            d = round_difficulty(
-                p.round, p.requested_step, s.stats.steps, p.check_ids, p.losses, region.ids, region.weights
+            self._unscored.append(
+                (p.round, p.requested_step, s.stats.steps, p.check_ids, p.losses, region.ids, region.weights)
             )
-            self.difficulty.append(d)
+        if p.losses is not None and log.isEnabledFor(logging.INFO):
+            d = self.difficulty[-1]
             log.info(
                 "region %d: selected loss %.3f (weighted %.3f) against %.3f for the round's ids; percentile %.2f",
                 p.round,

@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from trainer_client.batches import ForwardFn
 from trainer_client.loader import CoresetLoader
@@ -102,11 +101,8 @@ class StepBatches:
 
     def __iter__(self) -> Iterator[Any]:
         while True:
-            # The loader's passes (embedding, Taylor check, the quadratic model's Hessian estimate) run inside
-            # next(). The fit differentiates twice, which the fused attention kernels cannot (CPU flash attention
-            # has no double backward): attention there runs on the math kernel; training steps keep the fast ones.
-            with sdpa_kernel([SDPBackend.MATH]):
-                batch = next(self._batches, None)
+            # The loader's passes (embedding, Taylor check, the quadratic model's fit) run inside next().
+            batch = next(self._batches, None)
             if batch is None:  # the loader was closed
                 return
             yield from split_batch(batch, self.accumulation, self.loader.config.weights_key)
