@@ -251,6 +251,20 @@ def _add_bench_frontier(benches: Any) -> None:
         default=0,
         help="CREST: random projection of the last-layer embedding to this many dimensions (0 keeps C (H + 1))",
     )
+    p.add_argument(
+        "--crest-fit-examples",
+        type=int,
+        default=0,
+        help="CREST's adaptive rule: fit the quadratic model on a seeded sample of this many of the region's pool "
+        "(default 0: the whole pool)",
+    )
+    p.add_argument(
+        "--crest-hessian-every",
+        type=int,
+        default=1,
+        help="CREST's adaptive rule: estimate the Hessian diagonal on every this-many-th fit only; the fits in "
+        "between take the gradient alone (default 1: every fit)",
+    )
     p.add_argument("--lr", type=float, default=0.05, help="every method's peak learning rate (cosine to 0)")
     p.add_argument(
         "--momentum",

@@ -127,6 +127,8 @@ def plan(args: argparse.Namespace) -> FrontierConfig:
         crest_embed_dtype=args.crest_embed_dtype,
         crest_embedding=args.crest_embedding,
         crest_embedding_dim=args.crest_embedding_dim,
+        fit_examples=args.crest_fit_examples,
+        hessian_every=args.crest_hessian_every,
         lr=args.lr,
         momentum=args.momentum,
         prune=args.prune,
@@ -354,7 +356,12 @@ def report(runs: list[FrontierRun], config: FrontierConfig, data: BenchData, out
     """Score the runs so far, write the JSON and the markdown tables atomically, and return the tables."""
     doc = _document(runs, config, data, command)
     b = config.bench
-    rule = f"{b.steps_per_round}-step regions" if b.steps_per_round else "adaptive Taylor check"
+    fit = ", ".join(
+        ([f"fit on {b.fit_examples} pool examples"] if b.fit_examples else [])
+        + ([f"Hessian every {b.hessian_every} fits"] if b.hessian_every > 1 else [])
+    )
+    fit = f" ({fit})" if fit else ""
+    rule = f"{b.steps_per_round}-step regions" if b.steps_per_round else f"adaptive Taylor check{fit}"
     learned = "on" if b.drop_learned else "off"
     crest = (
         f"CREST: {rule}, {b.num_subsets} subsets/round, r = {b.subset_fraction:g} N, drop-learned {learned}, "

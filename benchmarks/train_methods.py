@@ -65,6 +65,10 @@ class BenchConfig:
     num_subsets: int = codec.DEFAULT_NUM_SUBSETS
     # CREST adaptive rule: random-subset ids the check evaluates (as the crest CLI's default).
     check_examples: int = 256
+    # CREST adaptive rule: fit the quadratic model on a seeded sample of this many pool examples (0: the pool).
+    fit_examples: int = 0
+    # CREST adaptive rule: estimate the Hessian diagonal on every this-many-th fit only (RegionConfig).
+    hessian_every: int = 1
     # CREST: the service's learned-example exclusion (CREST section 4; window 5, loss <= 0.1, floor 0.8 N,
     # re-admission). On: the design counts the rule as part of CREST (the released code defaults it off).
     drop_learned: bool = True
@@ -96,6 +100,10 @@ class BenchConfig:
         if self.crest_embedding not in codec.EMBEDDING_KINDS:
             raise ValueError(
                 f"crest_embedding is one of {', '.join(codec.EMBEDDING_KINDS)}, received {self.crest_embedding!r}"
+            )
+        if self.fit_examples < 0 or self.hessian_every < 1:
+            raise ValueError(
+                f"fit_examples must be >= 0 and hessian_every >= 1; received {self.fit_examples}, {self.hessian_every}"
             )
         if self.crest_embedding_dim < 0 or self.lr <= 0 or not 0 <= self.momentum < 1:
             raise ValueError(
@@ -337,7 +345,10 @@ def run_one(
             steps_per_round=config.steps_per_round,
             num_subsets=config.num_subsets,
             check_examples=0 if config.steps_per_round else config.check_examples,
-            region=RegionConfig(coresets_per_interval=config.num_subsets) if config.steps_per_round else RegionConfig(),
+            fit_examples=config.fit_examples,
+            region=RegionConfig(coresets_per_interval=config.num_subsets)
+            if config.steps_per_round
+            else RegionConfig(hessian_every=config.hessian_every),
             drop_learned=config.drop_learned,
             coreset_weights=config.crest_weights,
             embed_dtype=config.crest_embed_dtype,

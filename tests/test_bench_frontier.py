@@ -211,6 +211,8 @@ def test_protocol_flags_and_presets() -> None:
         0.05,
         0.9,
     )
+    a = plan(_args("--crest-steps-per-round", "0", "--crest-fit-examples", "256", "--crest-hessian-every", "5"))
+    assert (a.bench.steps_per_round, a.bench.fit_examples, a.bench.hessian_every) == (None, 256, 5)
     o = plan(
         _args(
             "--crest-embedding", "last_layer_gradient", "--crest-embedding-dim", "64", "--lr", "0.2", "--momentum", "0"
@@ -228,6 +230,7 @@ def test_protocol_flags_and_presets() -> None:
         (("--budgets", "0.5,1.5"), "fractions of E"),
         (("--momentum", "1.0"), "momentum in \\[0, 1\\); received 0, 0.05, 1.0"),
         (("--crest-embedding-dim", "-1"), "crest_embedding_dim must be >= 0"),
+        (("--crest-hessian-every", "0"), "hessian_every >= 1; received 0, 0"),
     ):
         with pytest.raises(ValueError, match=error):
             plan(_args(*flags))

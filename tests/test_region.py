@@ -137,6 +137,28 @@ def test_interval_and_coresets_adapt_to_the_curvature_ratio() -> None:
     assert ctl.stats.fits == 3 and ctl.stats.last_interval == 1
 
 
+def test_hessian_every_k_fits_keeps_the_curvature_and_interval_in_between() -> None:
+    """hessian_every=3: fits 0 and 3 estimate the Hessian diagonal; fits 1 and 2 take the gradient alone (at the
+    current parameters) and keep the last estimate's curvature, interval and P, through a checkpoint too."""
+    w = nn.Parameter(torch.tensor([1.0, -2.0, 0.5]))
+    ctl = RegionController(RegionConfig(curvature="raw", hessian_every=3), max_coresets=12)
+    ctl.fit([w], [(4.0 * (w**2).sum(), 10)], step=0)  # estimated: h = 8
+    assert torch.allclose(ctl._h0, torch.full((3,), 8.0))
+    fit = ctl.fit([w], [((w**2).sum() * 1.5, 10)], step=5)  # gradient only: h stays 8, interval stays 1
+    assert torch.allclose(ctl._g0, 3.0 * w.detach()) and torch.allclose(ctl._h0, torch.full((3,), 8.0))
+    assert (fit.interval, fit.num_coresets, fit.curvature_norm) == (1, 5, pytest.approx(8.0 * 3**0.5))
+    other = RegionController(RegionConfig(curvature="raw", hessian_every=3), max_coresets=12)
+    other.load_state_dict(ctl.state_dict())
+    for c in (ctl, other):
+        fit = c.fit([w], [((w**2).sum() * 1.5, 10)], step=9)  # the third fit: still the first estimate
+        assert (fit.interval, fit.curvature_norm) == (1, pytest.approx(8.0 * 3**0.5))
+        fit = c.fit([w], [((w**2).sum() * 1.5, 10)], step=12)  # the fourth: estimated, h = 3 -> interval 8/3
+        assert (fit.interval, fit.num_coresets) == (3, 12) and torch.allclose(c._h0, torch.full((3,), 3.0))
+    assert ctl.stats.fits == other.stats.fits == 4
+    with pytest.raises(ValueError, match="hessian_every must be >= 1, received 0"):
+        RegionConfig(hessian_every=0)
+
+
 def test_check_reselects_beyond_tau_and_state_round_trips() -> None:
     model = _tiny_mlp()
     params = list(model.parameters())

@@ -54,6 +54,8 @@ CLI_FLAGS = {
         "--crest-embed-dtype",
         "--crest-embedding",
         "--crest-embedding-dim",
+        "--crest-fit-examples",
+        "--crest-hessian-every",
         "--lr",
         "--momentum",
         "--dataset",

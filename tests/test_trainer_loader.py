@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from typing import Any
 
 import numpy as np
 import pytest
@@ -64,6 +65,41 @@ def test_crest_regions_check_and_reselect_against_a_real_server(
     logged = caplog.text
     assert "check" in logged and "predicted" in logged and "quadratic model" in logged
     assert logged.count("-> reselect") == stats.reselections
+
+
+def _sampled_fits(client: SelectionClient, fmnist: FashionMNIST, fit_examples: int) -> tuple[Any, ...]:
+    """Train 12 adaptive-rule steps; (stats, fits, pool size and fitted ids of every fit), the real fit observed."""
+    torch.manual_seed(0)
+    model = SmallCNN()
+    config = LoaderConfig(**SMALL, lookahead_steps=2, fit_examples=fit_examples)  # type: ignore[arg-type]
+    pool_sizes: list[int] = []
+    seen: list[list[int]] = []
+    with CoresetLoader(fmnist, model, client, fmnist.targets.numpy(), config=config) as loader:
+        real_fit = loader._passes.fit  # internal: the pass, observed and then run
+
+        def observed(controller: Any, ids: np.ndarray, weights: np.ndarray, *args: Any) -> None:
+            region = loader._state.region
+            assert region is not None
+            pool_sizes.append(len(region.ids))
+            assert set(ids.tolist()) <= set(region.ids.tolist())
+            seen.append(ids.tolist())
+            real_fit(controller, ids, weights, *args)
+
+        loader._passes.fit = observed  # type: ignore[method-assign]
+        _train(loader, model, 12)
+        return loader.stats, loader.controller.stats.fits, pool_sizes, seen
+
+
+def test_the_quadratic_model_fits_on_a_seeded_sample_of_the_pool(client: SelectionClient, fmnist: FashionMNIST) -> None:
+    """fit_examples: each fit sees that many of the region's pool (a sample, with their weights), the same sample
+    for the same seed and round; the adaptive rule runs on as before."""
+    runs = [_sampled_fits(client, fmnist, 24) for _ in range(2)]
+    for stats, fits, pool_sizes, seen in runs:
+        assert stats.fallback_batches == 0 and stats.regions == fits >= 2 and stats.fit_s > 0
+        assert all(size > 24 for size in pool_sizes) and all(len(ids) == 24 for ids in seen)
+    assert runs[0][3] == runs[1][3]  # seeded by (seed, round): the same sample in every run
+    with pytest.raises(ValueError, match="fit_examples and check_examples must be >= 0 \\(0: all\\), received -1"):
+        LoaderConfig(fit_examples=-1)
 
 
 def test_difficulty_of_every_region_and_exclusion_reach_the_service(

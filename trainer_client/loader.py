@@ -397,7 +397,12 @@ class CoresetLoader:
             earliest_end = s.stats.steps + self.controller.config.fixed_steps
         else:
             start = time.perf_counter()
-            self._passes.fit(self.controller, region.ids, region.weights, self.config.batch_size, s.stats.steps)
+            ids, weights = region.ids, region.weights
+            if 0 < self.config.fit_examples < len(ids):  # the same seeded sample on every rank
+                rng = np.random.default_rng([self.config.seed, 4, p.round])
+                take = np.sort(rng.choice(len(ids), self.config.fit_examples, replace=False))
+                ids, weights = ids[take], weights[take]
+            self._passes.fit(self.controller, ids, weights, self.config.batch_size, s.stats.steps)
             s.stats.fit_s += time.perf_counter() - start
             earliest_end = s.stats.steps + self.controller.interval  # the first check
         # The next round's size is final now (only a fit changes it): start that round on the stream thread, after

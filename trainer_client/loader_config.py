@@ -48,6 +48,10 @@ class LoaderConfig:
     # Check on a fixed seeded sample of this many of the round's random-subset ids; 0 uses them all (CREST).
     # The check costs one forward pass over them every interval steps: on a CPU this bounds its cost.
     check_examples: int = 0
+    # Fit the quadratic model (CREST's adaptive rule; a gradient and a Hutchinson double backward per batch) on a
+    # seeded sample of this many of the region's pool, with their weights; 0 fits on the whole pool (CREST). The
+    # weighted mean loss of a uniform sample estimates the pool's, and the fit's cost falls with the sample.
+    fit_examples: int = 0
     # The loss weight of each coreset example: "cluster", the size of its facility-location cluster scaled to mean
     # 1 (CRAIG's gamma, as CREST trains), or "uniform", 1 for every example. On Fashion-MNIST with the SmallCNN,
     # uniform weights trained better per step (README, "Second round of tuning": +0.4 to +1.0 points over cluster
@@ -102,6 +106,11 @@ class LoaderConfig:
             )
         if self.embed_dtype not in EMBED_DTYPES:
             raise ValueError(f"embed_dtype must be one of {', '.join(EMBED_DTYPES)}, received {self.embed_dtype!r}")
+        if self.fit_examples < 0 or self.check_examples < 0:
+            raise ValueError(
+                f"fit_examples and check_examples must be >= 0 (0: all), received {self.fit_examples} and "
+                f"{self.check_examples}"
+            )
         if self.embed_batch_size < 1:
             raise ValueError(f"embed_batch_size must be >= 1, received {self.embed_batch_size}")
         if self.max_persistent_failures < 1:

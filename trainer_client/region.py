@@ -55,6 +55,12 @@ class RegionConfig:
     fixed_steps: int = 50
     # Rademacher probes per coreset batch for the Hessian diagonal (one double backward each).
     hutchinson_probes: int = 1
+    # Estimate the Hessian diagonal on every this-many-th fit only; the fits in between take the coreset gradient
+    # alone (one plain backward per batch, no double backward) and keep the curvature of the last estimate, and so
+    # the interval and P it gave. 1 estimates at every fit (CREST). With the "rms" curvature each estimate moves
+    # CREST's EMA (beta 0.999) by about a thousandth, so skipping most of them changes h little and the fit's cost
+    # most (the double backward is about 2/3 of it).
+    hessian_every: int = 1
     # "rms": CREST's default (approx_moment), sqrt of an EMA of the squared Hutchinson diagonal plus 1e-4,
     # always positive; "raw": the plain Hutchinson mean, unbiased (the exact diagonal for diagonal Hessians).
     curvature: str = "rms"
@@ -70,7 +76,7 @@ class RegionConfig:
             raise ValueError(f"curvature must be one of {CURVATURES}, received {self.curvature!r}")
         if not self.tau > 0:
             raise ValueError(f"tau must be > 0, received {self.tau}")
-        for name in ("initial_interval", "coresets_per_interval", "fixed_steps", "hutchinson_probes"):
+        for name in ("initial_interval", "coresets_per_interval", "fixed_steps", "hutchinson_probes", "hessian_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, received {getattr(self, name)}")
 
@@ -148,6 +154,7 @@ class RegionController:
         self._first_curvature: float | None = None
         self._rms_sq: torch.Tensor | None = None  # EMA of hdiag², "rms" curvature only
         self._rms_count = 0
+        self._curvature = float("nan")  # mean ||h_b|| of the last Hessian estimate (kept by fits without one)
 
     # -- the quadratic model ------------------------------------------------------------------------------
 
@@ -181,6 +188,8 @@ class RegionController:
             step: the trainer step, for logs.
         """
         params = list(params)
+        if self._h0 is not None and self.stats.fits % self.config.hessian_every != 0:
+            return self._fit_gradient(params, batches, step)
         n_total, loss_sum = 0, 0.0
         g_sum = h_sum = torch.zeros(0)
         curv_norms = []
@@ -200,9 +209,8 @@ class RegionController:
             curv_norms.append(float(h.norm()))
         if n_total == 0:
             raise ValueError("fit received no coreset batches; a region needs at least one example")
-        self._g0, self._h0, self._loss0 = g_sum / n_total, h_sum / n_total, loss_sum / n_total
-        self._w_sel = _flat(p.detach() for p in params).float().cpu().clone()
-        curvature = sum(curv_norms) / len(curv_norms)
+        self._h0 = h_sum / n_total
+        self._curvature = curvature = sum(curv_norms) / len(curv_norms)
         if self._first_curvature is None:
             self._first_curvature = curvature
         else:
@@ -211,11 +219,35 @@ class RegionController:
             if self.config.max_interval:
                 self.interval = min(self.interval, self.config.max_interval)
             self.num_coresets = min(self.interval * self.config.coresets_per_interval, self.max_coresets)
+        return self._fitted(params, g_sum / n_total, loss_sum / n_total, n_total, step)
+
+    def _fit_gradient(
+        self, params: list[torch.Tensor], batches: Iterable[tuple[torch.Tensor, int]], step: int
+    ) -> QuadraticFit:
+        """A fit between Hessian estimates (``hessian_every``): the gradient and loss at the current parameters,
+        the curvature (and so the interval and P) of the last estimate."""
+        n_total, loss_sum = 0, 0.0
+        g_sum = torch.zeros(0)
+        for loss, n in batches:
+            g = _flat(torch.autograd.grad(loss, params)).float().cpu()
+            g_sum = g_sum + n * g if n_total else n * g
+            loss_sum += n * float(loss.detach())
+            n_total += n
+        if n_total == 0:
+            raise ValueError("fit received no coreset batches; a region needs at least one example")
+        return self._fitted(params, g_sum / n_total, loss_sum / n_total, n_total, step)
+
+    def _fitted(
+        self, params: list[torch.Tensor], g0: torch.Tensor, loss0: float, n_total: int, step: int
+    ) -> QuadraticFit:
+        """Adopt a fit's gradient and loss at the current parameters (``_h0`` and the interval already set)."""
+        self._g0, self._loss0 = g0, loss0
+        self._w_sel = _flat(p.detach() for p in params).float().cpu().clone()
         self.steps_since_fit = 0
         self.stats.fits += 1
         self.stats.last_interval, self.stats.last_num_coresets = self.interval, self.num_coresets
         fit = QuadraticFit(
-            step, self._loss0, float(self._g0.norm()), curvature, n_total, self.interval, self.num_coresets
+            step, self._loss0, float(g0.norm()), self._curvature, n_total, self.interval, self.num_coresets
         )
         log.info(
             "step %d: quadratic model on %d coreset examples: L0 %.4f |g0| %.3g curvature %.3g -> check every %d "
@@ -224,7 +256,7 @@ class RegionController:
             n_total,
             fit.loss0,
             fit.grad_norm,
-            curvature,
+            self._curvature,
             self.interval,
             self.num_coresets,
         )
@@ -298,6 +330,7 @@ class RegionController:
             "first_curvature": self._first_curvature,
             "rms_sq": self._rms_sq,
             "rms_count": self._rms_count,
+            "curvature": self._curvature,
             "stats": asdict(self.stats),
         }
 
@@ -317,4 +350,5 @@ class RegionController:
         self._w_sel, self._g0, self._h0 = state["w_sel"], state["g0"], state["h0"]
         self._loss0, self._first_curvature = float(state["loss0"]), state["first_curvature"]
         self._rms_sq, self._rms_count = state["rms_sq"], int(state["rms_count"])
+        self._curvature = float(state.get("curvature", float("nan")))  # absent before hessian_every
         self.stats = RegionStats(**state["stats"])
