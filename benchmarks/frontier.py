@@ -356,12 +356,10 @@ def report(runs: list[FrontierRun], config: FrontierConfig, data: BenchData, out
     """Score the runs so far, write the JSON and the markdown tables atomically, and return the tables."""
     doc = _document(runs, config, data, command)
     b = config.bench
-    fit = ", ".join(
-        ([f"fit on {b.fit_examples} pool examples"] if b.fit_examples else [])
-        + ([f"Hessian every {b.hessian_every} fits"] if b.hessian_every > 1 else [])
-    )
-    fit = f" ({fit})" if fit else ""
-    rule = f"{b.steps_per_round}-step regions" if b.steps_per_round else f"adaptive Taylor check{fit}"
+    cheap_fit = [f"fit on {b.fit_examples} pool examples"] if b.fit_examples else []
+    cheap_fit += [f"Hessian every {b.hessian_every} fits"] if b.hessian_every > 1 else []
+    adaptive = f"adaptive Taylor check ({', '.join(cheap_fit)})" if cheap_fit else "adaptive Taylor check"
+    rule = f"{b.steps_per_round}-step regions" if b.steps_per_round else adaptive
     learned = "on" if b.drop_learned else "off"
     crest = (
         f"CREST: {rule}, {b.num_subsets} subsets/round, r = {b.subset_fraction:g} N, drop-learned {learned}, "

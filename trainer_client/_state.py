@@ -51,11 +51,22 @@ class Region:
         weights = np.concatenate([c.weights for c in used]).astype(np.float32)
         if weighting == "uniform":
             weights = np.ones_like(weights)
-        check_ids = p.check_ids
-        if 0 < check_examples < len(check_ids):
-            rng = np.random.default_rng([seed, 3, p.round])
-            check_ids = np.sort(rng.choice(check_ids, check_examples, replace=False))
+        check_ids = p.check_ids[seeded_sample(len(p.check_ids), check_examples, [seed, 3, p.round])]
         return cls(p.round, ids, weights, check_ids, owners(ids, world_size, seed, p.round))
+
+    def fit_sample(self, fit_examples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, weights) of the pool the quadratic model is fitted on: a seeded sample of ``fit_examples`` of
+        the region's pool (0: all of it), the same on every rank."""
+        take = seeded_sample(len(self.ids), fit_examples, [seed, 4, self.round])
+        return self.ids[take], self.weights[take]
+
+
+def seeded_sample(n: int, k: int, key: list[int]) -> slice | np.ndarray:
+    """Positions of a seeded sample of ``k`` of ``n`` items, ascending (``key`` seeds it); all of them when ``k`` is
+    0 or not below ``n``."""
+    if not 0 < k < n:
+        return slice(None)
+    return np.sort(np.random.default_rng(key).choice(n, k, replace=False))
 
 
 @dataclass

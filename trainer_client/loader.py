@@ -382,26 +382,22 @@ class CoresetLoader:
             self._unscored.append(
                 (p.round, p.requested_step, s.stats.steps, p.check_ids, p.losses, region.ids, region.weights)
             )
-        if p.losses is not None and log.isEnabledFor(logging.INFO):
-            d = self.difficulty[-1]
-            log.info(
-                "region %d: selected loss %.3f (weighted %.3f) against %.3f for the round's ids; percentile %.2f",
-                p.round,
-                d.selected_loss,
-                d.selected_loss_weighted,
-                d.embedded_loss,
-                d.selected_percentile,
-            )
+            if log.isEnabledFor(logging.INFO):
+                d = self.difficulty[-1]
+                log.info(
+                    "region %d: selected loss %.3f (weighted %.3f) against %.3f for the round's ids; percentile %.2f",
+                    p.round,
+                    d.selected_loss,
+                    d.selected_loss_weighted,
+                    d.embedded_loss,
+                    d.selected_percentile,
+                )
         if self.controller.config.mode == "fixed":
             self.controller.start_region()  # the fixed rule needs no model: skip the Hessian estimate
             earliest_end = s.stats.steps + self.controller.config.fixed_steps
         else:
             start = time.perf_counter()
-            ids, weights = region.ids, region.weights
-            if 0 < self.config.fit_examples < len(ids):  # the same seeded sample on every rank
-                rng = np.random.default_rng([self.config.seed, 4, p.round])
-                take = np.sort(rng.choice(len(ids), self.config.fit_examples, replace=False))
-                ids, weights = ids[take], weights[take]
+            ids, weights = region.fit_sample(self.config.fit_examples, self.config.seed)
             self._passes.fit(self.controller, ids, weights, self.config.batch_size, s.stats.steps)
             s.stats.fit_s += time.perf_counter() - start
             earliest_end = s.stats.steps + self.controller.interval  # the first check

@@ -188,66 +188,49 @@ class RegionController:
             step: the trainer step, for logs.
         """
         params = list(params)
-        if self._h0 is not None and self.stats.fits % self.config.hessian_every != 0:
-            return self._fit_gradient(params, batches, step)
+        # Between Hessian estimates (hessian_every) a fit takes the gradient alone and keeps the last curvature.
+        estimate = self._h0 is None or self.stats.fits % self.config.hessian_every == 0
         n_total, loss_sum = 0, 0.0
         g_sum = h_sum = torch.zeros(0)
         curv_norms = []
         for loss, n in batches:
-            g, hdiag = self.hutchinson_diagonal(loss, params)
-            if self.config.curvature == "rms":
-                beta = self.config.rms_beta
-                self._rms_sq = hdiag**2 * (1 - beta) + (self._rms_sq * beta if self._rms_sq is not None else 0.0)
-                self._rms_count += 1
-                h = torch.sqrt(self._rms_sq / (1 - beta**self._rms_count)) + 1e-4
+            if estimate:
+                g, hdiag = self.hutchinson_diagonal(loss, params)
+                if self.config.curvature == "rms":
+                    beta = self.config.rms_beta
+                    prev = self._rms_sq * beta if self._rms_sq is not None else 0.0
+                    self._rms_sq = hdiag**2 * (1 - beta) + prev
+                    self._rms_count += 1
+                    h = torch.sqrt(self._rms_sq / (1 - beta**self._rms_count)) + 1e-4
+                else:
+                    h = hdiag
+                h_sum = h_sum + n * h if n_total else n * h
+                curv_norms.append(float(h.norm()))
             else:
-                h = hdiag
-            g_sum = g_sum + n * g if n_total else n * g
-            h_sum = h_sum + n * h if n_total else n * h
-            loss_sum += n * float(loss.detach())
-            n_total += n
-            curv_norms.append(float(h.norm()))
-        if n_total == 0:
-            raise ValueError("fit received no coreset batches; a region needs at least one example")
-        self._h0 = h_sum / n_total
-        self._curvature = curvature = sum(curv_norms) / len(curv_norms)
-        if self._first_curvature is None:
-            self._first_curvature = curvature
-        else:
-            ratio = self._first_curvature / max(curvature, 1e-12) * self.config.interval_mul
-            self.interval = max(1, math.ceil(ratio))
-            if self.config.max_interval:
-                self.interval = min(self.interval, self.config.max_interval)
-            self.num_coresets = min(self.interval * self.config.coresets_per_interval, self.max_coresets)
-        return self._fitted(params, g_sum / n_total, loss_sum / n_total, n_total, step)
-
-    def _fit_gradient(
-        self, params: list[torch.Tensor], batches: Iterable[tuple[torch.Tensor, int]], step: int
-    ) -> QuadraticFit:
-        """A fit between Hessian estimates (``hessian_every``): the gradient and loss at the current parameters,
-        the curvature (and so the interval and P) of the last estimate."""
-        n_total, loss_sum = 0, 0.0
-        g_sum = torch.zeros(0)
-        for loss, n in batches:
-            g = _flat(torch.autograd.grad(loss, params)).float().cpu()
+                g = _flat(torch.autograd.grad(loss, params)).float().cpu()
             g_sum = g_sum + n * g if n_total else n * g
             loss_sum += n * float(loss.detach())
             n_total += n
         if n_total == 0:
             raise ValueError("fit received no coreset batches; a region needs at least one example")
-        return self._fitted(params, g_sum / n_total, loss_sum / n_total, n_total, step)
-
-    def _fitted(
-        self, params: list[torch.Tensor], g0: torch.Tensor, loss0: float, n_total: int, step: int
-    ) -> QuadraticFit:
-        """Adopt a fit's gradient and loss at the current parameters (``_h0`` and the interval already set)."""
-        self._g0, self._loss0 = g0, loss0
+        if estimate:
+            self._h0 = h_sum / n_total
+            self._curvature = curvature = sum(curv_norms) / len(curv_norms)
+            if self._first_curvature is None:
+                self._first_curvature = curvature
+            else:
+                ratio = self._first_curvature / max(curvature, 1e-12) * self.config.interval_mul
+                self.interval = max(1, math.ceil(ratio))
+                if self.config.max_interval:
+                    self.interval = min(self.interval, self.config.max_interval)
+                self.num_coresets = min(self.interval * self.config.coresets_per_interval, self.max_coresets)
+        self._g0, self._loss0 = g_sum / n_total, loss_sum / n_total
         self._w_sel = _flat(p.detach() for p in params).float().cpu().clone()
         self.steps_since_fit = 0
         self.stats.fits += 1
         self.stats.last_interval, self.stats.last_num_coresets = self.interval, self.num_coresets
         fit = QuadraticFit(
-            step, self._loss0, float(g0.norm()), self._curvature, n_total, self.interval, self.num_coresets
+            step, self._loss0, float(self._g0.norm()), self._curvature, n_total, self.interval, self.num_coresets
         )
         log.info(
             "step %d: quadratic model on %d coreset examples: L0 %.4f |g0| %.3g curvature %.3g -> check every %d "
