@@ -2,8 +2,8 @@
 
 - ``serve``, ``inspect``: the service side (``selector_service.cli``);
 - ``train``: the trainer side (``trainer_client.cli``);
-- ``demo`` and ``bench {train,frontier,facility-location,workload,service,integrations}``: the benchmarks (this
-  package).
+- ``demo`` and ``bench {train,frontier,facility-location,workload,service,integrations,staleness}``: the
+  benchmarks (this package).
 
 This module sits at the top of the package graph (``crest`` <- {``selector_service``, ``trainer_client``} <-
 ``crest_bench``), so it may import both sides; neither side imports it. Building the parser imports only the
@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench_workload(benches)
     _add_bench_service(benches)
     _add_bench_integrations(benches)
+    _add_bench_staleness(benches)
     return parser
 
 
@@ -252,6 +253,13 @@ def _add_bench_frontier(benches: Any) -> None:
         help="CREST: random projection of the last-layer embedding to this many dimensions (0 keeps C (H + 1))",
     )
     p.add_argument(
+        "--crest-embedding-max-age",
+        type=int,
+        default=0,
+        help="CREST: reuse a candidate's embedding in later rounds while it is at most this many steps old "
+        "(default 0: every round embeds all its candidates)",
+    )
+    p.add_argument(
         "--crest-fit-examples",
         type=int,
         default=0,
@@ -378,6 +386,30 @@ def _command(argv: list[str]) -> str | None:
     return None
 
 
+def _add_bench_staleness(benches: Any) -> None:
+    p = benches.add_parser(
+        "staleness",
+        help="how a candidate embedding's age changes the coresets selected on it",
+        description="Train the SmallCNN and, every few steps, select a round's coresets on embeddings from the "
+        "current model and from the model some steps earlier; report how many picks and how much of the "
+        "facility-location objective each age keeps, beside a random pick. See benchmarks/staleness.py.",
+    )
+    p.add_argument("--quick", action="store_true", help="2,000 balanced examples, 40 steps, ages 5 and 20")
+    p.add_argument("--ages", default="", help="comma-separated ages in steps (default 4,10,20,40,80)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default 575)")
+    p.add_argument("--every", type=int, default=None, help="steps between audited rounds (default 50)")
+    p.add_argument(
+        "--subset-fraction", type=float, default=None, help="random-subset size r as a fraction of N (default 0.01)"
+    )
+    p.add_argument(
+        "--dataset",
+        default=None,
+        help="dataset hook MODULE:FUNCTION (default crest_bench.train_data:fashion_mnist_imbalanced)",
+    )
+    p.add_argument("--data-dir", default=None, help="directory with the Fashion-MNIST files")
+    p.add_argument("--out", default="results/staleness.json", help="JSON output path")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = _command(argv)
@@ -416,6 +448,8 @@ def _run_bench(args: argparse.Namespace) -> int:
         from crest_bench import crest_workload as bench  # type: ignore[no-redef]
     elif args.bench == "integrations":
         from crest_bench import integrations as bench  # type: ignore[no-redef]
+    elif args.bench == "staleness":
+        from crest_bench import staleness as bench  # type: ignore[no-redef]
     else:
         from crest_bench import service as bench  # type: ignore[no-redef]
     return int(bench.run(args))

@@ -127,6 +127,7 @@ def plan(args: argparse.Namespace) -> FrontierConfig:
         crest_embed_dtype=args.crest_embed_dtype,
         crest_embedding=args.crest_embedding,
         crest_embedding_dim=args.crest_embedding_dim,
+        crest_embedding_max_age=args.crest_embedding_max_age,
         fit_examples=args.crest_fit_examples,
         hessian_every=args.crest_hessian_every,
         lr=args.lr,
@@ -269,6 +270,7 @@ def _cost(r: RunResult, service_cpu_s: float | None) -> dict[str, float | None]:
 
 def _counters(r: RunResult) -> dict[str, int]:
     names = ("checks", "reselections", "regions", "fallback_batches", "partial_rounds", "persistent_failures")
+    names += ("embeddings_reused", "reused_age_steps")
     return {
         "examples_backpropagated": r.examples_backpropagated,
         "examples_embedded": r.examples_forward_only,
@@ -365,6 +367,7 @@ def report(runs: list[FrontierRun], config: FrontierConfig, data: BenchData, out
         f"CREST: {rule}, {b.num_subsets} subsets/round, r = {b.subset_fraction:g} N, drop-learned {learned}, "
         f"{b.crest_weights} weights, {b.crest_embed_dtype} embedding pass, {b.crest_embedding}"
         + (f" projected to {b.crest_embedding_dim}" if b.crest_embedding_dim else "")
+        + (f", embeddings reused up to {b.crest_embedding_max_age} steps" if b.crest_embedding_max_age else "")
     )
     selectors = (
         f"{config.num_workers} selector actors x {config.cpus_per_worker:g} CPU"

@@ -83,6 +83,9 @@ class BenchConfig:
     # dimensions (0 keeps all C (H + 1)).
     crest_embedding: str = "logit_gradient"
     crest_embedding_dim: int = 0
+    # CREST: reuse a candidate's embedding in later rounds while it is at most this many steps old
+    # (LoaderConfig.embedding_max_age; 0: every round embeds all its candidates).
+    crest_embedding_max_age: int = 0
     # InfoBatch: fraction of the below-mean-loss examples pruned each epoch, and the final fraction of
     # training on all data (the paper's delta = 0.875).
     prune: float = 0.5
@@ -105,6 +108,8 @@ class BenchConfig:
             raise ValueError(
                 f"fit_examples must be >= 0 and hessian_every >= 1; received {self.fit_examples}, {self.hessian_every}"
             )
+        if self.crest_embedding_max_age < 0:
+            raise ValueError(f"crest_embedding_max_age must be >= 0 steps, received {self.crest_embedding_max_age}")
         if self.crest_embedding_dim < 0 or self.lr <= 0 or not 0 <= self.momentum < 1:
             raise ValueError(
                 f"crest_embedding_dim must be >= 0, lr > 0 and momentum in [0, 1); received "
@@ -354,6 +359,7 @@ def run_one(
             embed_dtype=config.crest_embed_dtype,
             embedding=config.crest_embedding,
             embedding_dim=config.crest_embedding_dim,
+            embedding_max_age=config.crest_embedding_max_age,
             client_name=f"bench-train-{seed}",
         )
         loader = CoresetLoader(data.train, model, client, labels, num_classes=data.num_classes, config=loader_config)

@@ -52,3 +52,18 @@ def test_service_benchmark_quick(tmp_path: Path) -> None:
     for r in report["results"]:
         assert r["selections_per_s"] > 0 and r["embeddings_per_s"] > 0
         assert 0 < r["round_p50_ms"] <= r["round_p99_ms"] and r["ratio_to_in_process"] > 0
+
+
+def test_staleness_benchmark_quick(tmp_path: Path) -> None:
+    """Every age is scored on every audited round; a fresh-enough embedding keeps more of the fresh coreset than a
+    random pick does, and no pick beats the fresh coreset's objective by more than greedy's slack."""
+    report, stdout = _run_quick("staleness", tmp_path / "staleness.json")
+    assert report["config"]["ages"] == [5, 20] and [r["step"] for r in report["rounds"]] == [20, 30, 40]
+    s = report["summary"]
+    for name in ("age 5", "age 20", "random"):
+        assert 0 <= s[f"{name} kept"]["min"] <= s[f"{name} kept"]["mean"] <= 1
+        assert 0 < s[f"{name} objective"]["mean"] <= 1.05
+    assert s["age 5 kept"]["mean"] > s["random kept"]["mean"]
+    assert s["age 5 gain"]["mean"] > 0.5 > s["random gain"]["mean"]  # stale selection keeps most of the gain
+    assert s["age 5 drift"]["mean"] > 0
+    assert "| age 20 |" in stdout and "| random |" in stdout

@@ -54,6 +54,7 @@ CLI_FLAGS = {
         "--crest-embed-dtype",
         "--crest-embedding",
         "--crest-embedding-dim",
+        "--crest-embedding-max-age",
         "--crest-fit-examples",
         "--crest-hessian-every",
         "--lr",
@@ -68,6 +69,16 @@ CLI_FLAGS = {
     "bench workload": ["--repeats", "--timeout"],
     "bench service": ["--quick", "--rounds", "--out"],
     "bench integrations": ["--quick", "--steps", "--blocks", "--frameworks", "--out"],
+    "bench staleness": [
+        "--quick",
+        "--ages",
+        "--steps",
+        "--every",
+        "--subset-fraction",
+        "--dataset",
+        "--data-dir",
+        "--out",
+    ],
     "inspect": ["--state-dir", "--session", "--step", "--export"],
     "serve": [
         "--host",
@@ -196,6 +207,7 @@ def test_cli_commands_are_frozen() -> None:
         "frontier",
         "integrations",
         "service",
+        "staleness",
         "train",
         "workload",
     ]

@@ -68,8 +68,10 @@ WORKER = textwrap.dedent(
     data = FashionMNIST("train", limit=1000)
     model = DistributedDataParallel(SmallCNN())
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    # embedding_max_age: the ranks' caches must stay the same, or their sharded embedding passes would differ
     config = LoaderConfig(batch_size=batch, subset_fraction=0.05, num_subsets=2, check_examples=128,
-                          lookahead_steps=2, deadline_s=60.0, reconnect_initial_s=0.05, reconnect_max_s=0.2)
+                          lookahead_steps=2, deadline_s=60.0, reconnect_initial_s=0.05, reconnect_max_s=0.2,
+                          embedding_max_age=12)
     loader = CoresetLoader(data, model, SelectionClient(target, timeout_s=60), data.targets.numpy(), config=config)
     start, stop = {"full": (0, steps), "first": (0, first), "rest": (first, steps)}[phase]
     if phase == "rest":  # every rank loads rank 0's checkpoint
@@ -193,9 +195,10 @@ def test_two_gloo_ranks_share_one_session_and_decide_identically(tmp_path: Path)
     assert ranks[0]["digest"] == ranks[1]["digest"]
     for r in ranks:
         assert r["stats"]["fallback_batches"] == 0 and r["stats"]["steps"] == STEPS
-    # Rank 0 alone opened the session; both ranks embedded a share of every round.
+    # Rank 0 alone opened the session; both ranks embedded a share of every round, and reused the same rows.
     assert ranks[0]["stats"]["sessions_opened"] == ranks[1]["stats"]["sessions_opened"] == 1
     assert all(r["stats"]["examples_embedded"] > 0 for r in ranks)
+    assert ranks[0]["stats"]["embeddings_reused"] == ranks[1]["stats"]["embeddings_reused"] > 0
 
     # Both ranks train on the same region at every step; no id reaches both ranks within one round.
     for step, (a, b) in enumerate(zip(ranks[0]["delivered"], ranks[1]["delivered"], strict=True)):

@@ -95,7 +95,7 @@ def test_restored_loader_continues_with_the_batches_of_an_uninterrupted_run(
 
 
 def _fixed_run(
-    target: str, steps: range, state: dict | None = None, *, ahead: bool = True
+    target: str, steps: range, state: dict | None = None, *, ahead: bool = True, max_age: int = 0
 ) -> tuple[list[list[int]], dict, CoresetLoader]:
     """Train ``steps`` in this process (fixed rule: a round asked for every 5 steps, switched to 1 later) from
     ``state`` (model, optimizer, loader) or from the seed; the ids of every step and the state after the last."""
@@ -111,6 +111,7 @@ def _fixed_run(
         lookahead_steps=1,
         deadline_s=60.0,
         prefetch_rounds=ahead,
+        embedding_max_age=max_age,
     )
     loader = CoresetLoader(data, model, SelectionClient(target, timeout_s=60), data.targets.numpy(), config=config)
     if state is not None:
@@ -154,3 +155,20 @@ def test_a_checkpoint_with_a_round_started_ahead_resumes_with_the_batches_of_an_
     del state["loader"]["prefetched"]  # as written before rounds were started ahead
     rest, _, resumed = _fixed_run(local_server.target, range(first, total), state)
     assert rest == full[first:] and resumed.stats.sessions_opened == 1 and resumed.stats.rounds_prefetched > 0
+
+
+def test_a_checkpoint_carries_the_reusable_embeddings(local_server: RunningServer) -> None:
+    """With embedding_max_age, the rounds after a restore reuse the rows embedded before it, as the uninterrupted
+    run does: the same batches. Without the saved rows the restored loader embeds those ids again."""
+    first, total, age = 13, 30, 24
+    full, _, whole = _fixed_run(local_server.target, range(total), max_age=age)
+    head, state, _ = _fixed_run(local_server.target, range(first), max_age=age)
+    assert len(state["loader"]["embedding_cache"]["ids"]) > 0
+    rest, _, resumed = _fixed_run(local_server.target, range(first, total), state, max_age=age)
+    assert head == full[:first] and rest == full[first:]
+    assert resumed.stats.embeddings_reused == whole.stats.embeddings_reused > 0
+    assert resumed.stats.examples_embedded == whole.stats.examples_embedded
+
+    del state["loader"]["embedding_cache"]  # as saved with the cache off
+    _, _, cold = _fixed_run(local_server.target, range(first, total), state, max_age=age)
+    assert cold.stats.examples_embedded > whole.stats.examples_embedded

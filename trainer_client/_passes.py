@@ -36,6 +36,8 @@ class RoundEmbeddings:
     labels: np.ndarray  # int64 (n,) the targets as forward_fn returns them
     losses: np.ndarray  # float32 (n,) per-example cross-entropy, in nats
     embedded: int  # ids this rank ran through the model (its shard under DDP)
+    reused: int = 0  # rows taken from earlier rounds (LoaderConfig.embedding_max_age), not run through the model
+    reused_age: int = 0  # their ages summed: steps since each was embedded
 
 
 @dataclass(frozen=True)

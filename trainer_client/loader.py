@@ -57,6 +57,7 @@ import torch
 from numpy.typing import ArrayLike
 from torch.utils.data import Dataset, default_collate
 
+from trainer_client._embedding_cache import EmbeddingCache
 from trainer_client._link import ServiceLink
 from trainer_client._mirror import on_main
 from trainer_client._passes import ModelPasses, trainable
@@ -165,6 +166,9 @@ class CoresetLoader:
             embed_dtype=getattr(torch, cfg.embed_dtype),
         )
         embedding_dim = self.embedder.dim(self.num_classes)
+        self._cache: EmbeddingCache | None = None
+        if cfg.embedding_max_age:
+            self._cache = EmbeddingCache(len(self.labels), embedding_dim, cfg.embedding_max_age)
         is_main = self._dist is None or self._dist.is_main  # only the rank that talks to the service streams
         self._link = ServiceLink(client, cfg, self.labels, self.num_classes, embedding_dim, streams=is_main)
         self._state = LoaderState.new(len(self.labels), cfg.seed, cfg.batch_size)
@@ -307,15 +311,18 @@ class CoresetLoader:
         """Embed the round's ids (sharded over the ranks under DDP) and hand them to the stream thread."""
         s = self._state
         start = time.perf_counter()
-        embedded = self._passes.embed_round(plan.ids)
+        embed, ids = self._passes.embed_round, plan.ids
+        embedded = embed(ids) if self._cache is None else self._cache.embed_round(ids, s.stats.steps, embed)
         s.stats.embed_s += time.perf_counter() - start
         s.stats.examples_embedded += embedded.embedded
+        s.stats.embeddings_reused += embedded.reused
+        s.stats.reused_age_steps += embedded.reused_age
         s.stats.rounds_started += 1
         num = min(self.controller.num_coresets, plan.num_subsets)
         session_round = self._link.session_round
         s.pending = PendingRound(s.round, session_round, plan.ids, num, s.stats.steps, losses=embedded.losses)
         self._link.submit(s.round, plan, embedded)
-        log.info("step %d: round %d requested: %d ids embedded", s.stats.steps, s.round, len(plan.ids))
+        log.info("step %d: round %d requested: %d ids, %d reused", s.stats.steps, s.round, len(ids), embedded.reused)
         s.round += 1
         s.need_request = False
 
@@ -468,7 +475,10 @@ class CoresetLoader:
         elif self._dist is None:
             self._main_settle()
         self._link.settle(s.stats)  # a round started ahead (rank 0): its plan is saved, as the service has it
-        return {**s.state_dict(), **self._link.state_dict(), "controller": self.controller.state_dict()}
+        state = {**s.state_dict(), **self._link.state_dict(), "controller": self.controller.state_dict()}
+        if self._cache is not None:
+            state["embedding_cache"] = self._cache.state_dict(s.stats.steps)
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state_dict()``; call before iterating. Refuses another version or dataset."""
@@ -482,6 +492,8 @@ class CoresetLoader:
             world_size=1 if self._dist is None else self._dist.world_size,
         )
         self.controller.load_state_dict(state["controller"])
+        if self._cache is not None and "embedding_cache" in state:  # absent: saved with the cache off
+            self._cache.load_state_dict(state["embedding_cache"])
         self._state = loaded
         self._link.resume(state, loaded.stats.steps)
 

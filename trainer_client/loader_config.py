@@ -72,6 +72,12 @@ class LoaderConfig:
     # CPU with bfloat16 instructions (AVX512-BF16, AMX) or a GPU it is the cheaper pass (SmallCNN on two AVX512-BF16
     # cores, the whole pass at 256 a batch: 35 against 59 us per example); on a CPU without them, slower.
     embed_dtype: str = "float32"
+    # Reuse a candidate's embedding (and loss) in a later round while it is at most this many optimizer steps old,
+    # instead of running it through the model again; 0 embeds every round's ids afresh (CREST). The class-balanced
+    # random subsets draw a small class's examples again within a few regions, so on a long-tailed dataset this
+    # skips a large share of the embedding pass; selection then sees those candidates through a model up to this
+    # many steps older. Holds N·(d+3) float32s in the trainer, and the usable rows in its checkpoints.
+    embedding_max_age: int = 0
     # Capacity of the prefetch queue, in batches; the stream thread blocks when it is full.
     queue_size: int = 32
     # Longest wait, in seconds, at a switch step for a late round before yielding a uniform batch instead.
@@ -111,6 +117,8 @@ class LoaderConfig:
                 f"fit_examples and check_examples must be >= 0 (0: all), received {self.fit_examples} and "
                 f"{self.check_examples}"
             )
+        if self.embedding_max_age < 0:
+            raise ValueError(f"embedding_max_age must be >= 0 steps (0: off), received {self.embedding_max_age}")
         if self.embed_batch_size < 1:
             raise ValueError(f"embed_batch_size must be >= 1, received {self.embed_batch_size}")
         if self.max_persistent_failures < 1:
@@ -129,6 +137,8 @@ class LoaderStats:
     steps: int = 0
     examples_backpropagated: int = 0
     examples_embedded: int = 0
+    embeddings_reused: int = 0  # round candidates whose embedding an earlier round took (embedding_max_age)
+    reused_age_steps: int = 0  # their ages summed, in steps (mean age: this / embeddings_reused)
     rounds_started: int = 0
     regions: int = 0
     batches_received: int = 0

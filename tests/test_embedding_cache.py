@@ -1,0 +1,128 @@
+"""The embedding cache (LoaderConfig.embedding_max_age): which ids a round embeds, what it reuses, its checkpoint;
+and, against a real server, a loader that reuses embeddings: no id run through the model twice within the age,
+the reused rows those an earlier round computed, the counters."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from trainer_client._embedding_cache import EmbeddingCache
+from trainer_client._passes import RoundEmbeddings
+from trainer_client.client import SelectionClient
+from trainer_client.data import FashionMNIST
+from trainer_client.embeddings import weighted_loss
+from trainer_client.loader import CoresetLoader, LoaderConfig
+from trainer_client.models import SmallCNN
+
+torch.set_num_threads(1)
+
+
+class Embed:
+    """An embedding pass whose rows say which call made them: row i of id k at call c is [k, c], target k % 3."""
+
+    def __init__(self) -> None:
+        self.calls: list[np.ndarray] = []
+
+    def __call__(self, ids: np.ndarray) -> RoundEmbeddings:
+        self.calls.append(ids.copy())
+        c = float(len(self.calls))
+        emb = np.stack([ids.astype(np.float32), np.full(len(ids), c, np.float32)], axis=1)
+        return RoundEmbeddings(emb, ids % 3, np.full(len(ids), c, np.float32), embedded=len(ids))
+
+
+def test_a_round_embeds_only_the_ids_without_a_row_within_the_age() -> None:
+    cache, embed = EmbeddingCache(10, 2, max_age=5), Embed()
+    first = cache.embed_round(np.array([1, 2, 3]), 0, embed)
+    assert (first.embedded, first.reused, first.reused_age) == (3, 0, 0)
+    second = cache.embed_round(np.array([2, 3, 4]), 5, embed)  # 2 and 3 are 5 steps old: still usable
+    assert embed.calls[-1].tolist() == [4] and (second.embedded, second.reused, second.reused_age) == (1, 2, 10)
+    assert second.embeddings.tolist() == [[2, 1], [3, 1], [4, 2]]  # the rows of the call that made them
+    assert second.labels.tolist() == [2, 0, 1] and second.losses.tolist() == [1, 1, 2]
+    third = cache.embed_round(np.array([1, 4]), 6, embed)  # 1 is 6 steps old: embedded again; 4 is reused
+    assert embed.calls[-1].tolist() == [1] and (third.embedded, third.reused) == (1, 1)
+    assert third.embeddings.tolist() == [[1, 3], [4, 2]]
+    cache.embed_round(np.array([1, 4]), 7, embed)  # nothing stale: the pass is not run at all
+    assert len(embed.calls) == 3
+
+
+def test_the_cache_checkpoints_its_usable_rows_and_refuses_another_run() -> None:
+    cache, embed = EmbeddingCache(10, 2, max_age=4), Embed()
+    cache.embed_round(np.array([0, 1]), 0, embed)
+    cache.embed_round(np.array([1, 5, 6]), 3, embed)  # 0 is kept from step 0, 1 reused
+    state = cache.state_dict(4)  # step 0's rows are 4 old: still usable
+    assert state["ids"].tolist() == [0, 1, 5, 6] and state["steps"].tolist() == [0, 0, 3, 3]
+    assert cache.state_dict(5)["ids"].tolist() == [5, 6]  # 0 and 1 can never be reused again: not saved
+    restored, again = EmbeddingCache(10, 2, max_age=4), Embed()
+    restored.load_state_dict(state)
+    out = restored.embed_round(np.array([0, 5, 7]), 4, again)
+    assert again.calls[-1].tolist() == [7] and out.embeddings[:2].tolist() == [[0, 1], [5, 2]]
+    for key, value, message in (
+        ("dim", 3, "embedding cache state has dim 3; this loader's is 2"),
+        ("dataset_size", 11, "embedding cache state has dataset_size 11; this loader's is 10"),
+        ("version", 7, "embedding cache state has version 7; this loader's is 1"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            EmbeddingCache(10, 2, max_age=4).load_state_dict({**state, key: value})
+    with pytest.raises(ValueError, match="max_age must be >= 1 step, received 0"):
+        EmbeddingCache(10, 2, max_age=0)
+    with pytest.raises(ValueError, match="embedding_max_age must be >= 0 steps \\(0: off\\), received -1"):
+        LoaderConfig(embedding_max_age=-1)
+
+
+def test_a_loader_reuses_recent_embeddings_and_never_embeds_an_id_twice_within_the_age(
+    client: SelectionClient,
+) -> None:
+    data = FashionMNIST("train", limit=600)
+    torch.manual_seed(0)
+    model = SmallCNN()
+    max_age = 12
+    config = LoaderConfig(
+        batch_size=32,
+        subset_fraction=0.1,
+        num_subsets=2,
+        steps_per_round=4,
+        lookahead_steps=1,
+        embedding_max_age=max_age,
+    )
+    rounds: list[tuple[int, np.ndarray, RoundEmbeddings]] = []  # (step, round ids, rows handed to the service)
+    passes: list[tuple[int, np.ndarray]] = []  # (step, ids run through the model)
+    with CoresetLoader(data, model, client, data.targets.numpy(), config=config) as loader:
+        assert loader._cache is not None
+        cache_round, model_pass = loader._cache.embed_round, loader._passes.embed_round  # internal: observed
+
+        def observed_round(ids: np.ndarray, step: int, embed: Any) -> RoundEmbeddings:
+            out = cache_round(ids, step, embed)
+            rounds.append((step, ids.copy(), out))
+            return out
+
+        def observed_pass(ids: np.ndarray) -> RoundEmbeddings:
+            passes.append((loader.stats.steps, ids.copy()))
+            return model_pass(ids)
+
+        loader._cache.embed_round = observed_round  # type: ignore[method-assign]
+        loader._passes.embed_round = observed_pass  # type: ignore[method-assign]
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        for _, (x, y, w) in zip(range(40), loader, strict=False):
+            loss = weighted_loss(model(x), y, w)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        stats = loader.stats
+    assert stats.fallback_batches == 0 and len(rounds) >= 8
+    total = sum(len(ids) for _, ids, _ in rounds)
+    assert stats.embeddings_reused > 0 and stats.examples_embedded + stats.embeddings_reused == total
+    assert stats.examples_embedded == sum(len(ids) for _, ids in passes)
+    last: dict[int, tuple[int, np.ndarray]] = {}  # id -> (step, row) of its latest model pass
+    for step, ids, out in rounds:
+        ran = next((p for s, p in passes if s == step), np.zeros(0, np.int64))
+        for i, row in zip(ids.tolist(), out.embeddings, strict=True):
+            if i in last and step - last[i][0] <= max_age:
+                assert i not in ran.tolist()  # still usable: not run through the model again
+                assert np.array_equal(row, last[i][1])  # the row of the pass that made it
+            else:
+                assert i in ran.tolist()
+                last[i] = (step, row.copy())
