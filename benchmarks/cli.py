@@ -227,6 +227,24 @@ def _add_bench_frontier(benches: Any) -> None:
         default=True,
         help="CREST: the service's learned-example exclusion (default on)",
     )
+    p.add_argument(
+        "--drop-threshold",
+        type=float,
+        default=0.0,
+        help="CREST: the exclusion's learned-loss threshold in nats (default 0: the service's 0.1)",
+    )
+    p.add_argument(
+        "--drop-window",
+        type=int,
+        default=0,
+        help="CREST: recorded losses in a row that must be under the threshold (default 0: the service's 5)",
+    )
+    p.add_argument(
+        "--min-pool-fraction",
+        type=float,
+        default=0.0,
+        help="CREST: the exclusion's floor on the sampling pool, a fraction of N (default 0: the service's 0.8)",
+    )
     p.add_argument("--prune", type=float, default=0.5, help="InfoBatch: pruned fraction of low-loss examples")
     p.add_argument(
         "--crest-weights",

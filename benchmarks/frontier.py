@@ -123,6 +123,9 @@ def plan(args: argparse.Namespace) -> FrontierConfig:
         steps_per_round=args.crest_steps_per_round or None,
         num_subsets=args.crest_num_subsets,
         drop_learned=args.drop_learned,
+        drop_threshold=args.drop_threshold,
+        drop_window=args.drop_window,
+        min_pool_fraction=args.min_pool_fraction,
         crest_weights=args.crest_weights,
         crest_embed_dtype=args.crest_embed_dtype,
         crest_embedding=args.crest_embedding,
@@ -362,7 +365,11 @@ def report(runs: list[FrontierRun], config: FrontierConfig, data: BenchData, out
     cheap_fit += [f"Hessian every {b.hessian_every} fits"] if b.hessian_every > 1 else []
     adaptive = f"adaptive Taylor check ({', '.join(cheap_fit)})" if cheap_fit else "adaptive Taylor check"
     rule = f"{b.steps_per_round}-step regions" if b.steps_per_round else adaptive
-    learned = "on" if b.drop_learned else "off"
+    learned = "off"
+    if b.drop_learned:
+        rule = [f"{name} {v:g}" for name, v in (("loss <=", b.drop_threshold), ("window", b.drop_window)) if v]
+        rule += [f"floor {b.min_pool_fraction:g} N"] if b.min_pool_fraction else []
+        learned = f"on ({', '.join(rule)})" if rule else "on"
     crest = (
         f"CREST: {rule}, {b.num_subsets} subsets/round, r = {b.subset_fraction:g} N, drop-learned {learned}, "
         f"{b.crest_weights} weights, {b.crest_embed_dtype} embedding pass, {b.crest_embedding}"

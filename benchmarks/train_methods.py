@@ -72,6 +72,11 @@ class BenchConfig:
     # CREST: the service's learned-example exclusion (CREST section 4; window 5, loss <= 0.1, floor 0.8 N,
     # re-admission). On: the design counts the rule as part of CREST (the released code defaults it off).
     drop_learned: bool = True
+    # CREST: the exclusion rule's threshold (nats), window and pool floor (LoaderConfig's; 0: the service's 0.1, 5
+    # and 0.8).
+    drop_threshold: float = 0.0
+    drop_window: int = 0
+    min_pool_fraction: float = 0.0
     # CREST: train on the coresets with their cluster-size weights ("cluster", CRAIG's gamma, as CREST does) or
     # with weight 1 ("uniform"): LoaderConfig.coreset_weights.
     crest_weights: str = "cluster"
@@ -355,6 +360,9 @@ def run_one(
             if config.steps_per_round
             else RegionConfig(hessian_every=config.hessian_every),
             drop_learned=config.drop_learned,
+            drop_threshold=config.drop_threshold,
+            drop_window=config.drop_window,
+            min_pool_fraction=config.min_pool_fraction,
             coreset_weights=config.crest_weights,
             embed_dtype=config.crest_embed_dtype,
             embedding=config.crest_embedding,

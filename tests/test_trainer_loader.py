@@ -123,6 +123,31 @@ def test_difficulty_of_every_region_and_exclusion_reach_the_service(
     assert records[-1].embedded_loss < records[0].embedded_loss  # trained in between: the round's loss falls
 
 
+def test_the_exclusion_rule_reaches_the_service(client: SelectionClient, fmnist: FashionMNIST) -> None:
+    """drop_threshold / drop_window / min_pool_fraction set the session's rule: with a loose threshold and a window
+    of one, the first rounds' candidates leave the pool down to its floor, and none of them is drawn again."""
+    torch.manual_seed(0)
+    model = SmallCNN()
+    config = LoaderConfig(
+        **SMALL,  # type: ignore[arg-type]
+        steps_per_round=4,
+        lookahead_steps=1,
+        drop_learned=True,
+        drop_threshold=5.0,
+        drop_window=1,
+        min_pool_fraction=0.5,
+    )
+    with CoresetLoader(fmnist, model, client, fmnist.targets.numpy(), config=config) as loader:
+        _train(loader, model, 10)
+        assert loader.session is not None
+        state = client.session_state(loader.session.session_id)
+    rule = state.config
+    assert (rule.drop_threshold, rule.drop_window, rule.min_pool_fraction) == (5.0, 1, 0.5)
+    assert 0 < state.excluded_size <= 500
+    with pytest.raises(ValueError, match="min_pool_fraction in \\[0, 1\\] .*received 0.0, 0, 1.5"):
+        LoaderConfig(min_pool_fraction=1.5)
+
+
 def test_uniform_coreset_weights_train_the_same_ids_with_weight_one(
     client: SelectionClient, fmnist: FashionMNIST
 ) -> None:

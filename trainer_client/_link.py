@@ -172,6 +172,9 @@ class ServiceLink:
             embedding_kind=cfg.embedding,
             embedding_dim=self._embedding_dim,
             drop_learned=cfg.drop_learned,
+            drop_threshold=cfg.drop_threshold,
+            drop_window=cfg.drop_window,
+            min_pool_fraction=cfg.min_pool_fraction,
             timeout_s=cfg.first_batch_timeout_s,
         )
         self.session_round = 0

@@ -62,6 +62,13 @@ class LoaderConfig:
     # Learned-example exclusion in the service (CREST section 4; CrestConfig.drop_learned, with the service's
     # threshold, window and pool floor): off by default, as in the released code.
     drop_learned: bool = False
+    # The exclusion rule (CrestConfig's; 0 takes the service's default): the cross-entropy in nats at or below which
+    # a recorded loss counts as learned (0.1), the recorded losses in a row that must all be (5: an example is
+    # recorded only when a round draws it, so in a short run few reach 5), and the pool's floor as a fraction of N
+    # (0.8).
+    drop_threshold: float = 0.0
+    drop_window: int = 0
+    min_pool_fraction: float = 0.0
     # Examples per no-grad forward pass when embedding a round or checking the region. Larger batches were
     # slower per example on CPU (SmallCNN, one thread: 1,024 cost twice 128-256, from cache misses); between 64
     # and 256 the embedding pass costs about the same per example in float32 (2 threads: 59, 56, 59 us).
@@ -116,6 +123,11 @@ class LoaderConfig:
             raise ValueError(
                 f"fit_examples and check_examples must be >= 0 (0: all), received {self.fit_examples} and "
                 f"{self.check_examples}"
+            )
+        if not (0 <= self.drop_threshold < float("inf") and self.drop_window >= 0 and 0 <= self.min_pool_fraction <= 1):
+            raise ValueError(
+                f"drop_threshold must be a finite loss >= 0, drop_window >= 0 and min_pool_fraction in [0, 1] (0: the "
+                f"service's default); received {self.drop_threshold}, {self.drop_window}, {self.min_pool_fraction}"
             )
         if self.embedding_max_age < 0:
             raise ValueError(f"embedding_max_age must be >= 0 steps (0: off), received {self.embedding_max_age}")
