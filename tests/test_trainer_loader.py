@@ -144,7 +144,7 @@ def test_the_exclusion_rule_reaches_the_service(client: SelectionClient, fmnist:
     rule = state.config
     assert (rule.drop_threshold, rule.drop_window, rule.min_pool_fraction) == (5.0, 1, 0.5)
     assert 0 < state.excluded_size <= 500
-    with pytest.raises(ValueError, match="min_pool_fraction in \\[0, 1\\] .*received 0.0, 0, 1.5"):
+    with pytest.raises(ValueError, match=r"min_pool_fraction in \[0, 1\] .*received 0.0, 0, 1.5"):
         LoaderConfig(min_pool_fraction=1.5)
 
 
