@@ -83,7 +83,8 @@ class LoaderConfig:
     # instead of running it through the model again; 0 embeds every round's ids afresh (CREST). The class-balanced
     # random subsets draw a small class's examples again within a few regions, so on a long-tailed dataset this
     # skips a large share of the embedding pass; selection then sees those candidates through a model up to this
-    # many steps older. Holds N·(d+3) float32s in the trainer, and the usable rows in its checkpoints.
+    # many steps older. Holds N·(d+3) float32s in the trainer, and the usable rows in its checkpoints. A reused
+    # row's loss is sent again, so with drop_learned the exclusion window counts that one observation twice.
     embedding_max_age: int = 0
     # Capacity of the prefetch queue, in batches; the stream thread blocks when it is full.
     queue_size: int = 32
