@@ -367,9 +367,9 @@ def report(runs: list[FrontierRun], config: FrontierConfig, data: BenchData, out
     rule = f"{b.steps_per_round}-step regions" if b.steps_per_round else adaptive
     learned = "off"
     if b.drop_learned:
-        rule = [f"{name} {v:g}" for name, v in (("loss <=", b.drop_threshold), ("window", b.drop_window)) if v]
-        rule += [f"floor {b.min_pool_fraction:g} N"] if b.min_pool_fraction else []
-        learned = f"on ({', '.join(rule)})" if rule else "on"
+        settings = [f"{name} {v:g}" for name, v in (("loss <=", b.drop_threshold), ("window", b.drop_window)) if v]
+        settings += [f"floor {b.min_pool_fraction:g} N"] if b.min_pool_fraction else []
+        learned = f"on ({', '.join(settings)})" if settings else "on"
     crest = (
         f"CREST: {rule}, {b.num_subsets} subsets/round, r = {b.subset_fraction:g} N, drop-learned {learned}, "
         f"{b.crest_weights} weights, {b.crest_embed_dtype} embedding pass, {b.crest_embedding}"

@@ -305,5 +305,6 @@ def test_frontier_quick_end_to_end(tmp_path: Path) -> None:
     assert summary["command"] == "crest " + " ".join([*flags, "--summary", str(summary_path)])
     table = out.with_suffix(".md").read_text()
     assert "Paired differences" in table and "| crest | 50% |" in table and "Paired differences" in run.stdout
+    assert "CREST: adaptive Taylor check" in table or "-step regions, " in table  # the region rule, named
     for name in ("accuracy_vs_time", "accuracy_vs_steps"):
         assert (tmp_path / f"frontier_{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
