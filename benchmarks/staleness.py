@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from crest_bench._report import machine, write_json
 from crest_bench.train_data import DEFAULT_HOOK, BenchData, fetch, load_data
-from crest_bench.train_methods import full_batches
+from crest_bench.train_methods import BenchConfig, full_batches
 from selector_service.coreset import minibatch_coreset
 from selector_service.facility_location import objective
 from selector_service.similarity import dense_similarity
@@ -57,12 +57,12 @@ class StalenessConfig:
     dataset: str = "crest_bench.train_data:fashion_mnist_imbalanced"
     data_dir: str | None = None
     train_limit: int | None = None
-    # Training steps (the long-tailed frontier's 30% budget), SGD as crest bench train's, one seed.
+    # Training steps (the long-tailed frontier's 30% budget), one seed, with crest bench train's batch and SGD.
     steps: int = 575
-    batch_size: int = 128
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    batch_size: int = BenchConfig.batch_size
+    lr: float = BenchConfig.lr
+    momentum: float = BenchConfig.momentum
+    weight_decay: float = BenchConfig.weight_decay
     seed: int = 0
     # Ages compared, in optimizer steps, and the steps between two audited rounds (the first at the largest age).
     ages: tuple[int, ...] = (4, 10, 20, 40, 80)
@@ -115,6 +115,12 @@ def _random_pick(labels: np.ndarray, like: np.ndarray, rng: np.random.Generator)
     return np.concatenate([rng.choice(np.flatnonzero(labels == c), k, replace=False) for c, k in sizes.items()])
 
 
+def _coreset_positions(sub: np.ndarray, labels: np.ndarray, emb: np.ndarray, batch_size: int) -> np.ndarray:
+    """Positions in ``sub`` (sorted int64 ids) of the mini-batch coreset the service's engine selects on ``emb``."""
+    chosen = minibatch_coreset(sub, labels, np.ascontiguousarray(emb), batch_size).ids
+    return np.searchsorted(sub, np.sort(chosen))
+
+
 def audit_round(
     config: StalenessConfig, data: BenchData, labels: np.ndarray, step: int, models: dict[int, torch.nn.Module]
 ) -> dict[str, Any]:
@@ -126,19 +132,13 @@ def audit_round(
     emb = {age: _embed(models[step - age], data, union) for age in (0, *config.ages)}
     scores: dict[str, list[float]] = {}
     for sub in subsets:
-        rows = np.searchsorted(union, sub)
-        y = labels[sub]
-
-        def positions(e: np.ndarray, rows: np.ndarray = rows, sub: np.ndarray = sub, y: np.ndarray = y) -> np.ndarray:
-            chosen = minibatch_coreset(sub, y, np.ascontiguousarray(e[rows]), config.batch_size).ids
-            return np.searchsorted(sub, np.sort(chosen))
-
+        rows, y = np.searchsorted(union, sub), labels[sub]
         fresh_rows = emb[0][rows]
-        fresh = positions(emb[0])
+        fresh = _coreset_positions(sub, y, fresh_rows, config.batch_size)
         best = _objective(fresh_rows, y, fresh)
         randoms = [_random_pick(y, fresh, rng) for _ in range(RANDOM_DRAWS)]
         floor = float(np.mean([_objective(fresh_rows, y, r) for r in randoms]))
-        picks = {f"age {age}": positions(emb[age]) for age in config.ages}
+        picks = {f"age {age}": _coreset_positions(sub, y, emb[age][rows], config.batch_size) for age in config.ages}
         picks["random"] = randoms[0]
         for name, chosen in picks.items():
             value = _objective(fresh_rows, y, chosen)

@@ -81,7 +81,7 @@ class EmbeddingCache:
 
     def state_dict(self, step: int) -> dict[str, Any]:
         """The rows still usable after ``step`` (the others never will be again), as tensors."""
-        keep = np.flatnonzero((self._step >= 0) & (step - self._step <= self.max_age))
+        keep = np.flatnonzero(~self.stale(np.arange(self.dataset_size), step))
         emb = np.zeros((0, self.dim), np.float32) if self._emb is None else self._emb[keep]
         return {
             "version": self.VERSION,
@@ -99,9 +99,10 @@ class EmbeddingCache:
         for key, mine in (("version", self.VERSION), ("dataset_size", self.dataset_size), ("dim", self.dim)):
             if state.get(key) != mine:
                 raise ValueError(f"embedding cache state has {key} {state.get(key)!r}; this loader's is {mine}")
-        self._step[:] = -1
         ids = state["ids"].numpy()
-        if len(ids):
-            rows = RoundEmbeddings(state["embeddings"].numpy(), state["targets"].numpy(), state["losses"].numpy(), 0)
-            self.store(ids, rows, 0)
-            self._step[ids] = state["steps"].numpy()
+        self._emb = np.zeros((self.dataset_size, self.dim), dtype=np.float32)
+        self._step[:] = -1
+        self._emb[ids], self._target[ids], self._loss[ids] = (
+            state[k].numpy() for k in ("embeddings", "targets", "losses")
+        )
+        self._step[ids] = state["steps"].numpy()

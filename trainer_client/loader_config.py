@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from crest.selector.v1 import codec
@@ -125,7 +126,9 @@ class LoaderConfig:
                 f"fit_examples and check_examples must be >= 0 (0: all), received {self.fit_examples} and "
                 f"{self.check_examples}"
             )
-        if not (0 <= self.drop_threshold < float("inf") and self.drop_window >= 0 and 0 <= self.min_pool_fraction <= 1):
+        if not (math.isfinite(self.drop_threshold) and self.drop_threshold >= 0) or not (
+            self.drop_window >= 0 and 0 <= self.min_pool_fraction <= 1
+        ):
             raise ValueError(
                 f"drop_threshold must be a finite loss >= 0, drop_window >= 0 and min_pool_fraction in [0, 1] (0: the "
                 f"service's default); received {self.drop_threshold}, {self.drop_window}, {self.min_pool_fraction}"
