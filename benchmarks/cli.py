@@ -2,7 +2,7 @@
 
 - ``serve``, ``inspect``: the service side (``selector_service.cli``);
 - ``train``: the trainer side (``trainer_client.cli``);
-- ``demo`` and ``bench {train,frontier,facility-location,workload,service,integrations,staleness}``: the
+- ``demo`` and ``bench {train,frontier,facility-location,workload,service,integrations,staleness,offload}``: the
   benchmarks (this package).
 
 This module sits at the top of the package graph (``crest`` <- {``selector_service``, ``trainer_client``} <-
@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench_service(benches)
     _add_bench_integrations(benches)
     _add_bench_staleness(benches)
+    _add_bench_offload(benches)
     return parser
 
 
@@ -428,6 +429,24 @@ def _add_bench_staleness(benches: Any) -> None:
     p.add_argument("--out", default="results/staleness.json", help="JSON output path")
 
 
+def _add_bench_offload(benches: Any) -> None:
+    p = benches.add_parser(
+        "offload",
+        help="CREST's embedding pass on the training thread against a worker on the spare core",
+        description="Time training steps alone (on every core and on one), CREST's step with the round's "
+        "embedding pass on the training thread, and the same with the pass on a second thread using a snapshot "
+        "of the weights while the trainer keeps one core. See benchmarks/offload.py.",
+    )
+    p.add_argument("--quick", action="store_true", help="2,000 examples, batches of 32, one repetition")
+    p.add_argument("--candidates", type=int, default=None, help="candidates embedded per round (default 3000)")
+    p.add_argument("--steps-per-round", type=int, default=None, help="training steps per round (default 20)")
+    p.add_argument("--rounds", type=int, default=None, help="rounds per timed run (default 8)")
+    p.add_argument("--repetitions", type=int, default=None, help="runs of each mode, order rotated (default 5)")
+    p.add_argument("--dataset", default=None, help="dataset hook MODULE:FUNCTION (default Fashion-MNIST)")
+    p.add_argument("--data-dir", default=None, help="directory with the Fashion-MNIST files")
+    p.add_argument("--out", default="results/offload.json", help="JSON output path")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = _command(argv)
@@ -468,6 +487,8 @@ def _run_bench(args: argparse.Namespace) -> int:
         from crest_bench import integrations as bench  # type: ignore[no-redef]
     elif args.bench == "staleness":
         from crest_bench import staleness as bench  # type: ignore[no-redef]
+    elif args.bench == "offload":
+        from crest_bench import offload as bench  # type: ignore[no-redef]
     else:
         from crest_bench import service as bench  # type: ignore[no-redef]
     return int(bench.run(args))

@@ -67,3 +67,18 @@ def test_staleness_benchmark_quick(tmp_path: Path) -> None:
     assert s["age 5 gain"]["mean"] > 0.5 > s["random gain"]["mean"]  # stale selection keeps most of the gain
     assert s["age 5 drift"]["mean"] > 0
     assert "| age 20 |" in stdout and "| random |" in stdout
+
+
+def test_offload_benchmark_quick(tmp_path: Path) -> None:
+    """Every mode is timed in every repetition on the threads it claims, the offloaded runs report their wait, and
+    the table names each mode."""
+    report, stdout = _run_quick("offload", tmp_path / "offload.json")
+    runs, s = report["runs"], report["summary"]
+    modes = ["baseline", "baseline, 1 thread", "inline", "offloaded", "offloaded, shared"]
+    assert list(runs) == modes and all(len(runs[m]) == report["config"]["repetitions"] == 1 for m in modes)
+    assert [runs[m][0]["threads"] for m in modes] == [2, 1, 2, 1, 2]
+    for m in modes:
+        assert s[m]["ms_per_step"] > 0 and s[m]["over_baseline"] > 0
+        assert f"| {m} |" in stdout
+    assert s["baseline"]["over_baseline"] == 1.0
+    assert s["offloaded"]["wait_ms_per_round"] >= 0 and s["offloaded, shared"]["wait_ms_per_round"] >= 0
