@@ -120,6 +120,29 @@ class LoaderState:
     from_region: bool = False  # the batch yielded last came from a region
     yielded: bool = False
 
+    def region_batch(self, rank: int = 0, world_size: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """Next (ids int64, weights float32) of the region: reshuffled passes over its pool, ``rank``'s share of
+        each batch.
+
+        A pass has about ``batch_size`` examples a step over all ranks, and never more batches than the smallest
+        rank share (no rank gets an empty batch). Every rank draws the same permutation of the pool positions
+        (so the RNG state stays the same on every rank), keeps the positions it owns in that order and cuts them
+        into the same number of batches.
+        """
+        region = self.region
+        assert region is not None, "a region batch is drawn inside a region only"
+        parts = max(1, round(len(region.ids) / self.batch_size))
+        if world_size > 1:
+            parts = min(parts, max(1, int(np.bincount(region.owner, minlength=world_size).min())))
+        if self.pass_perm is None or self.pass_next >= parts:
+            self.pass_perm, self.pass_next = self.rng.permutation(len(region.ids)), 0
+        perm = self.pass_perm
+        if world_size > 1:
+            perm = perm[region.owner[perm] == rank]
+        take = np.array_split(perm, parts)[self.pass_next]
+        self.pass_next += 1
+        return region.ids[take], region.weights[take]
+
     @classmethod
     def new(cls, dataset_size: int, seed: int, batch_size: int) -> LoaderState:
         return cls(

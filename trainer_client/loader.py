@@ -218,7 +218,8 @@ class CoresetLoader:
             self._follow_service()
         due = s.want_at is not None and s.stats.steps >= s.want_at
         if s.region is not None and not due:
-            ids, weights = self._region_batch(s.region)
+            rank, world = (0, 1) if self._dist is None else (self._dist.rank, self._dist.world_size)
+            ids, weights = s.region_batch(rank, world)
         else:
             ids, weights = self._uniform_batch()
         s.from_region = s.region is not None and not due
@@ -228,32 +229,6 @@ class CoresetLoader:
         s.stats.steps += 1
         s.stats.examples_backpropagated += len(ids)
         return with_weights(batch, torch.from_numpy(weights.astype(np.float32)), self.config.weights_key)
-
-    def _batches_per_pass(self, region: Region) -> int:
-        """Batches in one pass over the pool: about ``batch_size`` examples a step over all ranks, and never
-        more than the smallest rank share (no rank gets an empty batch)."""
-        n = max(1, round(len(region.ids) / self.config.batch_size))
-        if self._dist is not None:
-            shares = np.bincount(region.owner, minlength=self._dist.world_size)
-            n = min(n, max(1, int(shares.min())))
-        return n
-
-    def _region_batch(self, region: Region) -> tuple[np.ndarray, np.ndarray]:
-        """Next (ids, weights) of the region: reshuffled passes over its pool, this rank's share of each batch.
-
-        Every rank draws the same permutation of the pool positions (so the RNG state stays the same on every
-        rank), keeps the positions it owns in that order and cuts them into the same number of batches.
-        """
-        s = self._state
-        parts = self._batches_per_pass(region)
-        if s.pass_perm is None or s.pass_next >= parts:
-            s.pass_perm, s.pass_next = s.rng.permutation(len(region.ids)), 0
-        perm = s.pass_perm
-        if self._dist is not None:
-            perm = perm[region.owner[perm] == self._dist.rank]
-        take = np.array_split(perm, parts)[s.pass_next]
-        s.pass_next += 1
-        return region.ids[take], region.weights[take]
 
     def _uniform_batch(self) -> tuple[np.ndarray, np.ndarray]:
         """A uniformly sampled batch (weights 1); under DDP every rank draws the same one and keeps its share."""
