@@ -254,6 +254,11 @@ def _add_bench_frontier(benches: Any) -> None:
         help="CREST: train on the coresets with their cluster-size weights (default) or with weight 1 (ablation)",
     )
     p.add_argument(
+        "--crest-joint-selection",
+        action="store_true",
+        help="CREST: facility location over each whole random subset instead of per class (ablation)",
+    )
+    p.add_argument(
         "--crest-embed-dtype",
         default="float32",
         choices=("float32", "bfloat16"),

@@ -127,6 +127,7 @@ def plan(args: argparse.Namespace) -> FrontierConfig:
         drop_window=args.drop_window,
         min_pool_fraction=args.min_pool_fraction,
         crest_weights=args.crest_weights,
+        crest_joint_selection=args.crest_joint_selection,
         crest_embed_dtype=args.crest_embed_dtype,
         crest_embedding=args.crest_embedding,
         crest_embedding_dim=args.crest_embedding_dim,
@@ -372,7 +373,8 @@ def report(runs: list[FrontierRun], config: FrontierConfig, data: BenchData, out
         learned = f"on ({', '.join(settings)})" if settings else "on"
     crest = (
         f"CREST: {rule}, {b.num_subsets} subsets/round, r = {b.subset_fraction:g} N, drop-learned {learned}, "
-        f"{b.crest_weights} weights, {b.crest_embed_dtype} embedding pass, {b.crest_embedding}"
+        f"{b.crest_weights} weights, {'joint' if b.crest_joint_selection else 'per-class'} selection, "
+        f"{b.crest_embed_dtype} embedding pass, {b.crest_embedding}"
         + (f" projected to {b.crest_embedding_dim}" if b.crest_embedding_dim else "")
         + (f", embeddings reused up to {b.crest_embedding_max_age} steps" if b.crest_embedding_max_age else "")
     )

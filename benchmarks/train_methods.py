@@ -80,6 +80,8 @@ class BenchConfig:
     # CREST: train on the coresets with their cluster-size weights ("cluster", CRAIG's gamma, as CREST does) or
     # with weight 1 ("uniform"): LoaderConfig.coreset_weights.
     crest_weights: str = "cluster"
+    # CREST: facility location over each whole random subset instead of per class (LoaderConfig.joint_selection).
+    crest_joint_selection: bool = False
     # CREST: precision of the embedding pass, "float32" or "bfloat16" (LoaderConfig.embed_dtype); training stays
     # float32 for every method.
     crest_embed_dtype: str = "float32"
@@ -364,6 +366,7 @@ def run_one(
             drop_window=config.drop_window,
             min_pool_fraction=config.min_pool_fraction,
             coreset_weights=config.crest_weights,
+            joint_selection=config.crest_joint_selection,
             embed_dtype=config.crest_embed_dtype,
             embedding=config.crest_embedding,
             embedding_dim=config.crest_embedding_dim,

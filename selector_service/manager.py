@@ -289,7 +289,10 @@ class SessionManager:
         upload.check_complete()
         with s.lock:
             rnd = self._planned_round(s, first.round_id)  # a concurrent submit may have won the race
-            work = rnd.selection_input(s.id, s.labels, upload.embeddings, s.config.batch_size, s.config.similarity)
+            c = s.config
+            work = rnd.selection_input(
+                s.id, s.labels, upload.embeddings, c.batch_size, c.similarity, joint=c.joint_selection
+            )
             # Dispatch first: a backend that cannot take the round (closed, no workers) leaves it as it was.
             rnd.dispatch(self.backend.submit(work))
             if s.config.exclusion.enabled:

@@ -102,16 +102,23 @@ class Round:
         return len(self.subsets)
 
     def selection_input(
-        self, session_id: str, labels: np.ndarray, embeddings: np.ndarray, batch_size: int, similarity: str
+        self,
+        session_id: str,
+        labels: np.ndarray,
+        embeddings: np.ndarray,
+        batch_size: int,
+        similarity: str,
+        joint: bool = False,
     ) -> RoundInput:
         """What the backend selects from: ``embeddings`` float32 (n, d) rows of ``ids``; ``labels`` int64 (N,)
-        the session's."""
+        the session's. ``joint``: one facility-location problem per subset instead of one per class (the
+        selection input's groups are then all 0)."""
         return RoundInput(
             session_id,
             self.round_id,
             self.trainer_step,
             self.ids,
-            labels[self.ids],
+            np.zeros(len(self.ids), dtype=np.int64) if joint else labels[self.ids],
             embeddings,
             self.subset_rows,
             batch_size,

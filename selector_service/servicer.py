@@ -122,6 +122,7 @@ def config_from_proto(c: pb.CrestConfig) -> SessionConfig:
             "config.embedding_kind", codec.EMBEDDING_KINDS, c.embedding_kind, d.embedding_kind
         ),
         exclusion=exclusion,
+        joint_selection=c.joint_selection,
     )
 
 
@@ -139,6 +140,7 @@ def config_to_proto(c: SessionConfig) -> pb.CrestConfig:
         drop_window=c.exclusion.window,
         min_pool_fraction=c.exclusion.min_pool_fraction,
         keep_excluded=not c.exclusion.readmit,
+        joint_selection=c.joint_selection,
     )
 
 

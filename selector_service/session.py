@@ -51,6 +51,8 @@ class SessionConfig:
     exclusion: ExclusionConfig = field(default_factory=ExclusionConfig)
     # With exclusion and re-admission, excluded ids re-tested per round, as a fraction of the round's ids.
     retest_fraction: float = 0.05
+    # Facility location over the whole random subset instead of per class (CrestConfig.joint_selection).
+    joint_selection: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)

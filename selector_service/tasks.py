@@ -65,7 +65,8 @@ class SelectionTask:
         session_id, round_id, trainer_step: the round (copied onto its batches).
         first_subset: the round's index of the share's first subset.
         offsets: int64 (s + 1,) subset boundaries, 0 first and n last, increasing.
-        ids: int64 (n,) example ids; labels: int64 (n,) their classes.
+        ids: int64 (n,) example ids; labels: int64 (n,) the group facility location selects each in: its class, or
+            0 for every row under joint selection.
         embeddings: float32 (n, d) C-contiguous gradient embeddings.
         batch_size: coreset size m per subset; similarity: a key of ``similarity.KERNELS``.
     """
@@ -92,7 +93,8 @@ class RoundInput:
 
     Attributes:
         session_id, round_id, trainer_step: the round.
-        ids: int64 (n,) example id of each row; labels: int64 (n,) their classes.
+        ids: int64 (n,) example id of each row; labels: int64 (n,) their selection groups (classes, or all 0 under
+            joint selection).
         embeddings: float32 (n, d) one row per id.
         subset_rows: P int64 arrays, (r_i,) the rows of subset i.
         batch_size: coreset size m per subset; similarity: a key of ``similarity.KERNELS``.

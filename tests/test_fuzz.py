@@ -85,6 +85,8 @@ configs = st.builds(
     drop_threshold=st.floats(allow_nan=True),
     drop_window=u32,
     min_pool_fraction=st.floats(allow_nan=True),
+    keep_excluded=st.booleans(),
+    joint_selection=st.booleans(),
 )
 
 

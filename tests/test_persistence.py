@@ -31,6 +31,7 @@ def _create_with_exclusion(client: SelectionClient) -> SessionInfo:
         drop_learned=True,
         drop_window=1,
         min_pool_fraction=0.5,
+        joint_selection=True,
         seed=4,
         client_name="resume-test",
     )
@@ -82,6 +83,7 @@ def test_restarted_service_resumes_sessions_with_identical_exclusion_state(tmp_p
             sid = info.session_id
             _round(client, sid, 0, loss=0.0)  # every example of round 0 is learned and excluded
             before_state = client.session_state(sid)
+            assert before_state.config.joint_selection  # and after the restart: the states compare equal below
             closed = client.create_session(_labels()).session_id
             client.close_session(closed)
         before = first.manager.get(sid).exclusion.state_dict()

@@ -340,6 +340,31 @@ def test_learned_examples_leave_the_pool_and_come_back_when_their_loss_rises(cli
     assert state.excluded_size == len(excluded) - len(retested)
 
 
+def test_joint_selection_spends_the_coreset_where_the_embeddings_spread(
+    client: SelectionClient, small_labels: np.ndarray
+) -> None:
+    """Class 0's embeddings are scattered, the other classes' are tight clusters: per-class selection splits the
+    coreset by class share (2 each), joint selection covers each tight class with one pick and spends the rest on
+    class 0; the session reports the setting it runs."""
+    rng = np.random.default_rng(0)
+    picked = {}
+    for joint in (False, True):
+        info = client.create_session(
+            small_labels, subset_fraction=0.05, num_subsets=1, batch_size=20, seed=2, joint_selection=joint
+        )
+        assert _state(client, info.session_id).config.joint_selection == joint
+        plan = client.start_round(info.session_id, 0, 0)
+        y = small_labels[plan.ids]
+        emb = 100.0 * np.eye(10, dtype=np.float32)[y] + rng.normal(scale=1e-3, size=(len(y), 10)).astype(np.float32)
+        emb[y == 0] = rng.normal(scale=30.0, size=(int((y == 0).sum()), 10))
+        client.submit_embeddings(info.session_id, 0, plan.ids, emb, y)
+        (batch,) = client.stream_batches(info.session_id, 0)
+        picked[joint] = np.bincount(small_labels[batch.ids], minlength=10)
+        assert len(np.unique(batch.ids)) == 20 and np.isin(batch.ids, plan.ids).all()
+    assert (picked[False] == 2).all()
+    assert picked[True][0] == 10 and picked[True][1:].sum() == 10  # all 10 of class 0 in the subset; one per rest
+
+
 def test_rounds_can_ask_for_fewer_subsets_and_share_the_first_ones(
     client: SelectionClient, small_labels: np.ndarray
 ) -> None:

@@ -54,6 +54,7 @@ CLI_FLAGS = {
         "--min-pool-fraction",
         "--prune",
         "--crest-weights",
+        "--crest-joint-selection",
         "--crest-embed-dtype",
         "--crest-embedding",
         "--crest-embedding-dim",

@@ -123,9 +123,12 @@ def test_difficulty_of_every_region_and_exclusion_reach_the_service(
     assert records[-1].embedded_loss < records[0].embedded_loss  # trained in between: the round's loss falls
 
 
-def test_the_exclusion_rule_reaches_the_service(client: SelectionClient, fmnist: FashionMNIST) -> None:
+def test_the_exclusion_rule_and_joint_selection_reach_the_service(
+    client: SelectionClient, fmnist: FashionMNIST
+) -> None:
     """drop_threshold / drop_window / min_pool_fraction set the session's rule: with a loose threshold and a window
-    of one, the first rounds' candidates leave the pool down to its floor, and none of them is drawn again."""
+    of one, the first rounds' candidates leave the pool down to its floor, and none of them is drawn again; the
+    session selects jointly when the loader asks it to."""
     torch.manual_seed(0)
     model = SmallCNN()
     config = LoaderConfig(
@@ -136,6 +139,7 @@ def test_the_exclusion_rule_reaches_the_service(client: SelectionClient, fmnist:
         drop_threshold=5.0,
         drop_window=1,
         min_pool_fraction=0.5,
+        joint_selection=True,
     )
     with CoresetLoader(fmnist, model, client, fmnist.targets.numpy(), config=config) as loader:
         _train(loader, model, 10)
@@ -143,6 +147,7 @@ def test_the_exclusion_rule_reaches_the_service(client: SelectionClient, fmnist:
         state = client.session_state(loader.session.session_id)
     rule = state.config
     assert (rule.drop_threshold, rule.drop_window, rule.min_pool_fraction) == (5.0, 1, 0.5)
+    assert rule.joint_selection
     assert 0 < state.excluded_size <= 500
     with pytest.raises(ValueError, match=r"min_pool_fraction in \[0, 1\] .*received 0.0, 0, 1.5"):
         LoaderConfig(min_pool_fraction=1.5)

@@ -175,6 +175,7 @@ class ServiceLink:
             drop_threshold=cfg.drop_threshold,
             drop_window=cfg.drop_window,
             min_pool_fraction=cfg.min_pool_fraction,
+            joint_selection=cfg.joint_selection,
             timeout_s=cfg.first_batch_timeout_s,
         )
         self.session_round = 0

@@ -133,13 +133,15 @@ class SelectionClient:
         drop_window: int = 0,
         min_pool_fraction: float = 0.0,
         keep_excluded: bool = False,
+        joint_selection: bool = False,
         timeout_s: float | None = None,
     ) -> SessionInfo:
         """Register the dataset by its labels (int (N,)) and the selection settings.
 
         ``embedding_kind`` is "logit_gradient" or "last_layer_gradient"; ``embedding_dim`` 0 means C (logit
         gradient). ``drop_learned`` turns on learned-example exclusion (the ``drop_*``, ``min_pool_fraction``
-        and ``keep_excluded`` settings are those of ``CrestConfig``; 0 means the service's default).
+        and ``keep_excluded`` settings are those of ``CrestConfig``; 0 means the service's default);
+        ``joint_selection`` selects each coreset over its whole random subset instead of per class.
         ``timeout_s`` overrides the client's deadline for this call. A ``similarity`` or ``embedding_kind``
         outside ``codec.SIMILARITIES`` / ``codec.EMBEDDING_KINDS`` raises ``codec.WireError`` (a ValueError).
         """
@@ -156,6 +158,7 @@ class SelectionClient:
             drop_window=drop_window,
             min_pool_fraction=min_pool_fraction,
             keep_excluded=keep_excluded,
+            joint_selection=joint_selection,
         )
         reply = self._stub.CreateSession(
             pb.CreateSessionRequest(

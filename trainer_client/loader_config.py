@@ -70,6 +70,10 @@ class LoaderConfig:
     drop_threshold: float = 0.0
     drop_window: int = 0
     min_pool_fraction: float = 0.0
+    # Facility location over each whole random subset instead of per class (CrestConfig.joint_selection): a class
+    # whose logit gradients spread wider (a harder class) gets more of a coreset's picks. Off by default, as in
+    # the released code.
+    joint_selection: bool = False
     # Examples per no-grad forward pass when embedding a round or checking the region. Larger batches were
     # slower per example on CPU (SmallCNN, one thread: 1,024 cost twice 128-256, from cache misses); between 64
     # and 256 the embedding pass costs about the same per example in float32 (2 threads: 59, 56, 59 us).

@@ -24,43 +24,43 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n crest/selector/v1/selector.proto\x12\x11\x63rest.selector.v1\"\xd6\x02\n\x0b\x43restConfig\x12\x17\n\x0fsubset_fraction\x18\x01 \x01(\x01\x12\x13\n\x0bnum_subsets\x18\x02 \x01(\r\x12\x12\n\nbatch_size\x18\x03 \x01(\r\x12\x31\n\nsimilarity\x18\x04 \x01(\x0e\x32\x1d.crest.selector.v1.Similarity\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x15\n\rembedding_dim\x18\x06 \x01(\r\x12\x38\n\x0e\x65mbedding_kind\x18\x07 \x01(\x0e\x32 .crest.selector.v1.EmbeddingKind\x12\x14\n\x0c\x64rop_learned\x18\x08 \x01(\x08\x12\x16\n\x0e\x64rop_threshold\x18\t \x01(\x01\x12\x13\n\x0b\x64rop_window\x18\n \x01(\r\x12\x19\n\x11min_pool_fraction\x18\x0b \x01(\x01\x12\x15\n\rkeep_excluded\x18\x0c \x01(\x08\"\x96\x01\n\x14\x43reateSessionRequest\x12\x14\n\x0c\x64\x61taset_size\x18\x01 \x01(\x04\x12\x0e\n\x06labels\x18\x02 \x01(\x0c\x12\x13\n\x0bnum_classes\x18\x03 \x01(\r\x12.\n\x06\x63onfig\x18\x04 \x01(\x0b\x32\x1e.crest.selector.v1.CrestConfig\x12\x13\n\x0b\x63lient_name\x18\x05 \x01(\t\"\x9c\x01\n\x15\x43reateSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12.\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x1e.crest.selector.v1.CrestConfig\x12\x13\n\x0bnum_classes\x18\x03 \x01(\r\x12\x13\n\x0bsubset_size\x18\x04 \x01(\x04\x12\x15\n\rsession_token\x18\x05 \x01(\t\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"0\n\x14\x43loseSessionResponse\x12\x18\n\x10rounds_completed\x18\x01 \x01(\x04\"|\n\x11StartRoundRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\x04\x12\x14\n\x0ctrainer_step\x18\x03 \x01(\x04\x12\x13\n\x0bnum_subsets\x18\x04 \x01(\r\x12\x16\n\x0etrainer_wait_s\x18\x05 \x01(\x01\"d\n\tRoundPlan\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\x04\x12\x0b\n\x03ids\x18\x03 \x01(\x0c\x12\x0f\n\x07num_ids\x18\x04 \x01(\x04\x12\x13\n\x0bnum_subsets\x18\x05 \x01(\r\"\x84\x01\n\x0e\x45mbeddingChunk\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\x04\x12\x0b\n\x03ids\x18\x03 \x01(\x0c\x12\x12\n\nembeddings\x18\x04 \x01(\x0c\x12\x0b\n\x03\x64im\x18\x05 \x01(\r\x12\x0e\n\x06labels\x18\x06 \x01(\x0c\x12\x0e\n\x06losses\x18\x07 \x01(\x0c\"V\n\x18SubmitEmbeddingsResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\x04\x12\x14\n\x0cnum_received\x18\x03 \x01(\x04\"V\n\x14StreamBatchesRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\x04\x12\x18\n\x10received_subsets\x18\x03 \x03(\r\"\xb3\x01\n\rWeightedBatch\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\x04\x12\x14\n\x0csubset_index\x18\x03 \x01(\r\x12\x0b\n\x03ids\x18\x04 \x01(\x0c\x12\x0f\n\x07weights\x18\x05 \x01(\x0c\x12\x0c\n\x04size\x18\x06 \x01(\r\x12\x14\n\x0ctrainer_step\x18\x07 \x01(\x04\x12\x14\n\x0cselection_ms\x18\x08 \x01(\x01\x12\x0e\n\x06worker\x18\t \x01(\t\",\n\x16GetSessionStateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\xdb\x02\n\x0cSessionState\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64\x61taset_size\x18\x02 \x01(\x04\x12\x13\n\x0b\x61\x63tive_size\x18\x03 \x01(\x04\x12\x16\n\x0erounds_started\x18\x04 \x01(\x04\x12\x18\n\x10rounds_completed\x18\x05 \x01(\x04\x12\x19\n\x11\x62\x61tches_delivered\x18\x06 \x01(\x04\x12\x1a\n\x12\x65xamples_delivered\x18\x07 \x01(\x04\x12.\n\x06\x63onfig\x18\x08 \x01(\x0b\x32\x1e.crest.selector.v1.CrestConfig\x12\x13\n\x0bnum_classes\x18\t \x01(\r\x12\x15\n\rnext_round_id\x18\n \x01(\x04\x12\x15\n\rexcluded_size\x18\x0b \x01(\x04\x12\x18\n\x10readmitted_total\x18\x0c \x01(\x04\x12\x16\n\x0etrainer_wait_s\x18\r \x01(\x01*T\n\nSimilarity\x12\x1a\n\x16SIMILARITY_UNSPECIFIED\x10\x00\x12\x12\n\x0eSIMILARITY_EXP\x10\x01\x12\x16\n\x12SIMILARITY_MAXDIST\x10\x02*p\n\rEmbeddingKind\x12\x1e\n\x1a\x45MBEDDING_KIND_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x45MBEDDING_LOGIT_GRADIENT\x10\x01\x12!\n\x1d\x45MBEDDING_LAST_LAYER_GRADIENT\x10\x02\x32\xcb\x04\n\x0fSelectorService\x12\x62\n\rCreateSession\x12\'.crest.selector.v1.CreateSessionRequest\x1a(.crest.selector.v1.CreateSessionResponse\x12_\n\x0c\x43loseSession\x12&.crest.selector.v1.CloseSessionRequest\x1a\'.crest.selector.v1.CloseSessionResponse\x12P\n\nStartRound\x12$.crest.selector.v1.StartRoundRequest\x1a\x1c.crest.selector.v1.RoundPlan\x12\x64\n\x10SubmitEmbeddings\x12!.crest.selector.v1.EmbeddingChunk\x1a+.crest.selector.v1.SubmitEmbeddingsResponse(\x01\x12\\\n\rStreamBatches\x12\'.crest.selector.v1.StreamBatchesRequest\x1a .crest.selector.v1.WeightedBatch0\x01\x12]\n\x0fGetSessionState\x12).crest.selector.v1.GetSessionStateRequest\x1a\x1f.crest.selector.v1.SessionStateb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n crest/selector/v1/selector.proto\x12\x11\x63rest.selector.v1\"\xef\x02\n\x0b\x43restConfig\x12\x17\n\x0fsubset_fraction\x18\x01 \x01(\x01\x12\x13\n\x0bnum_subsets\x18\x02 \x01(\r\x12\x12\n\nbatch_size\x18\x03 \x01(\r\x12\x31\n\nsimilarity\x18\x04 \x01(\x0e\x32\x1d.crest.selector.v1.Similarity\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x15\n\rembedding_dim\x18\x06 \x01(\r\x12\x38\n\x0e\x65mbedding_kind\x18\x07 \x01(\x0e\x32 .crest.selector.v1.EmbeddingKind\x12\x14\n\x0c\x64rop_learned\x18\x08 \x01(\x08\x12\x16\n\x0e\x64rop_threshold\x18\t \x01(\x01\x12\x13\n\x0b\x64rop_window\x18\n \x01(\r\x12\x19\n\x11min_pool_fraction\x18\x0b \x01(\x01\x12\x15\n\rkeep_excluded\x18\x0c \x01(\x08\x12\x17\n\x0fjoint_selection\x18\r \x01(\x08\"\x96\x01\n\x14\x43reateSessionRequest\x12\x14\n\x0c\x64\x61taset_size\x18\x01 \x01(\x04\x12\x0e\n\x06labels\x18\x02 \x01(\x0c\x12\x13\n\x0bnum_classes\x18\x03 \x01(\r\x12.\n\x06\x63onfig\x18\x04 \x01(\x0b\x32\x1e.crest.selector.v1.CrestConfig\x12\x13\n\x0b\x63lient_name\x18\x05 \x01(\t\"\x9c\x01\n\x15\x43reateSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12.\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x1e.crest.selector.v1.CrestConfig\x12\x13\n\x0bnum_classes\x18\x03 \x01(\r\x12\x13\n\x0bsubset_size\x18\x04 \x01(\x04\x12\x15\n\rsession_token\x18\x05 \x01(\t\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"0\n\x14\x43loseSessionResponse\x12\x18\n\x10rounds_completed\x18\x01 \x01(\x04\"|\n\x11StartRoundRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\x04\x12\x14\n\x0ctrainer_step\x18\x03 \x01(\x04\x12\x13\n\x0bnum_subsets\x18\x04 \x01(\r\x12\x16\n\x0etrainer_wait_s\x18\x05 \x01(\x01\"d\n\tRoundPlan\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\x04\x12\x0b\n\x03ids\x18\x03 \x01(\x0c\x12\x0f\n\x07num_ids\x18\x04 \x01(\x04\x12\x13\n\x0bnum_subsets\x18\x05 \x01(\r\"\x84\x01\n\x0e\x45mbeddingChunk\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\x04\x12\x0b\n\x03ids\x18\x03 \x01(\x0c\x12\x12\n\nembeddings\x18\x04 \x01(\x0c\x12\x0b\n\x03\x64im\x18\x05 \x01(\r\x12\x0e\n\x06labels\x18\x06 \x01(\x0c\x12\x0e\n\x06losses\x18\x07 \x01(\x0c\"V\n\x18SubmitEmbeddingsResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\x04\x12\x14\n\x0cnum_received\x18\x03 \x01(\x04\"V\n\x14StreamBatchesRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\x04\x12\x18\n\x10received_subsets\x18\x03 \x03(\r\"\xb3\x01\n\rWeightedBatch\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\x04\x12\x14\n\x0csubset_index\x18\x03 \x01(\r\x12\x0b\n\x03ids\x18\x04 \x01(\x0c\x12\x0f\n\x07weights\x18\x05 \x01(\x0c\x12\x0c\n\x04size\x18\x06 \x01(\r\x12\x14\n\x0ctrainer_step\x18\x07 \x01(\x04\x12\x14\n\x0cselection_ms\x18\x08 \x01(\x01\x12\x0e\n\x06worker\x18\t \x01(\t\",\n\x16GetSessionStateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\xdb\x02\n\x0cSessionState\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64\x61taset_size\x18\x02 \x01(\x04\x12\x13\n\x0b\x61\x63tive_size\x18\x03 \x01(\x04\x12\x16\n\x0erounds_started\x18\x04 \x01(\x04\x12\x18\n\x10rounds_completed\x18\x05 \x01(\x04\x12\x19\n\x11\x62\x61tches_delivered\x18\x06 \x01(\x04\x12\x1a\n\x12\x65xamples_delivered\x18\x07 \x01(\x04\x12.\n\x06\x63onfig\x18\x08 \x01(\x0b\x32\x1e.crest.selector.v1.CrestConfig\x12\x13\n\x0bnum_classes\x18\t \x01(\r\x12\x15\n\rnext_round_id\x18\n \x01(\x04\x12\x15\n\rexcluded_size\x18\x0b \x01(\x04\x12\x18\n\x10readmitted_total\x18\x0c \x01(\x04\x12\x16\n\x0etrainer_wait_s\x18\r \x01(\x01*T\n\nSimilarity\x12\x1a\n\x16SIMILARITY_UNSPECIFIED\x10\x00\x12\x12\n\x0eSIMILARITY_EXP\x10\x01\x12\x16\n\x12SIMILARITY_MAXDIST\x10\x02*p\n\rEmbeddingKind\x12\x1e\n\x1a\x45MBEDDING_KIND_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x45MBEDDING_LOGIT_GRADIENT\x10\x01\x12!\n\x1d\x45MBEDDING_LAST_LAYER_GRADIENT\x10\x02\x32\xcb\x04\n\x0fSelectorService\x12\x62\n\rCreateSession\x12\'.crest.selector.v1.CreateSessionRequest\x1a(.crest.selector.v1.CreateSessionResponse\x12_\n\x0c\x43loseSession\x12&.crest.selector.v1.CloseSessionRequest\x1a\'.crest.selector.v1.CloseSessionResponse\x12P\n\nStartRound\x12$.crest.selector.v1.StartRoundRequest\x1a\x1c.crest.selector.v1.RoundPlan\x12\x64\n\x10SubmitEmbeddings\x12!.crest.selector.v1.EmbeddingChunk\x1a+.crest.selector.v1.SubmitEmbeddingsResponse(\x01\x12\\\n\rStreamBatches\x12\'.crest.selector.v1.StreamBatchesRequest\x1a .crest.selector.v1.WeightedBatch0\x01\x12]\n\x0fGetSessionState\x12).crest.selector.v1.GetSessionStateRequest\x1a\x1f.crest.selector.v1.SessionStateb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'crest.selector.v1.selector_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SIMILARITY']._serialized_start=1922
-  _globals['_SIMILARITY']._serialized_end=2006
-  _globals['_EMBEDDINGKIND']._serialized_start=2008
-  _globals['_EMBEDDINGKIND']._serialized_end=2120
+  _globals['_SIMILARITY']._serialized_start=1947
+  _globals['_SIMILARITY']._serialized_end=2031
+  _globals['_EMBEDDINGKIND']._serialized_start=2033
+  _globals['_EMBEDDINGKIND']._serialized_end=2145
   _globals['_CRESTCONFIG']._serialized_start=56
-  _globals['_CRESTCONFIG']._serialized_end=398
-  _globals['_CREATESESSIONREQUEST']._serialized_start=401
-  _globals['_CREATESESSIONREQUEST']._serialized_end=551
-  _globals['_CREATESESSIONRESPONSE']._serialized_start=554
-  _globals['_CREATESESSIONRESPONSE']._serialized_end=710
-  _globals['_CLOSESESSIONREQUEST']._serialized_start=712
-  _globals['_CLOSESESSIONREQUEST']._serialized_end=753
-  _globals['_CLOSESESSIONRESPONSE']._serialized_start=755
-  _globals['_CLOSESESSIONRESPONSE']._serialized_end=803
-  _globals['_STARTROUNDREQUEST']._serialized_start=805
-  _globals['_STARTROUNDREQUEST']._serialized_end=929
-  _globals['_ROUNDPLAN']._serialized_start=931
-  _globals['_ROUNDPLAN']._serialized_end=1031
-  _globals['_EMBEDDINGCHUNK']._serialized_start=1034
-  _globals['_EMBEDDINGCHUNK']._serialized_end=1166
-  _globals['_SUBMITEMBEDDINGSRESPONSE']._serialized_start=1168
-  _globals['_SUBMITEMBEDDINGSRESPONSE']._serialized_end=1254
-  _globals['_STREAMBATCHESREQUEST']._serialized_start=1256
-  _globals['_STREAMBATCHESREQUEST']._serialized_end=1342
-  _globals['_WEIGHTEDBATCH']._serialized_start=1345
-  _globals['_WEIGHTEDBATCH']._serialized_end=1524
-  _globals['_GETSESSIONSTATEREQUEST']._serialized_start=1526
-  _globals['_GETSESSIONSTATEREQUEST']._serialized_end=1570
-  _globals['_SESSIONSTATE']._serialized_start=1573
-  _globals['_SESSIONSTATE']._serialized_end=1920
-  _globals['_SELECTORSERVICE']._serialized_start=2123
-  _globals['_SELECTORSERVICE']._serialized_end=2710
+  _globals['_CRESTCONFIG']._serialized_end=423
+  _globals['_CREATESESSIONREQUEST']._serialized_start=426
+  _globals['_CREATESESSIONREQUEST']._serialized_end=576
+  _globals['_CREATESESSIONRESPONSE']._serialized_start=579
+  _globals['_CREATESESSIONRESPONSE']._serialized_end=735
+  _globals['_CLOSESESSIONREQUEST']._serialized_start=737
+  _globals['_CLOSESESSIONREQUEST']._serialized_end=778
+  _globals['_CLOSESESSIONRESPONSE']._serialized_start=780
+  _globals['_CLOSESESSIONRESPONSE']._serialized_end=828
+  _globals['_STARTROUNDREQUEST']._serialized_start=830
+  _globals['_STARTROUNDREQUEST']._serialized_end=954
+  _globals['_ROUNDPLAN']._serialized_start=956
+  _globals['_ROUNDPLAN']._serialized_end=1056
+  _globals['_EMBEDDINGCHUNK']._serialized_start=1059
+  _globals['_EMBEDDINGCHUNK']._serialized_end=1191
+  _globals['_SUBMITEMBEDDINGSRESPONSE']._serialized_start=1193
+  _globals['_SUBMITEMBEDDINGSRESPONSE']._serialized_end=1279
+  _globals['_STREAMBATCHESREQUEST']._serialized_start=1281
+  _globals['_STREAMBATCHESREQUEST']._serialized_end=1367
+  _globals['_WEIGHTEDBATCH']._serialized_start=1370
+  _globals['_WEIGHTEDBATCH']._serialized_end=1549
+  _globals['_GETSESSIONSTATEREQUEST']._serialized_start=1551
+  _globals['_GETSESSIONSTATEREQUEST']._serialized_end=1595
+  _globals['_SESSIONSTATE']._serialized_start=1598
+  _globals['_SESSIONSTATE']._serialized_end=1945
+  _globals['_SELECTORSERVICE']._serialized_start=2148
+  _globals['_SELECTORSERVICE']._serialized_end=2735
 # @@protoc_insertion_point(module_scope)

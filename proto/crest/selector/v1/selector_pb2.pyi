@@ -26,7 +26,7 @@ EMBEDDING_LOGIT_GRADIENT: EmbeddingKind
 EMBEDDING_LAST_LAYER_GRADIENT: EmbeddingKind
 
 class CrestConfig(_message.Message):
-    __slots__ = ("subset_fraction", "num_subsets", "batch_size", "similarity", "seed", "embedding_dim", "embedding_kind", "drop_learned", "drop_threshold", "drop_window", "min_pool_fraction", "keep_excluded")
+    __slots__ = ("subset_fraction", "num_subsets", "batch_size", "similarity", "seed", "embedding_dim", "embedding_kind", "drop_learned", "drop_threshold", "drop_window", "min_pool_fraction", "keep_excluded", "joint_selection")
     SUBSET_FRACTION_FIELD_NUMBER: _ClassVar[int]
     NUM_SUBSETS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -39,6 +39,7 @@ class CrestConfig(_message.Message):
     DROP_WINDOW_FIELD_NUMBER: _ClassVar[int]
     MIN_POOL_FRACTION_FIELD_NUMBER: _ClassVar[int]
     KEEP_EXCLUDED_FIELD_NUMBER: _ClassVar[int]
+    JOINT_SELECTION_FIELD_NUMBER: _ClassVar[int]
     subset_fraction: float
     num_subsets: int
     batch_size: int
@@ -51,7 +52,8 @@ class CrestConfig(_message.Message):
     drop_window: int
     min_pool_fraction: float
     keep_excluded: bool
-    def __init__(self, subset_fraction: _Optional[float] = ..., num_subsets: _Optional[int] = ..., batch_size: _Optional[int] = ..., similarity: _Optional[_Union[Similarity, str]] = ..., seed: _Optional[int] = ..., embedding_dim: _Optional[int] = ..., embedding_kind: _Optional[_Union[EmbeddingKind, str]] = ..., drop_learned: _Optional[bool] = ..., drop_threshold: _Optional[float] = ..., drop_window: _Optional[int] = ..., min_pool_fraction: _Optional[float] = ..., keep_excluded: _Optional[bool] = ...) -> None: ...
+    joint_selection: bool
+    def __init__(self, subset_fraction: _Optional[float] = ..., num_subsets: _Optional[int] = ..., batch_size: _Optional[int] = ..., similarity: _Optional[_Union[Similarity, str]] = ..., seed: _Optional[int] = ..., embedding_dim: _Optional[int] = ..., embedding_kind: _Optional[_Union[EmbeddingKind, str]] = ..., drop_learned: _Optional[bool] = ..., drop_threshold: _Optional[float] = ..., drop_window: _Optional[int] = ..., min_pool_fraction: _Optional[float] = ..., keep_excluded: _Optional[bool] = ..., joint_selection: _Optional[bool] = ...) -> None: ...
 
 class CreateSessionRequest(_message.Message):
     __slots__ = ("dataset_size", "labels", "num_classes", "config", "client_name")
