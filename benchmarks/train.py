@@ -72,8 +72,15 @@ QUICK = {
 }
 # make demo's CREST: the clean task's settings from the frontier's tuning (README, "Budget frontier": chosen on a
 # validation split): fresh 20-step regions of 10 coresets, subsets of r = 0.5% (1.2 candidates embedded per trained
-# example), the coresets trained with weight 1. The embedding pass stays float32, which every CPU runs well.
-DEMO_CREST = {"steps_per_round": 20, "num_subsets": 10, "subset_fraction": 0.005, "crest_weights": "uniform"}
+# example), the coresets trained with weight 1 and selected over each whole subset (joint selection). The
+# embedding pass stays float32, which every CPU runs well.
+DEMO_CREST = {
+    "steps_per_round": 20,
+    "num_subsets": 10,
+    "subset_fraction": 0.005,
+    "crest_weights": "uniform",
+    "crest_joint_selection": True,
+}
 
 
 def plan(args: argparse.Namespace) -> tuple[BenchConfig, tuple[str, ...], int, Path]:
@@ -86,7 +93,7 @@ def plan(args: argparse.Namespace) -> tuple[BenchConfig, tuple[str, ...], int, P
         raise ValueError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
     if "full" not in methods:
         raise ValueError("the full-data run sets the target; keep 'full' in --methods")
-    preset: dict[str, float | str] = {
+    preset: dict[str, float | str | bool] = {
         "steps_per_round": 50,
         **(DEMO_CREST if args.demo and not args.quick else {}),
         **(QUICK if args.quick else {}),

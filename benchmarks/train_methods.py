@@ -159,6 +159,8 @@ class RunResult:
     # weight, whose label was flipped (uniform sampling: the corruption rate).
     flipped_share: float | None = None
     flipped_weight_share: float | None = None
+    # The share of the trained examples in each class (index = class; uniform sampling: the data's shares).
+    class_share: list[float] = field(default_factory=list)
     target_accuracy: float | None = None
     time_to_target_s: float | None = None
     speedup: float | None = None
@@ -379,6 +381,7 @@ def run_one(
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
     flipped = data.flipped
     flipped_examples, flipped_weight, weight_total = 0, 0.0, 0.0  # trained on flipped labels, and all weight
+    per_class = np.zeros(data.num_classes, dtype=np.int64)  # examples trained, by class
 
     def checkpoint(step: int) -> None:
         clock.pause()
@@ -417,6 +420,7 @@ def run_one(
                 flipped_examples += int(hit.sum())
                 flipped_weight += float(w[torch.from_numpy(hit)].sum())
                 weight_total += float(w.sum())
+            per_class += np.bincount(y.numpy(), minlength=data.num_classes)
             ce = F.cross_entropy(model(x), y, reduction="none")
             loss = (ce * w.to(ce.dtype)).mean()  # trainer_client.weighted_loss, sharing the per-example losses
             opt.zero_grad(set_to_none=True)
@@ -463,6 +467,7 @@ def run_one(
         excluded=info.excluded if info is not None else excluded,
         flipped_share=flipped_examples / backprop if flipped is not None else None,
         flipped_weight_share=flipped_weight / weight_total if flipped is not None else None,
+        class_share=(per_class / max(1, backprop)).tolist(),
     )
 
 

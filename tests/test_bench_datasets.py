@@ -105,8 +105,9 @@ def test_balanced_batches_give_every_class_its_quota_without_repeats() -> None:
     np.testing.assert_array_equal(next(again)[0], first)  # fixed by its seed
 
 
-def test_a_run_reports_the_share_it_trained_on_flipped_labels() -> None:
-    """Full data for exactly one epoch trains on every example once: its share is the corruption rate."""
+def test_a_run_reports_the_share_it_trained_on_flipped_labels_and_on_each_class() -> None:
+    """Full data for exactly one epoch trains on every example once: its share is the corruption rate, and its
+    class shares are the data's."""
     from dataclasses import replace
 
     from crest_bench.train_data import materialize
@@ -119,6 +120,8 @@ def test_a_run_reports_the_share_it_trained_on_flipped_labels() -> None:
     assert data.flipped is not None
     assert result.flipped_share == pytest.approx(data.flipped.mean())
     assert result.flipped_weight_share == pytest.approx(data.flipped.mean())  # weights all 1
+    assert data.train_labels is not None
+    np.testing.assert_allclose(result.class_share, np.bincount(data.train_labels, minlength=data.num_classes) / 512)
     clean = run_one("full", 0, config, replace(data, flipped=None), evals, endpoint=None, progress=False)
     assert clean.flipped_share is None and clean.flipped_weight_share is None
     with pytest.raises(ValueError, match="crest_weights is 'cluster' or 'uniform', received 'equal'"):

@@ -32,6 +32,7 @@ def test_presets_and_explicit_flags() -> None:
     )
     assert config.drop_learned and config.subset_fraction == 0.01
     assert (config.steps_per_round, config.num_subsets, config.crest_weights) == (50, 5, "cluster")
+    assert not config.crest_joint_selection
     config, methods, seeds, out = plan(_args("--demo"))  # type: ignore[arg-type]
     assert (config.steps, methods, seeds, out) == (1000, ("full", "crest"), 1, Path("results/demo.json"))
     assert (config.steps_per_round, config.num_subsets, config.subset_fraction, config.crest_weights) == (
@@ -40,6 +41,7 @@ def test_presets_and_explicit_flags() -> None:
         0.005,
         "uniform",
     )
+    assert config.crest_joint_selection
     assert plan(_args("--demo", "--crest-adaptive"))[0].steps_per_round is None  # type: ignore[arg-type]
     config, methods, seeds, _ = plan(_args("--quick", "--steps", "30", "--seeds", "2", "--no-drop-learned"))  # type: ignore[arg-type]
     assert (config.steps, config.train_limit, config.subset_fraction, seeds) == (30, 6000, 0.1, 2)
