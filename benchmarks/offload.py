@@ -34,6 +34,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import copy
+import functools
+import itertools
 import queue
 import threading
 import time
@@ -49,8 +51,8 @@ import torch.nn.functional as F
 from crest_bench._report import machine, write_json
 from crest_bench.train_data import DEFAULT_HOOK, BenchData, fetch, load_data
 from crest_bench.train_methods import BenchConfig, full_batches
+from trainer_client._passes import ModelPasses
 from trainer_client.batches import Embedder, default_forward
-from trainer_client.embeddings import per_example_loss
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,7 +89,6 @@ QUICK = {
     "batch_size": 32,
     "embed_batch_size": 64,
 }
-MODES = ("baseline", "baseline, 1 thread", "inline", "offloaded", "offloaded, shared")
 
 
 class _Run:
@@ -104,9 +105,8 @@ class _Run:
         self.batches = full_batches(n, config.batch_size, config.seed)
         self.candidates: Iterator[np.ndarray] = (
             np.random.default_rng([config.seed, 11, r]).choice(n, config.candidates, replace=False)
-            for r in range(1 << 30)
+            for r in itertools.count()
         )
-        self.embedder = Embedder("logit_gradient")
 
     def train(self, steps: int) -> None:
         for _ in range(steps):
@@ -117,23 +117,19 @@ class _Run:
             loss.backward()
             self.opt.step()
 
-    @torch.no_grad()
-    def embed(self, model: torch.nn.Module, ids: np.ndarray) -> int:
-        """The loader's bfloat16 embedding pass over ``ids``; returns the rows embedded."""
-        model.eval()
-
-        def forward(m: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                logits, targets = default_forward(m, batch)
-            return logits.float(), targets
-
-        rows, size = 0, self.config.embed_batch_size
-        for lo in range(0, len(ids), size):
-            emb, y, logits = self.embedder(model, fetch(self.data.train, ids[lo : lo + size]), forward)
-            per_example_loss(logits, y)
-            rows += len(emb)
-        model.train()
-        return rows
+    def passes(self, model: torch.nn.Module) -> ModelPasses:
+        """The loader's model passes on ``model`` (the one being trained, or a snapshot of it): its embedding
+        pass is the one timed, in bfloat16, ``embed_batch_size`` a batch."""
+        return ModelPasses(
+            model,
+            functools.partial(fetch, self.data.train),
+            default_forward,
+            Embedder("logit_gradient"),
+            self.data.num_classes,
+            self.config.embed_batch_size,
+            None,
+            embed_dtype=torch.bfloat16,
+        )
 
 
 def _baseline(run: _Run) -> dict[str, float]:
@@ -142,8 +138,9 @@ def _baseline(run: _Run) -> dict[str, float]:
 
 
 def _inline(run: _Run) -> dict[str, float]:
+    passes = run.passes(run.model)
     for _ in range(run.config.rounds):
-        run.embed(run.model, next(run.candidates))
+        passes.embed_round(next(run.candidates))
         run.train(run.config.steps_per_round)
     return {}
 
@@ -153,12 +150,13 @@ def _offloaded(run: _Run) -> dict[str, float]:
     jobs: queue.Queue[dict[str, torch.Tensor] | None] = queue.Queue()
     done: queue.Queue[int | BaseException] = queue.Queue()
     snapshot = copy.deepcopy(run.model)
+    passes = run.passes(snapshot)
 
     def worker() -> None:
         try:
             while (weights := jobs.get()) is not None:
                 snapshot.load_state_dict(weights)
-                done.put(run.embed(snapshot, next(run.candidates)))
+                done.put(passes.embed_round(next(run.candidates)).embedded)
         except BaseException as e:  # re-raised on the trainer's thread
             done.put(e)
 
@@ -180,22 +178,25 @@ def _offloaded(run: _Run) -> dict[str, float]:
     return {"wait_ms_per_round": waited / run.config.rounds * 1e3}
 
 
+# Each mode's timed body; "baseline, 1 thread" and "offloaded" run on one intra-op thread (``_timed``).
+MODES: dict[str, Callable[[_Run], dict[str, float]]] = {
+    "baseline": _baseline,
+    "baseline, 1 thread": _baseline,
+    "inline": _inline,
+    "offloaded": _offloaded,
+    "offloaded, shared": _offloaded,
+}
+
+
 def _timed(config: OffloadConfig, data: BenchData, mode: str) -> dict[str, float]:
     """One run of ``mode`` after a short warm-up of both passes; ms per training step and the mode's extras."""
     threads = 1 if mode in ("baseline, 1 thread", "offloaded") else config.threads
     torch.set_num_threads(threads)
     run = _Run(config, data)
     run.train(3)
-    run.embed(run.model, next(run.candidates)[: config.embed_batch_size])
-    body: Callable[[_Run], dict[str, float]] = {
-        "baseline": _baseline,
-        "baseline, 1 thread": _baseline,
-        "inline": _inline,
-        "offloaded": _offloaded,
-        "offloaded, shared": _offloaded,
-    }[mode]
+    run.passes(run.model).embed_round(next(run.candidates)[: config.embed_batch_size])
     t = time.perf_counter()
-    extra = body(run)
+    extra = MODES[mode](run)
     ms = (time.perf_counter() - t) / (config.rounds * config.steps_per_round) * 1e3
     return {"ms_per_step": ms, "threads": threads, **extra}
 
@@ -208,7 +209,8 @@ def measure(config: OffloadConfig) -> dict[str, Any]:
         raise SystemExit(f"--candidates {config.candidates} is more than the {n} training examples")
     runs: dict[str, list[dict[str, float]]] = {m: [] for m in MODES}
     for rep in range(config.repetitions):
-        for mode in MODES[rep % len(MODES) :] + MODES[: rep % len(MODES)]:
+        names = list(MODES)
+        for mode in names[rep % len(names) :] + names[: rep % len(names)]:
             runs[mode].append(_timed(config, data, mode))
     median = {m: float(np.median([r["ms_per_step"] for r in runs[m]])) for m in MODES}
     base = median["baseline"]
