@@ -284,6 +284,19 @@ def _add_bench_frontier(benches: Any) -> None:
         "(default 0: every round embeds all its candidates)",
     )
     p.add_argument(
+        "--crest-learned-embedding-max-age",
+        type=int,
+        default=0,
+        help="CREST: reuse the embedding of a candidate the model had learned (its loss at most "
+        "--crest-learned-embedding-loss) while it is at most this many steps old (default 0: off)",
+    )
+    p.add_argument(
+        "--crest-learned-embedding-loss",
+        type=float,
+        default=0.05,
+        help="CREST: the loss in nats at or below which a stored embedding counts as learned (default 0.05)",
+    )
+    p.add_argument(
         "--crest-fit-examples",
         type=int,
         default=0,

@@ -132,6 +132,8 @@ def plan(args: argparse.Namespace) -> FrontierConfig:
         crest_embedding=args.crest_embedding,
         crest_embedding_dim=args.crest_embedding_dim,
         crest_embedding_max_age=args.crest_embedding_max_age,
+        crest_learned_embedding_max_age=args.crest_learned_embedding_max_age,
+        crest_learned_embedding_loss=args.crest_learned_embedding_loss,
         fit_examples=args.crest_fit_examples,
         hessian_every=args.crest_hessian_every,
         lr=args.lr,
@@ -377,6 +379,12 @@ def report(runs: list[FrontierRun], config: FrontierConfig, data: BenchData, out
         f"{b.crest_embed_dtype} embedding pass, {b.crest_embedding}"
         + (f" projected to {b.crest_embedding_dim}" if b.crest_embedding_dim else "")
         + (f", embeddings reused up to {b.crest_embedding_max_age} steps" if b.crest_embedding_max_age else "")
+        + (
+            f", learned rows (loss <= {b.crest_learned_embedding_loss:g}) reused up to "
+            f"{b.crest_learned_embedding_max_age} steps"
+            if b.crest_learned_embedding_max_age
+            else ""
+        )
     )
     selectors = (
         f"{config.num_workers} selector actors x {config.cpus_per_worker:g} CPU"

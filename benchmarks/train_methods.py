@@ -93,6 +93,10 @@ class BenchConfig:
     # CREST: reuse a candidate's embedding in later rounds while it is at most this many steps old
     # (LoaderConfig.embedding_max_age; 0: every round embeds all its candidates).
     crest_embedding_max_age: int = 0
+    # CREST: the longer age for rows whose loss was at most crest_learned_embedding_loss
+    # (LoaderConfig.learned_embedding_max_age; 0: off).
+    crest_learned_embedding_max_age: int = 0
+    crest_learned_embedding_loss: float = 0.05
     # InfoBatch: fraction of the below-mean-loss examples pruned each epoch, and the final fraction of
     # training on all data (the paper's delta = 0.875).
     prune: float = 0.5
@@ -115,8 +119,14 @@ class BenchConfig:
             raise ValueError(
                 f"fit_examples must be >= 0 and hessian_every >= 1; received {self.fit_examples}, {self.hessian_every}"
             )
-        if self.crest_embedding_max_age < 0:
-            raise ValueError(f"crest_embedding_max_age must be >= 0 steps, received {self.crest_embedding_max_age}")
+        if self.crest_embedding_max_age < 0 or not (
+            self.crest_learned_embedding_max_age == 0
+            or self.crest_learned_embedding_max_age >= self.crest_embedding_max_age
+        ):
+            raise ValueError(
+                f"crest_embedding_max_age must be >= 0 steps and crest_learned_embedding_max_age 0 or at least it; "
+                f"received {self.crest_embedding_max_age} and {self.crest_learned_embedding_max_age}"
+            )
         if self.crest_embedding_dim < 0 or self.lr <= 0 or not 0 <= self.momentum < 1:
             raise ValueError(
                 f"crest_embedding_dim must be >= 0, lr > 0 and momentum in [0, 1); received "
@@ -373,6 +383,8 @@ def run_one(
             embedding=config.crest_embedding,
             embedding_dim=config.crest_embedding_dim,
             embedding_max_age=config.crest_embedding_max_age,
+            learned_embedding_max_age=config.crest_learned_embedding_max_age,
+            learned_embedding_loss=config.crest_learned_embedding_loss,
             client_name=f"bench-train-{seed}",
         )
         loader = CoresetLoader(data.train, model, client, labels, num_classes=data.num_classes, config=loader_config)

@@ -224,7 +224,14 @@ def test_protocol_flags_and_presets() -> None:
         0.2,
         0.0,
     )
+    r = plan(_args("--crest-embedding-max-age", "60", "--crest-learned-embedding-max-age", "400"))
+    assert (r.bench.crest_embedding_max_age, r.bench.crest_learned_embedding_max_age) == (60, 400)
+    assert r.bench.crest_learned_embedding_loss == 0.05
     for flags, error in (
+        (
+            ("--crest-embedding-max-age", "60", "--crest-learned-embedding-max-age", "30"),
+            "crest_learned_embedding_max_age 0 or at least it; received 60 and 30",
+        ),
         (("--methods", "crest,random"), "keep 'full'"),
         (("--methods", "full,craig"), "unknown methods"),
         (("--budgets", "0.5,1.5"), "fractions of E"),

@@ -49,6 +49,37 @@ def test_a_round_embeds_only_the_ids_without_a_row_within_the_age() -> None:
     assert len(embed.calls) == 3
 
 
+def test_a_learned_row_stays_usable_for_the_longer_age_and_only_it() -> None:
+    """Rows whose loss is at most learned_loss (here the even ids, loss 0) live learned_max_age steps, the others
+    max_age; the checkpoint keeps what is still usable under either age."""
+
+    def embed(ids: np.ndarray) -> RoundEmbeddings:
+        calls.append(ids.copy())
+        return RoundEmbeddings(np.ones((len(ids), 2), np.float32), ids % 3, (ids % 2).astype(np.float32), len(ids))
+
+    calls: list[np.ndarray] = []
+    cache = EmbeddingCache(10, 2, max_age=2, learned_max_age=10, learned_loss=0.5)
+    cache.embed_round(np.array([0, 1, 2, 3]), 0, embed)
+    out = cache.embed_round(np.array([0, 1, 2, 3]), 5, embed)  # 5 steps: the learned 0 and 2 are reused
+    assert calls[-1].tolist() == [1, 3] and (out.embedded, out.reused, out.reused_age) == (2, 2, 10)
+    assert cache.state_dict(10)["ids"].tolist() == [0, 2]  # 1 and 3 (step 5) are past max_age; 0 and 2 are not
+    cache.embed_round(np.array([0, 1, 2, 3]), 11, embed)  # 0 and 2 are 11 steps old: embedded again
+    assert calls[-1].tolist() == [0, 1, 2, 3]
+    only_learned = EmbeddingCache(10, 2, max_age=0, learned_max_age=4, learned_loss=0.5)
+    only_learned.embed_round(np.array([0, 1]), 0, embed)
+    only_learned.embed_round(np.array([0, 1]), 1, embed)
+    assert calls[-1].tolist() == [1]
+    for kwargs, message in (
+        ({"max_age": 0}, "max_age must be >= 0 steps and max_age or learned_max_age >= 1, received 0 and 0"),
+        ({"max_age": 5, "learned_max_age": 3}, "learned_max_age must be >= max_age \\(5\\)"),
+        ({"max_age": 1, "learned_max_age": 3, "learned_loss": float("nan")}, "received 3 and nan"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            EmbeddingCache(10, 2, **kwargs)
+    with pytest.raises(ValueError, match="learned_embedding_max_age must be 0 \\(off\\) or >= embedding_max_age \\(8"):
+        LoaderConfig(embedding_max_age=8, learned_embedding_max_age=4)
+
+
 def test_the_cache_checkpoints_its_usable_rows_and_refuses_another_run() -> None:
     cache, embed = EmbeddingCache(10, 2, max_age=4), Embed()
     cache.embed_round(np.array([0, 1]), 0, embed)
@@ -67,19 +98,21 @@ def test_the_cache_checkpoints_its_usable_rows_and_refuses_another_run() -> None
     ):
         with pytest.raises(ValueError, match=message):
             EmbeddingCache(10, 2, max_age=4).load_state_dict({**state, key: value})
-    with pytest.raises(ValueError, match="max_age must be >= 1 step, received 0"):
-        EmbeddingCache(10, 2, max_age=0)
     with pytest.raises(ValueError, match="embedding_max_age must be >= 0 steps \\(0: off\\), received -1"):
         LoaderConfig(embedding_max_age=-1)
 
 
+@pytest.mark.parametrize(
+    ("max_age", "learned_age", "learned_loss"),
+    [(12, 0, 0.0), (2, 30, 1.5)],  # recent rows only; and the rows of "learned" examples (loss <= 1.5) 30 steps
+    ids=["recent", "learned"],
+)
 def test_a_loader_reuses_recent_embeddings_and_never_embeds_an_id_twice_within_the_age(
-    client: SelectionClient,
+    client: SelectionClient, max_age: int, learned_age: int, learned_loss: float
 ) -> None:
     data = FashionMNIST("train", limit=600)
     torch.manual_seed(0)
     model = SmallCNN()
-    max_age = 12
     config = LoaderConfig(
         batch_size=32,
         subset_fraction=0.1,
@@ -87,6 +120,8 @@ def test_a_loader_reuses_recent_embeddings_and_never_embeds_an_id_twice_within_t
         steps_per_round=4,
         lookahead_steps=1,
         embedding_max_age=max_age,
+        learned_embedding_max_age=learned_age,
+        learned_embedding_loss=learned_loss,
     )
     rounds: list[tuple[int, np.ndarray, RoundEmbeddings]] = []  # (step, round ids, rows handed to the service)
     passes: list[tuple[int, np.ndarray]] = []  # (step, ids run through the model)
@@ -116,13 +151,17 @@ def test_a_loader_reuses_recent_embeddings_and_never_embeds_an_id_twice_within_t
     total = sum(len(ids) for _, ids, _ in rounds)
     assert stats.embeddings_reused > 0 and stats.examples_embedded + stats.embeddings_reused == total
     assert stats.examples_embedded == sum(len(ids) for _, ids in passes)
-    last: dict[int, tuple[int, np.ndarray]] = {}  # id -> (step, row) of its latest model pass
+    last: dict[int, tuple[int, np.ndarray, float]] = {}  # id -> (step, row, loss) of its latest model pass
+    reused_learned = 0  # reused rows older than max_age (usable only as learned ones)
     for step, ids, out in rounds:
         ran = next((p for s, p in passes if s == step), np.zeros(0, np.int64))
-        for i, row in zip(ids.tolist(), out.embeddings, strict=True):
-            if i in last and step - last[i][0] <= max_age:
+        for i, row, loss in zip(ids.tolist(), out.embeddings, out.losses.tolist(), strict=True):
+            age = step - last[i][0] if i in last else None
+            if age is not None and (age <= max_age or (age <= learned_age and last[i][2] <= learned_loss)):
                 assert i not in ran.tolist()  # still usable: not run through the model again
                 assert np.array_equal(row, last[i][1])  # the row of the pass that made it
+                reused_learned += age > max_age
             else:
                 assert i in ran.tolist()
-                last[i] = (step, row.copy())
+                last[i] = (step, row.copy(), loss)
+    assert reused_learned > 0 if learned_age else reused_learned == 0

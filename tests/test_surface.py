@@ -59,6 +59,8 @@ CLI_FLAGS = {
         "--crest-embedding",
         "--crest-embedding-dim",
         "--crest-embedding-max-age",
+        "--crest-learned-embedding-max-age",
+        "--crest-learned-embedding-loss",
         "--crest-fit-examples",
         "--crest-hessian-every",
         "--lr",

@@ -1,5 +1,6 @@
 """Embeddings of earlier rounds' candidates, reused by a later round while they are at most ``max_age`` steps old
-(``LoaderConfig.embedding_max_age``).
+(``LoaderConfig.embedding_max_age``), or ``learned_max_age`` steps when the model had learned the example then
+(its stored loss at most ``learned_loss``: ``LoaderConfig.learned_embedding_max_age``).
 
 Every round's random subsets are drawn afresh by the service; an id that an earlier round embedded within the last
 ``max_age`` optimizer steps is not run through the model again: the round hands the service the stored embedding,
@@ -8,12 +9,18 @@ model, which is what CREST's lookahead does to every candidate already. How much
 draws repeat: class-balanced subsets draw a small class's examples far more often than a large class's, so on a
 long-tailed dataset the small classes' candidates are mostly stored ones.
 
+An example the model had learned when it was embedded (softmax(z) close to onehot(y): its logit gradient near 0)
+mostly stays learned, and its row near 0, for far longer than a hard example's row stays put; later in a run most
+candidates are such examples. A second, longer age for them skips most of the pass where it buys the least. An
+example forgotten in between is seen as learned until its row ages out.
+
 The stored rows are those every rank holds after a round (``RoundEmbeddings``), so under DDP every rank's cache is
 the same, and so is the set of ids the ranks then shard and embed.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -32,24 +39,41 @@ class EmbeddingCache:
     Args:
         dataset_size: N; ids are 0..N-1.
         dim: embedding width d.
-        max_age: steps a stored embedding stays usable (>= 1).
+        max_age: steps a stored embedding stays usable (>= 0; 0: only the learned rows are reused).
+        learned_max_age: steps a stored embedding whose loss is at most ``learned_loss`` stays usable (0: max_age,
+            like every other row); at least ``max_age`` when set.
+        learned_loss: cross-entropy in nats at or below which a stored row counts as learned.
     """
 
     VERSION: ClassVar[int] = 1
 
-    def __init__(self, dataset_size: int, dim: int, max_age: int) -> None:
-        if max_age < 1:
-            raise ValueError(f"max_age must be >= 1 step, received {max_age}")
+    def __init__(
+        self, dataset_size: int, dim: int, max_age: int, *, learned_max_age: int = 0, learned_loss: float = 0.0
+    ) -> None:
+        if max_age < 0 or max(max_age, learned_max_age) < 1:
+            raise ValueError(
+                f"max_age must be >= 0 steps and max_age or learned_max_age >= 1, received {max_age} and "
+                f"{learned_max_age}"
+            )
+        if learned_max_age and (learned_max_age < max_age or not (math.isfinite(learned_loss) and learned_loss >= 0)):
+            raise ValueError(
+                f"learned_max_age must be >= max_age ({max_age}) and learned_loss a finite loss >= 0, received "
+                f"{learned_max_age} and {learned_loss}"
+            )
         self.dataset_size, self.dim, self.max_age = dataset_size, dim, max_age
+        self.learned_max_age, self.learned_loss = learned_max_age or max_age, learned_loss
         self._step = np.full(dataset_size, -1, dtype=np.int64)  # step of the stored row; -1: none
         self._emb: np.ndarray | None = None  # float32 (N, d)
         self._target = np.zeros(dataset_size, dtype=np.int64)
         self._loss = np.zeros(dataset_size, dtype=np.float32)
 
     def stale(self, ids: np.ndarray, step: int) -> np.ndarray:
-        """bool (n,): which of ``ids`` (int64 (n,)) have no row taken within ``max_age`` steps of ``step``."""
+        """bool (n,): which of ``ids`` (int64 (n,)) have no row taken within ``max_age`` steps of ``step`` (within
+        ``learned_max_age`` steps for a row whose loss is at most ``learned_loss``)."""
         taken = self._step[ids]
-        return (taken < 0) | (step - taken > self.max_age)
+        age = step - taken
+        usable = (age <= self.max_age) | ((age <= self.learned_max_age) & (self._loss[ids] <= self.learned_loss))
+        return (taken < 0) | ~usable
 
     def store(self, ids: np.ndarray, rows: RoundEmbeddings, step: int) -> None:
         """Keep the rows of ``ids`` (int64 (n,), in the order of ``rows``), embedded at ``step``."""

@@ -167,8 +167,14 @@ class CoresetLoader:
         )
         embedding_dim = self.embedder.dim(self.num_classes)
         self._cache: EmbeddingCache | None = None
-        if cfg.embedding_max_age:
-            self._cache = EmbeddingCache(len(self.labels), embedding_dim, cfg.embedding_max_age)
+        if cfg.embedding_max_age or cfg.learned_embedding_max_age:
+            self._cache = EmbeddingCache(
+                len(self.labels),
+                embedding_dim,
+                cfg.embedding_max_age,
+                learned_max_age=cfg.learned_embedding_max_age,
+                learned_loss=cfg.learned_embedding_loss,
+            )
         is_main = self._dist is None or self._dist.is_main  # only the rank that talks to the service streams
         self._link = ServiceLink(client, cfg, self.labels, self.num_classes, embedding_dim, streams=is_main)
         self._state = LoaderState.new(len(self.labels), cfg.seed, cfg.batch_size)

@@ -91,6 +91,12 @@ class LoaderConfig:
     # many steps older. Holds N·(d+3) float32s in the trainer, and the usable rows in its checkpoints. A reused
     # row's loss is sent again, so with drop_learned the exclusion window counts that one observation twice.
     embedding_max_age: int = 0
+    # A longer age for the rows of examples the model had learned when they were embedded (their loss at most
+    # learned_embedding_loss nats; 0.05: the model gave the label p >= 0.95, the logit gradient's norm under ~0.07):
+    # such a row stays near 0 while the example stays learned, and late in a run most candidates are such examples.
+    # 0 gives them embedding_max_age like every other row; else at least embedding_max_age.
+    learned_embedding_max_age: int = 0
+    learned_embedding_loss: float = 0.05
     # Capacity of the prefetch queue, in batches; the stream thread blocks when it is full.
     queue_size: int = 32
     # Longest wait, in seconds, at a switch step for a late round before yielding a uniform batch instead.
@@ -139,6 +145,16 @@ class LoaderConfig:
             )
         if self.embedding_max_age < 0:
             raise ValueError(f"embedding_max_age must be >= 0 steps (0: off), received {self.embedding_max_age}")
+        if self.learned_embedding_max_age and not (
+            self.learned_embedding_max_age >= self.embedding_max_age
+            and math.isfinite(self.learned_embedding_loss)
+            and self.learned_embedding_loss >= 0
+        ):
+            raise ValueError(
+                f"learned_embedding_max_age must be 0 (off) or >= embedding_max_age ({self.embedding_max_age}) steps, "
+                f"and learned_embedding_loss a finite loss >= 0; received {self.learned_embedding_max_age} and "
+                f"{self.learned_embedding_loss}"
+            )
         if self.embed_batch_size < 1:
             raise ValueError(f"embed_batch_size must be >= 1, received {self.embed_batch_size}")
         if self.max_persistent_failures < 1:
@@ -157,7 +173,7 @@ class LoaderStats:
     steps: int = 0
     examples_backpropagated: int = 0
     examples_embedded: int = 0
-    embeddings_reused: int = 0  # round candidates whose embedding an earlier round took (embedding_max_age)
+    embeddings_reused: int = 0  # round candidates whose embedding an earlier round took (the two max ages)
     reused_age_steps: int = 0  # their ages summed, in steps (mean age: this / embeddings_reused)
     rounds_started: int = 0
     regions: int = 0
