@@ -72,7 +72,8 @@ QUICK = {
 }
 # make demo's CREST: the clean task's settings from the frontier's tuning (README, "Budget frontier": chosen on a
 # validation split): fresh 20-step regions of 10 coresets, subsets of r = 0.5% (1.2 candidates embedded per trained
-# example), the coresets trained with weight 1 and selected over each whole subset (joint selection). The
+# example), the coresets trained with weight 1 and selected over each whole subset (joint selection), a
+# candidate's embedding reused for 60 steps, or 1,000 when the model had learned it (README, "Eighth round"). The
 # embedding pass stays float32, which every CPU runs well.
 DEMO_CREST = {
     "steps_per_round": 20,
@@ -80,6 +81,8 @@ DEMO_CREST = {
     "subset_fraction": 0.005,
     "crest_weights": "uniform",
     "crest_joint_selection": True,
+    "crest_embedding_max_age": 60,
+    "crest_learned_embedding_max_age": 1000,
 }
 
 

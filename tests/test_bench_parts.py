@@ -42,6 +42,7 @@ def test_presets_and_explicit_flags() -> None:
         "uniform",
     )
     assert config.crest_joint_selection
+    assert (config.crest_embedding_max_age, config.crest_learned_embedding_max_age) == (60, 1000)
     assert plan(_args("--demo", "--crest-adaptive"))[0].steps_per_round is None  # type: ignore[arg-type]
     config, methods, seeds, _ = plan(_args("--quick", "--steps", "30", "--seeds", "2", "--no-drop-learned"))  # type: ignore[arg-type]
     assert (config.steps, config.train_limit, config.subset_fraction, seeds) == (30, 6000, 0.1, 2)
