@@ -18,7 +18,7 @@ import torch
 
 from trainer_client._stream import PlanJob
 from trainer_client.client import RoundPlan, WeightedBatch
-from trainer_client.distributed import owners
+from trainer_client.distributed import owners, split_bounds
 from trainer_client.loader_config import LoaderStats
 
 log = logging.getLogger("trainer_client.loader")
@@ -139,7 +139,8 @@ class LoaderState:
         perm = self.pass_perm
         if world_size > 1:
             perm = perm[region.owner[perm] == rank]
-        take = np.array_split(perm, parts)[self.pass_next]
+        lo, hi = split_bounds(len(perm), parts, self.pass_next)
+        take = perm[lo:hi]
         self.pass_next += 1
         return region.ids[take], region.weights[take]
 

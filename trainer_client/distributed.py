@@ -58,9 +58,7 @@ class DistContext:
     def shard_bounds(self, n: int) -> tuple[int, int]:
         """[lo, hi) of this rank's contiguous shard of n items, as ``np.array_split`` cuts them: the first
         ``n % world_size`` ranks hold one item more (not a collective)."""
-        base, extra = divmod(n, self.world_size)
-        lo = self.rank * base + min(self.rank, extra)
-        return lo, lo + base + (1 if self.rank < extra else 0)
+        return split_bounds(n, self.world_size, self.rank)
 
     def broadcast_object(self, obj: Any) -> Any:
         """Rank 0's ``obj`` (picklable) on every rank; the other ranks' ``obj`` is ignored."""
@@ -87,6 +85,14 @@ class DistContext:
         parts = [torch.empty_like(padded) for _ in range(self.world_size)]
         dist.all_gather(parts, padded)
         return torch.cat([p[: hi - lo] for p, (lo, hi) in zip(parts, sizes, strict=True)]).cpu().numpy()
+
+
+def split_bounds(n: int, parts: int, index: int) -> tuple[int, int]:
+    """[lo, hi) of part ``index`` of n items cut into ``parts`` contiguous parts as ``np.array_split`` cuts them
+    (the first ``n % parts`` parts hold one item more), without building the parts."""
+    base, extra = divmod(n, parts)
+    lo = index * base + min(index, extra)
+    return lo, lo + base + (1 if index < extra else 0)
 
 
 def owners(ids: np.ndarray, world_size: int, seed: int, round_: int) -> np.ndarray:

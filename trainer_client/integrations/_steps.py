@@ -11,7 +11,6 @@ checkpoints fall between optimizer steps, as its contract asks.
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 
 from trainer_client.batches import ForwardFn
+from trainer_client.distributed import split_bounds
 from trainer_client.loader import CoresetLoader
 
 # Keys a Hugging Face batch or example carries its class label under (the default collator renames "label" and
@@ -60,10 +60,9 @@ def split_batch(batch: Any, parts: int, weights_key: str = "weights") -> list[An
             f"this rank's batch has {n} examples, fewer than the {parts} gradient-accumulation micro-batches; raise "
             "the batch size or lower the accumulation steps"
         )
-    bounds = np.cumsum([0] + [len(c) for c in np.array_split(np.arange(n), parts)])
     out: list[Any] = []
-    for lo, hi in itertools.pairwise(bounds):
-        part = {k: _slice(k, v, n, int(lo), int(hi)) for k, v in items.items()}
+    for lo, hi in (split_bounds(n, parts, j) for j in range(parts)):
+        part = {k: _slice(k, v, n, lo, hi) for k, v in items.items()}
         w = weights[lo:hi] * (parts * (hi - lo) / n)
         if isinstance(batch, Mapping):
             out.append({**part, weights_key: w})
