@@ -120,3 +120,61 @@ def test_crest_demo_command_runs_end_to_end() -> None:
     assert "1,920" in out.stdout  # 60 steps x 32 examples
     accuracy = float(next(line for line in out.stdout.splitlines() if "test accuracy" in line).split()[-1])
     assert accuracy > 0.3, out.stdout
+
+
+TUNED = [
+    "--coreset-weights",
+    "uniform",
+    "--joint-selection",
+    "--embed-dtype",
+    "bfloat16",
+    "--embedding-max-age",
+    "20",
+    "--learned-embedding-max-age",
+    "100",
+    "--learned-embedding-loss",
+    "0.2",
+]
+
+
+def _train_args(*flags: str) -> Any:
+    import argparse
+
+    from trainer_client.cli import add_train_flags
+
+    parser = argparse.ArgumentParser()
+    add_train_flags(parser)
+    return parser.parse_args(list(flags), argparse.Namespace(command="train"))
+
+
+def test_train_flags_reach_the_loader_config() -> None:
+    from trainer_client.cli import train_config
+
+    loader = train_config(_train_args(*TUNED)).loader
+    assert (loader.coreset_weights, loader.joint_selection, loader.embed_dtype) == ("uniform", True, "bfloat16")
+    assert (loader.embedding_max_age, loader.learned_embedding_max_age, loader.learned_embedding_loss) == (20, 100, 0.2)
+    default = train_config(_train_args()).loader
+    assert (default.coreset_weights, default.joint_selection, default.embed_dtype) == ("cluster", False, "float32")
+    assert (default.embedding_max_age, default.learned_embedding_max_age) == (0, 0)
+    with pytest.raises(ValueError, match=r"learned_embedding_max_age must be 0 \(off\) or >= embedding_max_age \(50\)"):
+        train_config(_train_args("--embedding-max-age", "50", "--learned-embedding-max-age", "10"))
+    # On the command line: one line naming the flag's setting and the value given, before any connection.
+    cmd = [sys.executable, "-m", "trainer_client.cli", "train", "--endpoint", "127.0.0.1:1"]
+    out = subprocess.run([*cmd, "--embedding-max-age", "-1"], capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "crest train: embedding_max_age must be >= 0 steps (0: off), received -1" in out.stderr
+
+
+def test_crest_train_command_with_the_tuned_settings(ray_server: RunningServer) -> None:
+    """``crest train`` against a running service with joint selection, weight 1 and embedding reuse: it trains,
+    and the loader reused rows (the reuse flags reached the run)."""
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    cmd = [sys.executable, "-m", "trainer_client.cli", "--log-level", "WARNING", "train"]
+    cmd += ["--endpoint", ray_server.target, "--steps", "60", "--train-limit", "2000", "--test-limit", "500"]
+    cmd += ["--batch-size", "32", "--subset-fraction", "0.1", "--num-subsets", "2", "--steps-per-round", "10"]
+    out = subprocess.run([*cmd, *TUNED], env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "1,920" in out.stdout  # 60 steps x 32 examples
+    row = {k.strip(): v.strip() for k, v in (x.rsplit("  ", 1) for x in out.stdout.splitlines() if "  " in x)}
+    embedded, rounds = int(row["examples embedded (forward only)"].replace(",", "")), int(row["selection rounds"])
+    assert 0 < embedded < 400 * rounds, out.stdout  # under 400 fresh candidates a round: some rows were reused

@@ -84,6 +84,41 @@ def add_train_flags(p: argparse.ArgumentParser, steps_per_round: int | None = No
         default=codec.DEFAULT_SIMILARITY,
         help="facility-location kernel: exp(-dist/d) as in CREST, or max-dist minus dist as in CRAIG",
     )
+    p.add_argument(
+        "--coreset-weights",
+        choices=("cluster", "uniform"),
+        default="cluster",
+        help="loss weight of a coreset example: its cluster size (default, as CREST) or 1 (the frontier's tuning)",
+    )
+    p.add_argument(
+        "--joint-selection",
+        action="store_true",
+        help="select each coreset over its whole random subset instead of per class (the frontier's tuning)",
+    )
+    p.add_argument(
+        "--embed-dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="precision of the no-grad embedding pass; bfloat16 is cheaper on CPUs with AVX512-BF16/AMX and GPUs",
+    )
+    p.add_argument(
+        "--embedding-max-age",
+        type=int,
+        default=0,
+        help="reuse a candidate's embedding while at most this many steps old (0: embed afresh, as CREST)",
+    )
+    p.add_argument(
+        "--learned-embedding-max-age",
+        type=int,
+        default=0,
+        help="a longer reuse age for the embeddings of examples the model had learned (0: none)",
+    )
+    p.add_argument(
+        "--learned-embedding-loss",
+        type=float,
+        default=0.05,
+        help="loss in nats at or below which an embedded example counts as learned; default 0.05",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of model init, subset sampling and shuffling")
     p.add_argument(
         "--data-dir",
@@ -130,6 +165,12 @@ def train_config(args: argparse.Namespace) -> Any:
         region=RegionConfig(tau=args.tau),
         check_examples=args.check_examples,
         embedding=args.embedding,
+        coreset_weights=args.coreset_weights,
+        joint_selection=args.joint_selection,
+        embed_dtype=args.embed_dtype,
+        embedding_max_age=args.embedding_max_age,
+        learned_embedding_max_age=args.learned_embedding_max_age,
+        learned_embedding_loss=args.learned_embedding_loss,
         client_name=f"crest-{args.command}",
     )
     return TrainConfig(
@@ -151,7 +192,10 @@ def run_train(args: argparse.Namespace, endpoint: str, token: str | None) -> int
     from trainer_client import SelectionClient
     from trainer_client.train import train
 
-    config = train_config(args)
+    try:
+        config = train_config(args)
+    except ValueError as exc:  # a flag value the loader's settings refuse; the message names it and what was given
+        raise SystemExit(f"crest {args.command}: {exc}") from None
     with SelectionClient(endpoint, token=token) as client:
         client.wait_ready(timeout_s=60)
         result = train(config, client)
