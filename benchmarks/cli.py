@@ -297,6 +297,12 @@ def _add_bench_frontier(benches: Any) -> None:
         help="CREST: the loss in nats at or below which a stored embedding counts as learned (default 0.05)",
     )
     p.add_argument(
+        "--crest-training-logits",
+        action="store_true",
+        help="CREST: refresh the stored embeddings of the trained examples from the training steps' logits "
+        "(needs an embedding max age)",
+    )
+    p.add_argument(
         "--crest-fit-examples",
         type=int,
         default=0,

@@ -134,6 +134,7 @@ def plan(args: argparse.Namespace) -> FrontierConfig:
         crest_embedding_max_age=args.crest_embedding_max_age,
         crest_learned_embedding_max_age=args.crest_learned_embedding_max_age,
         crest_learned_embedding_loss=args.crest_learned_embedding_loss,
+        crest_training_logits=args.crest_training_logits,
         fit_examples=args.crest_fit_examples,
         hessian_every=args.crest_hessian_every,
         lr=args.lr,
@@ -385,6 +386,7 @@ def report(runs: list[FrontierRun], config: FrontierConfig, data: BenchData, out
             if b.crest_learned_embedding_max_age
             else ""
         )
+        + (", refreshed from the training steps' logits" if b.crest_training_logits else "")
     )
     selectors = (
         f"{config.num_workers} selector actors x {config.cpus_per_worker:g} CPU"

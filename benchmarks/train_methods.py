@@ -97,6 +97,8 @@ class BenchConfig:
     # (LoaderConfig.learned_embedding_max_age; 0: off).
     crest_learned_embedding_max_age: int = 0
     crest_learned_embedding_loss: float = 0.05
+    # CREST: refresh those rows from the training steps' logits (LoaderConfig.training_logits).
+    crest_training_logits: bool = False
     # InfoBatch: fraction of the below-mean-loss examples pruned each epoch, and the final fraction of
     # training on all data (the paper's delta = 0.875).
     prune: float = 0.5
@@ -385,6 +387,7 @@ def run_one(
             embedding_max_age=config.crest_embedding_max_age,
             learned_embedding_max_age=config.crest_learned_embedding_max_age,
             learned_embedding_loss=config.crest_learned_embedding_loss,
+            training_logits=config.crest_training_logits,
             client_name=f"bench-train-{seed}",
         )
         loader = CoresetLoader(data.train, model, client, labels, num_classes=data.num_classes, config=loader_config)
@@ -433,7 +436,10 @@ def run_one(
                 flipped_weight += float(w[torch.from_numpy(hit)].sum())
                 weight_total += float(w.sum())
             per_class += np.bincount(y.numpy(), minlength=data.num_classes)
-            ce = F.cross_entropy(model(x), y, reduction="none")
+            logits = model(x)
+            if loader is not None and config.crest_training_logits:
+                loader.observe_logits(logits)
+            ce = F.cross_entropy(logits, y, reduction="none")
             loss = (ce * w.to(ce.dtype)).mean()  # trainer_client.weighted_loss, sharing the per-example losses
             opt.zero_grad(set_to_none=True)
             loss.backward()

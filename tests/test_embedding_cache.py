@@ -102,6 +102,13 @@ def test_the_cache_checkpoints_its_usable_rows_and_refuses_another_run() -> None
         LoaderConfig(embedding_max_age=-1)
 
 
+def _reuse_config(**reuse: Any) -> LoaderConfig:
+    """Short fixed regions of 2 subsets of 60 from 600 examples, every round 1 step ahead, with ``reuse``."""
+    return LoaderConfig(
+        batch_size=32, subset_fraction=0.1, num_subsets=2, steps_per_round=4, lookahead_steps=1, **reuse
+    )
+
+
 @pytest.mark.parametrize(
     ("max_age", "learned_age", "learned_loss"),
     [(12, 0, 0.0), (2, 30, 1.5)],  # recent rows only; and the rows of "learned" examples (loss <= 1.5) 30 steps
@@ -113,15 +120,8 @@ def test_a_loader_reuses_recent_embeddings_and_never_embeds_an_id_twice_within_t
     data = FashionMNIST("train", limit=600)
     torch.manual_seed(0)
     model = SmallCNN()
-    config = LoaderConfig(
-        batch_size=32,
-        subset_fraction=0.1,
-        num_subsets=2,
-        steps_per_round=4,
-        lookahead_steps=1,
-        embedding_max_age=max_age,
-        learned_embedding_max_age=learned_age,
-        learned_embedding_loss=learned_loss,
+    config = _reuse_config(
+        embedding_max_age=max_age, learned_embedding_max_age=learned_age, learned_embedding_loss=learned_loss
     )
     rounds: list[tuple[int, np.ndarray, RoundEmbeddings]] = []  # (step, round ids, rows handed to the service)
     passes: list[tuple[int, np.ndarray]] = []  # (step, ids run through the model)
@@ -165,3 +165,101 @@ def test_a_loader_reuses_recent_embeddings_and_never_embeds_an_id_twice_within_t
                 assert i in ran.tolist()
                 last[i] = (step, row.copy(), loss)
     assert reused_learned > 0 if learned_age else reused_learned == 0
+
+
+def test_refresh_keeps_a_row_only_where_none_is_newer() -> None:
+    cache, embed = EmbeddingCache(10, 2, max_age=5), Embed()
+    cache.embed_round(np.array([1, 2]), 4, embed)  # rows [k, 1] at step 4
+    trained = RoundEmbeddings(np.full((3, 2), 9, np.float32), np.array([0, 1, 2]), np.zeros(3, np.float32), 0)
+    cache.refresh(np.array([0, 1, 2]), trained, 3)  # older than 1's and 2's rows: only 0 is taken
+    out = cache.embed_round(np.array([0, 1, 2]), 5, embed)
+    assert len(embed.calls) == 1 and out.embeddings.tolist() == [[9, 9], [1, 1], [2, 1]]
+    cache.refresh(np.array([0, 1, 2]), trained, 6)  # newer than all: every row taken, at step 6
+    assert cache.state_dict(11)["ids"].tolist() == [0, 1, 2] and cache.state_dict(12)["ids"].tolist() == []
+
+
+def test_a_loader_stores_the_training_steps_logits_and_reuses_them(client: SelectionClient) -> None:
+    """observe_logits: each trained batch's rows are softmax(z) - onehot(y) of the training forward's logits at
+    the step before its update; a later round takes them instead of running those ids through the model."""
+    data = FashionMNIST("train", limit=600)
+    torch.manual_seed(0)
+    model = SmallCNN()
+    config = _reuse_config(embedding_max_age=6, training_logits=True)
+    trained: dict[int, tuple[int, np.ndarray, float]] = {}  # id -> (step, row, loss) of its last training step
+    passes: list[tuple[int, np.ndarray]] = []  # (step, ids run through the model)
+    taken_from_training = 0
+    with CoresetLoader(data, model, client, data.targets.numpy(), config=config) as loader:
+        model_pass = loader._passes.embed_round  # internal: observed
+        cache_round = loader._cache.embed_round  # type: ignore[union-attr]
+
+        def observed_pass(ids: np.ndarray) -> RoundEmbeddings:
+            passes.append((loader.stats.steps, ids.copy()))
+            return model_pass(ids)
+
+        def observed_round(ids: np.ndarray, step: int, embed: Any) -> RoundEmbeddings:
+            nonlocal taken_from_training
+            out = cache_round(ids, step, embed)
+            ran = set(passes[-1][1].tolist()) if passes and passes[-1][0] == step else set()
+            for i, row in zip(ids.tolist(), out.embeddings, strict=True):
+                if i in trained and step - trained[i][0] <= config.embedding_max_age and i not in ran:
+                    taken_from_training += np.array_equal(row, trained[i][1])
+            return out
+
+        loader._passes.embed_round = observed_pass  # type: ignore[method-assign]
+        loader._cache.embed_round = observed_round  # type: ignore[union-attr, method-assign]
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        rows = 0
+        for step, (x, y, w) in zip(range(40), loader, strict=False):
+            logits = model(x)
+            loader.observe_logits(logits)
+            expected = (torch.softmax(logits.detach(), 1) - torch.nn.functional.one_hot(y, 10)).numpy()
+            losses = torch.nn.functional.cross_entropy(logits.detach(), y, reduction="none").numpy()
+            for i, row, loss in zip(loader.last_ids.tolist(), expected, losses.tolist(), strict=True):
+                trained[i] = (step, row, loss)
+            rows += len(y)
+            loss = weighted_loss(logits, y, w)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        stats = loader.stats
+        state = loader.state_dict()["embedding_cache"]
+    assert stats.fallback_batches == 0 and stats.training_rows == rows == 40 * 32
+    assert taken_from_training > 0  # rounds reused rows the training steps stored, exactly as computed there
+    saved = dict(zip(state["ids"].tolist(), state["steps"].tolist(), strict=True))
+    for i, (step, row, _) in trained.items():
+        if step >= 40 - config.embedding_max_age and saved.get(i) == step:  # still usable, last set by training
+            k = state["ids"].tolist().index(i)
+            np.testing.assert_allclose(state["embeddings"][k].numpy(), row, atol=1e-6)
+    assert sum(saved.get(i) == s for i, (s, _, _) in trained.items()) > 0
+
+
+def test_observe_logits_refuses_what_is_not_the_last_batchs_logits(client: SelectionClient) -> None:
+    data = FashionMNIST("train", limit=300)
+    config = LoaderConfig(
+        batch_size=16, subset_fraction=0.1, num_subsets=2, steps_per_round=4, embedding_max_age=4, training_logits=True
+    )
+    with CoresetLoader(data, SmallCNN(), client, data.targets.numpy(), config=config) as loader:
+        with pytest.raises(RuntimeError, match="none was yielded yet"):
+            loader.observe_logits(torch.zeros(16, 10))
+        x, _, _ = next(iter(loader))
+        n = len(x)
+        assert loader._cache is not None
+        before = loader._cache.state_dict(0)
+        with pytest.raises(ValueError, match=f"shape \\({n}, 10\\); received \\({n}, 9\\)"):
+            loader.observe_logits(torch.zeros(n, 9))
+        bad = torch.zeros(n, 10)
+        bad[3, 2] = float("nan")
+        with pytest.raises(ValueError, match=f"non-finite logits in 1 of {n} rows; nothing stored"):
+            loader.observe_logits(bad)
+        after = loader._cache.state_dict(0)
+        assert after["ids"].tolist() == before["ids"].tolist() and loader.stats.training_rows == 0
+        assert torch.equal(after["embeddings"], before["embeddings"])
+    plain = LoaderConfig(batch_size=16, subset_fraction=0.1, num_subsets=2, steps_per_round=4)
+    with CoresetLoader(data, SmallCNN(), client, data.targets.numpy(), config=plain) as loader:
+        next(iter(loader))
+        with pytest.raises(RuntimeError, match="observe_logits needs LoaderConfig\\(training_logits=True\\)"):
+            loader.observe_logits(torch.zeros(len(loader.last_ids), 10))
+    with pytest.raises(ValueError, match="training_logits needs embedding='logit_gradient' and embedding_max_age"):
+        LoaderConfig(training_logits=True)
+    with pytest.raises(ValueError, match="received embedding='last_layer_gradient'"):
+        LoaderConfig(training_logits=True, embedding="last_layer_gradient", embedding_max_age=3)

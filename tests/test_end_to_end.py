@@ -134,6 +134,7 @@ TUNED = [
     "100",
     "--learned-embedding-loss",
     "0.2",
+    "--training-logits",
 ]
 
 
@@ -153,6 +154,7 @@ def test_train_flags_reach_the_loader_config() -> None:
     loader = train_config(_train_args(*TUNED)).loader
     assert (loader.coreset_weights, loader.joint_selection, loader.embed_dtype) == ("uniform", True, "bfloat16")
     assert (loader.embedding_max_age, loader.learned_embedding_max_age, loader.learned_embedding_loss) == (20, 100, 0.2)
+    assert loader.training_logits and not train_config(_train_args()).loader.training_logits
     default = train_config(_train_args()).loader
     assert (default.coreset_weights, default.joint_selection, default.embed_dtype) == ("cluster", False, "float32")
     assert (default.embedding_max_age, default.learned_embedding_max_age) == (0, 0)

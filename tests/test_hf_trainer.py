@@ -289,6 +289,12 @@ def test_a_loader_batch_size_other_than_the_trainers_is_refused(local_server: Ru
         trainer.train()
 
 
+def test_training_logits_are_refused_not_ignored(tmp_path: Path) -> None:
+    model = ViTForImageClassification(ViTConfig(**VIT, num_labels=10))
+    with pytest.raises(ValueError, match=r"CoresetTrainer does not hand the loader .* \(received True\)"):
+        _trainer(tmp_path, model, Pixels(), "127.0.0.1:1", embedding_max_age=4, training_logits=True)
+
+
 @pytest.mark.slow
 def test_bench_integrations_quick_reports_each_frameworks_ratios(tmp_path: Path) -> None:
     pytest.importorskip("lightning", reason="the lightning extra is not installed")

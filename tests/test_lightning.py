@@ -230,6 +230,12 @@ def test_an_unreachable_endpoint_raises_in_strict_mode() -> None:
         _fit(Classifier(), data)
 
 
+def test_training_logits_are_refused_not_ignored() -> None:
+    config = _config(embedding_max_age=4, training_logits=True)
+    with pytest.raises(ValueError, match=r"CoresetDataModule does not hand the loader .* \(received True\)"):
+        CoresetDataModule(FashionMNIST("train", limit=200), "127.0.0.1:1", batch_size=16, loader_config=config)
+
+
 def test_import_trainer_client_loads_no_framework_and_a_missing_extra_is_named() -> None:
     light = "import sys, trainer_client, trainer_client.integrations; print('lightning' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", light], capture_output=True, text=True, env=ENV, check=True)

@@ -68,10 +68,11 @@ WORKER = textwrap.dedent(
     data = FashionMNIST("train", limit=1000)
     model = DistributedDataParallel(SmallCNN())
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    # embedding_max_age: the ranks' caches must stay the same, or their sharded embedding passes would differ
+    # embedding_max_age: the ranks' caches must stay the same, or their sharded embedding passes would differ;
+    # training_logits: each rank stores its share's training rows, which every rank must then hold
     config = LoaderConfig(batch_size=batch, subset_fraction=0.05, num_subsets=2, check_examples=128,
                           lookahead_steps=2, deadline_s=60.0, reconnect_initial_s=0.05, reconnect_max_s=0.2,
-                          embedding_max_age=12)
+                          embedding_max_age=12, training_logits=True)
     loader = CoresetLoader(data, model, SelectionClient(target, timeout_s=60), data.targets.numpy(), config=config)
     start, stop = {"full": (0, steps), "first": (0, first), "rest": (first, steps)}[phase]
     if phase == "rest":  # every rank loads rank 0's checkpoint
@@ -81,24 +82,31 @@ WORKER = textwrap.dedent(
         loader.load_state_dict(state["loader"])
     delivered = []
     for step, (x, y, w) in zip(range(start, stop), loader):
-        loss = weighted_loss(model(x), y, w)
+        logits = model(x)
+        loader.observe_logits(logits)
+        loss = weighted_loss(logits, y, w)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         delivered.append({"round": loader.last_round, "ids": loader.last_ids.tolist()})
         if server is not None and step == kill_at:
             server.stop(grace=0)
+    saved = loader.state_dict() if kill_at < 0 else None  # a collective: every rank
     if phase == "first":
-        state = {"model": model.module.state_dict(), "opt": opt.state_dict(), "loader": loader.state_dict()}
+        state = {"model": model.module.state_dict(), "opt": opt.state_dict(), "loader": saved}
         if rank == 0:
             torch.save(state, ckpt)
         loader.close(end_session=False)  # as if preempted: the session stays on the service
     else:
         loader.close()
+    cache = None
+    if saved is not None:  # the same on every rank, and after a resume as without one
+        rows = saved["embedding_cache"]
+        cache = [rows["ids"].tolist(), rows["steps"].tolist(), float(rows["embeddings"].double().sum())]
     digest = float(sum(p.double().sum() for p in model.parameters()))
     with open(out, "w") as f:
         json.dump({"decisions": decisions, "delivered": delivered, "stats": vars(loader.stats),
-                   "rounds": loader.stats.regions, "digest": digest}, f)
+                   "rounds": loader.stats.regions, "digest": digest, "cache": cache}, f)
     dist.destroy_process_group()
     """
 )
@@ -199,6 +207,16 @@ def test_two_gloo_ranks_share_one_session_and_decide_identically(tmp_path: Path)
     assert ranks[0]["stats"]["sessions_opened"] == ranks[1]["stats"]["sessions_opened"] == 1
     assert all(r["stats"]["examples_embedded"] > 0 for r in ranks)
     assert ranks[0]["stats"]["embeddings_reused"] == ranks[1]["stats"]["embeddings_reused"] > 0
+    # Each rank stored its share's training rows, and every rank holds both shares' (equal caches).
+    assert ranks[0]["cache"] == ranks[1]["cache"] and ranks[0]["cache"][0]
+    assert sum(r["stats"]["training_rows"] for r in ranks) == sum(len(d["ids"]) for r in ranks for d in r["delivered"])
+    last_step: dict[int, int] = {}
+    for r in ranks:
+        for step, d in enumerate(r["delivered"]):
+            last_step.update((i, max(step, last_step.get(i, step))) for i in d["ids"])
+    cached = dict(zip(*ranks[0]["cache"][:2], strict=True))
+    trained_late = [i for i, step in last_step.items() if step >= STEPS - 12]  # their rows are still usable
+    assert trained_late and all(cached[i] >= last_step[i] for i in trained_late)
 
     # Both ranks train on the same region at every step; no id reaches both ranks within one round.
     for step, (a, b) in enumerate(zip(ranks[0]["delivered"], ranks[1]["delivered"], strict=True)):
@@ -261,4 +279,5 @@ def test_rank_0_checkpoint_resumes_every_rank_with_the_batches_of_an_uninterrupt
         assert [d["ids"] for d in rest[r]["delivered"]] == ids[first:], f"rank {r} did not continue"
         assert rest[r]["stats"]["fallback_batches"] == 0
     assert rest[0]["digest"] == rest[1]["digest"] == full[0]["digest"]
+    assert rest[0]["cache"] == rest[1]["cache"] == full[0]["cache"]  # with the training rows of both ranks
     assert rest[0]["rounds"] == full[0]["rounds"] >= 3  # regions switched after the restore too

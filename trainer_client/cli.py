@@ -119,6 +119,11 @@ def add_train_flags(p: argparse.ArgumentParser, steps_per_round: int | None = No
         default=0.05,
         help="loss in nats at or below which an embedded example counts as learned; default 0.05",
     )
+    p.add_argument(
+        "--training-logits",
+        action="store_true",
+        help="refresh the stored embeddings of trained examples from the training steps' logits (needs a max age)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of model init, subset sampling and shuffling")
     p.add_argument(
         "--data-dir",
@@ -171,6 +176,7 @@ def train_config(args: argparse.Namespace) -> Any:
         embedding_max_age=args.embedding_max_age,
         learned_embedding_max_age=args.learned_embedding_max_age,
         learned_embedding_loss=args.learned_embedding_loss,
+        training_logits=args.training_logits,
         client_name=f"crest-{args.command}",
     )
     return TrainConfig(

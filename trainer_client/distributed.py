@@ -66,6 +66,12 @@ class DistContext:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` (picklable), in rank order."""
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
     def all_reduce_sum(self, values: list[float]) -> np.ndarray:
         """float64 (k,): the element-wise sum of every rank's ``values`` (the same k on every rank)."""
         t = torch.tensor(values, dtype=torch.float64, device=self.device)

@@ -60,12 +60,13 @@ from torch.utils.data import Dataset, default_collate
 from trainer_client._embedding_cache import EmbeddingCache
 from trainer_client._link import ServiceLink
 from trainer_client._mirror import on_main
-from trainer_client._passes import ModelPasses, trainable
+from trainer_client._passes import ModelPasses, RoundEmbeddings, trainable
 from trainer_client._state import LoaderState, PendingRound, Region
 from trainer_client.batches import Embedder, ForwardFn, collate_ids, default_forward, last_linear, with_weights
 from trainer_client.client import RoundPlan, SelectionClient, SessionInfo, WeightedBatch
 from trainer_client.difficulty import RoundDifficulty, round_difficulty
 from trainer_client.distributed import DistContext
+from trainer_client.embeddings import logit_gradient, per_example_loss
 from trainer_client.loader_config import LoaderConfig, LoaderStats, SelectionUnavailable
 from trainer_client.region import Decision, RegionController
 
@@ -74,6 +75,10 @@ log = logging.getLogger(__name__)
 __all__ = ["CoresetLoader", "LoaderConfig", "LoaderStats", "SelectionUnavailable"]
 
 T = TypeVar("T")
+
+# Under DDP with LoaderConfig.training_logits, the steps between two exchanges of the ranks' observed rows at the
+# latest (they are exchanged at every round's start too).
+SHARE_OBSERVED_EVERY = 64
 
 
 class CoresetLoader:
@@ -176,6 +181,9 @@ class CoresetLoader:
                 learned_loss=cfg.learned_embedding_loss,
             )
         is_main = self._dist is None or self._dist.is_main  # only the rank that talks to the service streams
+        # Under DDP, the rows observe_logits took since the last round, (ids, rows, step) per step: the ranks'
+        # caches must stay equal, so they are exchanged at the next round (or checkpoint) and stored then.
+        self._observed: list[tuple[np.ndarray, RoundEmbeddings, int]] = []
         self._link = ServiceLink(client, cfg, self.labels, self.num_classes, embedding_dim, streams=is_main)
         self._state = LoaderState.new(len(self.labels), cfg.seed, cfg.batch_size)
         self._closed = False
@@ -221,6 +229,8 @@ class CoresetLoader:
             if p is not None:
                 self._switch(p)
         else:
+            if self.config.training_logits and s.stats.steps % SHARE_OBSERVED_EVERY == 0:
+                self._share_observed()  # bounds what a rank holds while no round starts (the service down)
             self._follow_service()
         due = s.want_at is not None and s.stats.steps >= s.want_at
         if s.region is not None and not due:
@@ -235,6 +245,51 @@ class CoresetLoader:
         s.stats.steps += 1
         s.stats.examples_backpropagated += len(ids)
         return with_weights(batch, torch.from_numpy(weights.astype(np.float32)), self.config.weights_key)
+
+    def observe_logits(self, logits: torch.Tensor) -> None:
+        """The training forward's logits of the batch yielded last (float (n, C), this rank's share): they refresh
+        the embedding cache's rows of its examples, as if a round had embedded them at this step
+        (``LoaderConfig.training_logits``). Call it after the forward pass and before the next batch; its cost is a
+        softmax over the batch. Logits that are not of the batch's shape or not finite are refused and nothing is
+        stored."""
+        if self._cache is None or not self.config.training_logits:
+            raise RuntimeError("observe_logits needs LoaderConfig(training_logits=True) and an embedding max age")
+        s, ids = self._state, self.last_ids
+        if not s.yielded:
+            raise RuntimeError("observe_logits takes the logits of the batch yielded last; none was yielded yet")
+        if tuple(logits.shape) != (len(ids), self.num_classes):
+            raise ValueError(
+                f"observe_logits takes the logits of the batch yielded last, shape ({len(ids)}, {self.num_classes}); "
+                f"received {tuple(logits.shape)}"
+            )
+        z = logits.detach().float()
+        if not bool(torch.isfinite(z).all()):
+            bad = int((~torch.isfinite(z)).any(dim=1).sum())
+            raise ValueError(f"observe_logits received non-finite logits in {bad} of {len(ids)} rows; nothing stored")
+        targets = torch.from_numpy(self.labels[ids]).to(z.device)
+        rows = RoundEmbeddings(
+            logit_gradient(z, targets).cpu().numpy(),
+            self.labels[ids],
+            per_example_loss(z, targets).cpu().numpy(),
+            embedded=0,
+        )
+        step = s.stats.steps - 1  # the model before this batch's optimizer step
+        s.stats.training_rows += len(ids)
+        if self._dist is None:
+            self._cache.refresh(ids, rows, step)
+        else:
+            self._observed.append((ids, rows, step))
+
+    def _share_observed(self) -> None:
+        """Under DDP, every rank's observed rows into every rank's cache, in rank order (a collective when
+        ``training_logits`` is on)."""
+        if self._dist is None or self._cache is None or not self.config.training_logits:
+            return
+        everyone = self._dist.all_gather_object(self._observed)
+        self._observed = []
+        for part in everyone:
+            for ids, rows, step in part:
+                self._cache.refresh(ids, rows, step)
 
     def _uniform_batch(self) -> tuple[np.ndarray, np.ndarray]:
         """A uniformly sampled batch (weights 1); under DDP every rank draws the same one and keeps its share."""
@@ -293,6 +348,7 @@ class CoresetLoader:
         s = self._state
         start = time.perf_counter()
         embed, ids = self._passes.embed_round, plan.ids
+        self._share_observed()
         embedded = embed(ids) if self._cache is None else self._cache.embed_round(ids, s.stats.steps, embed)
         s.stats.embed_s += time.perf_counter() - start
         s.stats.examples_embedded += embedded.embedded
@@ -456,6 +512,7 @@ class CoresetLoader:
         elif self._dist is None:
             self._main_settle()
         self._link.settle(s.stats)  # a round started ahead (rank 0): its plan is saved, as the service has it
+        self._share_observed()
         state = {**s.state_dict(), **self._link.state_dict(), "controller": self.controller.state_dict()}
         if self._cache is not None:
             state["embedding_cache"] = self._cache.state_dict(s.stats.steps)

@@ -97,6 +97,12 @@ class LoaderConfig:
     # 0 gives them embedding_max_age like every other row; else at least embedding_max_age.
     learned_embedding_max_age: int = 0
     learned_embedding_loss: float = 0.05
+    # Refresh those stored rows from the training steps' own logits too (``CoresetLoader.observe_logits``, called by
+    # the training loop with the logits of the batch it trains on): the trained examples' rows and losses then date
+    # from their last training step, not from the round that drew them, at the cost of a softmax per step. Needs
+    # the logit-gradient embedding and a max age above; the training forward runs in the model's training mode and
+    # precision, so a model whose train and eval outputs differ (dropout, batch norm) stores the train-mode ones.
+    training_logits: bool = False
     # Capacity of the prefetch queue, in batches; the stream thread blocks when it is full.
     queue_size: int = 32
     # Longest wait, in seconds, at a switch step for a late round before yielding a uniform batch instead.
@@ -155,6 +161,14 @@ class LoaderConfig:
                 f"and learned_embedding_loss a finite loss >= 0; received {self.learned_embedding_max_age} and "
                 f"{self.learned_embedding_loss}"
             )
+        if self.training_logits and (
+            self.embedding != "logit_gradient" or not (self.embedding_max_age or self.learned_embedding_max_age)
+        ):
+            raise ValueError(
+                "training_logits needs embedding='logit_gradient' and embedding_max_age or learned_embedding_max_age "
+                f"above 0 (the rows it refreshes); received embedding={self.embedding!r}, embedding_max_age="
+                f"{self.embedding_max_age}, learned_embedding_max_age={self.learned_embedding_max_age}"
+            )
         if self.embed_batch_size < 1:
             raise ValueError(f"embed_batch_size must be >= 1, received {self.embed_batch_size}")
         if self.max_persistent_failures < 1:
@@ -175,6 +189,7 @@ class LoaderStats:
     examples_embedded: int = 0
     embeddings_reused: int = 0  # round candidates whose embedding an earlier round took (the two max ages)
     reused_age_steps: int = 0  # their ages summed, in steps (mean age: this / embeddings_reused)
+    training_rows: int = 0  # cache rows refreshed from the training steps' logits (LoaderConfig.training_logits)
     rounds_started: int = 0
     regions: int = 0
     batches_received: int = 0

@@ -95,7 +95,10 @@ def train(config: TrainConfig, client: SelectionClient) -> TrainResult:
     loss_value = float("nan")
     with CoresetLoader(train_set, model, client, train_set.targets.numpy(), config=config.loader) as loader:
         for step, (x, y, w) in zip(range(config.steps), loader, strict=False):
-            loss = weighted_loss(model(x), y, w)
+            logits = model(x)
+            if config.loader.training_logits:
+                loader.observe_logits(logits)
+            loss = weighted_loss(logits, y, w)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -20,11 +20,22 @@ import torch
 
 from trainer_client.batches import ForwardFn
 from trainer_client.distributed import split_bounds
-from trainer_client.loader import CoresetLoader
+from trainer_client.loader import CoresetLoader, LoaderConfig
 
 # Keys a Hugging Face batch or example carries its class label under (the default collator renames "label" and
 # "label_ids" to "labels").
 LABEL_KEYS = ("labels", "label", "label_ids")
+
+
+def refuse_training_logits(config: LoaderConfig, integration: str) -> None:
+    """``LoaderConfig.training_logits`` asks the training loop to call ``CoresetLoader.observe_logits``; the
+    integrations do not (the framework runs the forward, micro-batch by micro-batch), so the setting is refused
+    rather than ignored."""
+    if config.training_logits:
+        raise ValueError(
+            f"{integration} does not hand the loader the training steps' logits: leave "
+            "LoaderConfig.training_logits False (received True); the embedding cache's ages work without it"
+        )
 
 
 def missing_extra(module: str, extra: str, exc: ImportError) -> ImportError:

@@ -42,7 +42,13 @@ from numpy.typing import ArrayLike
 from crest.selector.v1 import codec
 from trainer_client.client import SelectionClient
 from trainer_client.embeddings import weighted_loss
-from trainer_client.integrations._steps import StepBatches, dataset_labels, logits_of, missing_extra
+from trainer_client.integrations._steps import (
+    StepBatches,
+    dataset_labels,
+    logits_of,
+    missing_extra,
+    refuse_training_logits,
+)
 from trainer_client.loader import CoresetLoader, LoaderConfig
 
 try:
@@ -92,6 +98,7 @@ class CoresetTrainer(Trainer):
             raise ValueError("CoresetTrainer needs a train_dataset: the coresets are selected from it")
         self._endpoint = endpoint
         self._config = loader_config or LoaderConfig()
+        refuse_training_logits(self._config, "CoresetTrainer")
         self._labels = None if labels is None else np.asarray(labels, dtype=np.int64)
         self._num_classes = num_classes
         self._resume_dir: str | None = None

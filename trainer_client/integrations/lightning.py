@@ -42,7 +42,13 @@ from torch.utils.data import Dataset, default_collate
 
 from trainer_client.batches import ForwardFn, default_forward
 from trainer_client.client import SelectionClient
-from trainer_client.integrations._steps import StepBatches, checked_forward, dataset_labels, missing_extra
+from trainer_client.integrations._steps import (
+    StepBatches,
+    checked_forward,
+    dataset_labels,
+    missing_extra,
+    refuse_training_logits,
+)
 from trainer_client.loader import CoresetLoader, LoaderConfig
 
 try:
@@ -87,6 +93,7 @@ class CoresetDataModule(pl.LightningDataModule):
         super().__init__()
         self.train_dataset, self.endpoint = train_dataset, endpoint
         self.config = replace(loader_config or LoaderConfig(), batch_size=batch_size)
+        refuse_training_logits(self.config, "CoresetDataModule")
         self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
         self.num_classes, self.collate_fn, self.forward_fn = num_classes, collate_fn, forward_fn
         self.loader: CoresetLoader | None = None
