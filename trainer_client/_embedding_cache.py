@@ -85,12 +85,8 @@ class EmbeddingCache:
     def refresh(self, ids: np.ndarray, rows: RoundEmbeddings, step: int) -> None:
         """Keep the rows of ``ids`` taken at ``step`` where no later row is stored (the training steps' rows,
         ``LoaderConfig.training_logits``); an id present twice keeps its last row."""
-        newer = self._step[ids] <= step
-        if newer.all():
-            self.store(ids, rows, step)
-        elif newer.any():
-            keep = np.flatnonzero(newer)
-            self.store(ids[keep], RoundEmbeddings(rows.embeddings[keep], rows.labels[keep], rows.losses[keep], 0), step)
+        keep = np.flatnonzero(self._step[ids] <= step)
+        self.store(ids[keep], RoundEmbeddings(rows.embeddings[keep], rows.labels[keep], rows.losses[keep], 0), step)
 
     def embed_round(
         self, ids: np.ndarray, step: int, embed: Callable[[np.ndarray], RoundEmbeddings]
