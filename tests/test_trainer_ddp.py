@@ -107,6 +107,7 @@ WORKER = textwrap.dedent(
     with open(out, "w") as f:
         json.dump({"decisions": decisions, "delivered": delivered, "stats": vars(loader.stats),
                    "rounds": loader.stats.regions, "digest": digest, "cache": cache}, f)
+    dist.barrier()  # no rank tears gloo down while a peer still talks to it (a SIGABRT at exit otherwise)
     dist.destroy_process_group()
     """
 )
