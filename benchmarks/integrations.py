@@ -1,7 +1,7 @@
 """Per-step overhead of the trainer integrations against each framework's own loop on the same model.
 
     crest bench integrations            # Hugging Face Trainer and Lightning, 10 interleaved blocks of 100 steps
-    crest bench integrations --quick    # 2 blocks of 20 steps on 1,000 examples (the test suite's mode)
+    crest bench integrations --quick    # 2 blocks of 40 steps on 1,000 examples (the test suite's mode)
 
 Each framework trains the same seeded model on Fashion-MNIST three ways, side by side in one process, in
 interleaved blocks (after one unmeasured warm-up block; the order rotates every block) so that a busy spell of the
@@ -48,6 +48,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 WAYS = ("plain", "uniform", "crest")
 FRAMEWORKS = ("hf", "lightning")
 WARMUP = 5  # steps of each block left out of the timing
+LOOKAHEAD = 2  # CREST: steps between a round's start and the switch to its coresets
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,6 +75,9 @@ class Timing:
     """The measured steps of one way, over every block."""
 
     step_s: list[float] = field(default_factory=list)  # each measured step's wall time
+    # CREST: each measured step's wall time less the passes run in it, by its position in the region (0: the step
+    # that starts a round and embeds its candidates; the step after a round's switch is ``lookahead_steps`` on)
+    by_position_s: dict[int, list[float]] = field(default_factory=dict)
     block_s: list[float] = field(default_factory=list)  # each block's mean measured step
     block_passes_s: list[float] = field(default_factory=list)  # CREST: each block's passes per measured step
     embed_s: float = 0.0  # CREST: no-grad passes over the measured steps (embedding, checks, fits)
@@ -88,15 +92,21 @@ class Timing:
 
 
 class StepClock:
-    """Time stamps of optimizer steps, and the loader's pass and wait counters at the end of the warm-up."""
+    """Time stamps of optimizer steps, and the loader's pass and wait counters at the end of the warm-up; with a
+    loader, its rounds started and passes so far at every stamp (a step's position in its region)."""
 
     def __init__(self, loader: Callable[[], Any]) -> None:
         self.stamps: list[float] = []
         self.loader = loader  # () -> the CoresetLoader of the run, or None
         self.start: tuple[float, float] | None = None
+        self.rounds: list[tuple[int, float]] = []  # (rounds started, passes s) at each stamp, with a loader
 
     def tick(self) -> None:
         self.stamps.append(time.perf_counter())
+        loader = self.loader()
+        if loader is not None and hasattr(loader, "stats"):
+            s = loader.stats
+            self.rounds.append((s.rounds_started, s.embed_s + s.check_s + s.fit_s))
         if len(self.stamps) == WARMUP:
             self.start = self._passes()
 
@@ -119,6 +129,21 @@ class StepClock:
         loader = self.loader()
         if loader is not None and hasattr(loader, "stats"):
             timing.fallback_batches += loader.stats.fallback_batches
+        if len(self.rounds) == len(self.stamps):
+            self._by_position(timing)
+
+    def _by_position(self, timing: Timing) -> None:
+        """Each measured step (from stamp i - 1 to i) under its position after the last round start, less its
+        passes; steps before the block's first measured round start are left out."""
+        last_start: int | None = None
+        for i in range(1, len(self.stamps)):
+            (r0, p0), (r1, p1) = self.rounds[i - 1], self.rounds[i]
+            if r1 > r0:
+                last_start = i
+            if last_start is None or i < WARMUP:
+                continue
+            step = self.stamps[i] - self.stamps[i - 1] - (p1 - p0)
+            timing.by_position_s.setdefault(i - last_start, []).append(step)
 
 
 class UniformBatches:
@@ -290,7 +315,7 @@ def _loader_config(cfg: IntegrationsConfig) -> Any:
         subset_fraction=cfg.subset_fraction,
         num_subsets=cfg.num_subsets,
         steps_per_round=cfg.steps_per_round,
-        lookahead_steps=2,
+        lookahead_steps=LOOKAHEAD,
         client_name="bench-integrations",
     )
 
@@ -301,9 +326,33 @@ def paired(way_s: list[float], plain_s: list[float]) -> dict[str, float]:
     return {"median": float(np.median(ratios)), "min": float(ratios.min()), "max": float(ratios.max())}
 
 
-def summarise(timings: dict[str, Timing]) -> dict[str, Any]:
+def round_cost(by_position_s: dict[int, list[float]], steps_per_round: int, settled_from: int) -> dict[str, Any]:
+    """What a round costs CREST's steps besides its passes, from the steps timed by position in their region.
+
+    The steps from ``settled_from`` on (the round and its switch are over) are the baseline: their median. Each
+    earlier position costs its median step above it; their sum is the round's fixed cost, and per step of a round
+    it sets the framework step time at which that cost alone would be 5% (it is fixed, so faster steps pay a
+    larger share of it; 0 when the round's steps measured no slower than the settled ones).
+    """
+    settled = [t for pos, ts in by_position_s.items() if settled_from <= pos < steps_per_round for t in ts]
+    if not settled:
+        return {}
+    base = float(np.median(settled))
+    extra = {
+        pos: 1e3 * (float(np.median(by_position_s[pos])) - base) for pos in range(settled_from) if pos in by_position_s
+    }
+    per_round = sum(extra.values())
+    return {
+        "settled_median_ms": 1e3 * base,
+        "extra_ms_by_position": {str(pos): ms for pos, ms in extra.items()},
+        "round_extra_ms": per_round,
+        "five_percent_at_step_ms": max(0.0, per_round) / steps_per_round / 0.05,
+    }
+
+
+def summarise(timings: dict[str, Timing], cfg: IntegrationsConfig) -> dict[str, Any]:
     """Per way: ms per step and the ratio to plain (pooled and paired by rotation); CREST's passes and waits per
-    step, and its ratios without them."""
+    step, and its ratios without them; what a round costs its steps (``round_cost``)."""
     plain = timings["plain"]
     out: dict[str, Any] = {}
     for way, t in timings.items():
@@ -329,6 +378,9 @@ def summarise(timings: dict[str, Timing]) -> dict[str, Any]:
             "fallback_batches": crest.fallback_batches,
         }
     )
+    # A round: its start (the pass), the steps while the stream thread sends and the service selects, and the
+    # switch ``LOOKAHEAD`` steps on with the step after it; settled from there.
+    out["crest"]["round_cost"] = round_cost(crest.by_position_s, cfg.steps_per_round, LOOKAHEAD + 2)
     return out
 
 
@@ -338,7 +390,7 @@ def run(args: argparse.Namespace) -> int:
 
     from selector_service.process import spawn_service
 
-    cfg = IntegrationsConfig(train_limit=1000, steps=20, blocks=2) if args.quick else IntegrationsConfig()
+    cfg = IntegrationsConfig(train_limit=1000, steps=40, blocks=2) if args.quick else IntegrationsConfig()
     if args.steps is not None or args.blocks is not None:
         cfg = IntegrationsConfig(
             **{**vars(cfg), "steps": args.steps or cfg.steps, "blocks": args.blocks or cfg.blocks},
@@ -361,7 +413,7 @@ def run(args: argparse.Namespace) -> int:
                 for i in range(len(WAYS)):  # the order rotates, so no way always runs first
                     way = WAYS[(block + i) % len(WAYS)]
                     BLOCKS[framework](way, cfg, service.target, out_dir).add_to(timings[way])
-            results[framework] = summarise(timings)
+            results[framework] = summarise(timings, cfg)
             _print(framework, results[framework])
     report = {**machine(), "quick": args.quick, "argv": getattr(args, "argv", None), "config": vars(cfg)}
     report["results"] = results
@@ -391,3 +443,11 @@ def _print(framework: str, r: dict[str, Any]) -> None:
         f"{u['max']:.3f}]; crest x{cp['median']:.3f} [{cp['min']:.3f}, {cp['max']:.3f}], without embedding "
         f"x{cw['median']:.3f} [{cw['min']:.3f}, {cw['max']:.3f}]"
     )
+    rc = c["round_cost"]
+    if rc:
+        by_position = ", ".join(f"{pos}: {ms:+.2f}" for pos, ms in rc["extra_ms_by_position"].items())
+        print(
+            f"{framework}, a round's first steps besides their passes, ms above the region's settled median step "
+            f"({rc['settled_median_ms']:.2f} ms) by position ({by_position}): {rc['round_extra_ms']:.2f} ms a round, "
+            f"5% of a framework step of {rc['five_percent_at_step_ms']:.2f} ms"
+        )

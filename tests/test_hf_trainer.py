@@ -308,7 +308,11 @@ def test_bench_integrations_quick_reports_each_frameworks_ratios(tmp_path: Path)
         assert r["plain"]["ratio_to_plain"] == 1.0 and r["plain"]["measured_steps"] > 0
         assert r["uniform"]["ratio_to_plain"] > 0 and r["crest"]["ratio_to_plain"] > 0
         assert r["crest"]["embedding_ms_per_step"] > 0 and r["crest"]["fallback_batches"] == 0
-        assert f"{framework}: plain" in proc.stdout
+        # Every block holds a round started after its warm-up: the round's first steps are timed by position.
+        cost = r["crest"]["round_cost"]
+        assert sorted(cost["extra_ms_by_position"]) == ["0", "1", "2", "3"] and cost["settled_median_ms"] > 0
+        assert cost["five_percent_at_step_ms"] >= 0
+        assert f"{framework}: plain" in proc.stdout and f"{framework}, a round's first steps" in proc.stdout
 
 
 def test_import_trainer_client_loads_no_framework_and_a_missing_extra_is_named() -> None:
