@@ -92,52 +92,46 @@ class Timing:
 
 
 class StepClock:
-    """Time stamps of optimizer steps, and the loader's pass and wait counters at the end of the warm-up; with a
-    loader, its rounds started and passes so far at every stamp (a step's position in its region)."""
+    """Time stamps of optimizer steps and, at each, the loader's counters (``counters``): a step's passes and waits,
+    and its position in its region."""
 
     def __init__(self, loader: Callable[[], Any]) -> None:
         self.stamps: list[float] = []
         self.loader = loader  # () -> the CoresetLoader of the run, or None
-        self.start: tuple[float, float] | None = None
-        self.rounds: list[tuple[int, float]] = []  # (rounds started, passes s) at each stamp, with a loader
+        self.counts: list[tuple[int, float, float]] = []  # ``counters()`` at each stamp
 
     def tick(self) -> None:
         self.stamps.append(time.perf_counter())
-        loader = self.loader()
-        if loader is not None and hasattr(loader, "stats"):
-            s = loader.stats
-            self.rounds.append((s.rounds_started, s.embed_s + s.check_s + s.fit_s))
-        if len(self.stamps) == WARMUP:
-            self.start = self._passes()
+        self.counts.append(self.counters())
 
-    def _passes(self) -> tuple[float, float]:
+    def counters(self) -> tuple[int, float, float]:
+        """The loader's rounds started, passes (s) and waits (s) so far; zeros without a ``CoresetLoader``."""
         loader = self.loader()
         if loader is None or not hasattr(loader, "stats"):
-            return 0.0, 0.0
+            return 0, 0.0, 0.0
         s = loader.stats
-        return s.embed_s + s.check_s + s.fit_s, s.wait_s
+        return s.rounds_started, s.embed_s + s.check_s + s.fit_s, s.wait_s
 
     def add_to(self, timing: Timing) -> None:
         steps = np.diff(self.stamps[WARMUP - 1 :])
         timing.step_s.extend(steps.tolist())
         timing.block_s.append(float(steps.mean()))
-        if self.start is not None:
-            passes, wait = self._passes()
-            timing.embed_s += passes - self.start[0]
-            timing.wait_s += wait - self.start[1]
-            timing.block_passes_s.append((passes - self.start[0]) / len(steps))
+        if len(self.counts) >= WARMUP:
+            (_, passes0, wait0), (_, passes, wait) = self.counts[WARMUP - 1], self.counters()
+            timing.embed_s += passes - passes0
+            timing.wait_s += wait - wait0
+            timing.block_passes_s.append((passes - passes0) / len(steps))
         loader = self.loader()
         if loader is not None and hasattr(loader, "stats"):
             timing.fallback_batches += loader.stats.fallback_batches
-        if len(self.rounds) == len(self.stamps):
-            self._by_position(timing)
+        self._by_position(timing)
 
     def _by_position(self, timing: Timing) -> None:
         """Each measured step (from stamp i - 1 to i) under its position after the last round start, less its
-        passes; steps before the block's first measured round start are left out."""
+        passes; steps before the block's first measured round start are left out (all of them without a loader)."""
         last_start: int | None = None
         for i in range(1, len(self.stamps)):
-            (r0, p0), (r1, p1) = self.rounds[i - 1], self.rounds[i]
+            (r0, p0, _), (r1, p1, _) = self.counts[i - 1], self.counts[i]
             if r1 > r0:
                 last_start = i
             if last_start is None or i < WARMUP:
