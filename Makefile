@@ -26,7 +26,7 @@ test-deploy: setup dataset engine
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy selector_service trainer_client proto/generate.py
+	$(BIN)/mypy selector_service trainer_client proto/generate.py proto/crest/cli.py
 
 setup: $(VENV)/.installed
 

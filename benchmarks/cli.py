@@ -1,15 +1,11 @@
-"""The ``crest`` command: one entry point that dispatches to the side that owns each command.
+"""The ``bench`` command: benchmarks that start what they measure.
 
-- ``serve``, ``inspect``: the service side (``selector_service.cli``);
-- ``train``: the trainer side (``trainer_client.cli``);
-- ``demo`` and ``bench {train,frontier,facility-location,workload,service,integrations,staleness,offload}``: the
-  benchmarks (this package).
-
-This module sits at the top of the package graph (``crest`` <- {``selector_service``, ``trainer_client``} <-
-``crest_bench``), so it may import both sides; neither side imports it. Building the parser imports only the
-sides' flag definitions (no torch, Ray or faiss): a side whose dependencies are missing keeps its command
-names, which then say what to install. Environment read here: CREST_DATA_DIR (``bench train``/``frontier``
-``--data-dir``).
+``add_commands`` registers ``crest bench {train,frontier,facility-location,workload,service,integrations,staleness,
+offload}`` on the ``crest`` parser (``crest.cli``, the composition root, loads this module for ``bench`` only).
+Building the parser imports the flag definitions only; each benchmark imports what it measures when it runs.
+CREST's selection flags of ``bench frontier`` are ``LoaderConfig``'s fields (``trainer_client.flags``) under
+``--crest-``, with the names they had before they were derived as aliases. Environment read here: CREST_DATA_DIR
+(``bench train``/``frontier`` ``--data-dir``).
 """
 
 from __future__ import annotations
@@ -19,36 +15,18 @@ import os
 import sys
 from typing import Any
 
-from selector_service import cli as service_cli
+from crest_bench.crest_flags import FRONTIER_CREST_FLAGS, add_recipe_flag
+from trainer_client.flags import add_flags
+from trainer_client.loader_config import RECIPES
+
+COMMANDS = ("bench",)
 
 # The training benchmark's methods (crest_bench.train_methods.METHODS, which imports torch).
 METHOD_NAMES = ("full", "random", "crest", "infobatch", "balanced")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="crest", description="CREST data selection as a service.")
-    service_cli.add_log_level(parser)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    service_cli.add_commands(sub)
-    trainer = _trainer_cli()
-    if trainer is not None:
-        trainer.add_commands(sub)
-    else:
-        _add_missing(sub, "train", "train the Fashion-MNIST CNN against a running service")
-
-    demo = sub.add_parser(
-        "demo",
-        help="start a local service and train against it",
-        description="Start the service on localhost (embedded Ray), train the Fashion-MNIST "
-        "CNN through it over gRPC, print the results, stop the service. The demo trains 50 steps on each "
-        "round's coresets so it finishes in a few minutes on 2 CPU cores; --steps-per-round 0 switches to "
-        "CREST's adaptive Taylor check (several times slower on CPU, where every reselection costs a "
-        "forward pass over the round's random subsets and a Hessian estimate).",
-    )
-    service_cli.add_selector_flags(demo)
-    if trainer is not None:
-        trainer.add_train_flags(demo, steps_per_round=50)
-
+def add_commands(sub: Any) -> None:
+    """Register ``bench`` and its benchmarks on ``sub`` (an ``add_subparsers`` result)."""
     bench = sub.add_parser("bench", help="benchmarks", description="Benchmarks that start what they measure.")
     benches = bench.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
     _add_bench_train(benches)
@@ -59,21 +37,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench_integrations(benches)
     _add_bench_staleness(benches)
     _add_bench_offload(benches)
-    return parser
-
-
-def _trainer_cli() -> Any:
-    """``trainer_client.cli``, or None when the trainer side's dependencies (torch) are not installed."""
-    try:
-        from trainer_client import cli
-    except ImportError:
-        return None
-    return cli
-
-
-def _add_missing(sub: Any, name: str, help: str) -> None:
-    p = sub.add_parser(name, help=f"{help} (needs the trainer side)", add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER, help="not available: the trainer side is not installed")
 
 
 def _add_bench_train(benches: Any) -> None:
@@ -95,8 +58,8 @@ def _add_bench_train(benches: Any) -> None:
     p.add_argument(
         "--demo",
         action="store_true",
-        help="full and crest only, 1 seed, results/demo.json, CREST with the clean task's tuned settings (20-step "
-        "regions of 10 coresets, r = 0.5%%, weight 1; what make demo runs; about 3 minutes on 2 cores)",
+        help="full and crest only, 1 seed, results/demo.json, CREST with --recipe (the recommended recipe by "
+        "default: what make demo runs; about 2 minutes on 2 cores)",
     )
     p.add_argument("--seeds", type=int, default=None, help="seeds per method (default 3; --quick and --demo 1)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 1000, --quick 150)")
@@ -106,14 +69,15 @@ def _add_bench_train(benches: Any) -> None:
         help="comma-separated subset of full,random,crest,infobatch,balanced (uniform class-balanced batches); "
         "full is required (default all but balanced; --demo full,crest)",
     )
+    add_recipe_flag(p, "CREST's settings")
     p.add_argument(
-        "--crest-adaptive", action="store_true", help="CREST's Taylor check ends regions (default: 50-step regions)"
+        "--crest-adaptive", action="store_true", help="CREST's Taylor check ends regions (instead of the recipe's rule)"
     )
     p.add_argument(
         "--drop-learned",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="CREST: the service's learned-example exclusion (loss <= 0.1 over 5 visits; floor 0.8 N); default on",
+        default=None,
+        help="CREST: the service's learned-example exclusion (default: the recipe's; on in recommended)",
     )
     p.add_argument("--prune", type=float, default=0.5, help="InfoBatch: pruned fraction of low-loss examples")
     p.add_argument("--num-workers", type=int, default=2, help="selector actors of the service; default 2")
@@ -204,118 +168,9 @@ def _add_bench_frontier(benches: Any) -> None:
     p.add_argument(
         "--validation-size", type=int, default=None, help="held-out training examples (default 5000; --quick 1000)"
     )
-    p.add_argument(
-        "--crest-steps-per-round",
-        type=int,
-        default=50,
-        help="CREST: fixed regions of this many steps; 0 uses CREST's adaptive Taylor check (default 50)",
-    )
-    p.add_argument(
-        "--crest-num-subsets",
-        type=int,
-        default=5,
-        help="CREST: random subsets per round; a fixed region trains on that many coresets (default 5)",
-    )
-    p.add_argument(
-        "--subset-fraction",
-        type=float,
-        default=None,
-        help="CREST: random-subset size r as a fraction of the training set (default 0.01; --quick 0.1)",
-    )
-    p.add_argument(
-        "--drop-learned",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="CREST: the service's learned-example exclusion (default on)",
-    )
-    p.add_argument(
-        "--drop-threshold",
-        type=float,
-        default=0.0,
-        help="CREST: the exclusion's learned-loss threshold in nats (default 0: the service's 0.1)",
-    )
-    p.add_argument(
-        "--drop-window",
-        type=int,
-        default=0,
-        help="CREST: recorded losses in a row that must be under the threshold (default 0: the service's 5)",
-    )
-    p.add_argument(
-        "--min-pool-fraction",
-        type=float,
-        default=0.0,
-        help="CREST: the exclusion's floor on the sampling pool, a fraction of N (default 0: the service's 0.8)",
-    )
     p.add_argument("--prune", type=float, default=0.5, help="InfoBatch: pruned fraction of low-loss examples")
-    p.add_argument(
-        "--crest-weights",
-        default="cluster",
-        choices=("cluster", "uniform"),
-        help="CREST: train on the coresets with their cluster-size weights (default) or with weight 1 (ablation)",
-    )
-    p.add_argument(
-        "--crest-joint-selection",
-        action="store_true",
-        help="CREST: facility location over each whole random subset instead of per class (ablation)",
-    )
-    p.add_argument(
-        "--crest-embed-dtype",
-        default="float32",
-        choices=("float32", "bfloat16"),
-        help="CREST: precision of the embedding pass (default float32; training is float32 for every method)",
-    )
-    p.add_argument(
-        "--crest-embedding",
-        default="logit_gradient",
-        choices=("logit_gradient", "last_layer_gradient"),
-        help="CREST: the gradient embedding selection runs on (default logit_gradient: C floats)",
-    )
-    p.add_argument(
-        "--crest-embedding-dim",
-        type=int,
-        default=0,
-        help="CREST: random projection of the last-layer embedding to this many dimensions (0 keeps C (H + 1))",
-    )
-    p.add_argument(
-        "--crest-embedding-max-age",
-        type=int,
-        default=0,
-        help="CREST: reuse a candidate's embedding in later rounds while it is at most this many steps old "
-        "(default 0: every round embeds all its candidates)",
-    )
-    p.add_argument(
-        "--crest-learned-embedding-max-age",
-        type=int,
-        default=0,
-        help="CREST: reuse the embedding of a candidate the model had learned (its loss at most "
-        "--crest-learned-embedding-loss) while it is at most this many steps old (default 0: off)",
-    )
-    p.add_argument(
-        "--crest-learned-embedding-loss",
-        type=float,
-        default=0.05,
-        help="CREST: the loss in nats at or below which a stored embedding counts as learned (default 0.05)",
-    )
-    p.add_argument(
-        "--crest-training-logits",
-        action="store_true",
-        help="CREST: refresh the stored embeddings of the trained examples from the training steps' logits "
-        "(needs an embedding max age)",
-    )
-    p.add_argument(
-        "--crest-fit-examples",
-        type=int,
-        default=0,
-        help="CREST's adaptive rule: fit the quadratic model on a seeded sample of this many of the region's pool "
-        "(default 0: the whole pool)",
-    )
-    p.add_argument(
-        "--crest-hessian-every",
-        type=int,
-        default=1,
-        help="CREST's adaptive rule: estimate the Hessian diagonal on every this-many-th fit only; the fits in "
-        "between take the gradient alone (default 1: every fit)",
-    )
+    add_recipe_flag(p, "CREST's settings")
+    add_flags(p, FRONTIER_CREST_FLAGS, recipes=RECIPES)
     p.add_argument("--lr", type=float, default=0.05, help="every method's peak learning rate (cosine to 0)")
     p.add_argument(
         "--momentum",
@@ -408,27 +263,6 @@ def _add_bench_integrations(benches: Any) -> None:
     p.add_argument("--out", default="results/integrations.json", help="JSON output path")
 
 
-def _run_demo(args: argparse.Namespace, trainer: Any) -> int:
-    import logging
-
-    from selector_service.process import spawn_service
-
-    with spawn_service(service_cli.selector_serve_args(args), log_level=args.log_level) as service:
-        logging.getLogger("crest").info("service ready at %s (pid %d)", service.target, service.proc.pid)
-        return int(trainer.run_train(args, service.target, None))
-
-
-def _command(argv: list[str]) -> str | None:
-    """The command word of ``argv`` (after the global ``--log-level LEVEL``), None when there is none."""
-    words = iter(argv)
-    for word in words:
-        if word == "--log-level":
-            next(words, None)
-        elif not word.startswith("-"):
-            return word
-    return None
-
-
 def _add_bench_staleness(benches: Any) -> None:
     p = benches.add_parser(
         "staleness",
@@ -471,33 +305,7 @@ def _add_bench_offload(benches: Any) -> None:
     p.add_argument("--out", default="results/offload.json", help="JSON output path")
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    command = _command(argv)
-    if command in service_cli.COMMANDS:
-        # The service side alone: a `crest serve` process never loads torch, and runs where it is not installed.
-        return service_cli.main(argv)
-    # Before torch loads anywhere: OpenMP spin-waiting slows torch 10-70x next to other busy processes.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    trainer = _trainer_cli() if command in ("train", "demo") else None
-    if command in ("train", "demo") and trainer is None:
-        print(
-            f"crest {command}: the trainer side is not installed (torch); install it: pip install "
-            "'.[trainer]' from a checkout, or the wheel that `make wheel` builds with the same extra",
-            file=sys.stderr,
-        )
-        return 2
-    args = build_parser().parse_args(argv)
-    args.argv = argv  # the exact command line, for the results that record it
-    service_cli.setup_logging(args)
-    if args.command == "train":
-        return int(trainer.run(args))
-    if args.command == "demo":
-        return _run_demo(args, trainer)
-    return _run_bench(args)
-
-
-def _run_bench(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Import the benchmark that runs (each pulls in what it measures) and run it."""
     if args.bench == "train":
         from crest_bench import train as bench
@@ -516,6 +324,13 @@ def _run_bench(args: argparse.Namespace) -> int:
     else:
         from crest_bench import service as bench  # type: ignore[no-redef]
     return int(bench.run(args))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m crest_bench.cli ...``: the ``crest`` command (``crest.cli.main``)."""
+    from crest.cli import main as crest_main
+
+    return crest_main(argv)
 
 
 if __name__ == "__main__":

@@ -55,15 +55,19 @@ from typing import Any
 import torch
 
 from crest_bench._report import machine, write_atomic, write_json
+from crest_bench.crest_flags import FRONTIER_CREST_FLAGS
 from crest_bench.frontier_report import REFERENCE, SWEEP, FrontierRun, budget_steps, summarize
 from crest_bench.frontier_tables import markdown, plot
 from crest_bench.train import start_service
 from crest_bench.train_data import BenchData, load_data, materialize, split_validation
 from crest_bench.train_methods import DEFAULT_METHODS, METHODS, BenchConfig, EvalSets, RunResult, run_one, warm_up
 from selector_service.process import ServiceProcess
+from trainer_client.cli import loader_config
+from trainer_client.loader_config import LoaderConfig, embed_dtype_for
 
 # As ``crest bench train --quick``: a tenth of the data keeps CREST's random subsets at r = 600.
-QUICK = {"train_limit": 6000, "test_limit": 1000, "subset_fraction": 0.1}
+QUICK = {"train_limit": 6000, "test_limit": 1000}
+QUICK_CREST = {"subset_fraction": 0.1}
 QUICK_PROTOCOL = {"epochs": 2.0, "budgets": (0.25, 0.5), "seeds": 1, "validation_size": 1000}
 EVALUATIONS = ("test", "validation")
 
@@ -114,33 +118,15 @@ def plan(args: argparse.Namespace) -> FrontierConfig:
     budgets = tuple(float(b) for b in args.budgets.split(",") if b) if args.budgets else preset.get("budgets")
     if budgets is not None and not all(0 < b <= 1 for b in budgets):
         raise ValueError(f"--budgets are fractions of E epochs in (0, 1], received {args.budgets!r}")
-    if args.crest_steps_per_round < 0 or args.crest_num_subsets < 1:
-        raise ValueError("--crest-steps-per-round must be >= 0 (0: adaptive) and --crest-num-subsets >= 1")
+    crest = loader_config(args, FRONTIER_CREST_FLAGS, QUICK_CREST if args.quick else None)
     bench = BenchConfig(
         **(QUICK if args.quick else {}),  # type: ignore[arg-type]
         dataset=args.dataset,
         data_dir=args.data_dir,
-        steps_per_round=args.crest_steps_per_round or None,
-        num_subsets=args.crest_num_subsets,
-        drop_learned=args.drop_learned,
-        drop_threshold=args.drop_threshold,
-        drop_window=args.drop_window,
-        min_pool_fraction=args.min_pool_fraction,
-        crest_weights=args.crest_weights,
-        crest_joint_selection=args.crest_joint_selection,
-        crest_embed_dtype=args.crest_embed_dtype,
-        crest_embedding=args.crest_embedding,
-        crest_embedding_dim=args.crest_embedding_dim,
-        crest_embedding_max_age=args.crest_embedding_max_age,
-        crest_learned_embedding_max_age=args.crest_learned_embedding_max_age,
-        crest_learned_embedding_loss=args.crest_learned_embedding_loss,
-        crest_training_logits=args.crest_training_logits,
-        fit_examples=args.crest_fit_examples,
-        hessian_every=args.crest_hessian_every,
+        crest=crest,
         lr=args.lr,
         momentum=args.momentum,
         prune=args.prune,
-        **({"subset_fraction": args.subset_fraction} if args.subset_fraction is not None else {}),
     )
     given = {
         "epochs": args.epochs,
@@ -171,6 +157,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"crest bench frontier: {exc}", file=sys.stderr)
         return 2
     command = "crest " + shlex.join(getattr(args, "argv", None) or sys.argv[1:])
+    if "crest" in config.methods:
+        print(f"crest bench frontier: CREST with {config.bench.crest.describe()}", flush=True)
     out = Path(args.out)
     bench = config.bench
     data = load_data(bench.dataset, bench.data_dir, bench.train_limit, bench.test_limit)
@@ -354,6 +342,10 @@ def _document(runs: list[FrontierRun], config: FrontierConfig, data: BenchData, 
             "reference_steps": budget_steps(1.0, config.epochs, n, config.bench.batch_size),
             # The shared settings; steps and eval_every are per run, torch threads per method (above).
             "bench": {k: v for k, v in asdict(config.bench).items() if k not in ("steps", "eval_every", "threads")},
+            # CREST's recipe, what the command line overrode in it, and the embedding pass's dtype on this machine.
+            "crest_recipe": config.bench.crest.recipe,
+            "crest_overrides": config.bench.crest.overrides(),
+            "crest_embed_dtype": _embed_dtype(config.bench.crest),
         },
         "seeds_done": len({r.seed for r in runs if r.role == REFERENCE}),
         "runs": [asdict(r) for r in runs],
@@ -361,33 +353,16 @@ def _document(runs: list[FrontierRun], config: FrontierConfig, data: BenchData, 
     }
 
 
+def _embed_dtype(config: LoaderConfig) -> str:
+    """The embedding pass's precision on this machine's CPU (``embed_dtype="auto"`` resolved)."""
+    return config.embed_dtype if config.embed_dtype != "auto" else embed_dtype_for(torch.device("cpu"))
+
+
 def report(runs: list[FrontierRun], config: FrontierConfig, data: BenchData, out: Path, command: str) -> str:
     """Score the runs so far, write the JSON and the markdown tables atomically, and return the tables."""
     doc = _document(runs, config, data, command)
     b = config.bench
-    cheap_fit = [f"fit on {b.fit_examples} pool examples"] if b.fit_examples else []
-    cheap_fit += [f"Hessian every {b.hessian_every} fits"] if b.hessian_every > 1 else []
-    adaptive = f"adaptive Taylor check ({', '.join(cheap_fit)})" if cheap_fit else "adaptive Taylor check"
-    rule = f"{b.steps_per_round}-step regions" if b.steps_per_round else adaptive
-    learned = "off"
-    if b.drop_learned:
-        settings = [f"{name} {v:g}" for name, v in (("loss <=", b.drop_threshold), ("window", b.drop_window)) if v]
-        settings += [f"floor {b.min_pool_fraction:g} N"] if b.min_pool_fraction else []
-        learned = f"on ({', '.join(settings)})" if settings else "on"
-    crest = (
-        f"CREST: {rule}, {b.num_subsets} subsets/round, r = {b.subset_fraction:g} N, drop-learned {learned}, "
-        f"{b.crest_weights} weights, {'joint' if b.crest_joint_selection else 'per-class'} selection, "
-        f"{b.crest_embed_dtype} embedding pass, {b.crest_embedding}"
-        + (f" projected to {b.crest_embedding_dim}" if b.crest_embedding_dim else "")
-        + (f", embeddings reused up to {b.crest_embedding_max_age} steps" if b.crest_embedding_max_age else "")
-        + (
-            f", learned rows (loss <= {b.crest_learned_embedding_loss:g}) reused up to "
-            f"{b.crest_learned_embedding_max_age} steps"
-            if b.crest_learned_embedding_max_age
-            else ""
-        )
-        + (", refreshed from the training steps' logits" if b.crest_training_logits else "")
-    )
+    crest = f"CREST: {b.crest.describe()}, the embedding pass in {doc['protocol']['crest_embed_dtype']}"
     selectors = (
         f"{config.num_workers} selector actors x {config.cpus_per_worker:g} CPU"
         if config.service_backend == "ray"

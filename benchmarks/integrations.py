@@ -303,12 +303,13 @@ BLOCKS: dict[str, Callable[[str, IntegrationsConfig, str, str], StepClock]] = {
 
 
 def _loader_config(cfg: IntegrationsConfig) -> Any:
-    from trainer_client.loader import LoaderConfig
+    from trainer_client import LoaderConfig, RegionConfig
 
+    # The recommended recipe with this benchmark's round shape (a small dataset's subsets, a fixed round length).
     return LoaderConfig(
         subset_fraction=cfg.subset_fraction,
         num_subsets=cfg.num_subsets,
-        steps_per_round=cfg.steps_per_round,
+        region=RegionConfig(mode="fixed", steps_per_round=cfg.steps_per_round),
         lookahead_steps=LOOKAHEAD,
         client_name="bench-integrations",
     )

@@ -2,8 +2,9 @@
 
     crest bench train                   # Fashion-MNIST, 60k train, 1,000 steps, 3 seeds (~30 min on 2 cores)
     crest bench train --quick           # 6k train, 150 steps, 1 seed (the test suite's mode)
-    crest bench train --demo            # full and crest, 1 seed, 1,000 steps (make demo, ~5 min)
-    crest bench train --crest-adaptive  # CREST's Taylor check instead of 50-step regions
+    crest bench train --demo            # full and crest, 1 seed, 1,000 steps (make demo, ~2 min)
+    crest bench train --recipe released # CREST with the released code's settings instead of the recommended
+    crest bench train --crest-adaptive  # CREST's Taylor check ends the recipe's regions
     crest bench train --dataset my_data.py:load   # any map-style dataset and model (benchmarks/train_data.py)
 
 The flags are parsed in ``benchmarks/cli.py`` (``crest_bench.cli``), like every other benchmark's.
@@ -15,7 +16,7 @@ batch assembled the same way (``default_collate`` of ``dataset[i]``):
 - ``full``: shuffled epochs over all the data, weights 1.
 - ``random``: uniformly sampled mini-batches (each batch without replacement), weights 1.
 - ``crest``: ``CoresetLoader`` against ``crest serve`` (started once, port 0, embedded Ray, 2 selector actors),
-  with the service's learned-example exclusion on (``--no-drop-learned`` turns it off).
+  with ``--recipe``'s settings (``recommended`` by default; ``--no-drop-learned`` turns the exclusion off).
 - ``infobatch``: InfoBatch-style dynamic pruning (Qin et al., ICLR 2024): each epoch, a random ``prune``
   fraction of the examples whose last loss is below the mean is left out and the kept low-loss examples'
   loss is scaled by 1 / (1 - prune); epochs that start in the last ``anneal`` fraction of steps use all data.
@@ -49,8 +50,9 @@ import argparse
 import signal
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -59,35 +61,20 @@ from crest_bench.train_data import BenchData, load_data, materialize
 from crest_bench.train_methods import DEFAULT_METHODS, METHODS, BenchConfig, EvalSets, RunResult, run_one, warm_up
 from crest_bench.train_report import markdown, plot, score, summarize
 from selector_service.process import ServiceProcess, spawn_service
+from trainer_client.loader_config import LoaderConfig
 
 # A tenth of the data keeps CREST's random subsets at r = 600 (at 1% of 6,000 they would be smaller than a
 # coreset of 128, and CREST would train on whole random subsets without selecting).
-QUICK = {
-    "train_limit": 6000,
-    "test_limit": 1000,
-    "steps": 150,
-    "eval_every": 15,
-    "eval_examples": 1000,
-    "subset_fraction": 0.1,
-}
-# make demo's CREST: the clean task's settings from the frontier's tuning (README, "Budget frontier": chosen on a
-# validation split): fresh 20-step regions of 10 coresets, subsets of r = 0.5% (1.2 candidates embedded per trained
-# example), the coresets trained with weight 1 and selected over each whole subset (joint selection), a
-# candidate's embedding reused for 60 steps, or 1,000 when the model had learned it (README, "Eighth round"). The
-# embedding pass stays float32, which every CPU runs well.
-DEMO_CREST = {
-    "steps_per_round": 20,
-    "num_subsets": 10,
-    "subset_fraction": 0.005,
-    "crest_weights": "uniform",
-    "crest_joint_selection": True,
-    "crest_embedding_max_age": 60,
-    "crest_learned_embedding_max_age": 1000,
-}
+QUICK = {"train_limit": 6000, "test_limit": 1000, "steps": 150, "eval_every": 15, "eval_examples": 1000}
+QUICK_CREST = {"subset_fraction": 0.1}
 
 
 def plan(args: argparse.Namespace) -> tuple[BenchConfig, tuple[str, ...], int, Path]:
-    """(config, methods, seeds, JSON path) from ``crest bench train`` flags; explicit flags beat the presets."""
+    """(config, methods, seeds, JSON path) from ``crest bench train`` flags; explicit flags beat the presets.
+
+    CREST runs ``--recipe`` (``recommended`` by default: what ``make demo`` runs), with ``--crest-adaptive`` and
+    ``--drop-learned`` on top when given.
+    """
     methods = tuple(
         m for m in (args.methods or ("full,crest" if args.demo else ",".join(DEFAULT_METHODS))).split(",") if m
     )
@@ -96,21 +83,15 @@ def plan(args: argparse.Namespace) -> tuple[BenchConfig, tuple[str, ...], int, P
         raise ValueError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
     if "full" not in methods:
         raise ValueError("the full-data run sets the target; keep 'full' in --methods")
-    preset: dict[str, float | str | bool] = {
-        "steps_per_round": 50,
-        **(DEMO_CREST if args.demo and not args.quick else {}),
-        **(QUICK if args.quick else {}),
-        **({"steps": args.steps} if args.steps else {}),
-    }
-    if args.crest_adaptive:
-        preset["steps_per_round"] = None  # type: ignore[assignment]
-    config = BenchConfig(
-        **preset,  # type: ignore[arg-type]
-        dataset=args.dataset,
-        data_dir=args.data_dir,
-        drop_learned=args.drop_learned,
-        prune=args.prune,
+    preset: dict[str, Any] = {**(QUICK if args.quick else {}), **({"steps": args.steps} if args.steps else {})}
+    crest = LoaderConfig.from_recipe(
+        args.recipe,
+        **(QUICK_CREST if args.quick else {}),
+        **({"drop_learned": args.drop_learned} if args.drop_learned is not None else {}),
     )
+    if args.crest_adaptive:
+        crest = replace(crest, region=replace(crest.region, mode="crest"))
+    config = BenchConfig(**preset, dataset=args.dataset, data_dir=args.data_dir, crest=crest, prune=args.prune)
     seeds = args.seeds or (1 if args.quick or args.demo else 3)
     out = Path(args.out or ("results/demo.json" if args.demo else "results/train.json"))
     return config, methods, seeds, out
@@ -178,6 +159,9 @@ def report(runs: list[RunResult], config: BenchConfig, data: BenchData, out: Pat
         "train_examples": n,
         "quick": quick,
         "config": asdict(config),
+        # CREST's recipe and what this run overrode in it.
+        "crest_recipe": config.crest.recipe,
+        "crest_overrides": config.crest.overrides(),
         "seeds": seeds,
         "seeds_done": len({r.seed for r in runs}),
         "methods": list(dict.fromkeys(r.method for r in runs)),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -21,8 +21,7 @@ import torch.nn.functional as F
 from crest.selector.v1 import codec
 from crest_bench._progress import Progress
 from crest_bench.train_data import DEFAULT_HOOK, BenchData, fetch
-from trainer_client import CoresetLoader, LoaderConfig, RegionConfig, SelectionClient, WeightedBatch
-from trainer_client.loader_config import CORESET_WEIGHTS, EMBED_DTYPES
+from trainer_client import CoresetLoader, LoaderConfig, SelectionClient, WeightedBatch
 from trainer_client.train import evaluate
 
 METHODS = ("full", "random", "crest", "infobatch", "balanced")
@@ -55,50 +54,9 @@ class BenchConfig:
     eval_examples: int = 2000
     # Target = the full-data run's final curve accuracy minus this (1%).
     target_drop: float = 0.01
-    # CREST: random-subset size r as a fraction of the training set (the paper's 1%: r = 600 of 60,000, so a
-    # coreset of m = batch_size picks about one in five; quick mode keeps r = 600 of its 6,000).
-    subset_fraction: float = 0.01
-    # CREST: fixed regions of this many steps; None uses CREST's adaptive Taylor check.
-    steps_per_round: int | None = 50
-    # CREST: random subsets per round (LoaderConfig.num_subsets). Fixed regions train on that many coresets
-    # (RegionConfig.coresets_per_interval is set to it); the adaptive rule's P = 5 x interval is capped by it.
-    num_subsets: int = codec.DEFAULT_NUM_SUBSETS
-    # CREST adaptive rule: random-subset ids the check evaluates (as the crest CLI's default).
-    check_examples: int = 256
-    # CREST adaptive rule: fit the quadratic model on a seeded sample of this many pool examples (0: the pool).
-    fit_examples: int = 0
-    # CREST adaptive rule: estimate the Hessian diagonal on every this-many-th fit only (RegionConfig).
-    hessian_every: int = 1
-    # CREST: the service's learned-example exclusion (CREST section 4; window 5, loss <= 0.1, floor 0.8 N,
-    # re-admission). On: the design counts the rule as part of CREST (the released code defaults it off).
-    drop_learned: bool = True
-    # CREST: the exclusion rule's threshold (nats), window and pool floor (LoaderConfig's; 0: the service's 0.1, 5
-    # and 0.8).
-    drop_threshold: float = 0.0
-    drop_window: int = 0
-    min_pool_fraction: float = 0.0
-    # CREST: train on the coresets with their cluster-size weights ("cluster", CRAIG's gamma, as CREST does) or
-    # with weight 1 ("uniform"): LoaderConfig.coreset_weights.
-    crest_weights: str = "cluster"
-    # CREST: facility location over each whole random subset instead of per class (LoaderConfig.joint_selection).
-    crest_joint_selection: bool = False
-    # CREST: precision of the embedding pass, "float32" or "bfloat16" (LoaderConfig.embed_dtype); training stays
-    # float32 for every method.
-    crest_embed_dtype: str = "float32"
-    # CREST: the gradient embedding the coresets are selected on (LoaderConfig.embedding): "logit_gradient" (C
-    # floats) or "last_layer_gradient" ((softmax - onehot) x [h, 1]), randomly projected to crest_embedding_dim
-    # dimensions (0 keeps all C (H + 1)).
-    crest_embedding: str = "logit_gradient"
-    crest_embedding_dim: int = 0
-    # CREST: reuse a candidate's embedding in later rounds while it is at most this many steps old
-    # (LoaderConfig.embedding_max_age; 0: every round embeds all its candidates).
-    crest_embedding_max_age: int = 0
-    # CREST: the longer age for rows whose loss was at most crest_learned_embedding_loss
-    # (LoaderConfig.learned_embedding_max_age; 0: off).
-    crest_learned_embedding_max_age: int = 0
-    crest_learned_embedding_loss: float = 0.05
-    # CREST: refresh those rows from the training steps' logits (LoaderConfig.training_logits).
-    crest_training_logits: bool = False
+    # CREST's selection settings (a recipe with overrides: LoaderConfig.from_recipe); each run sets its batch size
+    # to batch_size and its seed to the run's.
+    crest: LoaderConfig = field(default_factory=LoaderConfig)
     # InfoBatch: fraction of the below-mean-loss examples pruned each epoch, and the final fraction of
     # training on all data (the paper's delta = 0.875).
     prune: float = 0.5
@@ -107,33 +65,8 @@ class BenchConfig:
     threads: int = 1
 
     def __post_init__(self) -> None:
-        if self.crest_weights not in CORESET_WEIGHTS:
-            raise ValueError(f"crest_weights is 'cluster' or 'uniform', received {self.crest_weights!r}")
-        if self.crest_embed_dtype not in EMBED_DTYPES:
-            raise ValueError(
-                f"crest_embed_dtype is one of {', '.join(EMBED_DTYPES)}, received {self.crest_embed_dtype!r}"
-            )
-        if self.crest_embedding not in codec.EMBEDDING_KINDS:
-            raise ValueError(
-                f"crest_embedding is one of {', '.join(codec.EMBEDDING_KINDS)}, received {self.crest_embedding!r}"
-            )
-        if self.fit_examples < 0 or self.hessian_every < 1:
-            raise ValueError(
-                f"fit_examples must be >= 0 and hessian_every >= 1; received {self.fit_examples}, {self.hessian_every}"
-            )
-        if self.crest_embedding_max_age < 0 or not (
-            self.crest_learned_embedding_max_age == 0
-            or self.crest_learned_embedding_max_age >= self.crest_embedding_max_age
-        ):
-            raise ValueError(
-                f"crest_embedding_max_age must be >= 0 steps and crest_learned_embedding_max_age 0 or at least it; "
-                f"received {self.crest_embedding_max_age} and {self.crest_learned_embedding_max_age}"
-            )
-        if self.crest_embedding_dim < 0 or self.lr <= 0 or not 0 <= self.momentum < 1:
-            raise ValueError(
-                f"crest_embedding_dim must be >= 0, lr > 0 and momentum in [0, 1); received "
-                f"{self.crest_embedding_dim}, {self.lr}, {self.momentum}"
-            )
+        if self.lr <= 0 or not 0 <= self.momentum < 1:
+            raise ValueError(f"lr must be > 0 and momentum in [0, 1); received {self.lr}, {self.momentum}")
 
 
 @dataclass
@@ -364,31 +297,8 @@ def run_one(
         assert endpoint is not None
         client = _TimedClient(endpoint)
         client.wait_ready(timeout_s=60)
-        loader_config = LoaderConfig(
-            batch_size=config.batch_size,
-            subset_fraction=config.subset_fraction,
-            seed=seed,
-            steps_per_round=config.steps_per_round,
-            num_subsets=config.num_subsets,
-            check_examples=0 if config.steps_per_round else config.check_examples,
-            fit_examples=config.fit_examples,
-            region=RegionConfig(coresets_per_interval=config.num_subsets)
-            if config.steps_per_round
-            else RegionConfig(hessian_every=config.hessian_every),
-            drop_learned=config.drop_learned,
-            drop_threshold=config.drop_threshold,
-            drop_window=config.drop_window,
-            min_pool_fraction=config.min_pool_fraction,
-            coreset_weights=config.crest_weights,
-            joint_selection=config.crest_joint_selection,
-            embed_dtype=config.crest_embed_dtype,
-            embedding=config.crest_embedding,
-            embedding_dim=config.crest_embedding_dim,
-            embedding_max_age=config.crest_embedding_max_age,
-            learned_embedding_max_age=config.crest_learned_embedding_max_age,
-            learned_embedding_loss=config.crest_learned_embedding_loss,
-            training_logits=config.crest_training_logits,
-            client_name=f"bench-train-{seed}",
+        loader_config = replace(
+            config.crest, batch_size=config.batch_size, seed=seed, client_name=f"bench-train-{seed}"
         )
         loader = CoresetLoader(data.train, model, client, labels, num_classes=data.num_classes, config=loader_config)
         source = iter(loader)
@@ -437,7 +347,7 @@ def run_one(
                 weight_total += float(w.sum())
             per_class += np.bincount(y.numpy(), minlength=data.num_classes)
             logits = model(x)
-            if loader is not None and config.crest_training_logits:
+            if loader is not None and config.crest.training_logits:
                 loader.observe_logits(logits)
             ce = F.cross_entropy(logits, y, reduction="none")
             loss = (ce * w.to(ce.dtype)).mean()  # trainer_client.weighted_loss, sharing the per-example losses

@@ -125,7 +125,7 @@ def _pm(s: dict[str, Any] | None, fmt: str, none: str = "never") -> str:
 def markdown(summary: dict[str, dict[str, Any]], config: BenchConfig, n: int, dataset: str) -> str:
     lines = [
         f"{dataset}, {n:,} training examples, {config.steps} steps of {config.batch_size}, "
-        f"target = full-data accuracy - {config.target_drop:.0%}",
+        f"target = full-data accuracy - {config.target_drop:.0%}; CREST: {config.crest.describe()}",
         "",
         "| method | test accuracy | wall s | time to target s | speedup vs full | back-propagated "
         "| forward-only | trainer wait s | reached |",

@@ -49,12 +49,12 @@ def main() -> None:
         disable_tqdm=True,
     )
     trainer = Trainer(model=model, args=args, train_dataset=train_set)
-    trainer.train()
+    runtime = trainer.train().metrics["train_runtime"]
     model.eval()
     with torch.no_grad():
         logits = model(pixel_values=test_set.images).logits
     accuracy = (logits.argmax(1) == test_set.targets).float().mean().item()
-    print(f"test accuracy {accuracy:.4f} after {cli.steps} steps")
+    print(f"test accuracy {accuracy:.4f} after {cli.steps} steps, trained in {runtime:.1f} s")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ python examples/lightning_fit.py --steps 200 --endpoint 127.0.0.1:50051 [--devic
 """
 
 import argparse
+import time
 
 import lightning.pytorch as pl
 import torch
@@ -50,12 +51,14 @@ def main() -> None:
         enable_checkpointing=False,
         enable_progress_bar=False,
     )
+    start = time.perf_counter()
     trainer.fit(model, datamodule=CoresetDataModule(train_set, cli.endpoint, batch_size=128))
+    runtime = time.perf_counter() - start
     if trainer.is_global_zero:
         model.eval()
         with torch.no_grad():
             accuracy = (model(test_set.images).argmax(1) == test_set.targets).float().mean().item()
-        print(f"test accuracy {accuracy:.4f} after {cli.steps} steps")
+        print(f"test accuracy {accuracy:.4f} after {cli.steps} steps, trained in {runtime:.1f} s")
 
 
 if __name__ == "__main__":

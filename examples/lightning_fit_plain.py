@@ -4,6 +4,7 @@ python examples/lightning_fit_plain.py --steps 200 [--devices 2]
 """
 
 import argparse
+import time
 
 import lightning.pytorch as pl
 import torch
@@ -48,12 +49,14 @@ def main() -> None:
         enable_checkpointing=False,
         enable_progress_bar=False,
     )
+    start = time.perf_counter()
     trainer.fit(model, DataLoader(train_set, batch_size=128, shuffle=True))
+    runtime = time.perf_counter() - start
     if trainer.is_global_zero:
         model.eval()
         with torch.no_grad():
             accuracy = (model(test_set.images).argmax(1) == test_set.targets).float().mean().item()
-        print(f"test accuracy {accuracy:.4f} after {cli.steps} steps")
+        print(f"test accuracy {accuracy:.4f} after {cli.steps} steps, trained in {runtime:.1f} s")
 
 
 if __name__ == "__main__":

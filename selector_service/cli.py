@@ -1,6 +1,7 @@
 """The service side's commands: ``crest serve`` and ``crest inspect``.
 
-``add_commands`` registers them on the ``crest`` parser (``crest_bench.cli`` composes every side's commands);
+``add_commands`` registers them on the ``crest`` parser (``crest.cli``, the composition root, loads this module
+alone for them);
 ``python -m selector_service.cli serve ...`` runs them without the trainer side or the benchmarks installed
 (what ``selector_service.process.spawn_service`` and the selector images run). Environment read here:
 CREST_AUTH_TOKEN (the default of ``--auth-token``). Imports neither torch nor the trainer side.
@@ -9,11 +10,11 @@ CREST_AUTH_TOKEN (the default of ``--auth-token``). Imports neither torch nor th
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from typing import Any
 
+from crest.cli import add_log_level, setup_logging
 from selector_service.process import READY_PREFIX
 
 COMMANDS = ("serve", "inspect")
@@ -169,22 +170,6 @@ def _inspect(args: argparse.Namespace) -> int:
         log.export(records, args.export)
         print(f"wrote {args.export}")
     return 0
-
-
-def add_log_level(parser: argparse.ArgumentParser) -> None:
-    """The global ``--log-level`` flag of every ``crest`` entry point."""
-    parser.add_argument(
-        "--log-level",
-        default=None,
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="logging verbosity on stderr; default INFO (WARNING for bench, whose progress bars it would break)",
-    )
-
-
-def setup_logging(args: argparse.Namespace) -> None:
-    """Logging on stderr at ``--log-level`` (INFO, or WARNING for ``bench``)."""
-    args.log_level = args.log_level or ("WARNING" if args.command == "bench" else "INFO")
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from crest.selector.v1 import codec
 from selector_service.errors import InvalidArgument
 
 STATE_VERSION = 1
@@ -30,12 +31,12 @@ class ExclusionConfig:
 
     # Off by default, as in the released CREST code (--drop_learned False).
     enabled: bool = False
-    # Cross-entropy (nats) at or below which a recorded loss counts as learned (CREST: 0.1).
-    threshold: float = 0.1
-    # Recorded losses that must all be <= threshold (CREST: 5 history slots).
-    window: int = 5
-    # The active pool never shrinks below this fraction of N (CREST's absolute 40,000 is 0.8 of CIFAR's 50,000).
-    min_pool_fraction: float = 0.8
+    # Cross-entropy (nats) at or below which a recorded loss counts as learned (the wire's default, CREST's 0.1).
+    threshold: float = codec.DEFAULT_DROP_THRESHOLD
+    # Recorded losses that must all be <= threshold (the wire's default, CREST's 5 history slots).
+    window: int = codec.DEFAULT_DROP_WINDOW
+    # The active pool never shrinks below this fraction of N (the wire's default, 0.8).
+    min_pool_fraction: float = codec.DEFAULT_MIN_POOL_FRACTION
     # Re-test excluded examples and re-admit those whose loss rose above the threshold.
     readmit: bool = True
 

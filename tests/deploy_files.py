@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from crest_bench.cli import build_parser
+from crest.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"

@@ -124,5 +124,5 @@ def test_a_run_reports_the_share_it_trained_on_flipped_labels_and_on_each_class(
     np.testing.assert_allclose(result.class_share, np.bincount(data.train_labels, minlength=data.num_classes) / 512)
     clean = run_one("full", 0, config, replace(data, flipped=None), evals, endpoint=None, progress=False)
     assert clean.flipped_share is None and clean.flipped_weight_share is None
-    with pytest.raises(ValueError, match="crest_weights is 'cluster' or 'uniform', received 'equal'"):
-        run_one("full", 0, replace(config, crest_weights="equal"), data, evals, endpoint=None, progress=False)
+    with pytest.raises(ValueError, match="coreset_weights must be one of cluster, uniform, received 'equal'"):
+        replace(config, crest=replace(config.crest, coreset_weights="equal"))

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from crest.cli import build_parser
 from crest_bench import cli
 from crest_bench.frontier import plan, schedule
 from crest_bench.frontier_report import (
@@ -25,12 +26,13 @@ from crest_bench.frontier_report import (
 )
 from crest_bench.frontier_tables import markdown
 from crest_bench.train_methods import DEFAULT_METHODS, METHODS
+from trainer_client import LoaderConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _args(*flags: str) -> Any:
-    return cli.build_parser().parse_args(["bench", "frontier", *flags])
+    return build_parser().parse_args(["bench", "frontier", *flags])
 
 
 # -- the scoring, on hand-made runs ------------------------------------------------------------------------------
@@ -191,53 +193,52 @@ def test_protocol_flags_and_presets() -> None:
         "test",
     )
     assert (c.baseline_threads, c.crest_threads, c.num_workers, c.cpus_per_worker) == (2, 2, 2, 0.5)
-    assert (c.bench.steps_per_round, c.bench.num_subsets, c.bench.subset_fraction, c.bench.drop_learned) == (
-        50,
-        5,
-        0.01,
-        True,
-    )
+    assert c.bench.crest == LoaderConfig()  # the recommended recipe
     assert schedule(c)[-1] == ("full", 1.0, "reference") and len(schedule(c)) == 21
     q = plan(_args("--quick", "--reference", "--budgets", "0.5", "--crest-steps-per-round", "0", "--no-drop-learned"))
-    assert (q.epochs, q.budgets, q.seeds, q.bench.train_limit, q.bench.subset_fraction) == (2.0, (0.5,), 1, 6000, 0.1)
-    assert q.bench.steps_per_round is None and not q.bench.drop_learned  # 0: the adaptive rule
-    assert schedule(q)[-2:] == [("full", 1.0, "reference"), ("full", 2.0, "reference")]
-    v = plan(_args("--eval", "validation", "--validation-size", "2000", "--crest-num-subsets", "10"))
-    assert (v.evaluation, v.validation_size, v.bench.num_subsets) == ("validation", 2000, 10)
-    assert (c.first_seed, plan(_args("--first-seed", "10")).first_seed) == (0, 10)  # tuning seeds apart
-    assert (c.bench.crest_embedding, c.bench.crest_embedding_dim, c.bench.lr, c.bench.momentum) == (
-        "logit_gradient",
-        0,
-        0.05,
-        0.9,
+    assert (q.epochs, q.budgets, q.seeds, q.bench.train_limit, q.bench.crest.subset_fraction) == (
+        2.0,
+        (0.5,),
+        1,
+        6000,
+        0.1,
     )
+    assert q.bench.crest.region.mode == "crest" and not q.bench.crest.drop_learned  # 0: the adaptive rule
+    assert schedule(q)[-2:] == [("full", 1.0, "reference"), ("full", 2.0, "reference")]
+    v = plan(_args("--eval", "validation", "--validation-size", "2000", "--crest-num-subsets", "3"))
+    assert (v.evaluation, v.validation_size, v.bench.crest.num_subsets) == ("validation", 2000, 3)
+    assert (c.first_seed, plan(_args("--first-seed", "10")).first_seed) == (0, 10)  # tuning seeds apart
+    assert (c.bench.lr, c.bench.momentum) == (0.05, 0.9)
     a = plan(_args("--crest-steps-per-round", "0", "--crest-fit-examples", "256", "--crest-hessian-every", "5"))
-    assert (a.bench.steps_per_round, a.bench.fit_examples, a.bench.hessian_every) == (None, 256, 5)
+    assert a.bench.crest.overrides() == {"region.mode": "crest", "fit_examples": 256, "region.hessian_every": 5}
     o = plan(
         _args(
             "--crest-embedding", "last_layer_gradient", "--crest-embedding-dim", "64", "--lr", "0.2", "--momentum", "0"
         )
     )
-    assert (o.bench.crest_embedding, o.bench.crest_embedding_dim, o.bench.lr, o.bench.momentum) == (
+    assert (o.bench.crest.embedding, o.bench.crest.embedding_dim, o.bench.lr, o.bench.momentum) == (
         "last_layer_gradient",
         64,
         0.2,
         0.0,
     )
-    r = plan(_args("--crest-embedding-max-age", "60", "--crest-learned-embedding-max-age", "400"))
-    assert (r.bench.crest_embedding_max_age, r.bench.crest_learned_embedding_max_age) == (60, 400)
-    assert r.bench.crest_learned_embedding_loss == 0.05
+    # The names the flags had before they were derived reach the same fields; --recipe picks the base.
+    r = plan(
+        _args("--recipe", "released", "--crest-weights", "uniform", "--subset-fraction", "0.02", "--drop-window", "2")
+    )
+    assert r.bench.crest.recipe == "released"
+    assert r.bench.crest.overrides() == {"subset_fraction": 0.02, "coreset_weights": "uniform", "drop_window": 2}
     for flags, error in (
         (
             ("--crest-embedding-max-age", "60", "--crest-learned-embedding-max-age", "30"),
-            "crest_learned_embedding_max_age 0 or at least it; received 60 and 30",
+            "learned_embedding_max_age must be 0 \\(off\\) or >= embedding_max_age \\(60\\) steps",
         ),
         (("--methods", "crest,random"), "keep 'full'"),
         (("--methods", "full,craig"), "unknown methods"),
         (("--budgets", "0.5,1.5"), "fractions of E"),
-        (("--momentum", "1.0"), "momentum in \\[0, 1\\); received 0, 0.05, 1.0"),
-        (("--crest-embedding-dim", "-1"), "crest_embedding_dim must be >= 0"),
-        (("--crest-hessian-every", "0"), "hessian_every >= 1; received 0, 0"),
+        (("--momentum", "1.0"), "momentum in \\[0, 1\\); received 0.05, 1.0"),
+        (("--crest-embedding-dim", "-1"), "embedding_dim must be >= 0, received 4 and -1"),
+        (("--crest-hessian-every", "0"), "hessian_every must be >= 1, received 0"),
     ):
         with pytest.raises(ValueError, match=error):
             plan(_args(*flags))
@@ -249,9 +250,9 @@ def test_protocol_flags_and_presets() -> None:
 @pytest.mark.slow
 def test_frontier_quick_end_to_end(tmp_path: Path) -> None:
     out, summary_path = tmp_path / "frontier.json", tmp_path / "summary" / "frontier.json"
-    flags = ["bench", "frontier", "--quick", "--reference", "--no-progress", "--out", str(out)]
+    flags = ["bench", "frontier", "--quick", "--recipe", "released", "--reference", "--no-progress", "--out", str(out)]
     run = subprocess.run(
-        [sys.executable, "-m", "crest_bench.cli", *flags, "--summary", str(summary_path)],
+        [sys.executable, "-m", "crest.cli", *flags, "--summary", str(summary_path)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -312,6 +313,9 @@ def test_frontier_quick_end_to_end(tmp_path: Path) -> None:
     assert summary["command"] == "crest " + " ".join([*flags, "--summary", str(summary_path)])
     table = out.with_suffix(".md").read_text()
     assert "Paired differences" in table and "| crest | 50% |" in table and "Paired differences" in run.stdout
-    assert "CREST: adaptive Taylor check" in table or "-step regions, " in table  # the region rule, named
+    # The recipe and what the command line (here --quick's subsets) overrode in it, named in the table and the JSON.
+    assert "CREST: recipe released (overrides: subset_fraction=0.1), the embedding pass in float32" in table
+    assert (protocol["crest_recipe"], protocol["crest_overrides"]) == ("released", {"subset_fraction": 0.1})
+    assert "CREST with recipe released (overrides: subset_fraction=0.1)" in run.stdout
     for name in ("accuracy_vs_time", "accuracy_vs_steps"):
         assert (tmp_path / f"frontier_{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

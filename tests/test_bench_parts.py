@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from crest.cli import build_parser
 from crest_bench._progress import Progress
-from crest_bench.cli import build_parser
 from crest_bench.train import plan
 from crest_bench.train_data import fashion_mnist, fetch, load_data, load_hook, materialize
 from crest_bench.train_report import difficulty_trend, trend
+from trainer_client import LoaderConfig
 
 SYNTHETIC = str(Path(__file__).with_name("bench_synthetic.py")) + ":load"
 
@@ -30,23 +31,17 @@ def test_presets_and_explicit_flags() -> None:
         3,
         Path("results/train.json"),
     )
-    assert config.drop_learned and config.subset_fraction == 0.01
-    assert (config.steps_per_round, config.num_subsets, config.crest_weights) == (50, 5, "cluster")
-    assert not config.crest_joint_selection
+    assert config.crest == LoaderConfig()  # the recommended recipe
     config, methods, seeds, out = plan(_args("--demo"))  # type: ignore[arg-type]
     assert (config.steps, methods, seeds, out) == (1000, ("full", "crest"), 1, Path("results/demo.json"))
-    assert (config.steps_per_round, config.num_subsets, config.subset_fraction, config.crest_weights) == (
-        20,
-        10,
-        0.005,
-        "uniform",
-    )
-    assert config.crest_joint_selection
-    assert (config.crest_embedding_max_age, config.crest_learned_embedding_max_age) == (60, 1000)
-    assert plan(_args("--demo", "--crest-adaptive"))[0].steps_per_round is None  # type: ignore[arg-type]
+    assert config.crest == LoaderConfig() and config.crest.describe() == "recipe recommended"
+    adaptive = plan(_args("--demo", "--crest-adaptive"))[0].crest  # type: ignore[arg-type]
+    assert adaptive.region.mode == "crest" and adaptive.overrides() == {"region.mode": "crest"}
+    released = plan(_args("--recipe", "released"))[0].crest  # type: ignore[arg-type]
+    assert released == LoaderConfig.from_recipe("released") and not released.drop_learned
     config, methods, seeds, _ = plan(_args("--quick", "--steps", "30", "--seeds", "2", "--no-drop-learned"))  # type: ignore[arg-type]
-    assert (config.steps, config.train_limit, config.subset_fraction, seeds) == (30, 6000, 0.1, 2)
-    assert not config.drop_learned
+    assert (config.steps, config.train_limit, config.crest.subset_fraction, seeds) == (30, 6000, 0.1, 2)
+    assert config.crest.overrides() == {"subset_fraction": 0.1, "drop_learned": False}
     with pytest.raises(ValueError, match="keep 'full'"):
         plan(_args("--methods", "crest,random"))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="unknown methods"):

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from loader_settings import loader_settings
 
 from trainer_client._embedding_cache import EmbeddingCache
 from trainer_client._passes import RoundEmbeddings
@@ -104,7 +105,7 @@ def test_the_cache_checkpoints_its_usable_rows_and_refuses_another_run() -> None
 
 def _reuse_config(**reuse: Any) -> LoaderConfig:
     """Short fixed regions of 2 subsets of 60 from 600 examples, every round 1 step ahead, with ``reuse``."""
-    return LoaderConfig(
+    return loader_settings(
         batch_size=32, subset_fraction=0.1, num_subsets=2, steps_per_round=4, lookahead_steps=1, **reuse
     )
 
@@ -235,7 +236,7 @@ def test_a_loader_stores_the_training_steps_logits_and_reuses_them(client: Selec
 
 def test_observe_logits_refuses_what_is_not_the_last_batchs_logits(client: SelectionClient) -> None:
     data = FashionMNIST("train", limit=300)
-    config = LoaderConfig(
+    config = loader_settings(
         batch_size=16, subset_fraction=0.1, num_subsets=2, steps_per_round=4, embedding_max_age=4, training_logits=True
     )
     with CoresetLoader(data, SmallCNN(), client, data.targets.numpy(), config=config) as loader:
@@ -254,12 +255,12 @@ def test_observe_logits_refuses_what_is_not_the_last_batchs_logits(client: Selec
         after = loader._cache.state_dict(0)
         assert after["ids"].tolist() == before["ids"].tolist() and loader.stats.training_rows == 0
         assert torch.equal(after["embeddings"], before["embeddings"])
-    plain = LoaderConfig(batch_size=16, subset_fraction=0.1, num_subsets=2, steps_per_round=4)
+    plain = loader_settings(batch_size=16, subset_fraction=0.1, num_subsets=2, steps_per_round=4)
     with CoresetLoader(data, SmallCNN(), client, data.targets.numpy(), config=plain) as loader:
         next(iter(loader))
         with pytest.raises(RuntimeError, match="observe_logits needs LoaderConfig\\(training_logits=True\\)"):
             loader.observe_logits(torch.zeros(len(loader.last_ids), 10))
     with pytest.raises(ValueError, match="training_logits needs embedding='logit_gradient' and embedding_max_age"):
-        LoaderConfig(training_logits=True)
+        LoaderConfig(training_logits=True, embedding_max_age=0, learned_embedding_max_age=0)
     with pytest.raises(ValueError, match="received embedding='last_layer_gradient'"):
         LoaderConfig(training_logits=True, embedding="last_layer_gradient", embedding_max_age=3)

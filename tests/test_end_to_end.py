@@ -7,14 +7,16 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import pytest
+from loader_settings import loader_settings
 
 from selector_service.server import RunningServer, ServerConfig, start_server
 from trainer_client.client import RoundPlan, SelectionClient, WeightedBatch
-from trainer_client.loader import LoaderConfig
+from trainer_client.loader_config import LoaderConfig
 from trainer_client.train import TrainConfig, train
 
 pytestmark = pytest.mark.slow
@@ -70,7 +72,9 @@ def test_training_through_the_service_learns_from_valid_batches(ray_server: Runn
         train_limit=6000,
         test_limit=2000,
         log_every=0,
-        loader=LoaderConfig(batch_size=64, subset_fraction=0.05, num_subsets=3, steps_per_round=30, lookahead_steps=5),
+        loader=loader_settings(
+            batch_size=64, subset_fraction=0.05, num_subsets=3, steps_per_round=30, lookahead_steps=5
+        ),
     )
     with RecordingClient(ray_server.target) as client:
         result = train(config, client)
@@ -156,8 +160,17 @@ def test_train_flags_reach_the_loader_config() -> None:
     assert (loader.embedding_max_age, loader.learned_embedding_max_age, loader.learned_embedding_loss) == (20, 100, 0.2)
     assert loader.training_logits and not train_config(_train_args()).loader.training_logits
     default = train_config(_train_args()).loader
-    assert (default.coreset_weights, default.joint_selection, default.embed_dtype) == ("cluster", False, "float32")
-    assert (default.embedding_max_age, default.learned_embedding_max_age) == (0, 0)
+    assert default == replace(LoaderConfig(), client_name="crest-train")  # the recommended recipe
+    released = train_config(_train_args("--recipe", "released")).loader
+    assert (released.coreset_weights, released.joint_selection, released.embed_dtype) == ("cluster", False, "float32")
+    assert (released.embedding_max_age, released.learned_embedding_max_age) == (0, 0)
+    assert released.region.mode == "crest" and released.describe() == "recipe released"
+    fixed = train_config(_train_args("--recipe", "released", "--steps-per-round", "20", "--tau", "0.2")).loader
+    assert fixed.overrides() == {
+        "region.mode": "fixed",
+        "region.tau": 0.2,
+        "region.steps_per_round": 20,
+    }
     with pytest.raises(ValueError, match=r"learned_embedding_max_age must be 0 \(off\) or >= embedding_max_age \(50\)"):
         train_config(_train_args("--embedding-max-age", "50", "--learned-embedding-max-age", "10"))
     # On the command line: one line naming the flag's setting and the value given, before any connection.

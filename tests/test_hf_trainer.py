@@ -17,6 +17,7 @@ import torch
 
 pytest.importorskip("transformers", reason="the hf extra is not installed")
 
+from loader_settings import loader_settings
 from torch.utils.data import Dataset
 from transformers import TrainingArguments, ViTConfig, ViTForImageClassification, ViTModel
 
@@ -24,7 +25,7 @@ from selector_service.server import RunningServer
 from trainer_client.data import FashionMNIST
 from trainer_client.integrations._steps import split_batch
 from trainer_client.integrations.hf import LOADER_STATE_NAME, CoresetTrainer
-from trainer_client.loader import LoaderConfig, SelectionUnavailable
+from trainer_client.loader import SelectionUnavailable
 
 STEPS, SAVE_AT = 14, 6
 
@@ -40,6 +41,7 @@ WORKER = textwrap.dedent(
     from trainer_client.data import FashionMNIST
     from trainer_client.integrations.hf import CoresetTrainer
     from trainer_client.loader import LoaderConfig
+    from trainer_client.region import RegionConfig
 
     target, out, phase, run_dir = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
     steps, save_at, accumulation, per_device = (int(a) for a in sys.argv[5:9])
@@ -83,8 +85,8 @@ WORKER = textwrap.dedent(
                              save_steps=save_at, report_to=[], logging_steps=1000, use_cpu=True, seed=0,
                              dataloader_pin_memory=False, disable_tqdm=True,
                              ddp_backend="gloo" if "WORLD_SIZE" in os.environ else None)
-    loader_config = LoaderConfig(subset_fraction=0.1, num_subsets=2, steps_per_round=4, lookahead_steps=1,
-                                 deadline_s=60.0)
+    loader_config = LoaderConfig.from_recipe("released", subset_fraction=0.1, num_subsets=2, lookahead_steps=1,
+                                             region=RegionConfig(mode="fixed", steps_per_round=4), deadline_s=60.0)
     record = Record()
     trainer = CoresetTrainer(model=model, args=args, train_dataset=Pixels(), endpoint=target,
                              loader_config=loader_config, callbacks=[record])
@@ -226,7 +228,7 @@ def _trainer(
         disable_tqdm=True,
         dataloader_pin_memory=False,
     )
-    config = LoaderConfig(subset_fraction=0.2, num_subsets=1, first_batch_timeout_s=5.0, deadline_s=30.0, **kwargs)
+    config = loader_settings(subset_fraction=0.2, num_subsets=1, first_batch_timeout_s=5.0, deadline_s=30.0, **kwargs)
     return CoresetTrainer(model=model, args=args, train_dataset=dataset, endpoint=endpoint, loader_config=config)
 
 

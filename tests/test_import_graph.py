@@ -2,6 +2,9 @@
 
     crest (the wire contract)  <-  {selector_service, trainer_client}  <-  crest_bench  <-  {tests, examples}
 
+``crest.cli`` (the ``crest`` command) sits at the top in effect but imports nothing above it: it names each side's
+command module in a table and imports the one a command line runs with ``importlib``.
+
 Every import statement counts, wherever it stands (module top, inside a function, under TYPE_CHECKING): a lazy
 import is still a dependency. Read from the source with ``ast``, so nothing is imported to check it.
 """

@@ -18,6 +18,7 @@ import torch
 pytest.importorskip("lightning", reason="the lightning extra is not installed")
 
 import lightning.pytorch as pl
+from loader_settings import loader_settings
 from torch.utils.data import Dataset
 
 from selector_service.server import RunningServer
@@ -41,6 +42,7 @@ WORKER = textwrap.dedent(
     from trainer_client.embeddings import weighted_loss
     from trainer_client.integrations.lightning import CoresetDataModule
     from trainer_client.loader import LoaderConfig
+    from trainer_client.region import RegionConfig
     from trainer_client.models import SmallCNN
 
     target, out, phase, run_dir = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
@@ -78,7 +80,8 @@ WORKER = textwrap.dedent(
 
     pl.seed_everything(0)
     model = Classifier()
-    config = LoaderConfig(subset_fraction=0.1, num_subsets=2, steps_per_round=4, lookahead_steps=1, deadline_s=60.0)
+    config = LoaderConfig.from_recipe("released", subset_fraction=0.1, num_subsets=2, lookahead_steps=1,
+                                      deadline_s=60.0, region=RegionConfig(mode="fixed", steps_per_round=4))
     data = CoresetDataModule(FashionMNIST("train", limit=600), target, batch_size=batch, loader_config=config)
     record = Record()
     saver = ModelCheckpoint(dirpath=run_dir, filename="{step}", every_n_train_steps=save_at, save_top_k=-1)
@@ -195,7 +198,7 @@ def _fit(model: pl.LightningModule, data: CoresetDataModule, steps: int = 3) -> 
 
 
 def _config(**kwargs: object) -> LoaderConfig:
-    return LoaderConfig(subset_fraction=0.2, num_subsets=1, first_batch_timeout_s=5.0, deadline_s=30.0, **kwargs)
+    return loader_settings(subset_fraction=0.2, num_subsets=1, first_batch_timeout_s=5.0, deadline_s=30.0, **kwargs)
 
 
 def test_a_short_fit_trains_on_coresets_from_the_server(local_server: RunningServer) -> None:

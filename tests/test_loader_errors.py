@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from loader_settings import loader_settings
 from torch import nn
 
 from selector_service.backends import LocalBackend
@@ -30,7 +31,7 @@ from trainer_client._state import LoaderState, PendingRound, Region
 from trainer_client.client import SelectionClient, WeightedBatch
 from trainer_client.data import FashionMNIST
 from trainer_client.embeddings import weighted_loss
-from trainer_client.loader import CoresetLoader, LoaderConfig, SelectionUnavailable
+from trainer_client.loader import CoresetLoader, SelectionUnavailable
 from trainer_client.models import SmallCNN
 
 torch.set_num_threads(1)
@@ -123,7 +124,7 @@ def test_a_failure_the_service_repeats_stops_the_loader_with_the_services_messag
     caplog.set_level(logging.WARNING, logger="trainer_client")
     torch.manual_seed(0)
     model = SmallCNN()
-    config = LoaderConfig(**SMALL, **FAST_RETRY, max_persistent_failures=3)
+    config = loader_settings(**SMALL, **FAST_RETRY, max_persistent_failures=3)
     client = SelectionClient(server.target, timeout_s=30)
     with client, CoresetLoader(fmnist, model, client, fmnist.targets.numpy(), config=config) as loader:
         with pytest.raises(SelectionUnavailable) as raised:
@@ -147,7 +148,7 @@ def test_a_round_delivered_between_persistent_failures_resets_their_count(
     server = serve(Reshaped(lambda call, _i, f: _fails(f) if call in fail_calls else f))
     torch.manual_seed(0)
     model = SmallCNN()
-    config = LoaderConfig(**SMALL, **FAST_RETRY, steps_per_round=3, lookahead_steps=0, max_persistent_failures=3)
+    config = loader_settings(**SMALL, **FAST_RETRY, steps_per_round=3, lookahead_steps=0, max_persistent_failures=3)
     client = SelectionClient(server.target, timeout_s=30)
     with client, CoresetLoader(fmnist, model, client, fmnist.targets.numpy(), config=config) as loader:
         _train(loader, model, 2000, until=lambda: loader.stats.regions >= 2)
@@ -162,7 +163,7 @@ def test_an_outage_however_long_is_ridden_out_and_counts_as_no_persistent_failur
     port = server.port
     torch.manual_seed(0)
     model = SmallCNN()
-    config = LoaderConfig(**SMALL, **FAST_RETRY, steps_per_round=4, lookahead_steps=1, max_persistent_failures=1)
+    config = loader_settings(**SMALL, **FAST_RETRY, steps_per_round=4, lookahead_steps=1, max_persistent_failures=1)
     client = SelectionClient(server.target, timeout_s=10)
     with client, CoresetLoader(fmnist, model, client, fmnist.targets.numpy(), config=config) as loader:
         _train(loader, model, 400, until=lambda: loader.stats.regions >= 1)
@@ -197,7 +198,7 @@ def test_a_stream_that_ends_early_leaves_a_partial_round_that_is_trained_on_and_
     caplog.set_level(logging.WARNING, logger="trainer_client")
     torch.manual_seed(0)
     model = SmallCNN()
-    config = LoaderConfig(**SMALL, steps_per_round=6, first_batch_timeout_s=30)
+    config = loader_settings(**SMALL, steps_per_round=6, first_batch_timeout_s=30)
     client = SelectionClient(server.target, timeout_s=30)
     taken: list[WeightedBatch] = []
 

@@ -184,8 +184,12 @@ def test_check_reselects_beyond_tau_and_state_round_trips() -> None:
 
 
 def test_fixed_mode_reselects_every_fixed_steps_and_config_errors_name_the_value() -> None:
-    ctl = RegionController(RegionConfig(mode="fixed", fixed_steps=3))
+    ctl = RegionController(RegionConfig(mode="fixed", steps_per_round=3))
     assert [ctl.after_step() for _ in range(3)] == [Decision.NONE, Decision.NONE, Decision.RESELECT]
+    # A fixed region takes every coreset of the round, and asks for the next lead_steps before its end.
+    fixed = RegionConfig(mode="fixed", steps_per_round=3, coresets_per_interval=2)
+    led = RegionController(fixed, max_coresets=7, lead_steps=1)
+    assert led.num_coresets == 7 and [led.after_step() for _ in range(2)] == [Decision.NONE, Decision.RESELECT]
     with pytest.raises(ValueError, match="received 'adam'"):
         RegionConfig(curvature="adam")
     with pytest.raises(ValueError, match="received 0"):

@@ -10,6 +10,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from loader_settings import loader_settings
 
 from selector_service.process import ServiceProcess, spawn_service
 from selector_service.provenance import ProvenanceLog
@@ -74,7 +75,7 @@ def test_training_job_rides_out_a_sigkilled_service_and_keeps_its_session(tmp_pa
 
     from trainer_client.data import FashionMNIST
     from trainer_client.embeddings import weighted_loss
-    from trainer_client.loader import CoresetLoader, LoaderConfig
+    from trainer_client.loader import CoresetLoader
     from trainer_client.models import SmallCNN
 
     torch.set_num_threads(1)
@@ -82,7 +83,7 @@ def test_training_job_rides_out_a_sigkilled_service_and_keeps_its_session(tmp_pa
     data = FashionMNIST("train", limit=1000)
     model = SmallCNN()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    config = LoaderConfig(
+    config = loader_settings(
         batch_size=32,
         subset_fraction=0.05,
         num_subsets=2,

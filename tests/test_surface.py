@@ -10,10 +10,14 @@ import pytest
 
 import selector_service
 import trainer_client
-from crest_bench.cli import build_parser
+from crest.cli import build_parser
+from crest_bench.crest_flags import FRONTIER_CREST_FLAGS
+from trainer_client import cli as trainer_cli
+from trainer_client.flags import Flag
 
-# The training flags `crest train` and `crest demo` share (trainer_client.cli.add_train_flags), in parser order.
-TRAIN_FLAGS = [
+# The training flags `crest train` and `crest demo` had before the selection flags were derived from LoaderConfig's
+# fields: each keeps its name (test_flags_from_before_the_derivation_keep_their_names).
+TRAIN_FLAGS_BEFORE = [
     "--steps",
     "--lr",
     "--momentum",
@@ -40,6 +44,47 @@ TRAIN_FLAGS = [
     "--threads",
     "--log-every",
 ]
+FRONTIER_CREST_FLAGS_BEFORE = [
+    "--crest-steps-per-round",
+    "--crest-num-subsets",
+    "--subset-fraction",
+    "--drop-learned",
+    "--no-drop-learned",
+    "--drop-threshold",
+    "--drop-window",
+    "--min-pool-fraction",
+    "--crest-weights",
+    "--crest-joint-selection",
+    "--crest-embed-dtype",
+    "--crest-embedding",
+    "--crest-embedding-dim",
+    "--crest-embedding-max-age",
+    "--crest-learned-embedding-max-age",
+    "--crest-learned-embedding-loss",
+    "--crest-training-logits",
+    "--crest-fit-examples",
+    "--crest-hessian-every",
+]
+
+
+def _derived(flags: list[Flag]) -> list[str]:
+    """The option strings of derived flags, as argparse lists them (a bool's --no- form after each of its names)."""
+    return [o for f in flags for n in f.names for o in ((n, f"--no-{n[2:]}") if f.kind is bool else (n,))]
+
+
+# The training flags `crest train` and `crest demo` share (trainer_client.cli.add_train_flags), in parser order.
+TRAIN_FLAGS = [
+    "--recipe",
+    "--steps",
+    "--lr",
+    "--momentum",
+    *_derived(trainer_cli.SELECTION_FLAGS),
+    "--data-dir",
+    "--train-limit",
+    "--test-limit",
+    "--threads",
+    "--log-every",
+]
 
 CLI_FLAGS = {
     "bench train": [
@@ -48,6 +93,7 @@ CLI_FLAGS = {
         "--seeds",
         "--steps",
         "--methods",
+        "--recipe",
         "--crest-adaptive",
         "--drop-learned",
         "--no-drop-learned",
@@ -73,26 +119,9 @@ CLI_FLAGS = {
         "--service-backend",
         "--eval",
         "--validation-size",
-        "--crest-steps-per-round",
-        "--crest-num-subsets",
-        "--subset-fraction",
-        "--drop-learned",
-        "--no-drop-learned",
-        "--drop-threshold",
-        "--drop-window",
-        "--min-pool-fraction",
         "--prune",
-        "--crest-weights",
-        "--crest-joint-selection",
-        "--crest-embed-dtype",
-        "--crest-embedding",
-        "--crest-embedding-dim",
-        "--crest-embedding-max-age",
-        "--crest-learned-embedding-max-age",
-        "--crest-learned-embedding-loss",
-        "--crest-training-logits",
-        "--crest-fit-examples",
-        "--crest-hessian-every",
+        "--recipe",
+        *_derived(FRONTIER_CREST_FLAGS),
         "--lr",
         "--momentum",
         "--dataset",
@@ -221,6 +250,18 @@ def test_cli_flags_are_frozen_and_documented(command: str) -> None:
     flags = [opt for a in sub._actions for opt in a.option_strings if opt.startswith("--") and opt != "--help"]
     assert flags == CLI_FLAGS[command]
     assert all(a.help for a in sub._actions), "every flag needs help text"
+
+
+@pytest.mark.parametrize(
+    ("command", "before"),
+    [
+        ("train", TRAIN_FLAGS_BEFORE),
+        ("demo", TRAIN_FLAGS_BEFORE),
+        ("bench frontier", FRONTIER_CREST_FLAGS_BEFORE),
+    ],
+)
+def test_flags_from_before_the_derivation_keep_their_names(command: str, before: list[str]) -> None:
+    assert set(before) <= set(CLI_FLAGS[command])
 
 
 def test_cli_help_runs() -> None:

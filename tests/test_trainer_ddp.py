@@ -70,9 +70,9 @@ WORKER = textwrap.dedent(
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     # embedding_max_age: the ranks' caches must stay the same, or their sharded embedding passes would differ;
     # training_logits: each rank stores its share's training rows, which every rank must then hold
-    config = LoaderConfig(batch_size=batch, subset_fraction=0.05, num_subsets=2, check_examples=128,
-                          lookahead_steps=2, deadline_s=60.0, reconnect_initial_s=0.05, reconnect_max_s=0.2,
-                          embedding_max_age=12, training_logits=True)
+    config = LoaderConfig.from_recipe("released", batch_size=batch, subset_fraction=0.05, num_subsets=2,
+                          check_examples=128, lookahead_steps=2, deadline_s=60.0, reconnect_initial_s=0.05,
+                          reconnect_max_s=0.2, embedding_max_age=12, training_logits=True)
     loader = CoresetLoader(data, model, SelectionClient(target, timeout_s=60), data.targets.numpy(), config=config)
     start, stop = {"full": (0, steps), "first": (0, first), "rest": (first, steps)}[phase]
     if phase == "rest":  # every rank loads rank 0's checkpoint

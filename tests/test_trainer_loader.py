@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from loader_settings import loader_settings
 from torch import nn
 
 from selector_service.backends import LocalBackend
@@ -50,7 +51,7 @@ def test_crest_regions_check_and_reselect_against_a_real_server(
 ) -> None:
     torch.manual_seed(0)
     model = SmallCNN()
-    config = LoaderConfig(**SMALL, lookahead_steps=2)  # type: ignore[arg-type]
+    config = loader_settings(**SMALL, lookahead_steps=2)  # type: ignore[arg-type]
     caplog.set_level(logging.INFO, logger="trainer_client")
     with CoresetLoader(fmnist, model, client, fmnist.targets.numpy(), config=config) as loader:
         _train(loader, model, 30)
@@ -71,7 +72,7 @@ def _sampled_fits(client: SelectionClient, fmnist: FashionMNIST, fit_examples: i
     """Train 12 adaptive-rule steps; (stats, fits, pool size and fitted ids of every fit), the real fit observed."""
     torch.manual_seed(0)
     model = SmallCNN()
-    config = LoaderConfig(**SMALL, lookahead_steps=2, fit_examples=fit_examples)  # type: ignore[arg-type]
+    config = loader_settings(**SMALL, lookahead_steps=2, fit_examples=fit_examples)  # type: ignore[arg-type]
     pool_sizes: list[int] = []
     seen: list[list[int]] = []
     with CoresetLoader(fmnist, model, client, fmnist.targets.numpy(), config=config) as loader:
@@ -107,7 +108,7 @@ def test_difficulty_of_every_region_and_exclusion_reach_the_service(
 ) -> None:
     torch.manual_seed(0)
     model = SmallCNN()
-    config = LoaderConfig(**SMALL, steps_per_round=6, lookahead_steps=1, drop_learned=True)  # type: ignore[arg-type]
+    config = loader_settings(**SMALL, steps_per_round=6, lookahead_steps=1, drop_learned=True)  # type: ignore[arg-type]
     with CoresetLoader(fmnist, model, client, fmnist.targets.numpy(), config=config) as loader:
         _train(loader, model, 20)
         assert loader.session is not None
@@ -131,7 +132,7 @@ def test_the_exclusion_rule_and_joint_selection_reach_the_service(
     session selects jointly when the loader asks it to."""
     torch.manual_seed(0)
     model = SmallCNN()
-    config = LoaderConfig(
+    config = loader_settings(
         **SMALL,  # type: ignore[arg-type]
         steps_per_round=4,
         lookahead_steps=1,
@@ -149,7 +150,7 @@ def test_the_exclusion_rule_and_joint_selection_reach_the_service(
     assert (rule.drop_threshold, rule.drop_window, rule.min_pool_fraction) == (5.0, 1, 0.5)
     assert rule.joint_selection
     assert 0 < state.excluded_size <= 500
-    with pytest.raises(ValueError, match=r"min_pool_fraction in \[0, 1\] .*received 0.0, 0, 1.5"):
+    with pytest.raises(ValueError, match=r"min_pool_fraction in \[0, 1\] .*received 0.1, 5, 1.5"):
         LoaderConfig(min_pool_fraction=1.5)
 
 
@@ -161,7 +162,7 @@ def test_uniform_coreset_weights_train_the_same_ids_with_weight_one(
     for weighting in ("cluster", "uniform"):
         torch.manual_seed(0)
         model = SmallCNN()
-        config = LoaderConfig(**SMALL, steps_per_round=5, lookahead_steps=0, coreset_weights=weighting)  # type: ignore[arg-type]
+        config = loader_settings(**SMALL, steps_per_round=5, lookahead_steps=0, coreset_weights=weighting)  # type: ignore[arg-type]
         with CoresetLoader(fmnist, model, client, fmnist.targets.numpy(), config=config) as loader:
             batches = []
             for _, (_x, _y, w) in zip(range(12), loader, strict=False):
@@ -184,7 +185,7 @@ def test_a_bfloat16_embedding_pass_sends_float32_embeddings_close_to_the_float32
     model = SmallCNN()
     passes = {}
     for dtype in ("float32", "bfloat16"):
-        config = LoaderConfig(**SMALL, steps_per_round=4, lookahead_steps=0, embed_dtype=dtype)  # type: ignore[arg-type]
+        config = loader_settings(**SMALL, steps_per_round=4, lookahead_steps=0, embed_dtype=dtype)  # type: ignore[arg-type]
         loader = CoresetLoader(fmnist, model, client, fmnist.targets.numpy(), config=config)
         passes[dtype] = loader._passes.embed_round(np.arange(200, dtype=np.int64))
         loader.close()
@@ -195,14 +196,16 @@ def test_a_bfloat16_embedding_pass_sends_float32_embeddings_close_to_the_float32
     np.testing.assert_allclose(half.losses, full.losses, rtol=0.05, atol=0.02)
     assert not np.array_equal(half.embeddings, full.embeddings)  # the pass did run in bfloat16
 
-    config = LoaderConfig(**SMALL, steps_per_round=4, lookahead_steps=0, embed_dtype="bfloat16")  # type: ignore[arg-type]
+    config = loader_settings(**SMALL, steps_per_round=4, lookahead_steps=0, embed_dtype="bfloat16")  # type: ignore[arg-type]
     with CoresetLoader(fmnist, model, client, fmnist.targets.numpy(), config=config) as loader:
         losses = _train(loader, model, 12)
         assert loader.stats.fallback_batches == 0 and loader.stats.regions >= 3
         assert loader.stats.rounds_started >= 3 and loader.stats.examples_embedded >= 3 * 2 * 40  # 2 subsets of ~50
     assert all(np.isfinite(losses))
-    with pytest.raises(ValueError, match="embed_dtype must be one of float32, bfloat16, received 'float16'"):
-        LoaderConfig(embed_dtype="float16")
+    with pytest.raises(
+        ValueError, match="embed_dtype must be one of auto, float32, bfloat16, float16, received 'int8'"
+    ):
+        LoaderConfig(embed_dtype="int8")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="embed_batch_size must be >= 1, received 0"):
         LoaderConfig(embed_batch_size=0)
 
@@ -222,7 +225,7 @@ def test_killing_the_server_mid_training_falls_back_then_reconnects(fmnist: Fash
     port = server.port
     torch.manual_seed(0)
     model = SmallCNN()
-    config = LoaderConfig(
+    config = loader_settings(
         **SMALL,  # type: ignore[arg-type]
         steps_per_round=4,
         lookahead_steps=1,
@@ -264,12 +267,12 @@ def test_unreachable_service_trains_on_uniform_batches_and_strict_mode_raises(fm
     torch.manual_seed(0)
     model = SmallCNN()
     with SelectionClient(target, timeout_s=5) as client:
-        with CoresetLoader(fmnist, model, client, fmnist.targets.numpy(), config=LoaderConfig(**SMALL)) as loader:  # type: ignore[arg-type]
+        with CoresetLoader(fmnist, model, client, fmnist.targets.numpy(), config=loader_settings(**SMALL)) as loader:  # type: ignore[arg-type]
             losses = _train(loader, model, 8)
             assert loader.stats.fallback_batches == 8 and loader.stats.regions == 0
             assert loader.stats.service_errors >= 1 and loader.stats.wait_s < 1.0
         assert losses[-1] < losses[0]  # it really trained, on uniform batches
-        strict = LoaderConfig(**SMALL, strict=True)  # type: ignore[arg-type]
+        strict = loader_settings(**SMALL, strict=True)  # type: ignore[arg-type]
         loader = CoresetLoader(fmnist, model, client, fmnist.targets.numpy(), config=strict)
         with loader, pytest.raises(SelectionUnavailable, match=target):
             next(iter(loader))
@@ -307,7 +310,7 @@ def test_dict_batches_with_a_forward_fn_and_projected_last_layer_embeddings(clie
     data = _Tokens()
     torch.manual_seed(0)
     model = _BagClassifier()
-    config = LoaderConfig(
+    config = loader_settings(
         batch_size=24, subset_fraction=0.1, num_subsets=2, embedding="last_layer_gradient", embedding_dim=8
     )
     calls = []
@@ -353,8 +356,8 @@ def test_the_quadratic_models_fit_differentiates_twice_through_attention(client:
     data = _Tokens()
     torch.manual_seed(0)
     model = _AttentionClassifier()
-    config = LoaderConfig(batch_size=24, subset_fraction=0.1, num_subsets=2, check_examples=48)
-    assert config.steps_per_round is None and config.region.mode == "crest"  # the adaptive rule fits
+    config = loader_settings(batch_size=24, subset_fraction=0.1, num_subsets=2, check_examples=48)
+    assert config.region.mode == "crest"  # the adaptive rule fits
 
     def forward_fn(m: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         return m(batch["input_ids"]), batch["labels"]
@@ -372,11 +375,11 @@ def test_the_quadratic_models_fit_differentiates_twice_through_attention(client:
 
 def test_state_from_another_dataset_or_version_is_refused(client: SelectionClient, fmnist: FashionMNIST) -> None:
     model = SmallCNN()
-    with CoresetLoader(fmnist, model, client, fmnist.targets.numpy(), config=LoaderConfig(**SMALL)) as loader:  # type: ignore[arg-type]
+    with CoresetLoader(fmnist, model, client, fmnist.targets.numpy(), config=loader_settings(**SMALL)) as loader:  # type: ignore[arg-type]
         _train(loader, model, 2)
         state = loader.state_dict()
     other = FashionMNIST("train", limit=500)
-    with CoresetLoader(other, model, client, other.targets.numpy(), config=LoaderConfig(**SMALL)) as fresh:  # type: ignore[arg-type]
+    with CoresetLoader(other, model, client, other.targets.numpy(), config=loader_settings(**SMALL)) as fresh:  # type: ignore[arg-type]
         with pytest.raises(ValueError, match="dataset_size 1000; this loader has 500"):
             fresh.load_state_dict(state)
         with pytest.raises(ValueError, match="version 99"):
@@ -397,7 +400,7 @@ def test_rounds_started_ahead_train_the_ids_of_rounds_started_at_their_step(
         for ahead in (True, False):
             torch.manual_seed(0)
             model = SmallCNN()
-            config = LoaderConfig(  # type: ignore[arg-type]
+            config = loader_settings(  # type: ignore[arg-type]
                 **{**SMALL, "subset_fraction": 0.3},
                 steps_per_round=2,
                 lookahead_steps=1,

@@ -12,12 +12,13 @@ import textwrap
 from pathlib import Path
 
 import torch
+from loader_settings import loader_settings
 
 from selector_service.server import RunningServer
 from trainer_client.client import SelectionClient
 from trainer_client.data import FashionMNIST
 from trainer_client.embeddings import weighted_loss
-from trainer_client.loader import CoresetLoader, LoaderConfig
+from trainer_client.loader import CoresetLoader
 from trainer_client.models import SmallCNN
 
 SCRIPT = textwrap.dedent(
@@ -36,8 +37,8 @@ SCRIPT = textwrap.dedent(
     data = FashionMNIST("train", limit=1000)
     model = SmallCNN()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    config = LoaderConfig(batch_size=32, subset_fraction=0.05, num_subsets=2, check_examples=128,
-                          lookahead_steps=2, deadline_s=60.0)
+    config = LoaderConfig.from_recipe("released", batch_size=32, subset_fraction=0.05, num_subsets=2,
+                          check_examples=128, lookahead_steps=2, deadline_s=60.0)
     client = SelectionClient(target, timeout_s=60)
     loader = CoresetLoader(data, model, client, data.targets.numpy(), config=config)
     start, stop = {"full": (0, total), "first": (0, first), "rest": (first, total)}[phase]
@@ -103,7 +104,7 @@ def _fixed_run(
     data = FashionMNIST("train", limit=1000)
     model = SmallCNN()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    config = LoaderConfig(
+    config = loader_settings(
         batch_size=32,
         subset_fraction=0.05,
         num_subsets=2,

@@ -194,7 +194,7 @@ class ModelPasses:
         except NotImplementedError as exc:
             raise NotImplementedError(
                 f"the CREST quadratic model needs a double backward through {type(self.model).__name__} ({exc}); "
-                "use the fixed rule (LoaderConfig(steps_per_round=...)) for this model"
+                "use the fixed rule (RegionConfig(mode='fixed'), as the recommended recipe does) for this model"
             ) from exc
         finally:
             self.model.train(was_training)

@@ -129,9 +129,9 @@ class SelectionClient:
         embedding_kind: str = codec.DEFAULT_EMBEDDING_KIND,
         embedding_dim: int = 0,
         drop_learned: bool = False,
-        drop_threshold: float = 0.0,
-        drop_window: int = 0,
-        min_pool_fraction: float = 0.0,
+        drop_threshold: float = codec.DEFAULT_DROP_THRESHOLD,
+        drop_window: int = codec.DEFAULT_DROP_WINDOW,
+        min_pool_fraction: float = codec.DEFAULT_MIN_POOL_FRACTION,
         keep_excluded: bool = False,
         joint_selection: bool = False,
         timeout_s: float | None = None,
@@ -140,7 +140,7 @@ class SelectionClient:
 
         ``embedding_kind`` is "logit_gradient" or "last_layer_gradient"; ``embedding_dim`` 0 means C (logit
         gradient). ``drop_learned`` turns on learned-example exclusion (the ``drop_*``, ``min_pool_fraction``
-        and ``keep_excluded`` settings are those of ``CrestConfig``; 0 means the service's default);
+        and ``keep_excluded`` settings are those of ``CrestConfig``; the defaults are the wire's, ``codec.DEFAULT_*``);
         ``joint_selection`` selects each coreset over its whole random subset instead of per class.
         ``timeout_s`` overrides the client's deadline for this call. A ``similarity`` or ``embedding_kind``
         outside ``codec.SIMILARITIES`` / ``codec.EMBEDDING_KINDS`` raises ``codec.WireError`` (a ValueError).

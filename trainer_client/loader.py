@@ -67,7 +67,7 @@ from trainer_client.client import RoundPlan, SelectionClient, SessionInfo, Weigh
 from trainer_client.difficulty import RoundDifficulty, round_difficulty
 from trainer_client.distributed import DistContext
 from trainer_client.embeddings import logit_gradient, per_example_loss
-from trainer_client.loader_config import LoaderConfig, LoaderStats, SelectionUnavailable
+from trainer_client.loader_config import LoaderConfig, LoaderStats, SelectionUnavailable, embed_dtype_for
 from trainer_client.region import Decision, RegionController
 
 log = logging.getLogger(__name__)
@@ -149,10 +149,12 @@ class CoresetLoader:
         if cfg.embedding == "last_layer_gradient":
             layer = last_layer or last_linear(model)
         self.embedder = Embedder(cfg.embedding, layer, cfg.embedding_dim, cfg.seed)
-        region = cfg.region
-        if cfg.steps_per_round is not None:
-            region = replace(region, mode="fixed", fixed_steps=max(1, cfg.steps_per_round - cfg.lookahead_steps))
-        self.controller = RegionController(replace(region, seed=cfg.seed), max_coresets=cfg.num_subsets)
+        # The embedding pass's precision ("auto": what the model's device runs fastest, embed_dtype_for).
+        self.embed_dtype = cfg.embed_dtype if cfg.embed_dtype != "auto" else embed_dtype_for(_device_of(model))
+        log.info("loader settings: %s; embedding pass in %s", cfg.describe(), self.embed_dtype)
+        self.controller = RegionController(
+            replace(cfg.region, seed=cfg.seed), max_coresets=cfg.num_subsets, lead_steps=cfg.lookahead_steps
+        )
         self._difficulty: list[RoundDifficulty] = []
         # Regions switched to whose difficulty is not computed yet: round_difficulty's arguments. Scored when
         # ``difficulty`` is read, off the switch step (a sort of the round's losses: 0.2 ms a round).
@@ -168,7 +170,7 @@ class CoresetLoader:
             self.num_classes,
             cfg.embed_batch_size,
             self._dist,
-            embed_dtype=getattr(torch, cfg.embed_dtype),
+            embed_dtype=getattr(torch, self.embed_dtype),
         )
         embedding_dim = self.embedder.dim(self.num_classes)
         self._cache: EmbeddingCache | None = None
@@ -438,7 +440,7 @@ class CoresetLoader:
                 )
         if self.controller.config.mode == "fixed":
             self.controller.start_region()  # the fixed rule needs no model: skip the Hessian estimate
-            earliest_end = s.stats.steps + self.controller.config.fixed_steps
+            earliest_end = s.stats.steps + self.controller.reselect_at
         else:
             start = time.perf_counter()
             ids, weights = region.fit_sample(self.config.fit_examples, self.config.seed)
@@ -547,3 +549,9 @@ class CoresetLoader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    """The device of the model's first parameter (the CPU for a model without parameters)."""
+    param = next(model.parameters(), None)
+    return torch.device("cpu") if param is None else param.device

@@ -24,23 +24,26 @@ import logging
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
-MODES = ("crest", "fixed")
-CURVATURES = ("rms", "raw")
+Mode = Literal["crest", "fixed"]
+MODES: tuple[str, ...] = get_args(Mode)
+Curvature = Literal["rms", "raw"]
+CURVATURES: tuple[str, ...] = get_args(Curvature)
 
 
 @dataclass(frozen=True, kw_only=True)
 class RegionConfig:
     """How regions end and how the quadratic model is built."""
 
-    # "crest": the Taylor check decides when to reselect; "fixed": every ``fixed_steps`` steps.
-    mode: str = "crest"
+    # The region rule: "crest", the Taylor check decides when to reselect; "fixed", every region lasts
+    # steps_per_round steps.
+    mode: Mode = "crest"
     # τ, the relative error |true - predicted| / true above which a region ends (CREST check_thresh_factor).
     tau: float = 0.1
     # Steps between checks until the second fit adapts it (CREST starts at 1: a check every step).
@@ -49,10 +52,12 @@ class RegionConfig:
     interval_mul: float = 1.0
     # Largest adapted interval; 0 means unbounded as in CREST (flat curvature could stop checking for long).
     max_interval: int = 0
-    # Coresets per round per step of interval (CREST batch_num_mul): P = min(this * interval, max_coresets).
+    # Coresets per round per step of interval in "crest" mode (CREST batch_num_mul): P = min(this * interval,
+    # max_coresets). A fixed region takes all max_coresets.
     coresets_per_interval: int = 5
-    # Region length in steps in "fixed" mode.
-    fixed_steps: int = 50
+    # Region length in "fixed" mode, in optimizer steps from one switch to the next (the loader asks for the next
+    # round its lookahead before the end).
+    steps_per_round: int = 50
     # Rademacher probes per coreset batch for the Hessian diagonal (one double backward each).
     hutchinson_probes: int = 1
     # Estimate the Hessian diagonal on every this-many-th fit only; the fits in between take the coreset gradient
@@ -63,7 +68,7 @@ class RegionConfig:
     hessian_every: int = 1
     # "rms": CREST's default (approx_moment), sqrt of an EMA of the squared Hutchinson diagonal plus 1e-4,
     # always positive; "raw": the plain Hutchinson mean, unbiased (the exact diagonal for diagonal Hessians).
-    curvature: str = "rms"
+    curvature: Curvature = "rms"
     # EMA factor of the "rms" curvature (AdaHessian's beta2); its state persists across fits as in CREST.
     rms_beta: float = 0.999
     # Seeds the Rademacher probes.
@@ -76,7 +81,13 @@ class RegionConfig:
             raise ValueError(f"curvature must be one of {CURVATURES}, received {self.curvature!r}")
         if not self.tau > 0:
             raise ValueError(f"tau must be > 0, received {self.tau}")
-        for name in ("initial_interval", "coresets_per_interval", "fixed_steps", "hutchinson_probes", "hessian_every"):
+        for name in (
+            "initial_interval",
+            "coresets_per_interval",
+            "steps_per_round",
+            "hutchinson_probes",
+            "hessian_every",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, received {getattr(self, name)}")
 
@@ -136,15 +147,21 @@ class RegionController:
 
     Args:
         config: the region settings.
-        max_coresets: cap on P (the service session's number of random subsets per round).
+        max_coresets: cap on P (the service session's number of random subsets per round); a fixed region takes
+            all of them.
+        lead_steps: in "fixed" mode, ask for the next round this many steps before the region's end (the loader's
+            lookahead): ``after_step`` says RESELECT at step max(1, steps_per_round - lead_steps) of a region.
     """
 
-    def __init__(self, config: RegionConfig | None = None, *, max_coresets: int = 5) -> None:
+    def __init__(self, config: RegionConfig | None = None, *, max_coresets: int = 5, lead_steps: int = 0) -> None:
         self.config = config or RegionConfig()
         self.max_coresets = max_coresets
+        self.reselect_at = max(1, self.config.steps_per_round - lead_steps)
         self.stats = RegionStats(last_interval=self.config.initial_interval)
         self.interval = self.config.initial_interval
-        self.num_coresets = min(self.config.coresets_per_interval, max_coresets)
+        self.num_coresets = (
+            max_coresets if self.config.mode == "fixed" else min(self.config.coresets_per_interval, max_coresets)
+        )
         self.steps_since_fit = 0
         self._generator = torch.Generator().manual_seed(self.config.seed)
         self._w_sel: torch.Tensor | None = None  # float32 (num_params,) parameters at the last fit
@@ -263,7 +280,7 @@ class RegionController:
         """Count one optimizer step in the current region and say what is due."""
         self.steps_since_fit += 1
         if self.config.mode == "fixed":
-            return Decision.RESELECT if self.steps_since_fit == self.config.fixed_steps else Decision.NONE
+            return Decision.RESELECT if self.steps_since_fit == self.reselect_at else Decision.NONE
         if self._w_sel is not None and self.steps_since_fit % self.interval == 0:
             return Decision.CHECK
         return Decision.NONE

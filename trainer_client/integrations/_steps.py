@@ -27,6 +27,19 @@ from trainer_client.loader import CoresetLoader, LoaderConfig
 LABEL_KEYS = ("labels", "label", "label_ids")
 
 
+def integration_config(recipe: str | None, config: LoaderConfig | None, integration: str) -> LoaderConfig:
+    """The selection settings of an integration: ``config``, or the recipe ``recipe`` (``recommended`` when
+    neither is given). Both at once is refused: ``LoaderConfig.from_recipe(recipe, ...)`` says both in one value."""
+    if recipe is not None and config is not None:
+        raise ValueError(
+            f"{integration} takes recipe= or loader_config=, received both (recipe={recipe!r}); pass "
+            f"loader_config=LoaderConfig.from_recipe({recipe!r}, ...) for a recipe with overrides"
+        )
+    out = config if config is not None else LoaderConfig.from_recipe(recipe or "recommended")
+    refuse_training_logits(out, integration)
+    return out
+
+
 def refuse_training_logits(config: LoaderConfig, integration: str) -> None:
     """``LoaderConfig.training_logits`` asks the training loop to call ``CoresetLoader.observe_logits``; the
     integrations do not (the framework runs the forward, micro-batch by micro-batch), so the setting is refused

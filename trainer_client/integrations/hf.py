@@ -45,9 +45,9 @@ from trainer_client.embeddings import weighted_loss
 from trainer_client.integrations._steps import (
     StepBatches,
     dataset_labels,
+    integration_config,
     logits_of,
     missing_extra,
-    refuse_training_logits,
 )
 from trainer_client.loader import CoresetLoader, LoaderConfig
 
@@ -73,8 +73,10 @@ class CoresetTrainer(Trainer):
 
     Args:
         endpoint: ``host:port`` of ``crest serve``, or a ``SelectionClient`` (for a token or TLS).
+        recipe: the selection settings' recipe (``trainer_client.loader_config.RECIPES``): "recommended" (the
+            default), "long-tail" or "released"; for a recipe with overrides pass ``loader_config`` instead.
         loader_config: selection settings; ``batch_size`` is set to the Trainer's total train batch size
-            (giving another non-default one is an error). Default: ``LoaderConfig()``.
+            (giving another non-default one is an error). Default: the ``recipe``'s.
         labels: int (N,) label of every training example; default: read from the dataset (a ``labels``/``label``
             key or column, or a ``targets`` attribute).
         num_classes: C; 0 means max(labels) + 1.
@@ -88,6 +90,7 @@ class CoresetTrainer(Trainer):
         self,
         *args: Any,
         endpoint: str | SelectionClient,
+        recipe: str | None = None,
         loader_config: LoaderConfig | None = None,
         labels: ArrayLike | None = None,
         num_classes: int = 0,
@@ -97,8 +100,7 @@ class CoresetTrainer(Trainer):
         if self.train_dataset is None:
             raise ValueError("CoresetTrainer needs a train_dataset: the coresets are selected from it")
         self._endpoint = endpoint
-        self._config = loader_config or LoaderConfig()
-        refuse_training_logits(self._config, "CoresetTrainer")
+        self._config = integration_config(recipe, loader_config, "CoresetTrainer")
         self._labels = None if labels is None else np.asarray(labels, dtype=np.int64)
         self._num_classes = num_classes
         self._resume_dir: str | None = None

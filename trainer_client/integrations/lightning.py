@@ -46,8 +46,8 @@ from trainer_client.integrations._steps import (
     StepBatches,
     checked_forward,
     dataset_labels,
+    integration_config,
     missing_extra,
-    refuse_training_logits,
 )
 from trainer_client.loader import CoresetLoader, LoaderConfig
 
@@ -68,6 +68,8 @@ class CoresetDataModule(pl.LightningDataModule):
         train_dataset: map-style dataset of the examples to select from.
         endpoint: ``host:port`` of ``crest serve``, or a ``SelectionClient`` (for a token or TLS).
         batch_size: examples per optimizer step over all ranks and accumulated micro-batches (the coreset size).
+        recipe: the selection settings' recipe (``trainer_client.loader_config.RECIPES``): "recommended" (the
+            default), "long-tail" or "released"; for a recipe with overrides pass ``loader_config`` instead.
         loader_config: the other selection settings (its batch_size is replaced by ``batch_size``).
         labels: int (N,) label of every example; default: the dataset's ``targets``, or each example's label.
         num_classes: C; 0 means max(labels) + 1.
@@ -84,6 +86,7 @@ class CoresetDataModule(pl.LightningDataModule):
         endpoint: str | SelectionClient,
         *,
         batch_size: int = 128,
+        recipe: str | None = None,
         loader_config: LoaderConfig | None = None,
         labels: ArrayLike | None = None,
         num_classes: int = 0,
@@ -92,8 +95,8 @@ class CoresetDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         self.train_dataset, self.endpoint = train_dataset, endpoint
-        self.config = replace(loader_config or LoaderConfig(), batch_size=batch_size)
-        refuse_training_logits(self.config, "CoresetDataModule")
+        config = integration_config(recipe, loader_config, "CoresetDataModule")
+        self.config = replace(config, batch_size=batch_size)
         self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
         self.num_classes, self.collate_fn, self.forward_fn = num_classes, collate_fn, forward_fn
         self.loader: CoresetLoader | None = None

@@ -29,6 +29,12 @@ DEFAULT_NUM_SUBSETS = 5  # P, CREST's starting value
 DEFAULT_BATCH_SIZE = 128  # m, CREST's mini-batch size
 DEFAULT_SIMILARITY = "exp"
 DEFAULT_EMBEDDING_KIND = "logit_gradient"
+# Learned-example exclusion (CREST section 4): the cross-entropy in nats at or below which a recorded loss counts
+# as learned (CREST's drop_thresh), the recorded losses in a row that must all be (CREST's 5 history slots), and
+# the sampling pool's floor as a fraction of N (CREST's absolute 40,000 is 0.8 of CIFAR's 50,000).
+DEFAULT_DROP_THRESHOLD = 0.1
+DEFAULT_DROP_WINDOW = 5
+DEFAULT_MIN_POOL_FRACTION = 0.8
 
 # Names of the wire enums' values (UNSPECIFIED is absent: it means the default above).
 SIMILARITIES: dict[str, pb.Similarity] = {"exp": pb.SIMILARITY_EXP, "maxdist": pb.SIMILARITY_MAXDIST}
