@@ -16,6 +16,7 @@ import grpc
 from crest.selector.v1 import codec
 from crest.selector.v1 import selector_pb2 as pb
 from crest.selector.v1 import selector_pb2_grpc as pb_grpc
+from crest.selector.v1.settings import SelectionSettings
 from selector_service import tokens
 from selector_service.errors import (
     AlreadyExists,
@@ -28,7 +29,6 @@ from selector_service.errors import (
     SelectorFailure,
     Unauthenticated,
 )
-from selector_service.exclusion import ExclusionConfig
 from selector_service.manager import SessionManager
 from selector_service.rounds import EmbeddingPart
 from selector_service.session import SessionConfig
@@ -101,47 +101,12 @@ def _client_address(context: grpc.ServicerContext) -> str:
 
 
 def config_from_proto(c: pb.CrestConfig) -> SessionConfig:
-    """The session configuration a ``CrestConfig`` asks for; a zero field means the default (``SessionConfig``'s,
-    which are the wire contract's ``codec.DEFAULT_*``)."""
-    d, e = SessionConfig(), ExclusionConfig()
-    exclusion = ExclusionConfig(
-        enabled=c.drop_learned,
-        threshold=c.drop_threshold or e.threshold,
-        window=c.drop_window or e.window,
-        min_pool_fraction=c.min_pool_fraction or e.min_pool_fraction,
-        readmit=not c.keep_excluded,
-    )
-    return SessionConfig(
-        subset_fraction=c.subset_fraction or d.subset_fraction,
-        num_subsets=c.num_subsets or d.num_subsets,
-        batch_size=c.batch_size or d.batch_size,
-        similarity=codec.enum_name("config.similarity", codec.SIMILARITIES, c.similarity, d.similarity),
-        seed=c.seed,
-        embedding_dim=c.embedding_dim or None,
-        embedding_kind=codec.enum_name(
-            "config.embedding_kind", codec.EMBEDDING_KINDS, c.embedding_kind, d.embedding_kind
-        ),
-        exclusion=exclusion,
-        joint_selection=c.joint_selection,
-    )
+    """The session configuration a ``CrestConfig`` asks for (a zero field: the wire's default)."""
+    return SessionConfig.from_settings(SelectionSettings.from_proto(c))
 
 
 def config_to_proto(c: SessionConfig) -> pb.CrestConfig:
-    return pb.CrestConfig(
-        subset_fraction=c.subset_fraction,
-        num_subsets=c.num_subsets,
-        batch_size=c.batch_size,
-        similarity=codec.enum_value("similarity", codec.SIMILARITIES, c.similarity),
-        seed=c.seed,
-        embedding_dim=c.embedding_dim or 0,
-        embedding_kind=codec.enum_value("embedding_kind", codec.EMBEDDING_KINDS, c.embedding_kind),
-        drop_learned=c.exclusion.enabled,
-        drop_threshold=c.exclusion.threshold,
-        drop_window=c.exclusion.window,
-        min_pool_fraction=c.exclusion.min_pool_fraction,
-        keep_excluded=not c.exclusion.readmit,
-        joint_selection=c.joint_selection,
-    )
+    return c.settings().to_proto()
 
 
 def part_from_proto(chunk: pb.EmbeddingChunk, index: int) -> EmbeddingPart:

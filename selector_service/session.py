@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from crest.selector.v1 import codec
+from crest.selector.v1.settings import SelectionSettings
 from selector_service.errors import InvalidArgument
 from selector_service.exclusion import ExclusionConfig, ExclusionState
 from selector_service.exclusion import validate_config as validate_exclusion
@@ -53,6 +54,45 @@ class SessionConfig:
     retest_fraction: float = 0.05
     # Facility location over the whole random subset instead of per class (CrestConfig.joint_selection).
     joint_selection: bool = False
+
+    @classmethod
+    def from_settings(cls, s: SelectionSettings) -> SessionConfig:
+        """The session configuration of the wire's settings."""
+        return cls(
+            subset_fraction=s.subset_fraction,
+            num_subsets=s.num_subsets,
+            batch_size=s.batch_size,
+            similarity=s.similarity,
+            seed=s.seed,
+            embedding_dim=s.embedding_dim or None,
+            embedding_kind=s.embedding_kind,
+            exclusion=ExclusionConfig(
+                enabled=s.drop_learned,
+                threshold=s.drop_threshold,
+                window=s.drop_window,
+                min_pool_fraction=s.min_pool_fraction,
+                readmit=not s.keep_excluded,
+            ),
+            joint_selection=s.joint_selection,
+        )
+
+    def settings(self) -> SelectionSettings:
+        """The wire's settings of this configuration (what ``CreateSession`` answers is in force)."""
+        return SelectionSettings(
+            subset_fraction=self.subset_fraction,
+            num_subsets=self.num_subsets,
+            batch_size=self.batch_size,
+            similarity=self.similarity,
+            seed=self.seed,
+            embedding_dim=self.embedding_dim or 0,
+            embedding_kind=self.embedding_kind,
+            drop_learned=self.exclusion.enabled,
+            drop_threshold=self.exclusion.threshold,
+            drop_window=self.exclusion.window,
+            min_pool_fraction=self.exclusion.min_pool_fraction,
+            keep_excluded=not self.exclusion.readmit,
+            joint_selection=self.joint_selection,
+        )
 
 
 @dataclass(frozen=True, kw_only=True)

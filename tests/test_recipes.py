@@ -212,3 +212,16 @@ def test_every_command_names_a_module_that_registers_and_runs_it() -> None:
         module = importlib.import_module(module_name)
         assert callable(module.add_commands) and callable(module.run), module_name
         assert command in module.COMMANDS, (command, module_name)
+
+
+def test_the_wire_settings_are_one_type_with_the_contracts_defaults() -> None:
+    from crest.selector.v1 import selector_pb2 as pb
+    from crest.selector.v1.settings import SelectionSettings
+    from selector_service.session import SessionConfig
+
+    assert SelectionSettings.from_proto(pb.CrestConfig()) == SelectionSettings()  # a zero field: the default
+    assert SessionConfig().settings() == SelectionSettings()  # the service's defaults are the wire's
+    sent = LoaderConfig().wire_settings(embedding_dim=10)
+    assert (sent.subset_fraction, sent.num_subsets, sent.drop_learned, sent.joint_selection) == (0.005, 10, True, True)
+    assert SelectionSettings.from_proto(sent.to_proto()) == sent
+    assert SessionConfig.from_settings(sent).settings() == sent

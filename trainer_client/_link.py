@@ -163,19 +163,8 @@ class ServiceLink:
         self.session = self.client.create_session(
             self._labels,
             num_classes=self._num_classes,
-            subset_fraction=cfg.subset_fraction,
-            num_subsets=cfg.num_subsets,
-            batch_size=cfg.batch_size,
-            similarity=cfg.similarity,
-            seed=cfg.seed,
+            settings=cfg.wire_settings(self._embedding_dim),
             client_name=cfg.client_name,
-            embedding_kind=cfg.embedding,
-            embedding_dim=self._embedding_dim,
-            drop_learned=cfg.drop_learned,
-            drop_threshold=cfg.drop_threshold,
-            drop_window=cfg.drop_window,
-            min_pool_fraction=cfg.min_pool_fraction,
-            joint_selection=cfg.joint_selection,
             timeout_s=cfg.first_batch_timeout_s,
         )
         self.session_round = 0

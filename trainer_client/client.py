@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -13,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from crest.selector.v1 import codec
 from crest.selector.v1 import selector_pb2 as pb
 from crest.selector.v1 import selector_pb2_grpc as pb_grpc
+from crest.selector.v1.settings import SelectionSettings
 
 
 @dataclass(frozen=True)
@@ -120,46 +122,22 @@ class SelectionClient:
         labels: np.ndarray,
         *,
         num_classes: int = 0,
-        subset_fraction: float = codec.DEFAULT_SUBSET_FRACTION,
-        num_subsets: int = codec.DEFAULT_NUM_SUBSETS,
-        batch_size: int = codec.DEFAULT_BATCH_SIZE,
-        similarity: str = codec.DEFAULT_SIMILARITY,
-        seed: int = 0,
+        settings: SelectionSettings | None = None,
         client_name: str = "",
-        embedding_kind: str = codec.DEFAULT_EMBEDDING_KIND,
-        embedding_dim: int = 0,
-        drop_learned: bool = False,
-        drop_threshold: float = codec.DEFAULT_DROP_THRESHOLD,
-        drop_window: int = codec.DEFAULT_DROP_WINDOW,
-        min_pool_fraction: float = codec.DEFAULT_MIN_POOL_FRACTION,
-        keep_excluded: bool = False,
-        joint_selection: bool = False,
         timeout_s: float | None = None,
+        **fields: Any,
     ) -> SessionInfo:
         """Register the dataset by its labels (int (N,)) and the selection settings.
 
-        ``embedding_kind`` is "logit_gradient" or "last_layer_gradient"; ``embedding_dim`` 0 means C (logit
-        gradient). ``drop_learned`` turns on learned-example exclusion (the ``drop_*``, ``min_pool_fraction``
-        and ``keep_excluded`` settings are those of ``CrestConfig``; the defaults are the wire's, ``codec.DEFAULT_*``);
-        ``joint_selection`` selects each coreset over its whole random subset instead of per class.
+        ``settings`` is a ``SelectionSettings`` (the wire's, ``crest.selector.v1.settings``), or give its fields as
+        keyword arguments (``subset_fraction=0.05, drop_learned=True``); what is left out is the wire's default.
         ``timeout_s`` overrides the client's deadline for this call. A ``similarity`` or ``embedding_kind``
-        outside ``codec.SIMILARITIES`` / ``codec.EMBEDDING_KINDS`` raises ``codec.WireError`` (a ValueError).
+        outside ``codec.SIMILARITIES`` / ``codec.EMBEDDING_KINDS`` raises ``codec.WireError`` (a ValueError), an
+        unknown setting ``TypeError``.
         """
-        config = pb.CrestConfig(
-            subset_fraction=subset_fraction,
-            num_subsets=num_subsets,
-            batch_size=batch_size,
-            similarity=codec.enum_value("similarity", codec.SIMILARITIES, similarity),
-            seed=seed,
-            embedding_kind=codec.enum_value("embedding_kind", codec.EMBEDDING_KINDS, embedding_kind),
-            embedding_dim=embedding_dim,
-            drop_learned=drop_learned,
-            drop_threshold=drop_threshold,
-            drop_window=drop_window,
-            min_pool_fraction=min_pool_fraction,
-            keep_excluded=keep_excluded,
-            joint_selection=joint_selection,
-        )
+        if settings is not None and fields:
+            raise TypeError(f"create_session takes settings= or its fields, received both ({sorted(fields)})")
+        config = (settings or SelectionSettings(**fields)).to_proto()
         reply = self._stub.CreateSession(
             pb.CreateSessionRequest(
                 dataset_size=len(labels),

@@ -415,14 +415,15 @@ class CoresetLoader:
             )
         s.pending, s.want_at, s.pass_perm, s.pass_next = None, None, None, 0
         s.stats.regions += 1
+        checks = f"; checks on {len(region.check_ids)} of {len(p.check_ids)} random-subset ids"
+        fixed = self.controller.config.mode == "fixed"  # a fixed region runs no check
         log.info(
-            "step %d: region %d: %d coresets, %d examples; checks on %d of %d random-subset ids",
+            "step %d: region %d: %d coresets, %d examples%s",
             s.stats.steps,
             p.round,
             used,
             len(region.ids),
-            len(region.check_ids),
-            len(p.check_ids),
+            "" if fixed else checks,
         )
         if p.losses is not None:
             self._unscored.append(

@@ -10,6 +10,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 import torch
 
 from crest.selector.v1 import codec
+from crest.selector.v1.settings import SelectionSettings
 from trainer_client.region import RegionConfig
 
 
@@ -199,6 +200,24 @@ class LoaderConfig:
         if unknown:
             raise ValueError(f"LoaderConfig has no settings {unknown} (the recipe is the first argument)")
         return replace(base, **overrides)
+
+    def wire_settings(self, embedding_dim: int = 0) -> SelectionSettings:
+        """The settings a session on the service takes from these (``embedding_dim``: the rows' dimension, 0 for
+        the number of classes)."""
+        return SelectionSettings(
+            subset_fraction=self.subset_fraction,
+            num_subsets=self.num_subsets,
+            batch_size=self.batch_size,
+            similarity=self.similarity,
+            seed=self.seed,
+            embedding_kind=self.embedding,
+            embedding_dim=embedding_dim,
+            drop_learned=self.drop_learned,
+            drop_threshold=self.drop_threshold,
+            drop_window=self.drop_window,
+            min_pool_fraction=self.min_pool_fraction,
+            joint_selection=self.joint_selection,
+        )
 
     def overrides(self) -> dict[str, Any]:
         """The settings where this config differs from its recipe, as {name: value}; a region setting is named
