@@ -63,7 +63,6 @@ from crest_bench.train_data import BenchData, load_data, materialize, split_vali
 from crest_bench.train_methods import DEFAULT_METHODS, METHODS, BenchConfig, EvalSets, RunResult, run_one, warm_up
 from selector_service.process import ServiceProcess
 from trainer_client.cli import loader_config
-from trainer_client.loader_config import LoaderConfig, embed_dtype_for
 
 # As ``crest bench train --quick``: a tenth of the data keeps CREST's random subsets at r = 600.
 QUICK = {"train_limit": 6000, "test_limit": 1000}
@@ -345,17 +344,12 @@ def _document(runs: list[FrontierRun], config: FrontierConfig, data: BenchData, 
             # CREST's recipe, what the command line overrode in it, and the embedding pass's dtype on this machine.
             "crest_recipe": config.bench.crest.recipe,
             "crest_overrides": config.bench.crest.overrides(),
-            "crest_embed_dtype": _embed_dtype(config.bench.crest),
+            "crest_embed_dtype": config.bench.crest.embed_dtype_on(torch.device("cpu")),
         },
         "seeds_done": len({r.seed for r in runs if r.role == REFERENCE}),
         "runs": [asdict(r) for r in runs],
         "summary": summarize(runs),
     }
-
-
-def _embed_dtype(config: LoaderConfig) -> str:
-    """The embedding pass's precision on this machine's CPU (``embed_dtype="auto"`` resolved)."""
-    return config.embed_dtype if config.embed_dtype != "auto" else embed_dtype_for(torch.device("cpu"))
 
 
 def report(runs: list[FrontierRun], config: FrontierConfig, data: BenchData, out: Path, command: str) -> str:

@@ -50,7 +50,7 @@ import argparse
 import signal
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,7 @@ from crest_bench.train_data import BenchData, load_data, materialize
 from crest_bench.train_methods import DEFAULT_METHODS, METHODS, BenchConfig, EvalSets, RunResult, run_one, warm_up
 from crest_bench.train_report import markdown, plot, score, summarize
 from selector_service.process import ServiceProcess, spawn_service
+from trainer_client.flags import with_overrides
 from trainer_client.loader_config import LoaderConfig
 
 # A tenth of the data keeps CREST's random subsets at r = 600 (at 1% of 6,000 they would be smaller than a
@@ -90,7 +91,7 @@ def plan(args: argparse.Namespace) -> tuple[BenchConfig, tuple[str, ...], int, P
         **({"drop_learned": args.drop_learned} if args.drop_learned is not None else {}),
     )
     if args.crest_adaptive:
-        crest = replace(crest, region=replace(crest.region, mode="crest"))
+        crest = with_overrides(crest, {"region.mode": "crest"})
     config = BenchConfig(**preset, dataset=args.dataset, data_dir=args.data_dir, crest=crest, prune=args.prune)
     seeds = args.seeds or (1 if args.quick or args.demo else 3)
     out = Path(args.out or ("results/demo.json" if args.demo else "results/train.json"))

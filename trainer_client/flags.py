@@ -6,7 +6,7 @@ its nested ``RegionConfig``) this way, so a setting is declared, documented and 
     flags = config_flags(LoaderConfig, prefix="crest-", aliases={"coreset_weights": ("--crest-weights",)})
     add_flags(parser, flags, recipes=RECIPES)
     ...
-    config = LoaderConfig.from_recipe(args.recipe, **nested(given(args, flags)))
+    config = with_overrides(LoaderConfig.from_recipe(args.recipe), given(args, flags))
 
 A field's flag is ``--<prefix><field-name>`` (a nested dataclass's fields ``--<prefix><field>-<name>``): ``bool``
 fields take ``--x`` / ``--no-x``, ``Literal`` fields their values as choices, ``int``/``float``/``str`` a value.

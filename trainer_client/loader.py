@@ -67,7 +67,7 @@ from trainer_client.client import RoundPlan, SelectionClient, SessionInfo, Weigh
 from trainer_client.difficulty import RoundDifficulty, round_difficulty
 from trainer_client.distributed import DistContext
 from trainer_client.embeddings import logit_gradient, per_example_loss
-from trainer_client.loader_config import LoaderConfig, LoaderStats, SelectionUnavailable, embed_dtype_for
+from trainer_client.loader_config import LoaderConfig, LoaderStats, SelectionUnavailable
 from trainer_client.region import Decision, RegionController
 
 log = logging.getLogger(__name__)
@@ -150,7 +150,7 @@ class CoresetLoader:
             layer = last_layer or last_linear(model)
         self.embedder = Embedder(cfg.embedding, layer, cfg.embedding_dim, cfg.seed)
         # The embedding pass's precision ("auto": what the model's device runs fastest, embed_dtype_for).
-        self.embed_dtype = cfg.embed_dtype if cfg.embed_dtype != "auto" else embed_dtype_for(_device_of(model))
+        self.embed_dtype = cfg.embed_dtype_on(_device_of(model))
         log.info("loader settings: %s; embedding pass in %s", cfg.describe(), self.embed_dtype)
         self.controller = RegionController(
             replace(cfg.region, seed=cfg.seed), max_coresets=cfg.num_subsets, lead_steps=cfg.lookahead_steps

@@ -201,6 +201,11 @@ class LoaderConfig:
             raise ValueError(f"LoaderConfig has no settings {unknown} (the recipe is the first argument)")
         return replace(base, **overrides)
 
+    def embed_dtype_on(self, device: torch.device) -> str:
+        """The embedding pass's precision on ``device``: ``embed_dtype``, with "auto" resolved by
+        ``embed_dtype_for``."""
+        return self.embed_dtype if self.embed_dtype != "auto" else embed_dtype_for(device)
+
     def wire_settings(self, embedding_dim: int = 0) -> SelectionSettings:
         """The settings a session on the service takes from these (``embedding_dim``: the rows' dimension, 0 for
         the number of classes)."""
