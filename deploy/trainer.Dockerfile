@@ -7,6 +7,8 @@
 #                    local image where no registry is reachable (deploy/base-image.sh)
 #   TORCH_INDEX_URL  a package index for torch (PyTorch's CPU wheel index for a small CPU image); empty: PyPI's
 #                    build, which is CUDA's on Linux
+#   REQUIRE_CUDA     non-empty (the GPU trainer of docker-compose.yml): fail the build unless the torch installed is a
+#                    CUDA build; a CPU wheel left in deploy/wheels/ would otherwise win over PyPI's CUDA build
 # Wheels put in deploy/wheels/ are preferred to any index (a local CPU torch wheel; the deploy tests put one there).
 ARG PYTHON_IMAGE=python:3.11.7-slim-bookworm
 
@@ -30,11 +32,14 @@ FROM build AS deps
 ARG PIP_INDEX_URL
 ARG PIP_NO_INDEX
 ARG TORCH_INDEX_URL=""
+ARG REQUIRE_CUDA=""
 # torch first, then the other dependencies, in a layer of their own: rebuilt when pyproject.toml changes rather
 # than with every source change. (Pinned: hadolint misreads the optional index argument as a package.)
 # hadolint ignore=DL3013
 RUN python -m venv /opt/venv \
     && /opt/venv/bin/pip install --find-links /wheels torch==2.13.0 ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} \
+    && if [ -n "$REQUIRE_CUDA" ] && ! /opt/venv/bin/python -c "import sys, torch; sys.exit(torch.version.cuda is None)"; \
+       then echo "REQUIRE_CUDA: torch $(/opt/venv/bin/python -c 'import torch; print(torch.__version__)') is a CPU build (a CPU wheel in deploy/wheels/?)" >&2; exit 1; fi \
     && python requirements.py trainer > /tmp/requirements.txt \
     && /opt/venv/bin/pip install --find-links /wheels -r /tmp/requirements.txt
 

@@ -32,6 +32,7 @@ class Pixels(Dataset):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--endpoint", default="127.0.0.1:50051")
     parser.add_argument("--out", default="results/hf_trainer")
     cli = parser.parse_args()
@@ -46,7 +47,7 @@ def main() -> None:
         learning_rate=1e-2,
         save_strategy="no",
         report_to=[],
-        use_cpu=True,
+        use_cpu=cli.device == "cpu",
         dataloader_pin_memory=False,
         disable_tqdm=True,
     )
@@ -54,7 +55,7 @@ def main() -> None:
     runtime = trainer.train().metrics["train_runtime"]
     model.eval()
     with torch.no_grad():
-        logits = model(pixel_values=test_set.images).logits
+        logits = model(pixel_values=test_set.images.to(model.device)).logits.cpu()
     accuracy = (logits.argmax(1) == test_set.targets).float().mean().item()
     print(f"test accuracy {accuracy:.4f} after {cli.steps} steps, trained in {runtime:.1f} s")
 

@@ -37,13 +37,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--endpoint", default="127.0.0.1:50051")
-    parser.add_argument("--devices", type=int, default=1, help="CPU processes (2 or more: the DDP strategy)")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--devices", type=int, default=1, help="processes, one per device (2 or more: DDP)")
     cli = parser.parse_args()
     pl.seed_everything(0)
     train_set, test_set = FashionMNIST("train"), FashionMNIST("test", limit=2000)
     model = Classifier()
     trainer = pl.Trainer(
-        accelerator="cpu",
+        accelerator="gpu" if cli.device == "cuda" else "cpu",
         devices=cli.devices,
         strategy="ddp" if cli.devices > 1 else "auto",
         max_steps=cli.steps,
@@ -57,7 +58,8 @@ def main() -> None:
     if trainer.is_global_zero:
         model.eval()
         with torch.no_grad():
-            accuracy = (model(test_set.images).argmax(1) == test_set.targets).float().mean().item()
+            predicted = model(test_set.images.to(model.device)).argmax(1).cpu()
+            accuracy = (predicted == test_set.targets).float().mean().item()
         print(f"test accuracy {accuracy:.4f} after {cli.steps} steps, trained in {runtime:.1f} s")
 
 

@@ -16,17 +16,18 @@ from trainer_client.models import SmallCNN
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--endpoint", default="127.0.0.1:50051")
     args = parser.parse_args()
     torch.manual_seed(0)
     train_set, test_set = FashionMNIST("train"), FashionMNIST("test", limit=2000)
-    model = SmallCNN()
+    model = SmallCNN().to(args.device)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     loader = CoresetLoader(train_set, model, SelectionClient(args.endpoint), labels=train_set.targets)
     step = 0
     while step < args.steps:
         for x, y, w in loader:
-            loss = weighted_loss(model(x), y, w)
+            loss = weighted_loss(model(x.to(args.device)), y.to(args.device), w)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -36,7 +37,8 @@ def main() -> None:
     loader.close()
     model.eval()
     with torch.no_grad():
-        accuracy = (model(test_set.images).argmax(1) == test_set.targets).float().mean().item()
+        predicted = model(test_set.images.to(args.device)).argmax(1).cpu()
+        accuracy = (predicted == test_set.targets).float().mean().item()
     print(f"test accuracy {accuracy:.4f} after {args.steps} steps")
 
 

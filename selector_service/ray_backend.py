@@ -45,9 +45,11 @@ class SelectorWorker:
 
     def __init__(self, name: str, num_threads: int) -> None:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        from selector_service._faiss import faiss
+        from selector_service._faiss import faiss, use_gpus
 
         faiss().omp_set_num_threads(num_threads)
+        # FAISS on a GPU only when Ray reserved one for this actor (Ray then sets CUDA_VISIBLE_DEVICES to it).
+        use_gpus(range(len(ray.get_gpu_ids())))
         node = ray.get_runtime_context().get_node_id()[:12]
         self.name = f"{name}@{socket.gethostname()}:{os.getpid()}/node-{node}"
 

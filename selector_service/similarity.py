@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit, prange
 
-from selector_service._faiss import faiss, num_gpus
+from selector_service._faiss import GPU_MAX_K, faiss, num_gpus, to_gpu
 from selector_service._greedy import STEPS_MAX, gram_to_similarity, gram_to_steps, mirror_steps
 from selector_service.errors import InvalidArgument
 
@@ -309,7 +309,13 @@ def exact_knn(x: np.ndarray, neighbours: int) -> tuple[np.ndarray, np.ndarray]:
     return nbrs, dist
 
 
-def _index(d: int, n: int, approximate: bool) -> object:
+def knn_on_gpu(neighbours: int, gpus: int) -> bool:
+    """Whether a kNN search of K = ``neighbours`` runs on a GPU, given the GPUs FAISS may use: when there is one
+    and K is within FAISS's GPU k-selection limit (``GPU_MAX_K``); else the CPU path, which has no limit."""
+    return gpus > 0 and neighbours < GPU_MAX_K
+
+
+def _index(d: int, n: int, approximate: bool, gpu: bool) -> object:
     f = faiss()
     if approximate:
         nlist = max(1, int(4 * math.sqrt(n)))
@@ -317,9 +323,7 @@ def _index(d: int, n: int, approximate: bool) -> object:
         index.nprobe = min(32, nlist)
     else:
         index = f.IndexFlatL2(d)
-    if num_gpus() > 0:
-        index = f.index_cpu_to_all_gpus(index)
-    return index
+    return to_gpu(index) if gpu else index
 
 
 def knn_coverage(
@@ -338,10 +342,11 @@ def knn_coverage(
     x = np.ascontiguousarray(x, dtype=np.float32)
     n, d = x.shape
     kk = int(min(max(neighbours, 1), n))
-    if not approximate and num_gpus() == 0:
+    gpu = knn_on_gpu(kk, num_gpus())
+    if not approximate and not gpu:
         nbrs, dist = exact_knn(x, kk)
     else:
-        index = _index(d, n, approximate)
+        index = _index(d, n, approximate, gpu)
         if approximate:
             train = x if n <= 100_000 else x[np.random.default_rng(seed).choice(n, 100_000, replace=False)]
             index.train(train)  # type: ignore[attr-defined]

@@ -112,11 +112,14 @@ def test_selector_command_in_compose_is_the_image_default() -> None:
 
 
 def test_gpu_and_cpu_trainers_differ_only_in_base_image_and_torch_build() -> None:
-    """The GPU compose file's trainer and the CPU file's build the same Dockerfile with the same entry point."""
+    """The GPU compose file's trainer and the CPU file's build the same Dockerfile with the same entry point; the
+    GPU one's build refuses a CPU torch."""
     compose, override = load_compose(), load_compose(COMPOSE_CPU)
     gpu, cpu = compose["services"]["trainer"], override["services"]["trainer-cpu"]
     assert gpu["build"]["dockerfile"] == cpu["build"]["dockerfile"] == "deploy/trainer.Dockerfile"
-    assert set(gpu["build"]["args"]) == set(cpu["build"]["args"]) == {"PYTHON_IMAGE", "TORCH_INDEX_URL"}
+    assert set(cpu["build"]["args"]) == {"PYTHON_IMAGE", "TORCH_INDEX_URL"}
+    assert set(gpu["build"]["args"]) == {"PYTHON_IMAGE", "TORCH_INDEX_URL", "REQUIRE_CUDA"}  # fails on a CPU torch
+    assert gpu["build"]["args"]["REQUIRE_CUDA"]
     assert "cuda" in gpu["build"]["args"]["PYTHON_IMAGE"] and "cuda" not in cpu["build"]["args"]["PYTHON_IMAGE"]
     assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
     assert "deploy" not in cpu and override["services"]["trainer"]["profiles"] == ["gpu"]  # the GPU one moves aside

@@ -84,6 +84,7 @@ TRAIN_FLAGS = [
     "--test-limit",
     "--threads",
     "--log-every",
+    "--device",
 ]
 
 CLI_FLAGS = {

@@ -15,11 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from selector_service.backends import LocalBackend
 from selector_service.server import ServerConfig, start_server
-from trainer_client.distributed import DistContext, owners
+from trainer_client.distributed import DistContext, needs_cpu_group, owners
 
 WORLD = 2
 STEPS = 24
@@ -27,7 +26,7 @@ BATCH = 32
 
 WORKER = textwrap.dedent(
     """
-    import json, logging, sys
+    import json, logging, os, sys
     import torch
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
@@ -40,7 +39,11 @@ WORKER = textwrap.dedent(
     target, out, steps, batch, kill_at = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
     phase, ckpt, first = sys.argv[6], sys.argv[7], int(sys.argv[8])  # full run, or the two halves of a resume
     torch.set_num_threads(1)
-    dist.init_process_group("gloo")  # RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT from the environment
+    # RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT from the environment. "cuda:gloo" is a default group with no CPU
+    # backend, as an NCCL job's: the model's DDP then runs on a gloo group of its own, as it would on NCCL.
+    backend = os.environ.get("DDP_TEST_BACKEND", "gloo")
+    dist.init_process_group(backend)
+    ddp_group = None if backend == "gloo" else dist.new_group(backend="gloo")
     rank = dist.get_rank()
     server = None
     if kill_at >= 0:  # rank 0 hosts a server it can stop at a given step; the other ranks only need its address
@@ -66,7 +69,11 @@ WORKER = textwrap.dedent(
 
     torch.manual_seed(0)
     data = FashionMNIST("train", limit=1000)
-    model = DistributedDataParallel(SmallCNN())
+    model = DistributedDataParallel(SmallCNN(), process_group=ddp_group)
+    fit_sizes = []  # the batches of the quadratic model's fit: eval mode with gradients on
+    model.module.register_forward_pre_hook(
+        lambda m, args: fit_sizes.append(len(args[0])) if not m.training and torch.is_grad_enabled() else None
+    )
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     # embedding_max_age: the ranks' caches must stay the same, or their sharded embedding passes would differ;
     # training_logits: each rank stores its share's training rows, which every rank must then hold
@@ -106,8 +113,8 @@ WORKER = textwrap.dedent(
     digest = float(sum(p.double().sum() for p in model.parameters()))
     with open(out, "w") as f:
         json.dump({"decisions": decisions, "delivered": delivered, "stats": vars(loader.stats),
-                   "rounds": loader.stats.regions, "digest": digest, "cache": cache}, f)
-    dist.barrier()  # no rank tears gloo down while a peer still talks to it (a SIGABRT at exit otherwise)
+                   "rounds": loader.stats.regions, "digest": digest, "cache": cache, "fit_sizes": fit_sizes}, f)
+    dist.barrier(group=ddp_group)  # no rank tears gloo down while a peer talks to it (a SIGABRT at exit otherwise)
     dist.destroy_process_group()
     """
 )
@@ -129,7 +136,7 @@ def test_pool_is_dealt_by_id_evenly_and_the_same_way_on_every_rank(world: int) -
 
 @pytest.mark.parametrize(("n", "world"), [(0, 2), (1, 2), (7, 3), (64, 2), (100, 8)])
 def test_shards_cut_like_array_split(n: int, world: int) -> None:
-    cuts = [DistContext(r, world, torch.device("cpu")).shard_bounds(n) for r in range(world)]
+    cuts = [DistContext(r, world).shard_bounds(n) for r in range(world)]
     expected = np.array_split(np.arange(n), world)
     assert [hi - lo for lo, hi in cuts] == [len(e) for e in expected]
     assert all(lo == (e[0] if len(e) else lo) for (lo, _), e in zip(cuts, expected, strict=True))
@@ -142,8 +149,11 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _run_ranks(tmp_path: Path, target: str, kill_at: int = -1, phase: str = "full", first: int = 0) -> list[dict]:
-    """Run WORKER on WORLD gloo ranks to completion; each rank's JSON report, in rank order."""
+def _run_ranks(
+    tmp_path: Path, target: str, kill_at: int = -1, phase: str = "full", first: int = 0, backend: str = "gloo"
+) -> list[dict]:
+    """Run WORKER on WORLD ranks of a ``backend`` default group to completion; each rank's JSON report, in rank
+    order."""
     script = tmp_path / "ddp_worker.py"
     script.write_text(WORKER)
     port = str(_free_port())
@@ -159,6 +169,7 @@ def _run_ranks(tmp_path: Path, target: str, kill_at: int = -1, phase: str = "ful
                 "LOCAL_RANK": str(rank),
                 "WORLD_SIZE": str(WORLD),
                 "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo"),
+                "DDP_TEST_BACKEND": backend,
             }
             out = tmp_path / f"{phase}-rank{rank}.json"
             cmd = [sys.executable, str(script), target, str(out), str(STEPS), str(BATCH), str(kill_at)]
@@ -188,10 +199,12 @@ def _assert_disjoint_per_round(ranks: list[dict]) -> dict[int, set[int]]:
 
 
 @pytest.mark.slow
-def test_two_gloo_ranks_share_one_session_and_decide_identically(tmp_path: Path) -> None:
+def test_two_ranks_share_one_session_and_decide_identically(tmp_path: Path) -> None:
+    """On a default group with no CPU backend ("cuda:gloo", as an NCCL job's "cuda:nccl"), so the loader's
+    collectives run on the gloo group it creates (the kill and resume tests run on a plain gloo default group)."""
     server = start_server(ServerConfig(port=0, backend="local"), backend=LocalBackend(num_workers=2))
     try:
-        ranks = _run_ranks(tmp_path, server.target)
+        ranks = _run_ranks(tmp_path, server.target, backend="cuda:gloo")
     finally:
         server.stop(grace=0)
 
@@ -200,6 +213,8 @@ def test_two_gloo_ranks_share_one_session_and_decide_identically(tmp_path: Path)
     decisions = ranks[0]["decisions"]
     assert sum("-> keep" in d or "-> reselect" in d for d in decisions) >= 3
     assert sum("-> reselect" in d for d in decisions) >= 1 and ranks[0]["rounds"] >= 2
+    # The quadratic model is fitted in micro-batches of this rank's share of a step, not the global batch.
+    assert all(r["fit_sizes"] and max(r["fit_sizes"]) == BATCH // WORLD for r in ranks)
     # The replicas stayed identical (DDP) and every batch came from the service, none from the fallback.
     assert ranks[0]["digest"] == ranks[1]["digest"]
     for r in ranks:
@@ -282,3 +297,18 @@ def test_rank_0_checkpoint_resumes_every_rank_with_the_batches_of_an_uninterrupt
     assert rest[0]["digest"] == rest[1]["digest"] == full[0]["digest"]
     assert rest[0]["cache"] == rest[1]["cache"] == full[0]["cache"]  # with the training rows of both ranks
     assert rest[0]["rounds"] == full[0]["rounds"] >= 3  # regions switched after the restore too
+
+
+@pytest.mark.parametrize(
+    ("config", "needed"),
+    [
+        ("cpu:gloo", False),  # init_process_group() with no backend on a CPU host
+        ("cpu:gloo,cuda:nccl", False),  # with no backend on a CUDA host
+        ("gloo", False),
+        ("cuda:nccl", True),  # init_process_group("nccl")
+        ("nccl", True),
+        ("cuda:gloo", True),
+    ],
+)
+def test_the_loader_takes_a_gloo_group_when_the_default_group_has_no_cpu_backend(config: str, needed: bool) -> None:
+    assert needs_cpu_group(config) is needed

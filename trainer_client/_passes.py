@@ -131,17 +131,17 @@ class ModelPasses:
         embs, targets, losses = [], [], []
         try:
             forward = self._embed_forward()
-            for batch in self._eval_batches(ids):
+            for batch in self._eval_batches(ids):  # kept on the model's device: one copy to the host at the end
                 emb, y, logits = self.embedder(self.model, batch, forward)
-                embs.append(emb.cpu())
-                losses.append(per_example_loss(logits, y).cpu())
-                targets.append(y.cpu())
+                embs.append(emb.float())
+                losses.append(per_example_loss(logits, y))
+                targets.append(y)
         finally:
             self.model.train(was_training)
         return (
-            torch.cat(embs).float().numpy(),
-            torch.cat(targets).numpy().astype(np.int64),
-            torch.cat(losses).float().numpy(),
+            torch.cat(embs).cpu().numpy(),
+            torch.cat(targets).cpu().numpy().astype(np.int64),
+            torch.cat(losses).cpu().numpy(),
         )
 
     @torch.no_grad()
@@ -150,13 +150,13 @@ class ModelPasses:
         was_training = self.model.training
         self.model.eval()
         try:
-            total = 0.0
+            sums = []  # on the model's device, read once
             for batch in self._eval_batches(ids):
                 logits, y = self.forward_fn(self.model, batch)
-                total += float(per_example_loss(logits, y).sum())
+                sums.append(per_example_loss(logits, y).sum())
         finally:
             self.model.train(was_training)
-        return total
+        return float(torch.stack(sums).double().sum()) if sums else 0.0
 
     def check_loss(self, ids: np.ndarray, controller: RegionController) -> CheckLoss:
         """The true mean loss on ``ids`` (some of the round's random-subset ids) and, under DDP, the prediction.
@@ -186,17 +186,25 @@ class ModelPasses:
 
         was_training = self.model.training
         self.model.eval()
+        # cuDNN's RNN kernels refuse a backward pass in eval mode: the fit of a model holding one runs without cuDNN.
+        rnn = any(isinstance(m, torch.nn.RNNBase) for m in self.model.modules())
+        cudnn = torch.backends.cudnn.enabled
         try:
             # The fit differentiates twice, which the fused attention kernels cannot (CPU flash attention has no
             # double backward): its attention runs on the math kernel; training and embedding keep the fast ones.
+            torch.backends.cudnn.enabled = cudnn and not rnn
             with torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]):
                 controller.fit(trainable(self.model), batches(), step)
-        except NotImplementedError as exc:
-            raise NotImplementedError(
-                f"the CREST quadratic model needs a double backward through {type(self.model).__name__} ({exc}); "
-                "use the fixed rule (RegionConfig(mode='fixed'), as the recommended recipe does) for this model"
+        except (NotImplementedError, RuntimeError) as exc:
+            if isinstance(exc, RuntimeError) and "backward" not in str(exc):
+                raise
+            raise type(exc)(
+                f"the CREST quadratic model needs a double backward through {type(self.model).__name__} in eval mode "
+                f"({exc}); use the fixed rule (RegionConfig(mode='fixed'), as the recommended recipe does) for this "
+                "model"
             ) from exc
         finally:
+            torch.backends.cudnn.enabled = cudnn
             self.model.train(was_training)
         if self.dist is not None:
             # Identical replicas give identical fits; rank 0's schedule is broadcast anyway, because ranks that

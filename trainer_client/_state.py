@@ -24,6 +24,19 @@ from trainer_client.loader_config import LoaderStats
 log = logging.getLogger("trainer_client.loader")
 
 
+def on_cpu(state: Any) -> Any:
+    """``state`` (nested dicts, lists and tuples) with every tensor moved to the CPU: a checkpoint loaded with
+    ``torch.load(..., map_location="cuda")``, the usual call when the loader's state shares a file with the model's,
+    holds CUDA tensors, which ``.numpy()`` and ``Generator.set_state`` refuse."""
+    if isinstance(state, torch.Tensor):
+        return state.cpu()
+    if isinstance(state, dict):
+        return {k: on_cpu(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(on_cpu(v) for v in state)
+    return state
+
+
 @dataclass
 class Region:
     """The region being trained: a round's coresets, reshuffled every pass."""

@@ -25,8 +25,16 @@ def collate_ids(dataset: Dataset, collate_fn: Callable[[list[Any]], Any], ids: n
     return collate_fn([dataset[int(i)] for i in ids])
 
 
+def label_array(labels: Any) -> np.ndarray:
+    """int64 (N,) host copy of class labels given as an array, a sequence or a tensor on any device."""
+    if isinstance(labels, torch.Tensor):
+        labels = labels.detach().cpu().numpy()
+    return np.asarray(labels, dtype=np.int64)
+
+
 def default_forward(model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and targets of an ``(inputs, targets, ...)`` batch, on the model's device.
+    """Logits and targets of an ``(inputs, targets, ...)`` batch, on the model's device; floating inputs take the
+    model's dtype too (a ``model.half()`` or bfloat16 model).
 
     For any other batch shape pass your own ``forward_fn``; for a Hugging Face sequence classifier::
 
@@ -39,9 +47,10 @@ def default_forward(model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.T
             f"the default forward_fn takes (inputs, targets) batches; received a dict with keys {sorted(batch)}. "
             "Pass forward_fn=(model, batch) -> (logits, targets) to CoresetLoader"
         )
-    device = next(model.parameters()).device
+    param = next(model.parameters())
     inputs, targets = batch[0], batch[1]
-    return model(inputs.to(device)), targets.to(device)
+    dtype = param.dtype if inputs.is_floating_point() and param.is_floating_point() else None
+    return model(inputs.to(param.device, dtype)), targets.to(param.device)
 
 
 def with_weights(batch: Any, weights: torch.Tensor, key: str = "weights") -> Any:
@@ -87,6 +96,7 @@ class Embedder:
         if kind == "last_layer_gradient" and dim:
             assert layer is not None
             self.projection = random_projection(layer.out_features, layer.in_features, dim, seed)
+        self._on_device: torch.Tensor | None = None  # the projection where the model runs, copied there once
 
     def dim(self, num_classes: int) -> int:
         """Row dimension d the service must be told at session creation."""
@@ -119,4 +129,11 @@ class Embedder:
         if len(seen) != 1:
             raise RuntimeError(f"the last linear layer ran {len(seen)} times in one forward pass; expected once")
         features = seen[0].reshape(len(logits), -1)
-        return last_layer_gradient(logits, targets, features, self.projection), targets, logits
+        return last_layer_gradient(logits, targets, features, self._projection_on(features.device)), targets, logits
+
+    def _projection_on(self, device: torch.device) -> torch.Tensor | None:
+        if self.projection is None:
+            return None
+        if self._on_device is None or self._on_device.device != device:
+            self._on_device = self.projection.to(device)
+        return self._on_device

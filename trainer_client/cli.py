@@ -57,6 +57,9 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-limit", type=int, default=None, help="evaluate on only the first N test examples")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the trainer; default 1")
     p.add_argument("--log-every", type=int, default=100, help="log progress every N steps (0: never)")
+    p.add_argument(
+        "--device", default="auto", help="where the model trains: auto (cuda when available), cpu, cuda or cuda:N"
+    )
 
 
 def loader_config(
@@ -111,6 +114,7 @@ def train_config(args: argparse.Namespace) -> Any:
         test_limit=args.test_limit,
         threads=args.threads,
         log_every=args.log_every,
+        device=args.device,
     )
 
 

@@ -8,6 +8,12 @@ other ranks by ``broadcast_object``; the Taylor check sums per-shard losses with
 ``owners`` splits a region's pool between ranks so that no id is trained on two ranks in one round.
 
 Every function here is a collective unless it says otherwise: all ranks must call it, in the same order.
+
+The messages are small (a round's embedding rows, a few floats, pickled service events), so they travel as CPU
+tensors over gloo whatever the training backend is: over the default group when it has a CPU backend
+(``init_process_group()`` with no backend, or "gloo"), else over a gloo group of all ranks created beside it
+(an NCCL-only group: ``backend="nccl"``). So the loader's collectives never touch a GPU: they do not depend on
+``torch.cuda.set_device`` and do not queue control messages behind the model's NCCL all-reduces.
 """
 
 from __future__ import annotations
@@ -30,26 +36,32 @@ class DistContext:
     Attributes:
         rank: this process, 0..world_size-1; rank 0 talks to the selection service.
         world_size: number of ranks (>= 2; a single process runs without a context).
-        device: where collective tensors live: the current CUDA device under NCCL, else the CPU (gloo).
+        group: the process group the loader's collectives run on (CPU tensors): None for the default group, else
+            a gloo group of all ranks (``needs_cpu_group``).
     """
 
     rank: int
     world_size: int
-    device: torch.device
+    group: Any = None
 
     @classmethod
     def detect(cls) -> DistContext | None:
-        """The context when ``torch.distributed`` is initialised with more than one rank; None otherwise
-        (not a collective)."""
+        """The context when ``torch.distributed`` is initialised with more than one rank; None otherwise.
+
+        A collective when the default group has no CPU backend (every rank creates the gloo group then), so every
+        rank builds its loader at the same point of the program, as the loader asks.
+        """
         if not (dist.is_available() and dist.is_initialized()):
             return None
         world = dist.get_world_size()
         if world < 2:
             return None
-        device = torch.device("cpu")
-        if dist.get_backend() == "nccl":
-            device = torch.device("cuda", torch.cuda.current_device())
-        return cls(dist.get_rank(), world, device)
+        config = dist.get_backend_config()
+        group = None
+        if needs_cpu_group(config):
+            log.info("the default process group runs %s: the loader's collectives go over a gloo group", config)
+            group = dist.new_group(backend="gloo")
+        return cls(dist.get_rank(), world, group)
 
     @property
     def is_main(self) -> bool:
@@ -63,34 +75,44 @@ class DistContext:
     def broadcast_object(self, obj: Any) -> Any:
         """Rank 0's ``obj`` (picklable) on every rank; the other ranks' ``obj`` is ignored."""
         box = [obj if self.is_main else None]
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=0, group=self.group)
         return box[0]
 
     def all_gather_object(self, obj: Any) -> list[Any]:
         """Every rank's ``obj`` (picklable), in rank order."""
         out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj)
+        dist.all_gather_object(out, obj, group=self.group)
         return out
 
     def all_reduce_sum(self, values: list[float]) -> np.ndarray:
         """float64 (k,): the element-wise sum of every rank's ``values`` (the same k on every rank)."""
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return t.cpu().numpy()
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
+        return t.numpy()
 
     def gather_rows(self, rows: np.ndarray, total: int) -> np.ndarray:
         """float32 (total, k): every rank's ``rows`` (float32 (n_r, k), n_r from ``shard_bounds(total)``),
         concatenated in rank order. Shards are padded to the largest for ``all_gather`` and trimmed."""
         width = rows.shape[1]
-        sizes = [DistContext(r, self.world_size, self.device).shard_bounds(total) for r in range(self.world_size)]
+        sizes = [split_bounds(total, self.world_size, r) for r in range(self.world_size)]
         longest = max(hi - lo for lo, hi in sizes)
         if len(rows) != sizes[self.rank][1] - sizes[self.rank][0]:
             raise ValueError(f"rank {self.rank} holds {len(rows)} rows; its shard of {total} is {sizes[self.rank]}")
-        padded = torch.zeros(longest, width, dtype=torch.float32, device=self.device)
-        padded[: len(rows)] = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32)).to(self.device)
+        padded = torch.zeros(longest, width, dtype=torch.float32)
+        padded[: len(rows)] = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
         parts = [torch.empty_like(padded) for _ in range(self.world_size)]
-        dist.all_gather(parts, padded)
-        return torch.cat([p[: hi - lo] for p, (lo, hi) in zip(parts, sizes, strict=True)]).cpu().numpy()
+        dist.all_gather(parts, padded, group=self.group)
+        return torch.cat([p[: hi - lo] for p, (lo, hi) in zip(parts, sizes, strict=True)]).numpy()
+
+
+def needs_cpu_group(backend_config: str) -> bool:
+    """Whether a default group of this ``get_backend_config()`` (e.g. "cpu:gloo,cuda:nccl", "cuda:nccl", "gloo")
+    lacks a backend for CPU tensors, so the loader must create a gloo group for its collectives (not a
+    collective). A bare backend name serves every device it supports: only "nccl" is CUDA-only."""
+    parts = [p.strip() for p in backend_config.split(",") if p.strip()]
+    if any(":" not in p for p in parts):  # "gloo", "nccl", "mpi": one backend for all devices
+        return all(p.lower() == "nccl" for p in parts)
+    return not any(p.split(":", 1)[0].strip().lower() == "cpu" for p in parts)
 
 
 def split_bounds(n: int, parts: int, index: int) -> tuple[int, int]:

@@ -28,9 +28,13 @@ def per_example_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tenso
 
 
 def weighted_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Batch mean of weight * cross-entropy: the CREST training loss for a weighted coreset batch."""
-    losses = F.cross_entropy(logits, targets, reduction="none")
-    return (losses * weights.to(losses.dtype)).mean()
+    """Batch mean of weight * cross-entropy: the CREST training loss for a weighted coreset batch.
+
+    ``targets`` and ``weights`` (float (n,)) are moved to the logits' device: the loader yields them on the CPU,
+    and a loop may move only its inputs and targets.
+    """
+    losses = F.cross_entropy(logits, targets.to(logits.device), reduction="none")
+    return (losses * weights.to(losses.device, losses.dtype)).mean()
 
 
 def random_projection(num_classes: int, feature_dim: int, dim: int, seed: int) -> torch.Tensor:

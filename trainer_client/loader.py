@@ -61,8 +61,16 @@ from trainer_client._embedding_cache import EmbeddingCache
 from trainer_client._link import ServiceLink
 from trainer_client._mirror import on_main
 from trainer_client._passes import ModelPasses, RoundEmbeddings, trainable
-from trainer_client._state import LoaderState, PendingRound, Region
-from trainer_client.batches import Embedder, ForwardFn, collate_ids, default_forward, last_linear, with_weights
+from trainer_client._state import LoaderState, PendingRound, Region, on_cpu
+from trainer_client.batches import (
+    Embedder,
+    ForwardFn,
+    collate_ids,
+    default_forward,
+    label_array,
+    last_linear,
+    with_weights,
+)
 from trainer_client.client import RoundPlan, SelectionClient, SessionInfo, WeightedBatch
 from trainer_client.difficulty import RoundDifficulty, round_difficulty
 from trainer_client.distributed import DistContext
@@ -142,7 +150,7 @@ class CoresetLoader:
         self.dataset, self.model, self.client = dataset, model, client
         self._dist = DistContext.detect()
         self.config = cfg = config or LoaderConfig()
-        self.labels = np.asarray(labels, dtype=np.int64)
+        self.labels = label_array(labels)
         self.num_classes = num_classes or int(self.labels.max()) + 1
         self.collate_fn, self.forward_fn = collate_fn, forward_fn
         layer = None
@@ -186,6 +194,9 @@ class CoresetLoader:
         # Under DDP, the rows observe_logits took since the last round, (ids, rows, step) per step: the ranks'
         # caches must stay equal, so they are exchanged at the next round (or checkpoint) and stored then.
         self._observed: list[tuple[np.ndarray, RoundEmbeddings, int]] = []
+        # The fit's micro-batch: the largest batch a training step runs through the model at once.
+        world = 1 if self._dist is None else self._dist.world_size
+        self._fit_batch_size = cfg.fit_batch_size or -(-cfg.batch_size // world)
         self._link = ServiceLink(client, cfg, self.labels, self.num_classes, embedding_dim, streams=is_main)
         self._state = LoaderState.new(len(self.labels), cfg.seed, cfg.batch_size)
         self._closed = False
@@ -265,16 +276,15 @@ class CoresetLoader:
                 f"received {tuple(logits.shape)}"
             )
         z = logits.detach().float()
-        if not bool(torch.isfinite(z).all()):
-            bad = int((~torch.isfinite(z)).any(dim=1).sum())
-            raise ValueError(f"observe_logits received non-finite logits in {bad} of {len(ids)} rows; nothing stored")
         targets = torch.from_numpy(self.labels[ids]).to(z.device)
-        rows = RoundEmbeddings(
-            logit_gradient(z, targets).cpu().numpy(),
-            self.labels[ids],
-            per_example_loss(z, targets).cpu().numpy(),
-            embedded=0,
-        )
+        # One copy to the host (one sync between the forward and the backward pass): the rows, their losses, and
+        # whether each row's logits were finite.
+        finite = torch.isfinite(z).all(dim=1, keepdim=True).float()
+        host = torch.cat([logit_gradient(z, targets), per_example_loss(z, targets)[:, None], finite], dim=1).cpu()
+        bad = int((host[:, -1] == 0).sum())
+        if bad:
+            raise ValueError(f"observe_logits received non-finite logits in {bad} of {len(ids)} rows; nothing stored")
+        rows = RoundEmbeddings(host[:, :-2].numpy().copy(), self.labels[ids], host[:, -2].numpy().copy(), embedded=0)
         step = s.stats.steps - 1  # the model before this batch's optimizer step
         s.stats.training_rows += len(ids)
         if self._dist is None:
@@ -445,7 +455,7 @@ class CoresetLoader:
         else:
             start = time.perf_counter()
             ids, weights = region.fit_sample(self.config.fit_examples, self.config.seed)
-            self._passes.fit(self.controller, ids, weights, self.config.batch_size, s.stats.steps)
+            self._passes.fit(self.controller, ids, weights, self._fit_batch_size, s.stats.steps)
             s.stats.fit_s += time.perf_counter() - start
             earliest_end = s.stats.steps + self.controller.interval  # the first check
         # The next round's size is final now (only a fit changes it): start that round on the stream thread, after
@@ -525,6 +535,7 @@ class CoresetLoader:
         """Continue from ``state_dict()``; call before iterating. Refuses another version or dataset."""
         if self._state.yielded or self._link.session is not None:
             raise RuntimeError("load_state_dict must be called on a fresh loader, before the first batch")
+        state = on_cpu(state)
         loaded = LoaderState.from_state_dict(
             state,
             dataset_size=len(self.labels),

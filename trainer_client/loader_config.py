@@ -81,6 +81,11 @@ class LoaderConfig:
     # this many of the region's pool, with their weights; 0 fits on the whole pool (CREST). The weighted mean loss
     # of a uniform sample estimates the pool's, and the fit's cost falls with the sample.
     fit_examples: int = 0
+    # Examples per forward and double backward of the quadratic model's fit; 0: this rank's share of a step,
+    # batch_size / world size. The fit holds a double backward's graph of that many examples, so it must fit where a
+    # training micro-batch does: the HF and Lightning integrations set it to theirs (batch_size there counts every
+    # rank's accumulated micro-batches of an optimizer step).
+    fit_batch_size: int = 0
     # The loss weight of each coreset example: "uniform", 1 for every example (recommended), or "cluster", the
     # size of its facility-location cluster scaled to mean 1 (CRAIG's gamma, as CREST trains). On Fashion-MNIST
     # uniform weights trained better per step (+0.4 to +1.0 points on a validation split); with 30% flipped
@@ -145,6 +150,10 @@ class LoaderConfig:
 
     def __post_init__(self) -> None:
         _check_choices(self)
+        if self.fit_batch_size < 0:
+            raise ValueError(
+                f"fit_batch_size must be >= 0 (0: this rank's share of batch_size), received {self.fit_batch_size}"
+            )
         if self.fit_examples < 0 or self.check_examples < 0:
             raise ValueError(
                 f"fit_examples and check_examples must be >= 0 (0: all), received {self.fit_examples} and "

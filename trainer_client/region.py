@@ -139,7 +139,11 @@ class RegionStats:
 
 
 def _flat(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([t.reshape(-1) for t in tensors])
+    """float32 (sum of numel,): the tensors flattened and concatenated on the first one's device (a model spread
+    over several devices, e.g. ``device_map="auto"``, has its parameters on each)."""
+    parts = list(tensors)
+    home = parts[0].device if parts else torch.device("cpu")
+    return torch.cat([t.reshape(-1).to(home, torch.float32) for t in parts])
 
 
 class RegionController:
@@ -178,17 +182,20 @@ class RegionController:
     def hutchinson_diagonal(self, loss: torch.Tensor, params: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """Gradient and Hutchinson Hessian diagonal of ``loss`` (which must carry a graph).
 
-        Returns (g, hdiag), float32 (num_params,): hdiag = mean over probes of v ⊙ Hv with v Rademacher.
-        Uses ``torch.autograd.grad``, so ``p.grad`` is never touched.
+        Returns (g, hdiag), float32 (num_params,) on the first parameter's device: hdiag = mean over probes of
+        v ⊙ Hv with v Rademacher. The probes are drawn on the CPU from the seeded generator, so a seed gives the
+        same probes on every device. Uses ``torch.autograd.grad``, so ``p.grad`` is never touched.
         """
         grads = torch.autograd.grad(loss, params, create_graph=True)
-        hdiag = torch.zeros(sum(p.numel() for p in params))
+        hdiag: torch.Tensor | None = None
         for k in range(self.config.hutchinson_probes):
             vs = [torch.randint(0, 2, p.shape, generator=self._generator).to(p) * 2 - 1 for p in params]
             last = k == self.config.hutchinson_probes - 1
             hvs = torch.autograd.grad(grads, params, grad_outputs=vs, retain_graph=not last)
-            hdiag += _flat(v * hv for v, hv in zip(vs, hvs, strict=True)).detach().float().cpu()
-        return _flat(g.detach() for g in grads).float().cpu(), hdiag / self.config.hutchinson_probes
+            vhv = _flat(v * hv for v, hv in zip(vs, hvs, strict=True)).detach()
+            hdiag = vhv if hdiag is None else hdiag + vhv
+        assert hdiag is not None
+        return _flat(g.detach() for g in grads), hdiag / self.config.hutchinson_probes
 
     def start_region(self) -> None:
         """Begin a region without a quadratic model: in fixed mode only the step count decides."""
@@ -205,11 +212,13 @@ class RegionController:
             step: the trainer step, for logs.
         """
         params = list(params)
+        self._to(params[0].device)
         # Between Hessian estimates (hessian_every) a fit takes the gradient alone and keeps the last curvature.
         estimate = self._h0 is None or self.stats.fits % self.config.hessian_every == 0
-        n_total, loss_sum = 0, 0.0
+        # Summed on the parameters' device and read once at the end: no host sync per batch.
+        n_total, loss_sum = 0, torch.zeros((), dtype=torch.float64)
         g_sum = h_sum = torch.zeros(0)
-        curv_norms = []
+        curv_norms: list[torch.Tensor] = []
         for loss, n in batches:
             if estimate:
                 g, hdiag = self.hutchinson_diagonal(loss, params)
@@ -222,17 +231,17 @@ class RegionController:
                 else:
                     h = hdiag
                 h_sum = h_sum + n * h if n_total else n * h
-                curv_norms.append(float(h.norm()))
+                curv_norms.append(h.norm())
             else:
-                g = _flat(torch.autograd.grad(loss, params)).float().cpu()
+                g = _flat(torch.autograd.grad(loss, params))
             g_sum = g_sum + n * g if n_total else n * g
-            loss_sum += n * float(loss.detach())
+            loss_sum = loss_sum.to(loss.device) + n * loss.detach().double()
             n_total += n
         if n_total == 0:
             raise ValueError("fit received no coreset batches; a region needs at least one example")
         if estimate:
             self._h0 = h_sum / n_total
-            self._curvature = curvature = sum(curv_norms) / len(curv_norms)
+            self._curvature = curvature = float(torch.stack(curv_norms).mean())
             if self._first_curvature is None:
                 self._first_curvature = curvature
             else:
@@ -241,8 +250,8 @@ class RegionController:
                 if self.config.max_interval:
                     self.interval = min(self.interval, self.config.max_interval)
                 self.num_coresets = min(self.interval * self.config.coresets_per_interval, self.max_coresets)
-        self._g0, self._loss0 = g_sum / n_total, loss_sum / n_total
-        self._w_sel = _flat(p.detach() for p in params).float().cpu().clone()
+        self._g0, self._loss0 = g_sum / n_total, float(loss_sum) / n_total
+        self._w_sel = _flat(p.detach() for p in params).clone()
         self.steps_since_fit = 0
         self.stats.fits += 1
         self.stats.last_interval, self.stats.last_num_coresets = self.interval, self.num_coresets
@@ -263,16 +272,25 @@ class RegionController:
         return fit
 
     def delta(self, params: Sequence[torch.Tensor]) -> torch.Tensor:
-        """δ = w - w_sel, float32 (num_params,): the sum of every optimizer update since the fit."""
+        """δ = w - w_sel, float32 (num_params,) on the first parameter's device: the sum of every optimizer update
+        since the fit."""
         if self._w_sel is None:
             raise RuntimeError("no quadratic model yet: call fit() after a selection")
-        return _flat(p.detach() for p in params).float().cpu() - self._w_sel
+        w = _flat(p.detach() for p in params)
+        self._to(w.device)
+        return w - self._w_sel
 
     def predict(self, params: Sequence[torch.Tensor]) -> float:
         """The quadratic model's loss at the current parameters."""
         d = self.delta(params)
         assert self._g0 is not None and self._h0 is not None
         return self._loss0 + float(d @ self._g0) + 0.5 * float(d @ (self._h0 * d))
+
+    def _to(self, device: torch.device) -> None:
+        """Keep the model's vectors where the parameters are (they load on the CPU from a checkpoint)."""
+        self._w_sel, self._g0, self._h0, self._rms_sq = (
+            None if t is None else t.to(device) for t in (self._w_sel, self._g0, self._h0, self._rms_sq)
+        )
 
     # -- decisions ----------------------------------------------------------------------------------------
 
@@ -315,7 +333,11 @@ class RegionController:
     # -- state ----------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue exactly: region model, intervals, counters, probe RNG."""
+        """Everything needed to continue exactly: region model, intervals, counters, probe RNG (tensors on the CPU)."""
+
+        def host(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.cpu()
+
         return {
             "version": STATE_VERSION,
             "config": asdict(self.config),
@@ -323,12 +345,12 @@ class RegionController:
             "num_coresets": self.num_coresets,
             "steps_since_fit": self.steps_since_fit,
             "generator": self._generator.get_state(),
-            "w_sel": self._w_sel,
-            "g0": self._g0,
-            "h0": self._h0,
+            "w_sel": host(self._w_sel),
+            "g0": host(self._g0),
+            "h0": host(self._h0),
             "loss0": self._loss0,
             "first_curvature": self._first_curvature,
-            "rms_sq": self._rms_sq,
+            "rms_sq": host(self._rms_sq),
             "rms_count": self._rms_count,
             "curvature": self._curvature,
             "stats": asdict(self.stats),
@@ -346,7 +368,7 @@ class RegionController:
             )
         self.interval, self.num_coresets = int(state["interval"]), int(state["num_coresets"])
         self.steps_since_fit = int(state["steps_since_fit"])
-        self._generator.set_state(state["generator"])
+        self._generator.set_state(state["generator"].cpu())  # a checkpoint loaded with map_location="cuda"
         self._w_sel, self._g0, self._h0 = state["w_sel"], state["g0"], state["h0"]
         self._loss0, self._first_curvature = float(state["loss0"]), state["first_curvature"]
         self._rms_sq, self._rms_count = state["rms_sq"], int(state["rms_count"])

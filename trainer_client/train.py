@@ -44,6 +44,8 @@ class TrainConfig:
     threads: int = 1
     # Log progress every this many steps (0: never).
     log_every: int = 100
+    # Where the model trains: "auto" (cuda when available, else the CPU), "cpu", "cuda" or "cuda:N".
+    device: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -70,14 +72,27 @@ class TrainResult:
     partial_rounds: int = 0  # regions started with fewer coresets than asked for
 
 
+def pick_device(name: str = "auto") -> torch.device:
+    """The device ``name`` names; "auto" is cuda when torch sees a GPU, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but torch {torch.__version__} sees no CUDA device")
+    return device
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor, batch_size: int = 2000) -> float:
-    """Top-1 accuracy of ``model`` on (images, targets)."""
+    """Top-1 accuracy of ``model`` on (images, targets), in batches moved to the model's device."""
     was_training = model.training
     model.eval()
+    param = next(model.parameters(), None)
+    device = torch.device("cpu") if param is None else param.device
     correct = 0
     for lo in range(0, len(targets), batch_size):
-        correct += int((model(images[lo : lo + batch_size]).argmax(1) == targets[lo : lo + batch_size]).sum())
+        logits = model(images[lo : lo + batch_size].to(device))
+        correct += int((logits.argmax(1).cpu() == targets[lo : lo + batch_size]).sum())
     model.train(was_training)
     return correct / len(targets)
 
@@ -88,17 +103,18 @@ def train(config: TrainConfig, client: SelectionClient) -> TrainResult:
     torch.manual_seed(config.seed)
     train_set = FashionMNIST("train", config.data_dir, limit=config.train_limit)
     test_set = FashionMNIST("test", config.data_dir, limit=config.test_limit)
-    model = SmallCNN(num_classes=len(FashionMNIST.classes))
+    device = pick_device(config.device)
+    model = SmallCNN(num_classes=len(FashionMNIST.classes)).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.steps)
     start = time.perf_counter()
     loss_value = float("nan")
     with CoresetLoader(train_set, model, client, train_set.targets.numpy(), config=config.loader) as loader:
         for step, (x, y, w) in zip(range(config.steps), loader, strict=False):
-            logits = model(x)
+            logits = model(x.to(device, non_blocking=True))
             if config.loader.training_logits:
                 loader.observe_logits(logits)
-            loss = weighted_loss(logits, y, w)
+            loss = weighted_loss(logits, y, w)  # moves y and w to the logits' device
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -140,12 +140,12 @@ def dataset_labels(dataset: Any, keys: tuple[str, ...] = LABEL_KEYS) -> np.ndarr
     """
     targets = getattr(dataset, "targets", None)
     if targets is not None:
-        return _as_labels(np.asarray(targets), "the dataset's targets")
+        return _as_labels(targets, "the dataset's targets")
     columns = getattr(dataset, "column_names", None)
     if columns is not None:
         for key in keys:
             if key in columns:
-                return _as_labels(np.asarray(dataset[key]), f"column {key!r}")
+                return _as_labels(dataset[key], f"column {key!r}")
     n = len(dataset)
     if n == 0:
         raise ValueError("the training dataset is empty")
@@ -179,7 +179,9 @@ def _scalar(value: Any) -> Any:
     return value
 
 
-def _as_labels(values: np.ndarray, where: str) -> np.ndarray:
+def _as_labels(values: Any, where: str) -> np.ndarray:
+    """int64 (N,) host copy of ``values`` (an array, a sequence or a tensor on any device), checked to be labels."""
+    values = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
     if values.ndim != 1 or not np.issubdtype(values.dtype, np.integer):
         raise ValueError(
             f"class labels from {where} must be integers, one per example; received dtype {values.dtype} and "

@@ -35,11 +35,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from numpy.typing import ArrayLike
 
 from crest.selector.v1 import codec
+from trainer_client.batches import label_array
 from trainer_client.client import SelectionClient
 from trainer_client.embeddings import weighted_loss
 from trainer_client.integrations._steps import (
@@ -101,7 +101,7 @@ class CoresetTrainer(Trainer):
             raise ValueError("CoresetTrainer needs a train_dataset: the coresets are selected from it")
         self._endpoint = endpoint
         self._config = integration_config(recipe, loader_config, "CoresetTrainer")
-        self._labels = None if labels is None else np.asarray(labels, dtype=np.int64)
+        self._labels = None if labels is None else label_array(labels)
         self._num_classes = num_classes
         self._resume_dir: str | None = None
         self.coreset_loader: CoresetLoader | None = None
@@ -136,7 +136,9 @@ class CoresetTrainer(Trainer):
                 f"{total} (per_device_train_batch_size x gradient_accumulation_steps x processes): set the batch "
                 "size in the TrainingArguments and leave it out of the LoaderConfig"
             )
-        config = replace(self._config, batch_size=total)
+        # The quadratic model's fit runs in this process's micro-batches, as the Trainer's steps do.
+        micro = self._config.fit_batch_size or self.args.per_device_train_batch_size
+        config = replace(self._config, batch_size=total, fit_batch_size=micro)
         client = self._endpoint if isinstance(self._endpoint, SelectionClient) else SelectionClient(self._endpoint)
         # The Trainer keeps the columns model.forward takes; the loader needs the labels even where it takes none.
         self._set_signature_columns_if_needed()

@@ -36,11 +36,10 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-import numpy as np
 from numpy.typing import ArrayLike
 from torch.utils.data import Dataset, default_collate
 
-from trainer_client.batches import ForwardFn, default_forward
+from trainer_client.batches import ForwardFn, default_forward, label_array
 from trainer_client.client import SelectionClient
 from trainer_client.integrations._steps import (
     StepBatches,
@@ -97,7 +96,7 @@ class CoresetDataModule(pl.LightningDataModule):
         self.train_dataset, self.endpoint = train_dataset, endpoint
         config = integration_config(recipe, loader_config, "CoresetDataModule")
         self.config = replace(config, batch_size=batch_size)
-        self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
+        self.labels = None if labels is None else label_array(labels)
         self.num_classes, self.collate_fn, self.forward_fn = num_classes, collate_fn, forward_fn
         self.loader: CoresetLoader | None = None
         self._batches: StepBatches | None = None
@@ -114,13 +113,16 @@ class CoresetDataModule(pl.LightningDataModule):
         if len(labels) != len(self.train_dataset):  # type: ignore[arg-type]
             raise ValueError(f"labels has {len(labels)} entries; the training dataset {len(self.train_dataset)}")  # type: ignore[arg-type]
         client = self.endpoint if isinstance(self.endpoint, SelectionClient) else SelectionClient(self.endpoint)
+        # The quadratic model's fit runs in this rank's micro-batches, as Lightning's steps do.
+        parts = trainer.world_size * trainer.accumulate_grad_batches
+        config = replace(self.config, fit_batch_size=self.config.fit_batch_size or -(-self.config.batch_size // parts))
         loader = CoresetLoader(
             self.train_dataset,
             trainer.lightning_module,
             client,
             labels,
             num_classes=self.num_classes,
-            config=self.config,
+            config=config,
             collate_fn=self.collate_fn,
             forward_fn=checked_forward(self.forward_fn),
         )
