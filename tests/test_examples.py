@@ -96,3 +96,45 @@ def test_lightning_fit_and_its_crest_version_both_train(server: RunningServer) -
     after = _accuracy([str(EXAMPLES / "lightning_fit.py"), "--steps", "30", "--endpoint", server.target])
     assert before > 0.5 and after > 0.5
     assert len(delivered) > 0 and server.manager.totals()["sessions"] == 0
+
+
+def _readme_loop() -> str:
+    """The README's loop snippet: the first python block under "Point an existing PyTorch loop"."""
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    section = readme.split("## Point an existing PyTorch loop", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_readmes_loop_runs_unchanged_against_a_token_protected_service(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The snippet builds ``SelectionClient("localhost:50051")`` with no token: the client takes CREST_AUTH_TOKEN,
+    as set beside the compose stack. Only the port is this test's (the service listens on a free one)."""
+    import grpc
+    import torch
+
+    from trainer_client.data import FashionMNIST
+    from trainer_client.models import SmallCNN
+
+    running = start_server(ServerConfig(port=0, backend="local", auth_token="s3cret"), backend=LocalBackend(1))
+    snippet = _readme_loop()
+    assert 'SelectionClient("localhost:50051")' in snippet and "token" not in snippet
+    code = snippet.replace("localhost:50051", f"localhost:{running.port}")
+    torch.manual_seed(0)
+    model = SmallCNN()
+    scope = {
+        "train_set": FashionMNIST("train"),
+        "model": model,
+        "opt": torch.optim.SGD(model.parameters(), lr=0.05),
+        "num_steps": 6,
+    }
+    try:
+        monkeypatch.setenv("CREST_AUTH_TOKEN", "s3cret")
+        exec(code, scope)  # the README's own code
+        stats = scope["loader"].stats
+        assert stats.steps == 6 and stats.fallback_batches == 0 and stats.service_errors == 0
+        assert running.manager.totals()["sessions"] == 0  # the snippet's close() ended its session
+        monkeypatch.setenv("CREST_AUTH_TOKEN", "wrong")
+        with pytest.raises(grpc.RpcError) as refused:  # a wrong token is the trainer's setup: raised at once
+            exec(code, {**scope, "model": SmallCNN()})
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        running.stop(grace=0)

@@ -129,3 +129,26 @@ def test_tls_configuration_errors_name_the_problem(pki: Path) -> None:
             ServerConfig(port=0, backend="local", tls_cert=str(pki / "server.crt"), tls_key="/nonexistent.key"),
             backend=LocalBackend(1),
         )
+
+
+def test_a_client_reads_its_token_and_tls_files_from_the_environment(
+    pki: Path, labels: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``SelectionClient(endpoint)`` with no credentials takes CREST_AUTH_TOKEN and CREST_TLS_CA/CERT/KEY, as the
+    compose stack and the integrations' ``endpoint=`` strings need; "" turns one off."""
+    running = _serve(pki, auth_token="t0ken", tls_client_ca=str(pki / "ca.crt"))
+    monkeypatch.setenv("CREST_AUTH_TOKEN", "t0ken")
+    monkeypatch.setenv("CREST_TLS_CA", str(pki / "ca.crt"))
+    monkeypatch.setenv("CREST_TLS_CERT", str(pki / "client.crt"))
+    monkeypatch.setenv("CREST_TLS_KEY", str(pki / "client.key"))
+    try:
+        with SelectionClient(running.target, timeout_s=10) as client:
+            assert client.create_session(labels).num_classes == 4
+        with SelectionClient(running.target, token="", timeout_s=10) as anonymous, pytest.raises(grpc.RpcError) as err:
+            anonymous.create_session(labels)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        monkeypatch.setenv("CREST_TLS_KEY", "")
+        with pytest.raises(ValueError, match=r"needs both tls_cert and tls_key .*tls_key=None"):
+            SelectionClient(running.target)
+    finally:
+        running.stop(grace=0)

@@ -3,8 +3,9 @@
 ``add_commands`` registers it on the ``crest`` parser (``crest.cli``, the composition root, loads this module alone
 for it);
 ``python -m trainer_client.cli train ...`` runs it without the service side installed. ``add_train_flags``,
-``train_config`` and ``run_train`` are shared with ``crest demo``. Environment read here: CREST_AUTH_TOKEN
-(``--token``) and CREST_DATA_DIR (``--data-dir``). Never imports faiss or Ray.
+``train_config`` and ``run_train`` are shared with ``crest demo``. Environment read here: CREST_DATA_DIR
+(``--data-dir``); the client reads CREST_AUTH_TOKEN (``--token``'s default) and CREST_TLS_* (``SelectionClient``).
+Never imports faiss or Ray.
 """
 
 from __future__ import annotations
@@ -92,8 +93,8 @@ def add_commands(sub: Any) -> None:
     train.add_argument("--endpoint", default="127.0.0.1:50051", help="service address HOST:PORT")
     train.add_argument(
         "--token",
-        default=os.environ.get("CREST_AUTH_TOKEN"),
-        help="bearer token for the service (default: $CREST_AUTH_TOKEN)",
+        default=None,
+        help="bearer token for the service (default: $CREST_AUTH_TOKEN, read by the client)",
     )
     add_train_flags(train)
 

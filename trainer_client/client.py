@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,8 +56,12 @@ class SelectionClient:
 
     Args:
         target: ``host:port`` of the service.
-        token: bearer token of the server, sent on every call when given.
+        token: bearer token of the server, sent on every call; None reads ``CREST_AUTH_TOKEN`` (what the compose
+            stack and ``crest serve`` use), "" sends none.
         timeout_s: deadline of unary calls.
+        tls_ca, tls_cert, tls_key: PEM files: the CA that signed the server's certificate, and a client certificate
+            and key for mutual TLS; each None reads ``CREST_TLS_CA``, ``CREST_TLS_CERT``, ``CREST_TLS_KEY`` ("" for
+            none). Any of them set makes the channel TLS.
 
     Each session also has its own token (``SessionInfo.token``): the client keeps the tokens of the sessions
     it created, and ``attach_session`` hands it one created elsewhere (a resumed checkpoint).
@@ -73,14 +78,26 @@ class SelectionClient:
         tls_key: str | None = None,
     ) -> None:
         self.target = target
+        token, tls_ca, tls_cert, tls_key = (
+            os.environ.get(name, "") if value is None else value
+            for name, value in (
+                ("CREST_AUTH_TOKEN", token),
+                ("CREST_TLS_CA", tls_ca),
+                ("CREST_TLS_CERT", tls_cert),
+                ("CREST_TLS_KEY", tls_key),
+            )
+        )
         credentials = None
         if tls_ca or tls_cert or tls_key:
-            if (tls_cert is None) != (tls_key is None):
-                raise ValueError("a TLS client certificate needs both tls_cert and tls_key")
+            if bool(tls_cert) != bool(tls_key):
+                raise ValueError(
+                    f"a TLS client certificate needs both tls_cert and tls_key (or CREST_TLS_CERT and CREST_TLS_KEY); "
+                    f"received tls_cert={tls_cert or None!r}, tls_key={tls_key or None!r}"
+                )
             credentials = grpc.ssl_channel_credentials(
-                root_certificates=_read(tls_ca),
-                private_key=_read(tls_key),
-                certificate_chain=_read(tls_cert),
+                root_certificates=_read(tls_ca or None),
+                private_key=_read(tls_key or None),
+                certificate_chain=_read(tls_cert or None),
             )
         options = [
             ("grpc.max_receive_message_length", codec.MAX_MESSAGE_BYTES),

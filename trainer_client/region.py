@@ -241,7 +241,7 @@ class RegionController:
             raise ValueError("fit received no coreset batches; a region needs at least one example")
         if estimate:
             self._h0 = h_sum / n_total
-            self._curvature = curvature = float(torch.stack(curv_norms).mean())
+            self._curvature = curvature = float(torch.stack(curv_norms).double().mean())
             if self._first_curvature is None:
                 self._first_curvature = curvature
             else:
