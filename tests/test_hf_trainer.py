@@ -284,6 +284,42 @@ def test_an_unreachable_endpoint_raises_in_strict_mode(tmp_path: Path) -> None:
         trainer.train()
 
 
+def test_the_quadratic_model_is_fitted_in_the_trainers_micro_batches(
+    local_server: RunningServer, tmp_path: Path
+) -> None:
+    """With gradient accumulation the loader's batch is the whole step's (4 x 8 here); the fit's forward and double
+    backward run on the Trainer's micro-batch, which is what the device was sized for."""
+    torch.manual_seed(0)
+    model = ViTForImageClassification(ViTConfig(**VIT, num_labels=10))
+    sizes: list[int] = []
+    model.register_forward_pre_hook(
+        lambda m, args, kwargs: (
+            sizes.append(len(kwargs["pixel_values"])) if not m.training and torch.is_grad_enabled() else None
+        ),
+        with_kwargs=True,
+    )
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=4,
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=4,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        dataloader_pin_memory=False,
+    )
+    config = loader_settings(subset_fraction=0.2, num_subsets=2, first_batch_timeout_s=5.0, deadline_s=30.0)
+    assert config.region.mode == "crest"  # the Taylor check's regions: the quadratic model is fitted
+    trainer = CoresetTrainer(
+        model=model, args=args, train_dataset=Pixels(), endpoint=local_server.target, loader_config=config
+    )
+    trainer.train()
+    loader = trainer.coreset_loader
+    assert loader.config.batch_size == 32 and loader.config.fit_batch_size == 8
+    assert loader.controller.stats.fits >= 1 and sizes and max(sizes) == 8
+
+
 def test_a_loader_batch_size_other_than_the_trainers_is_refused(local_server: RunningServer, tmp_path: Path) -> None:
     model = ViTForImageClassification(ViTConfig(**VIT, num_labels=10))
     trainer = _trainer(tmp_path, model, Pixels(), local_server.target, batch_size=7)
