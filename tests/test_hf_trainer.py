@@ -216,19 +216,30 @@ VIT = {
 
 
 def _trainer(
-    tmp_path: Path, model: torch.nn.Module, dataset: Dataset, endpoint: str, **kwargs: object
+    tmp_path: Path,
+    model: torch.nn.Module,
+    dataset: Dataset,
+    endpoint: str,
+    training: dict[str, object] | None = None,
+    **kwargs: object,
 ) -> CoresetTrainer:
+    """A ``CoresetTrainer`` of 3 steps of 16 examples (``training`` overrides the ``TrainingArguments``) on the
+    released recipe with one subset of 20% (``kwargs`` override the loader settings)."""
     args = TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=3,
-        per_device_train_batch_size=16,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        disable_tqdm=True,
-        dataloader_pin_memory=False,
+        **{
+            "output_dir": str(tmp_path),
+            "max_steps": 3,
+            "per_device_train_batch_size": 16,
+            "report_to": [],
+            "use_cpu": True,
+            "save_strategy": "no",
+            "disable_tqdm": True,
+            "dataloader_pin_memory": False,
+            **(training or {}),
+        }
     )
-    config = loader_settings(subset_fraction=0.2, num_subsets=1, first_batch_timeout_s=5.0, deadline_s=30.0, **kwargs)
+    settings = {"subset_fraction": 0.2, "num_subsets": 1, "first_batch_timeout_s": 5.0, "deadline_s": 30.0}
+    config = loader_settings(**{**settings, **kwargs})  # type: ignore[arg-type]
     return CoresetTrainer(model=model, args=args, train_dataset=dataset, endpoint=endpoint, loader_config=config)
 
 
@@ -298,22 +309,8 @@ def test_the_quadratic_model_is_fitted_in_the_trainers_micro_batches(
         ),
         with_kwargs=True,
     )
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=4,
-        per_device_train_batch_size=8,
-        gradient_accumulation_steps=4,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        disable_tqdm=True,
-        dataloader_pin_memory=False,
-    )
-    config = loader_settings(subset_fraction=0.2, num_subsets=2, first_batch_timeout_s=5.0, deadline_s=30.0)
-    assert config.region.mode == "crest"  # the Taylor check's regions: the quadratic model is fitted
-    trainer = CoresetTrainer(
-        model=model, args=args, train_dataset=Pixels(), endpoint=local_server.target, loader_config=config
-    )
+    training = {"max_steps": 4, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 4}
+    trainer = _trainer(tmp_path, model, Pixels(), local_server.target, training, num_subsets=2)
     trainer.train()
     loader = trainer.coreset_loader
     assert loader.config.batch_size == 32 and loader.config.fit_batch_size == 8
