@@ -31,9 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from crest_bench._report import machine, write_json
 from crest_bench._workers import Worker, WorkerFailed, serve
 from crest_bench.crest_workload import crest_workload, submodlib_lazy
+from crest_bench.report import machine, write_json
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 

@@ -44,8 +44,8 @@ GPU_TESTS = ("tests/test_gpu.py", "tests/test_gpu_path.py")
 
 def _faiss_gpus() -> int | str:
     """The GPUs FAISS uses in a process like the service's, or why none can be counted here."""
-    from selector_service._faiss import num_gpus
     from selector_service.errors import MissingExtra
+    from selector_service.similarity import num_gpus
 
     try:
         return num_gpus()

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from crest_bench._report import machine, write_json
+from crest_bench.report import machine, write_json
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -174,8 +174,8 @@ def _hf_block(way: str, cfg: IntegrationsConfig, target: str, out_dir: str) -> S
     from transformers import ResNetConfig, ResNetForImageClassification, Trainer, TrainerCallback, TrainingArguments
 
     from trainer_client.data import FashionMNIST
-    from trainer_client.integrations._steps import StepBatches, dataset_labels
     from trainer_client.integrations.hf import CoresetTrainer
+    from trainer_client.integrations.steps import StepBatches, dataset_labels
 
     class Pixels(Dataset):
         def __init__(self) -> None:
@@ -238,8 +238,8 @@ def _lightning_block(way: str, cfg: IntegrationsConfig, target: str, out_dir: st
 
     from trainer_client.data import FashionMNIST
     from trainer_client.embeddings import weighted_loss
-    from trainer_client.integrations._steps import StepBatches
     from trainer_client.integrations.lightning import CoresetDataModule
+    from trainer_client.integrations.steps import StepBatches
     from trainer_client.models import SmallCNN
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # set to INFO when lightning loads

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from crest_bench._report import machine, write_json
+from crest_bench.report import machine, write_json
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")

@@ -56,7 +56,7 @@ from typing import Any
 
 import torch
 
-from crest_bench._report import machine, write_atomic, write_json
+from crest_bench.report import machine, write_atomic, write_json
 from crest_bench.train_data import BenchData, load_data, materialize
 from crest_bench.train_methods import DEFAULT_METHODS, METHODS, BenchConfig, EvalSets, RunResult, run_one, warm_up
 from crest_bench.train_report import markdown, plot, score, summarize

@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from crest.cli import build_parser
 from crest_bench import cli
-from crest_bench.frontier import plan, schedule
-from crest_bench.frontier_report import (
+from crest_bench.train_methods import DEFAULT_METHODS, METHODS
+from experiments.frontier import build_parser, plan, schedule
+from experiments.frontier_report import (
     FrontierRun,
     accuracy_at,
     budget_steps,
@@ -24,15 +24,14 @@ from crest_bench.frontier_report import (
     summarize,
     time_to,
 )
-from crest_bench.frontier_tables import markdown
-from crest_bench.train_methods import DEFAULT_METHODS, METHODS
+from experiments.frontier_tables import markdown
 from trainer_client import LoaderConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _args(*flags: str) -> Any:
-    return build_parser().parse_args(["bench", "frontier", *flags])
+    return build_parser().parse_args(list(flags))
 
 
 # -- the scoring, on hand-made runs ------------------------------------------------------------------------------
@@ -250,9 +249,9 @@ def test_protocol_flags_and_presets() -> None:
 @pytest.mark.slow
 def test_frontier_quick_end_to_end(tmp_path: Path) -> None:
     out, summary_path = tmp_path / "frontier.json", tmp_path / "summary" / "frontier.json"
-    flags = ["bench", "frontier", "--quick", "--recipe", "released", "--reference", "--no-progress", "--out", str(out)]
+    flags = ["--quick", "--recipe", "released", "--reference", "--no-progress", "--out", str(out)]
     run = subprocess.run(
-        [sys.executable, "-m", "crest.cli", *flags, "--summary", str(summary_path)],
+        [sys.executable, "-m", "experiments.frontier", *flags, "--summary", str(summary_path)],
         capture_output=True,
         text=True,
         timeout=600,

@@ -10,11 +10,17 @@ from typing import Any
 
 import pytest
 
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = ("staleness", "offload")  # research harnesses (experiments/), run from the checkout
+
 
 def _run_quick(bench: str, out: Path) -> tuple[dict[str, Any], str]:
-    """Run ``crest bench <bench> --quick``; returns its JSON report and its stdout."""
+    """Run ``crest bench <bench> --quick`` (or ``python -m experiments.<bench> --quick``); returns its JSON report
+    and its stdout."""
+    command = ["-m", f"experiments.{bench}"] if bench in EXPERIMENTS else ["-m", "crest_bench.cli", "bench", bench]
     run = subprocess.run(
-        [sys.executable, "-m", "crest_bench.cli", "bench", bench, "--quick", "--out", str(out)],
+        [sys.executable, *command, "--quick", "--out", str(out)],
+        cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=600,

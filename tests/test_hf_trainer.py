@@ -23,8 +23,8 @@ from transformers import TrainingArguments, ViTConfig, ViTForImageClassification
 
 from selector_service.server import RunningServer
 from trainer_client.data import FashionMNIST
-from trainer_client.integrations._steps import split_batch
 from trainer_client.integrations.hf import LOADER_STATE_NAME, CoresetTrainer
+from trainer_client.integrations.steps import split_batch
 from trainer_client.loader import SelectionUnavailable
 
 STEPS, SAVE_AT = 14, 6

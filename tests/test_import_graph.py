@@ -1,6 +1,11 @@
 """The package graph is one-way and has no module cycles.
 
-    crest (the wire contract)  <-  {selector_service, trainer_client}  <-  crest_bench  <-  {tests, examples}
+    crest (the wire contract)  <-  {selector_service, trainer_client}  <-  crest_bench  <-  experiments
+        <-  {tests, examples}
+
+The product (``crest``, the two sides, and ``crest_bench``, the benchmarks a user runs) is installed; the research
+harnesses (``experiments``) are not, and nothing installed imports them. Only the tests may import another
+package's private modules (a name with a leading underscore): everything else uses what a package makes public.
 
 ``crest.cli`` (the ``crest`` command) sits at the top in effect but imports nothing above it: it names each side's
 command module in a table and imports the one a command line runs with ``importlib``.
@@ -24,9 +29,12 @@ PACKAGES = {
     "selector_service": (ROOT / "selector_service", 1),
     "trainer_client": (ROOT / "trainer_client", 1),
     "crest_bench": (ROOT / "benchmarks", 2),
-    "tests": (ROOT / "tests", 3),
-    "examples": (ROOT / "examples", 3),
+    "experiments": (ROOT / "experiments", 3),
+    "tests": (ROOT / "tests", 4),
+    "examples": (ROOT / "examples", 4),
 }
+# White-box tests may reach into a package's private modules; no other package may.
+MAY_IMPORT_PRIVATE = {"tests"}
 # Third-party modules a package must never import, and the one module of a package allowed to import one.
 FORBIDDEN = {
     "selector_service": {"torch", "trainer_client"},
@@ -85,6 +93,9 @@ def _graph() -> tuple[dict[str, set[str]], list[str]]:
                 continue
             if top != package and PACKAGES[top][1] >= layer:
                 broken.append(f"{where}: {package} (layer {layer}) may import only lower layers and itself")
+            private = [p for p in imported.split(".")[1:] if p.startswith("_") and not p.startswith("__")]
+            if top != package and private and package not in MAY_IMPORT_PRIVATE:
+                broken.append(f"{where}: {private[0]} is private to {top}; use what {top} makes public")
             # `from a import b`: the module a.b when it is one, else the module a.
             target = imported if imported in modules else imported.rsplit(".", 1)[0]
             if target in modules and target != name:

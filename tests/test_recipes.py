@@ -15,7 +15,8 @@ from typing import Literal
 import pytest
 
 from crest.cli import build_parser
-from crest_bench.crest_flags import FRONTIER_CREST_FLAGS
+from experiments import frontier
+from experiments.frontier import FRONTIER_CREST_FLAGS
 from trainer_client import LoaderConfig, RegionConfig
 from trainer_client import cli as trainer_cli
 from trainer_client.flags import add_flags, config_flags, given, with_overrides
@@ -39,8 +40,16 @@ def _summary(recipe: str) -> dict:
 
 def _frontier_args(command: str) -> argparse.Namespace:
     words = shlex.split(command)
-    assert words[:3] == ["crest", "bench", "frontier"], command
-    return build_parser(("bench",)).parse_args(words[1:])
+    # Committed before the harness moved to experiments/, its command lines name ``crest bench frontier``.
+    start = (
+        3
+        if words[:3] == ["crest", "bench", "frontier"]
+        else 3
+        if words[:3] == ["python", "-m", "experiments.frontier"]
+        else None
+    )
+    assert start is not None, command
+    return frontier.build_parser().parse_args(words[start:])
 
 
 def _recorded(bench: dict, embed_dtype: str) -> LoaderConfig:
@@ -164,7 +173,7 @@ def test_a_field_becomes_a_flag_with_its_comment_as_help_and_no_other_edit() -> 
 
 
 def test_loader_config_fields_reach_every_parser_with_their_help() -> None:
-    """Every LoaderConfig and RegionConfig field is a flag of crest train, crest demo and crest bench frontier."""
+    """Every LoaderConfig and RegionConfig field is a flag of crest train, crest demo and the frontier."""
     import dataclasses
 
     paths = {f.name for f in dataclasses.fields(LoaderConfig)} - {"region", "recipe", "client_name", "weights_key"}

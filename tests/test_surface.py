@@ -11,7 +11,8 @@ import pytest
 import selector_service
 import trainer_client
 from crest.cli import build_parser
-from crest_bench.crest_flags import FRONTIER_CREST_FLAGS
+from experiments import frontier, offload, staleness
+from experiments.frontier import FRONTIER_CREST_FLAGS
 from trainer_client import cli as trainer_cli
 from trainer_client.flags import Flag
 
@@ -105,7 +106,7 @@ CLI_FLAGS = {
         "--out",
         "--no-progress",
     ],
-    "bench frontier": [
+    "experiments.frontier": [
         "--quick",
         "--epochs",
         "--budgets",
@@ -135,7 +136,7 @@ CLI_FLAGS = {
     "bench workload": ["--repeats", "--timeout"],
     "bench service": ["--quick", "--rounds", "--out"],
     "bench integrations": ["--quick", "--steps", "--blocks", "--frameworks", "--out"],
-    "bench staleness": [
+    "experiments.staleness": [
         "--quick",
         "--ages",
         "--steps",
@@ -145,7 +146,7 @@ CLI_FLAGS = {
         "--data-dir",
         "--out",
     ],
-    "bench offload": [
+    "experiments.offload": [
         "--quick",
         "--candidates",
         "--steps-per-round",
@@ -223,8 +224,15 @@ def _commands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentPar
     return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
 
 
+# The research harnesses (experiments/, not installed): their flags are frozen too, since committed results record
+# their command lines.
+EXPERIMENTS = {"experiments.frontier": frontier, "experiments.staleness": staleness, "experiments.offload": offload}
+
+
 def _subparser(path: str) -> argparse.ArgumentParser:
-    """The parser of ``crest PATH`` ("serve", "bench train", ...)."""
+    """The parser of ``crest PATH`` ("serve", "bench train", ...), or of an experiment ("experiments.frontier")."""
+    if path in EXPERIMENTS:
+        return EXPERIMENTS[path].build_parser()
     parser = build_parser()
     for name in path.split():
         parser = _commands(parser)[name]
@@ -235,11 +243,8 @@ def test_cli_commands_are_frozen() -> None:
     assert sorted(_commands(build_parser())) == ["bench", "demo", "inspect", "serve", "train"]
     assert sorted(_commands(_subparser("bench"))) == [
         "facility-location",
-        "frontier",
         "integrations",
-        "offload",
         "service",
-        "staleness",
         "train",
         "workload",
     ]
@@ -258,7 +263,7 @@ def test_cli_flags_are_frozen_and_documented(command: str) -> None:
     [
         ("train", TRAIN_FLAGS_BEFORE),
         ("demo", TRAIN_FLAGS_BEFORE),
-        ("bench frontier", FRONTIER_CREST_FLAGS_BEFORE),
+        ("experiments.frontier", FRONTIER_CREST_FLAGS_BEFORE),
     ],
 )
 def test_flags_from_before_the_derivation_keep_their_names(command: str, before: list[str]) -> None:

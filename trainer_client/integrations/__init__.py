@@ -7,7 +7,7 @@
   whose ``train_dataloader`` is the coreset loader, with its state in Lightning's checkpoints.
 
 Neither framework is imported by ``import trainer_client`` nor by this package: each module imports its framework
-when it is imported itself, and says which extra to install when that fails. ``_steps.py`` holds what both share
+when it is imported itself, and says which extra to install when that fails. ``steps.py`` holds what both share
 (one coreset batch per optimizer step, cut into gradient-accumulation micro-batches) and imports neither.
 """
 

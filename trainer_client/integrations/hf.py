@@ -12,7 +12,7 @@ The model and the dataset stay as they are: dict examples collated by the Traine
 - replaces the train dataloader with a ``CoresetLoader`` on the Trainer's collated dict batches, never sharded by
   ``accelerate`` (under DDP the loader gives each rank its own share of every step's coreset batch). One loader
   batch is one optimizer step: the coreset size is the Trainer's total train batch size (per-device batch x
-  gradient accumulation x processes), cut into the accumulation's micro-batches (``_steps.StepBatches``);
+  gradient accumulation x processes), cut into the accumulation's micro-batches (``steps.StepBatches``);
 - weights the loss in ``compute_loss``: the labels are taken out of the inputs, the model runs without them and
   the loss is ``weighted_loss(logits, labels, weights)`` (evaluation batches, which carry no weights, keep the
   Trainer's own loss);
@@ -42,7 +42,7 @@ from crest.selector.v1 import codec
 from trainer_client.batches import label_array
 from trainer_client.client import SelectionClient
 from trainer_client.embeddings import weighted_loss
-from trainer_client.integrations._steps import (
+from trainer_client.integrations.steps import (
     StepBatches,
     dataset_labels,
     integration_config,

@@ -15,7 +15,7 @@ The fit changes by a few lines: the data module in place of the train dataloader
 
 ``CoresetDataModule.train_dataloader`` hands the ``LightningModule`` being fitted to a ``CoresetLoader`` and
 returns one coreset batch per optimizer step, cut into ``accumulate_grad_batches`` micro-batches
-(``_steps.StepBatches``); batches are ``(*batch, weights)`` or ``{**batch, "weights": w}``. It has a length (an
+(``steps.StepBatches``); batches are ``(*batch, weights)`` or ``{**batch, "weights": w}``. It has a length (an
 epoch is ``ceil(N / batch_size)`` optimizer steps), so Lightning fetches no batch ahead and the loader's state in a
 checkpoint is the state after the step checkpointed. Under Lightning's DDP strategy every rank builds the loader
 in ``train_dataloader`` (the process group exists by then), rank 0 alone talks to the service and each rank trains
@@ -41,7 +41,7 @@ from torch.utils.data import Dataset, default_collate
 
 from trainer_client.batches import ForwardFn, default_forward, label_array
 from trainer_client.client import SelectionClient
-from trainer_client.integrations._steps import (
+from trainer_client.integrations.steps import (
     StepBatches,
     checked_forward,
     dataset_labels,

@@ -6,8 +6,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from crest_bench.frontier_report import BASELINES, REFERENCE, SERVICE_PARTS, SWEEP, WALL_PARTS, FrontierRun, key
 from crest_bench.train_report import COLOURS
+from experiments.frontier_report import BASELINES, REFERENCE, SERVICE_PARTS, SWEEP, WALL_PARTS, FrontierRun, key
 
 
 def _pm(s: dict[str, Any] | None, fmt: str, none: str = "-") -> str:

@@ -1,8 +1,8 @@
 """How far a candidate's embedding can age before selection picks other coresets (issue 15, point 4: reusing a
 candidate's embedding across regions, ``LoaderConfig.embedding_max_age``).
 
-    crest bench staleness            # the long-tailed task, 575 steps (its frontier's 30% budget), ages 4-80
-    crest bench staleness --quick    # the test suite's: 2,000 balanced examples, 40 steps, coresets of 32
+    python -m experiments.staleness            # the long-tailed task, 575 steps (its frontier's 30% budget), ages 4-80
+    python -m experiments.staleness --quick    # the test suite's: 2,000 balanced examples, 40 steps, coresets of 32
 
 Trains the SmallCNN on shuffled full-data batches (``crest bench train``'s SGD, cosine schedule over ``--steps``)
 and, every ``--every`` steps from the largest age on, draws a round's class-balanced random subsets as the service
@@ -31,6 +31,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import copy
+import logging
+import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -39,7 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from crest_bench._report import machine, write_json
+from crest_bench.report import machine, write_json
 from crest_bench.train_data import DEFAULT_HOOK, BenchData, fetch, load_data
 from crest_bench.train_methods import BenchConfig, full_batches
 from selector_service.coreset import minibatch_coreset
@@ -209,7 +211,7 @@ def table(result: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    """``crest bench staleness``: audit, print the table, write JSON."""
+    """``python -m experiments.staleness``: audit, print the table, write JSON."""
     config = StalenessConfig(**QUICK) if args.quick else StalenessConfig()  # type: ignore[arg-type]
     given = {"dataset": args.dataset, "data_dir": args.data_dir, "steps": args.steps, "every": args.every}
     given["subset_fraction"] = args.subset_fraction
@@ -224,3 +226,40 @@ def run(args: argparse.Namespace) -> int:
     write_json(out, result)
     print(f"wrote {out}")
     return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The flags of ``python -m experiments.staleness``."""
+    p = argparse.ArgumentParser(
+        prog="python -m experiments.staleness",
+        description="Train the SmallCNN and, every few steps, select a round's coresets on embeddings from the "
+        "current model and from the model some steps earlier; report how many picks and how much of the "
+        "facility-location objective each age keeps, beside a random pick. See experiments/staleness.py.",
+    )
+    p.add_argument("--quick", action="store_true", help="2,000 balanced examples, 40 steps, ages 5 and 20")
+    p.add_argument("--ages", default="", help="comma-separated ages in steps (default 4,10,20,40,80)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default 575)")
+    p.add_argument("--every", type=int, default=None, help="steps between audited rounds (default 50)")
+    p.add_argument(
+        "--subset-fraction", type=float, default=None, help="random-subset size r as a fraction of N (default 0.01)"
+    )
+    p.add_argument(
+        "--dataset",
+        default=None,
+        help="dataset hook MODULE:FUNCTION (default crest_bench.train_data:fashion_mnist_imbalanced)",
+    )
+    p.add_argument("--data-dir", default=None, help="directory with the Fashion-MNIST files")
+    p.add_argument("--out", default="results/staleness.json", help="JSON output path")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m experiments.staleness [flags]``, from the root of a checkout."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,7 +1,7 @@
 """Embedding off the trainer's critical path: what the second core buys CREST on this machine (issue 15, point 4).
 
-    crest bench offload            # the clean frontier's round: 3,000 candidates every 20 steps, 5 repetitions
-    crest bench offload --quick    # the test suite's: 2,000 examples, batches of 32, one repetition
+    python -m experiments.offload          # the clean frontier's round: 3,000 candidates every 20 steps, 5 repetitions
+    python -m experiments.offload --quick  # the test suite's: 2,000 examples, batches of 32, one repetition
 
 CREST's step is a training step plus its share of the round's no-grad embedding pass. On a machine whose cores
 the trainer already uses, the pass can either run on the training thread (``inline``, what the loader does) or on
@@ -34,9 +34,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import copy
-import functools
 import itertools
+import logging
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -48,11 +49,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from crest_bench._report import machine, write_json
+from crest_bench.report import machine, write_json
 from crest_bench.train_data import DEFAULT_HOOK, BenchData, fetch, load_data
 from crest_bench.train_methods import BenchConfig, full_batches
-from trainer_client._passes import ModelPasses
 from trainer_client.batches import Embedder, default_forward
+from trainer_client.embeddings import per_example_loss
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -117,19 +118,43 @@ class _Run:
             loss.backward()
             self.opt.step()
 
-    def passes(self, model: torch.nn.Module) -> ModelPasses:
-        """The loader's model passes on ``model`` (the one being trained, or a snapshot of it): its embedding
-        pass is the one timed, in bfloat16, ``embed_batch_size`` a batch."""
-        return ModelPasses(
-            model,
-            functools.partial(fetch, self.data.train),
-            default_forward,
-            Embedder("logit_gradient"),
-            self.data.num_classes,
-            self.config.embed_batch_size,
-            None,
-            embed_dtype=torch.bfloat16,
-        )
+    def passes(self, model: torch.nn.Module) -> _EmbeddingPass:
+        """The embedding pass on ``model`` (the one being trained, or a snapshot of it), in bfloat16,
+        ``embed_batch_size`` a batch."""
+        return _EmbeddingPass(model, self.data, self.config.embed_batch_size)
+
+
+class _EmbeddingPass:
+    """The loader's round embedding pass as this study timed it (2026-11-30), from the client's public parts: the
+    model in eval mode under no_grad, the forward under bfloat16 autocast with float32 logits, the logit-gradient
+    embedding and the per-example loss, one copy to the host at the end."""
+
+    def __init__(self, model: torch.nn.Module, data: BenchData, batch_size: int) -> None:
+        self.model, self.data, self.batch_size = model, data, batch_size
+        self.embedder = Embedder("logit_gradient")
+        self.rows: tuple[np.ndarray, np.ndarray] | None = None
+
+    def _forward(self, model: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits, targets = default_forward(model, batch)
+        return logits.float(), targets
+
+    @torch.no_grad()
+    def embed_round(self, ids: np.ndarray) -> int:
+        """Embed ``ids`` (int64 (n,)); returns how many were embedded."""
+        was_training = self.model.training
+        self.model.eval()
+        embs, losses = [], []
+        try:
+            for lo in range(0, len(ids), self.batch_size):
+                batch = fetch(self.data.train, ids[lo : lo + self.batch_size])
+                emb, y, logits = self.embedder(self.model, batch, self._forward)
+                embs.append(emb.float())
+                losses.append(per_example_loss(logits, y))
+        finally:
+            self.model.train(was_training)
+        self.rows = (torch.cat(embs).numpy(), torch.cat(losses).numpy())  # the copy to the host, as the loader's
+        return len(ids)
 
 
 def _baseline(run: _Run) -> dict[str, float]:
@@ -156,7 +181,7 @@ def _offloaded(run: _Run) -> dict[str, float]:
         try:
             while (weights := jobs.get()) is not None:
                 snapshot.load_state_dict(weights)
-                done.put(passes.embed_round(next(run.candidates)).embedded)
+                done.put(passes.embed_round(next(run.candidates)))
         except BaseException as e:  # re-raised on the trainer's thread
             done.put(e)
 
@@ -243,7 +268,7 @@ def table(result: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    """``crest bench offload``: measure, print the table, write JSON."""
+    """``python -m experiments.offload``: measure, print the table, write JSON."""
     config = OffloadConfig(**QUICK) if args.quick else OffloadConfig()  # type: ignore[arg-type]
     given = {
         "dataset": args.dataset,
@@ -265,3 +290,34 @@ def run(args: argparse.Namespace) -> int:
     write_json(out, result)
     print(f"wrote {out}")
     return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The flags of ``python -m experiments.offload``."""
+    p = argparse.ArgumentParser(
+        prog="python -m experiments.offload",
+        description="Time training steps alone (on every core and on one), CREST's step with the round's "
+        "embedding pass on the training thread, and the same with the pass on a second thread using a snapshot "
+        "of the weights while the trainer keeps one core. See experiments/offload.py.",
+    )
+    p.add_argument("--quick", action="store_true", help="2,000 examples, batches of 32, one repetition")
+    p.add_argument("--candidates", type=int, default=None, help="candidates embedded per round (default 3000)")
+    p.add_argument("--steps-per-round", type=int, default=None, help="training steps per round (default 20)")
+    p.add_argument("--rounds", type=int, default=None, help="rounds per timed run (default 8)")
+    p.add_argument("--repetitions", type=int, default=None, help="runs of each mode, order rotated (default 5)")
+    p.add_argument("--dataset", default=None, help="dataset hook MODULE:FUNCTION (default Fashion-MNIST)")
+    p.add_argument("--data-dir", default=None, help="directory with the Fashion-MNIST files")
+    p.add_argument("--out", default="results/offload.json", help="JSON output path")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m experiments.offload [flags]``, from the root of a checkout."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,12 +1,12 @@
 """The budget frontier: accuracy against wall-clock for every method at a sweep of budgets, each run with its LR
 schedule sized to its own budget (issue 15, points 1 and 2: the measurement harness; it claims no result).
 
-    crest bench frontier                      # Fashion-MNIST, E = 10 epochs, budgets 5-50%, 3 seeds, 4 methods
-    crest bench frontier --reference          # also full data at 2E epochs: does doubling E add < 0.3 points?
-    crest bench frontier --eval validation    # score on a split of the training set: tune without the test set
-    crest bench frontier --quick              # 6,000/1,000 examples, E = 2, budgets 25%/50%, 1 seed (the tests')
+    python -m experiments.frontier                    # Fashion-MNIST, E = 10 epochs, budgets 5-50%, 3 seeds, 4 methods
+    python -m experiments.frontier --reference        # also full data at 2E epochs: does doubling E add < 0.3 points?
+    python -m experiments.frontier --eval validation  # score on a split of the training set: tune without the test set
+    python -m experiments.frontier --quick            # 6,000/1,000 examples, E = 2, budgets 25%/50%, 1 seed (tests)
 
-The flags are parsed in ``benchmarks/cli.py``. The protocol:
+The flags are ``build_parser``'s. The protocol:
 
 - A budget b is a fraction of a reference run of E epochs (``--epochs``): steps = round(b x E x N / batch_size).
   Every run trains from scratch for its steps with ``train_methods.run_one`` (the model, SGD, batch assembly and
@@ -44,6 +44,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spin-waiting starves the selectors
 
 import argparse
+import logging
 import shlex
 import signal
 import sys
@@ -54,15 +55,36 @@ from typing import Any
 
 import torch
 
-from crest_bench._report import machine, write_atomic, write_json
-from crest_bench.crest_flags import FRONTIER_CREST_FLAGS
-from crest_bench.frontier_report import REFERENCE, SWEEP, FrontierRun, budget_steps, summarize
-from crest_bench.frontier_tables import markdown, plot
+from crest_bench.crest_flags import add_recipe_flag
+from crest_bench.report import machine, write_atomic, write_json
 from crest_bench.train import start_service
 from crest_bench.train_data import BenchData, load_data, materialize, split_validation
 from crest_bench.train_methods import DEFAULT_METHODS, METHODS, BenchConfig, EvalSets, RunResult, run_one, warm_up
+from experiments.frontier_report import REFERENCE, SWEEP, FrontierRun, budget_steps, summarize
+from experiments.frontier_tables import markdown, plot
 from selector_service.process import ServiceProcess
 from trainer_client.cli import loader_config
+from trainer_client.flags import add_flags, config_flags
+from trainer_client.loader_config import RECIPES, LoaderConfig
+
+# The frontier's CREST flags: every LoaderConfig field as --crest-<field>, but those the benchmark sets itself (the
+# batch size is every method's, the seed each run's), with the names the flags had before as aliases.
+FRONTIER_CREST_FLAGS = config_flags(
+    LoaderConfig,
+    prefix="crest-",
+    aliases={
+        "region.steps_per_round": ("--crest-steps-per-round",),
+        "region.hessian_every": ("--crest-hessian-every",),
+        "subset_fraction": ("--subset-fraction",),
+        "drop_learned": ("--drop-learned",),
+        "drop_threshold": ("--drop-threshold",),
+        "drop_window": ("--drop-window",),
+        "min_pool_fraction": ("--min-pool-fraction",),
+        "coreset_weights": ("--crest-weights",),
+    },
+    skip=("recipe", "batch_size", "seed", "client_name", "weights_key", "region.seed"),
+    extra_help={"region.steps_per_round": "0: CREST's Taylor check ends regions (region mode crest)."},
+)
 
 # As ``crest bench train --quick``: a tenth of the data keeps CREST's random subsets at r = 600.
 QUICK = {"train_limit": 6000, "test_limit": 1000}
@@ -104,7 +126,7 @@ class FrontierConfig:
 
 
 def plan(args: argparse.Namespace) -> FrontierConfig:
-    """The protocol from ``crest bench frontier`` flags; explicit flags beat the ``--quick`` preset."""
+    """The protocol from ``python -m experiments.frontier`` flags; explicit flags beat the ``--quick`` preset."""
     methods = tuple(m for m in args.methods.split(",") if m)
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
@@ -149,15 +171,15 @@ def plan(args: argparse.Namespace) -> FrontierConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    """``crest bench frontier``: every seed, budget and method, the reference runs, then the report."""
+    """``python -m experiments.frontier``: every seed, budget and method, the reference runs, then the report."""
     try:
         config = plan(args)
     except ValueError as exc:
-        print(f"crest bench frontier: {exc}", file=sys.stderr)
+        print(f"python -m experiments.frontier: {exc}", file=sys.stderr)
         return 2
-    command = "crest " + shlex.join(getattr(args, "argv", None) or sys.argv[1:])
+    command = "python -m experiments.frontier " + shlex.join(getattr(args, "argv", None) or sys.argv[1:])
     if "crest" in config.methods:
-        print(f"crest bench frontier: CREST with {config.bench.crest.describe()}", flush=True)
+        print(f"python -m experiments.frontier: CREST with {config.bench.crest.describe()}", flush=True)
     out = Path(args.out)
     bench = config.bench
     data = load_data(bench.dataset, bench.data_dir, bench.train_limit, bench.test_limit)
@@ -373,3 +395,114 @@ def report(runs: list[FrontierRun], config: FrontierConfig, data: BenchData, out
     write_json(out, doc)
     write_atomic(out.with_suffix(".md"), table)
     return table
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The flags of ``python -m experiments.frontier``."""
+    p = argparse.ArgumentParser(
+        prog="python -m experiments.frontier",
+        description="Train full data, uniform random batches, CREST through a local service and InfoBatch at "
+        "budgets that are fractions of E epochs, each run with its cosine schedule sized to its own steps, seeds "
+        "paired across methods, on the same two cores (the split recorded per run); then full data at E epochs "
+        "(and 2E with --reference). Report each method's frontier against wall-clock and steps, paired "
+        "differences, time to accuracy and speedups, the paper's metric against the reference, and CREST's "
+        "accuracy at equal steps and time with its cost per step by part. Defaults: Fashion-MNIST, E = 10, "
+        "budgets 5-50%%, 3 seeds (about an hour on 2 cores). See experiments/frontier.py.",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="the first 6,000/1,000 examples (CREST subsets of 10%%), E = 2, budgets 0.25,0.5, 1 seed, every "
+        "method (about 2 minutes; the test suite's mode)",
+    )
+    p.add_argument("--epochs", type=float, default=None, help="E: the reference run's epochs (default 10; --quick 2)")
+    p.add_argument(
+        "--budgets",
+        default=None,
+        help="comma-separated fractions of E epochs; steps = round(b E N / batch) (default 0.05,0.1,0.2,0.3,0.5)",
+    )
+    p.add_argument(
+        "--methods",
+        default=",".join(DEFAULT_METHODS),
+        help="comma-separated subset of full,random,crest,infobatch,balanced (uniform class-balanced batches: the "
+        "control of CREST's class-balanced subsets); full is required (default all but balanced)",
+    )
+    p.add_argument("--seeds", type=int, default=None, help="seeds per method, paired across methods (default 3)")
+    p.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="seeds are FIRST..FIRST+S-1 (default 0): tune on other seeds than the reported table's",
+    )
+    p.add_argument(
+        "--reference",
+        action="store_true",
+        help="also train full data for 2E epochs (E always runs) and report the gap doubling E adds",
+    )
+    p.add_argument("--baseline-threads", type=int, default=2, help="torch threads of full, random, infobatch, balanced")
+    p.add_argument(
+        "--crest-threads",
+        type=int,
+        default=2,
+        help="torch threads of CREST's trainer (default 2: its selector actors barely use the CPU they reserve)",
+    )
+    p.add_argument("--num-workers", type=int, default=2, help="selector actors of the service; default 2")
+    p.add_argument("--cpus-per-worker", type=float, default=0.5, help="CPUs each selector actor reserves; 0.5")
+    p.add_argument(
+        "--service-backend",
+        default="ray",
+        choices=("ray", "local"),
+        help="CREST's service: selectors as Ray actors (default) or as threads in the server's process (local)",
+    )
+    p.add_argument(
+        "--eval",
+        default="test",
+        choices=("test", "validation"),
+        help="score on the test set, or on --validation-size examples held out of the training set (for tuning)",
+    )
+    p.add_argument(
+        "--validation-size", type=int, default=None, help="held-out training examples (default 5000; --quick 1000)"
+    )
+    p.add_argument("--prune", type=float, default=0.5, help="InfoBatch: pruned fraction of low-loss examples")
+    add_recipe_flag(p, "CREST's settings")
+    add_flags(p, FRONTIER_CREST_FLAGS, recipes=RECIPES)
+    p.add_argument("--lr", type=float, default=0.05, help="every method's peak learning rate (cosine to 0)")
+    p.add_argument(
+        "--momentum",
+        type=float,
+        default=0.9,
+        help="every method's SGD momentum (0: plain SGD, as the released CREST code trains)",
+    )
+    p.add_argument(
+        "--dataset",
+        default="crest_bench.train_data:fashion_mnist",
+        help="MODULE:FUNCTION or FILE.py:FUNCTION returning a crest_bench.train_data.BenchData, as bench train's "
+        "(crest_bench.train_data:fashion_mnist_noisy and :fashion_mnist_imbalanced are the harder tasks)",
+    )
+    p.add_argument(
+        "--data-dir",
+        default=os.environ.get("CREST_DATA_DIR"),
+        help="passed to the dataset hook (default: $CREST_DATA_DIR, then /usr/share/datasets/fashion-mnist)",
+    )
+    p.add_argument(
+        "--out", default="results/frontier.json", help="JSON output; the .md tables and the PNGs go next to it"
+    )
+    p.add_argument(
+        "--summary",
+        default=None,
+        help="also write the final tables alone, with the command line, to this JSON (the file to commit)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (it shows only on a terminal)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m experiments.frontier [flags]``, from the root of a checkout."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
