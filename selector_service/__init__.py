@@ -1,6 +1,8 @@
 """CREST selection service: facility-location coresets, sessions, and the gRPC server.
 
 Importing this package loads neither Ray nor gRPC nor faiss; they load when their parts are used.
+``InProcessSelection`` is the service's selection in a trainer's process, with no server
+(``selector_service.inprocess``).
 """
 
 from typing import Any
@@ -37,6 +39,10 @@ else:
 
 
 def __getattr__(name: str) -> Any:
+    if name == "InProcessSelection" and _missing is None:  # loads gRPC's runtime: only when asked for
+        from selector_service.inprocess import InProcessSelection
+
+        return InProcessSelection
     if _missing is not None and name in __all__:
         raise MissingExtra(f"{_missing}: {SELECTOR_INSTALL}") from _missing
     raise AttributeError(f"module 'selector_service' has no attribute {name!r}")
@@ -46,6 +52,7 @@ __all__ = [
     "AlreadyExists",
     "Coreset",
     "FailedPrecondition",
+    "InProcessSelection",
     "InvalidArgument",
     "MinibatchCoreset",
     "MissingExtra",

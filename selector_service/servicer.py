@@ -31,7 +31,7 @@ from selector_service.errors import (
 )
 from selector_service.manager import SessionManager
 from selector_service.rounds import EmbeddingPart
-from selector_service.session import SessionConfig
+from selector_service.session import SessionConfig, SessionSnapshot
 from selector_service.tasks import Batch
 
 log = logging.getLogger(__name__)
@@ -135,6 +135,24 @@ def batch_to_proto(b: Batch) -> pb.WeightedBatch:
     )
 
 
+def snapshot_to_proto(s: SessionSnapshot) -> pb.SessionState:
+    return pb.SessionState(
+        session_id=s.session_id,
+        dataset_size=s.dataset_size,
+        active_size=s.active_size,
+        rounds_started=s.rounds_started,
+        rounds_completed=s.rounds_completed,
+        batches_delivered=s.batches_delivered,
+        examples_delivered=s.examples_delivered,
+        config=config_to_proto(s.config),
+        num_classes=s.num_classes,
+        next_round_id=s.next_round_id,
+        excluded_size=s.excluded_size,
+        readmitted_total=s.readmitted_total,
+        trainer_wait_s=s.trainer_wait_s,
+    )
+
+
 class SelectorServicer(pb_grpc.SelectorServiceServicer):
     """``crest.selector.v1.SelectorService`` over a ``SessionManager``."""
 
@@ -199,19 +217,4 @@ class SelectorServicer(pb_grpc.SelectorServiceServicer):
     @_unary
     def GetSessionState(self, request: pb.GetSessionStateRequest, context: grpc.ServicerContext) -> Any:
         self.manager.authorize(request.session_id, _session_token(context))
-        s = self.manager.snapshot(request.session_id)
-        return pb.SessionState(
-            session_id=s.session_id,
-            dataset_size=s.dataset_size,
-            active_size=s.active_size,
-            rounds_started=s.rounds_started,
-            rounds_completed=s.rounds_completed,
-            batches_delivered=s.batches_delivered,
-            examples_delivered=s.examples_delivered,
-            config=config_to_proto(s.config),
-            num_classes=s.num_classes,
-            next_round_id=s.next_round_id,
-            excluded_size=s.excluded_size,
-            readmitted_total=s.readmitted_total,
-            trainer_wait_s=s.trainer_wait_s,
-        )
+        return snapshot_to_proto(self.manager.snapshot(request.session_id))

@@ -31,54 +31,6 @@ def _stub(client: SelectionClient) -> pb_grpc.SelectorServiceStub:
     return client._stub
 
 
-def test_round_trip_delivers_valid_weighted_batches(client: SelectionClient, small_labels: np.ndarray) -> None:
-    info = client.create_session(small_labels, subset_fraction=0.05, num_subsets=3, batch_size=20, seed=1)
-    assert (info.num_classes, info.subset_size, info.batch_size, info.num_subsets) == (10, 100, 20, 3)
-    plan = client.start_round(info.session_id, 0, trainer_step=0)
-    assert len(plan.ids) <= 300 and (np.diff(plan.ids) > 0).all() and plan.num_subsets == 3
-    assert client.submit_embeddings(info.session_id, 0, plan.ids, _embed(plan.ids), small_labels[plan.ids]) == len(
-        plan.ids
-    )
-    batches = list(client.stream_batches(info.session_id, 0))
-    assert sorted(b.subset_index for b in batches) == [0, 1, 2]
-    for b in batches:
-        assert len(b.ids) == 20 and len(np.unique(b.ids)) == 20
-        assert np.isin(b.ids, plan.ids).all()
-        assert (b.weights > 0).all() and np.isclose(b.weights.mean(), 1.0, atol=1e-5)
-        assert (np.bincount(small_labels[b.ids], minlength=10) == 2).all()  # 20 slots over 10 balanced classes
-    state = _state(client, info.session_id)
-    assert (state.rounds_completed, state.batches_delivered, state.examples_delivered) == (1, 3, 60)
-    assert client.close_session(info.session_id) == 1
-
-
-def test_same_seed_same_coresets(client: SelectionClient, small_labels: np.ndarray) -> None:
-    runs = []
-    for _ in range(2):
-        info = client.create_session(small_labels, subset_fraction=0.05, num_subsets=2, batch_size=20, seed=5)
-        plan = client.start_round(info.session_id, 0, 0)
-        client.submit_embeddings(info.session_id, 0, plan.ids, _embed(plan.ids, seed=3))
-        runs.append(
-            sorted(
-                (b.subset_index, b.ids.tolist(), b.weights.tolist()) for b in client.stream_batches(info.session_id, 0)
-            )
-        )
-    assert runs[0] == runs[1]
-
-
-def test_unknown_session_is_not_found_naming_the_id(client: SelectionClient) -> None:
-    for call in (
-        lambda: client.start_round("nope", 0, 0),
-        lambda: client.session_state("nope"),
-        lambda: client.close_session("nope"),
-        lambda: list(client.stream_batches("nope", 0)),
-        lambda: client.submit_embeddings("nope", 0, np.arange(3), _embed(np.arange(3))),
-    ):
-        with pytest.raises(grpc.RpcError) as err:
-            call()
-        assert err.value.code() == grpc.StatusCode.NOT_FOUND
-        assert "'nope'" in err.value.details()
-
-
 @pytest.fixture
 def planned(client: SelectionClient, small_labels: np.ndarray) -> tuple[str, np.ndarray]:
     info = client.create_session(small_labels, subset_fraction=0.05, num_subsets=2, batch_size=20)
@@ -154,32 +106,6 @@ def test_bad_embeddings_are_invalid_argument_and_change_nothing(
     # The round is untouched: a correct submission is still accepted and selected.
     assert client.submit_embeddings(sid, 0, ids, _embed(ids)) == len(ids)
     assert len(list(client.stream_batches(sid, 0))) == 2
-
-
-def test_round_order_is_enforced(client: SelectionClient, planned: tuple[str, np.ndarray]) -> None:
-    sid, _ = planned
-    before = _state(client, sid)
-    for round_id, code, text in (
-        (0, grpc.StatusCode.ALREADY_EXISTS, "round 0 of session"),
-        (5, grpc.StatusCode.FAILED_PRECONDITION, "expects round 1 next"),
-    ):
-        with pytest.raises(grpc.RpcError) as err:
-            client.start_round(sid, round_id, 0)
-        assert err.value.code() == code and text in err.value.details()
-    with pytest.raises(grpc.RpcError) as err:
-        list(client.stream_batches(sid, 0))
-    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "no embeddings yet" in err.value.details()
-    assert _state(client, sid) == before
-
-
-def test_rounds_in_flight_are_bounded(client: SelectionClient, small_labels: np.ndarray) -> None:
-    sid = client.create_session(small_labels, subset_fraction=0.05, num_subsets=1, batch_size=10).session_id
-    for r in range(4):
-        client.start_round(sid, r, r)
-    with pytest.raises(grpc.RpcError) as err:
-        client.start_round(sid, 4, 4)
-    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "4 rounds in flight" in err.value.details()
 
 
 def test_sessions_per_client_are_bounded(small_labels: np.ndarray) -> None:
@@ -305,80 +231,6 @@ def test_one_job_cannot_touch_another_jobs_session(
 def test_binding_beyond_loopback_requires_a_token() -> None:
     with pytest.raises(ValueError, match=r"refusing to bind 0\.0\.0\.0 without an auth token"):
         start_server(ServerConfig(host="0.0.0.0", port=0, backend="local"), backend=LocalBackend(1))
-
-
-def test_learned_examples_leave_the_pool_and_come_back_when_their_loss_rises(client: SelectionClient) -> None:
-    labels = np.random.default_rng(3).permutation(np.repeat(np.arange(10), 100)).astype(np.int64)
-    info = client.create_session(
-        labels,
-        subset_fraction=0.1,
-        num_subsets=2,
-        batch_size=20,
-        drop_learned=True,
-        drop_window=1,
-        min_pool_fraction=0.5,
-    )
-    sid = info.session_id
-    config = _state(client, sid).config
-    assert config.drop_learned and config.drop_threshold == pytest.approx(0.1) and config.drop_window == 1
-    plan0 = client.start_round(sid, 0, 0)
-    client.submit_embeddings(sid, 0, plan0.ids, _embed(plan0.ids), losses=np.zeros(len(plan0.ids), np.float32))
-    list(client.stream_batches(sid, 0))
-    state = _state(client, sid)
-    assert state.excluded_size == len(plan0.ids) and state.active_size == 1000 - len(plan0.ids)
-    excluded = set(plan0.ids.tolist())
-    plan1 = client.start_round(sid, 1, 10)
-    retested = np.array(sorted(set(plan1.ids.tolist()) & excluded))
-    assert len(retested) >= 1  # a few excluded ids come back in the plan to be re-tested
-    losses = np.where(np.isin(plan1.ids, retested), 5.0, 1.0).astype(np.float32)
-    client.submit_embeddings(sid, 1, plan1.ids, _embed(plan1.ids), losses=losses)
-    batches = list(client.stream_batches(sid, 1))
-    for b in batches:
-        assert not set(b.ids.tolist()) & excluded  # excluded examples are never selected
-    state = _state(client, sid)
-    assert state.readmitted_total == len(retested)
-    assert state.excluded_size == len(excluded) - len(retested)
-
-
-def test_joint_selection_spends_the_coreset_where_the_embeddings_spread(
-    client: SelectionClient, small_labels: np.ndarray
-) -> None:
-    """Class 0's embeddings are scattered, the other classes' are tight clusters: per-class selection splits the
-    coreset by class share (2 each), joint selection covers each tight class with one pick and spends the rest on
-    class 0; the session reports the setting it runs."""
-    rng = np.random.default_rng(0)
-    picked = {}
-    for joint in (False, True):
-        info = client.create_session(
-            small_labels, subset_fraction=0.05, num_subsets=1, batch_size=20, seed=2, joint_selection=joint
-        )
-        assert _state(client, info.session_id).config.joint_selection == joint
-        plan = client.start_round(info.session_id, 0, 0)
-        y = small_labels[plan.ids]
-        emb = 100.0 * np.eye(10, dtype=np.float32)[y] + rng.normal(scale=1e-3, size=(len(y), 10)).astype(np.float32)
-        emb[y == 0] = rng.normal(scale=30.0, size=(int((y == 0).sum()), 10))
-        client.submit_embeddings(info.session_id, 0, plan.ids, emb, y)
-        (batch,) = client.stream_batches(info.session_id, 0)
-        picked[joint] = np.bincount(small_labels[batch.ids], minlength=10)
-        assert len(np.unique(batch.ids)) == 20 and np.isin(batch.ids, plan.ids).all()
-    assert (picked[False] == 2).all()
-    assert picked[True][0] == 10 and picked[True][1:].sum() == 10  # all 10 of class 0 in the subset; one per rest
-
-
-def test_rounds_can_ask_for_fewer_subsets_and_share_the_first_ones(
-    client: SelectionClient, small_labels: np.ndarray
-) -> None:
-    plans = []
-    for count in (2, 4):
-        sid = client.create_session(small_labels, subset_fraction=0.05, num_subsets=4, batch_size=20, seed=9).session_id
-        plan = client.start_round(sid, 0, 0, num_subsets=count)
-        assert plan.num_subsets == count
-        client.submit_embeddings(sid, 0, plan.ids, _embed(plan.ids))
-        plans.append({b.subset_index: b.ids.tolist() for b in client.stream_batches(sid, 0)})
-        with pytest.raises(grpc.RpcError) as err:
-            client.start_round(sid, 1, 0, num_subsets=5)
-        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "exceeds the session's 4" in err.value.details()
-    assert sorted(plans[0]) == [0, 1] and sorted(plans[1]) == [0, 1, 2, 3]
 
 
 def test_sizes_over_the_limits_are_refused_before_anything_is_allocated(small_labels: np.ndarray) -> None:

@@ -3,8 +3,9 @@
 Never imports faiss or Ray.
 """
 
+from crest.selector.v1.api import RoundPlan, SelectionService, SessionInfo, WeightedBatch
 from trainer_client.batches import Embedder, default_forward
-from trainer_client.client import RoundPlan, SelectionClient, SessionInfo, WeightedBatch
+from trainer_client.client import SelectionClient
 from trainer_client.difficulty import RoundDifficulty
 from trainer_client.embeddings import (
     last_layer_gradient,
@@ -28,6 +29,7 @@ __all__ = [
     "RoundDifficulty",
     "RoundPlan",
     "SelectionClient",
+    "SelectionService",
     "SelectionUnavailable",
     "SessionInfo",
     "WeightedBatch",

@@ -23,11 +23,11 @@ from typing import Any
 import grpc
 import numpy as np
 
+from crest.selector.v1.api import RoundPlan, SelectionService, SessionInfo
 from trainer_client._failures import Failure, describe, kind_of, signature
 from trainer_client._passes import RoundEmbeddings
 from trainer_client._state import PendingRound, plan_of_state, plan_state
 from trainer_client._stream import PlanJob, RoundStreamer, StreamBatch, StreamEnd, StreamItem, StreamJob
-from trainer_client.client import RoundPlan, SelectionClient, SessionInfo
 from trainer_client.loader_config import LoaderConfig, LoaderStats, SelectionUnavailable
 
 log = logging.getLogger("trainer_client.loader")
@@ -41,7 +41,7 @@ class ServiceLink:
     """Rank 0's session with the service and its stream thread.
 
     Args:
-        client: the ``SelectionClient``.
+        client: the selection service (``SelectionService``: gRPC or in process).
         config: the loader's settings (selection, timeouts, backoff, failure policy).
         labels: int64 (N,) every example's label, sent when a session opens.
         num_classes: C.
@@ -51,7 +51,7 @@ class ServiceLink:
 
     def __init__(
         self,
-        client: SelectionClient,
+        client: SelectionService,
         config: LoaderConfig,
         labels: np.ndarray,
         num_classes: int,

@@ -16,8 +16,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from crest.selector.v1.api import RoundPlan, WeightedBatch
 from trainer_client._stream import PlanJob
-from trainer_client.client import RoundPlan, WeightedBatch
 from trainer_client.distributed import owners, split_bounds
 from trainer_client.loader_config import LoaderStats
 

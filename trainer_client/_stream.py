@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 
+from crest.selector.v1.api import RoundPlan, SelectionService, WeightedBatch
 from trainer_client._failures import Failure, kind_of
-from trainer_client.client import RoundPlan, SelectionClient, WeightedBatch
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ StreamItem = StreamBatch | StreamEnd | StreamFailure
 class RoundStreamer:
     """Owns the thread; ``submit`` a job, read ``items``. Jobs run one at a time, in the order submitted."""
 
-    def __init__(self, client: SelectionClient, queue_size: int) -> None:
+    def __init__(self, client: SelectionService, queue_size: int) -> None:
         self.client = client
         self.items: queue.Queue[StreamItem] = queue.Queue(queue_size)
         self._jobs: queue.Queue[StreamJob | PlanJob | None] = queue.Queue()

@@ -1,10 +1,13 @@
-"""gRPC client of the selection service. Speaks numpy; knows nothing of torch, faiss or Ray."""
+"""gRPC client of the selection service. Speaks numpy; knows nothing of torch, faiss or Ray.
+
+``SelectionClient`` is the gRPC transport of ``crest.selector.v1.api.SelectionService``, the interface the loader
+calls; the session, plan and batch types are that module's.
+"""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,36 +18,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from crest.selector.v1 import codec
 from crest.selector.v1 import selector_pb2 as pb
 from crest.selector.v1 import selector_pb2_grpc as pb_grpc
+from crest.selector.v1.api import RoundPlan, SessionInfo, WeightedBatch
 from crest.selector.v1.settings import SelectionSettings
-
-
-@dataclass(frozen=True)
-class SessionInfo:
-    session_id: str
-    num_classes: int
-    subset_size: int  # nominal random-subset size r
-    batch_size: int  # coreset size m
-    num_subsets: int  # P
-    # The session's secret, sent with every call naming the session ("" for a session saved without one).
-    token: str = field(default="", repr=False)
-
-
-@dataclass(frozen=True)
-class RoundPlan:
-    round_id: int
-    ids: np.ndarray  # int64 (n,), sorted, unique: the ids to embed
-    num_subsets: int
-
-
-@dataclass(frozen=True)
-class WeightedBatch:
-    round_id: int
-    subset_index: int
-    ids: np.ndarray  # int64 (m,)
-    weights: np.ndarray  # float32 (m,), mean 1: normalised by the service's engine, used as is downstream
-    trainer_step: int
-    selection_ms: float
-    worker: str
 
 
 def _read(path: str | None) -> bytes | None:
@@ -52,7 +27,7 @@ def _read(path: str | None) -> bytes | None:
 
 
 class SelectionClient:
-    """One channel to a selection service.
+    """One channel to a selection service: the gRPC transport of ``SelectionService``.
 
     Args:
         target: ``host:port`` of the service.

@@ -57,6 +57,7 @@ import torch
 from numpy.typing import ArrayLike
 from torch.utils.data import Dataset, default_collate
 
+from crest.selector.v1.api import RoundPlan, SelectionService, SessionInfo, WeightedBatch
 from trainer_client._embedding_cache import EmbeddingCache
 from trainer_client._link import ServiceLink
 from trainer_client._mirror import on_main
@@ -71,7 +72,6 @@ from trainer_client.batches import (
     last_linear,
     with_weights,
 )
-from trainer_client.client import RoundPlan, SelectionClient, SessionInfo, WeightedBatch
 from trainer_client.difficulty import RoundDifficulty, round_difficulty
 from trainer_client.distributed import DistContext
 from trainer_client.embeddings import logit_gradient, per_example_loss
@@ -122,7 +122,9 @@ class CoresetLoader:
     Args:
         dataset: map-style dataset; ``dataset[i]`` is collated by ``collate_fn``.
         model: the model being trained (run in eval mode for embeddings, checks and the quadratic model).
-        client: a ``SelectionClient``; the session is opened lazily, so the service may be down at start.
+        client: the selection service: a ``SelectionClient`` (gRPC to a running service) or a
+            ``selector_service.InProcessSelection`` (the service's selection in this process, no server); the
+            session is opened lazily, so the service may be down at start.
         labels: int (N,) label of every example, in dataset order.
         num_classes: C; 0 means max(labels) + 1.
         config: selection and scheduling settings.
@@ -135,7 +137,7 @@ class CoresetLoader:
         self,
         dataset: Dataset,
         model: torch.nn.Module,
-        client: SelectionClient,
+        client: SelectionService,
         labels: ArrayLike,
         *,
         num_classes: int = 0,

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from trainer_client.client import SelectionClient
+from crest.selector.v1.api import SelectionService
 from trainer_client.data import FashionMNIST
 from trainer_client.embeddings import weighted_loss
 from trainer_client.loader import CoresetLoader, LoaderConfig
@@ -97,8 +97,8 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor
     return correct / len(targets)
 
 
-def train(config: TrainConfig, client: SelectionClient) -> TrainResult:
-    """Train a SmallCNN on Fashion-MNIST with coresets from the service behind ``client``."""
+def train(config: TrainConfig, client: SelectionService) -> TrainResult:
+    """Train a SmallCNN on Fashion-MNIST with coresets from the service behind ``client`` (gRPC or in process)."""
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     train_set = FashionMNIST("train", config.data_dir, limit=config.train_limit)
