@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from trainer_client._passes import RoundEmbeddings
+from trainer_client.loader_config import LoaderConfig
 
 
 class EmbeddingCache:
@@ -46,6 +47,19 @@ class EmbeddingCache:
     """
 
     VERSION: ClassVar[int] = 1
+
+    @classmethod
+    def for_loader(cls, dataset_size: int, dim: int, config: LoaderConfig) -> EmbeddingCache | None:
+        """The cache ``config``'s two max ages ask for; None when both are 0 (every round embeds every candidate)."""
+        if not (config.embedding_max_age or config.learned_embedding_max_age):
+            return None
+        return cls(
+            dataset_size,
+            dim,
+            config.embedding_max_age,
+            learned_max_age=config.learned_embedding_max_age,
+            learned_loss=config.learned_embedding_loss,
+        )
 
     def __init__(
         self, dataset_size: int, dim: int, max_age: int, *, learned_max_age: int = 0, learned_loss: float = 0.0

@@ -16,8 +16,9 @@ from __future__ import annotations
 import logging
 import queue
 import time
+from collections.abc import Callable
 from concurrent.futures import CancelledError, wait
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import grpc
@@ -28,13 +29,35 @@ from trainer_client._failures import Failure, describe, kind_of, signature
 from trainer_client._passes import RoundEmbeddings
 from trainer_client._state import PendingRound, plan_of_state, plan_state
 from trainer_client._stream import PlanJob, RoundStreamer, StreamBatch, StreamEnd, StreamItem, StreamJob
-from trainer_client.loader_config import LoaderConfig, LoaderStats, SelectionUnavailable
+from trainer_client.loader_config import LoaderConfig, SelectionUnavailable
 
 log = logging.getLogger("trainer_client.loader")
 
 # Failures of a StartRound run ahead that the call made at the step mends itself (``_start_round``: a lost
 # session is reopened, a round id out of step with the service's is corrected): that call is made instead.
 _MENDED_BY_STARTING = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.FAILED_PRECONDITION)
+
+
+@dataclass
+class LinkCounters:
+    """What the link counted: ``CoresetLoader.stats`` shows them beside the loader's own (same names there).
+
+    Under DDP the other ranks mirror rank 0's (``_mirror.py``), except ``wait_s``: each rank's own time blocked on
+    the service (on the other ranks, waiting for rank 0's outcome) and ``batches_received``: rank 0 receives them.
+    """
+
+    batches_received: int = 0
+    duplicate_batches: int = 0  # batches of a subset already received in their round (dropped)
+    service_errors: int = 0  # failed calls of every kind the loader rides out
+    persistent_failures: int = 0  # those of them the service would repeat (INTERNAL, UNKNOWN, DATA_LOSS)
+    sessions_opened: int = 0
+    rounds_prefetched: int = 0  # rounds whose StartRound ran ahead, on the stream thread
+    wait_s: float = 0.0
+
+    @classmethod
+    def of(cls, stats: dict[str, Any]) -> LinkCounters:
+        """The link's fields of a saved ``LoaderStats`` (a checkpoint's ``stats``)."""
+        return cls(**{f.name: stats[f.name] for f in fields(cls) if f.name in stats})
 
 
 class ServiceLink:
@@ -47,6 +70,7 @@ class ServiceLink:
         num_classes: C.
         embedding_dim: d of the embeddings the loader sends.
         streams: True on the rank that talks to the service (starts the stream thread).
+        step: the loader's current step (for the service's provenance and the log).
     """
 
     def __init__(
@@ -58,8 +82,10 @@ class ServiceLink:
         embedding_dim: int,
         *,
         streams: bool,
+        step: Callable[[], int],
     ) -> None:
-        self.client, self.config = client, config
+        self.client, self.config, self._step = client, config, step
+        self.counters = LinkCounters()
         self._labels, self._num_classes, self._embedding_dim = labels, num_classes, embedding_dim
         self.session: SessionInfo | None = None
         self.session_round = 0  # the session's next round id
@@ -72,7 +98,7 @@ class ServiceLink:
 
     # -- rounds ----------------------------------------------------------------------------------------------
 
-    def prefetch(self, num_subsets: int, trainer_step: int, stats: LoaderStats) -> None:
+    def prefetch(self, num_subsets: int, trainer_step: int) -> None:
         """Start the session's next round of ``num_subsets`` random subsets on the stream thread, for the next
         ``start_round`` of that size to take (rank 0; nothing without a session, during a backoff, or with
         ``config.prefetch_rounds`` off).
@@ -89,10 +115,12 @@ class ServiceLink:
             return
         if self._ahead is not None or time.monotonic() < self._next_attempt:
             return
-        self._ahead = PlanJob(self.session.session_id, self.session_round, num_subsets, trainer_step, stats.wait_s)
+        self._ahead = PlanJob(
+            self.session.session_id, self.session_round, num_subsets, trainer_step, self.counters.wait_s
+        )
         self._streamer.submit(self._ahead)
 
-    def start_round(self, num_subsets: int, stats: LoaderStats) -> RoundPlan | None:
+    def start_round(self, num_subsets: int) -> RoundPlan | None:
         """Start the session's next round of ``num_subsets`` random subsets, opening a session first if needed;
         the round started ahead (``prefetch``) when it is that one, waiting for its call if needed.
 
@@ -101,10 +129,10 @@ class ServiceLink:
         ahead, self._ahead = self._ahead, None
         if ahead is not None:
             try:
-                plan = self._take(ahead, num_subsets, stats)
+                plan = self._take(ahead, num_subsets)
             except grpc.RpcError as exc:
                 if exc.code() not in _MENDED_BY_STARTING:
-                    self.failed(exc, "starting a round", stats)
+                    self.failed(exc, "starting a round")
                     return None
                 plan = None
             if plan is not None:
@@ -113,16 +141,16 @@ class ServiceLink:
         if time.monotonic() < self._next_attempt:
             return None
         try:
-            plan = self._start_round(num_subsets, stats)
+            plan = self._start_round(num_subsets)
         except grpc.RpcError as exc:
-            self.failed(exc, "starting a round", stats)
+            self.failed(exc, "starting a round")
             return None
         self._backoff = 0.0
         return plan
 
-    def _take(self, ahead: PlanJob, num_subsets: int, stats: LoaderStats) -> RoundPlan | None:
+    def _take(self, ahead: PlanJob, num_subsets: int) -> RoundPlan | None:
         """The plan of the round started ahead, when it is the session's next round of ``num_subsets`` (waiting
-        for its call, counted in ``stats.wait_s``); None when it is not, or was cancelled. Raises its call's
+        for its call, counted in ``counters.wait_s``); None when it is not, or was cancelled. Raises its call's
         ``grpc.RpcError``, and re-raises anything else it raised (a bug, as on the synchronous path)."""
         session = self.session
         if session is None or (ahead.session_id, ahead.session_round, ahead.num_subsets) != (
@@ -133,32 +161,32 @@ class ServiceLink:
             log.info("round %d started ahead is not the one asked for; starting that one", ahead.session_round)
             return None
         try:
-            plan = self._settle(ahead, stats).plan.result(timeout=0)
+            plan = self._settle(ahead).plan.result(timeout=0)
         except CancelledError:
             return None
-        stats.rounds_prefetched += 1
+        self.counters.rounds_prefetched += 1
         return plan
 
-    def _settle(self, ahead: PlanJob, stats: LoaderStats) -> PlanJob:
-        """Wait until ``ahead``'s call has returned (counted in ``stats.wait_s``). Called with no round pending:
+    def _settle(self, ahead: PlanJob) -> PlanJob:
+        """Wait until ``ahead``'s call has returned (counted in ``counters.wait_s``). Called with no round pending:
         the stream items that arrive meanwhile belong to rounds the loader is done with, and are dropped as
         ``drain`` drops them, so the stream thread never blocks on a full queue."""
         if not ahead.plan.done():
             start = time.perf_counter()
             try:
                 while not wait([ahead.plan], timeout=0.05).done:
-                    self.drain(None, stats)
+                    self.drain(None)
             finally:
-                stats.wait_s += time.perf_counter() - start
+                self.counters.wait_s += time.perf_counter() - start
         return ahead
 
-    def settle(self, stats: LoaderStats) -> None:
+    def settle(self) -> None:
         """Wait for the round started ahead, if any, so that ``state_dict`` holds its plan (the loader has no
         round pending while one is ahead)."""
         if self._ahead is not None:
-            self._settle(self._ahead, stats)
+            self._settle(self._ahead)
 
-    def _open_session(self, stats: LoaderStats) -> SessionInfo:
+    def _open_session(self) -> SessionInfo:
         cfg = self.config
         self.session = self.client.create_session(
             self._labels,
@@ -168,20 +196,20 @@ class ServiceLink:
             timeout_s=cfg.first_batch_timeout_s,
         )
         self.session_round = 0
-        stats.sessions_opened += 1
-        log.info("session %s opened at %s (step %d)", self.session.session_id, self.client.target, stats.steps)
+        self.counters.sessions_opened += 1
+        log.info("session %s opened at %s (step %d)", self.session.session_id, self.client.target, self._step())
         return self.session
 
-    def _start_round(self, num_subsets: int, stats: LoaderStats) -> RoundPlan:
+    def _start_round(self, num_subsets: int) -> RoundPlan:
         for _ in range(3):
-            session = self.session or self._open_session(stats)
+            session = self.session or self._open_session()
             try:
                 return self.client.start_round(
                     session.session_id,
                     self.session_round,
-                    stats.steps,
+                    self._step(),
                     num_subsets=num_subsets,
-                    trainer_wait_s=stats.wait_s,  # reported for the service's metrics
+                    trainer_wait_s=self.counters.wait_s,  # reported for the service's metrics
                 )
             except grpc.RpcError as exc:
                 if kind_of(exc) is Failure.SESSION_LOST:
@@ -212,7 +240,7 @@ class ServiceLink:
 
     # -- the stream's items ----------------------------------------------------------------------------------
 
-    def _apply(self, item: StreamItem, pending: PendingRound | None, stats: LoaderStats) -> bool:
+    def _apply(self, item: StreamItem, pending: PendingRound | None) -> bool:
         """Add ``item`` to ``pending`` when it is that round's; False when it is that round's failure."""
         if isinstance(item, StreamEnd):  # a round delivered, even one switched to before its end was read
             self._persistent, self._persistent_run = None, 0
@@ -221,19 +249,19 @@ class ServiceLink:
         if isinstance(item, StreamBatch):
             index = item.batch.subset_index
             if index in pending.coresets:  # would train on one subset twice and on a sibling never
-                stats.duplicate_batches += 1
+                self.counters.duplicate_batches += 1
                 log.warning("round %d: subset %d arrived twice; the second copy is dropped", pending.round, index)
             else:
                 pending.coresets[index] = item.batch
-                stats.batches_received += 1
+                self.counters.batches_received += 1
         elif isinstance(item, StreamEnd):
             pending.ended = True
         else:
-            self.failed(item.error, f"streaming round {pending.round}", stats)
+            self.failed(item.error, f"streaming round {pending.round}")
             return False
         return True
 
-    def drain(self, pending: PendingRound | None, stats: LoaderStats) -> bool:
+    def drain(self, pending: PendingRound | None) -> bool:
         """Add every item queued so far to ``pending``; False when its stream failed (see ``failed``)."""
         assert self._streamer is not None, "only rank 0 streams"
         alive = True
@@ -242,11 +270,11 @@ class ServiceLink:
                 item = self._streamer.items.get_nowait()
             except queue.Empty:
                 return alive
-            alive = self._apply(item, pending if alive else None, stats) and alive
+            alive = self._apply(item, pending if alive else None) and alive
 
-    def wait(self, pending: PendingRound, timeout_s: float, stats: LoaderStats) -> bool:
+    def wait(self, pending: PendingRound, timeout_s: float) -> bool:
         """Block until ``pending`` is ready, its stream fails, or ``timeout_s`` passes (counted in
-        ``stats.wait_s``); False when it failed."""
+        ``counters.wait_s``); False when it failed."""
         assert self._streamer is not None, "only rank 0 streams"
         start = time.perf_counter()
         deadline = start + timeout_s
@@ -259,25 +287,25 @@ class ServiceLink:
                     item = self._streamer.items.get(timeout=remaining)
                 except queue.Empty:
                     return True
-                if not self._apply(item, pending, stats):
+                if not self._apply(item, pending):
                     return False
             return True
         finally:
-            stats.wait_s += time.perf_counter() - start
+            self.counters.wait_s += time.perf_counter() - start
 
     # -- failures --------------------------------------------------------------------------------------------
 
-    def failed(self, exc: BaseException, doing: str, stats: LoaderStats) -> None:
+    def failed(self, exc: BaseException, doing: str) -> None:
         """Apply the failure policy (module docstring) to ``exc``, raised while ``doing``: raise, or count it
         and schedule the next attempt (the caller gives the round up)."""
         kind = kind_of(exc)
         if kind is Failure.FATAL:
             raise exc
-        stats.service_errors += 1
+        self.counters.service_errors += 1
         what = describe(exc)
         if kind is Failure.PERSISTENT:
             assert isinstance(exc, grpc.RpcError)
-            stats.persistent_failures += 1
+            self.counters.persistent_failures += 1
             sig = signature(exc)
             self._persistent_run = self._persistent_run + 1 if sig == self._persistent else 1
             self._persistent = sig
@@ -297,7 +325,7 @@ class ServiceLink:
             log.error(
                 "step %d: selection service at %s failed while %s: %s (%d of %d in a row before the loader stops); "
                 "training on uniform batches, retrying in %.1f s",
-                stats.steps,
+                self._step(),
                 self.client.target,
                 doing,
                 what,
@@ -308,7 +336,7 @@ class ServiceLink:
             return
         log.warning(
             "step %d: selection service at %s failed while %s (%s); training on uniform batches, retrying in %.1f s",
-            stats.steps,
+            self._step(),
             self.client.target,
             doing,
             exc.code() if isinstance(exc, grpc.RpcError) else what,
@@ -334,6 +362,7 @@ class ServiceLink:
         saved round, or one round further with that round's plan saved (else opens a new one at the next
         round); the other ranks take rank 0's at the next service step."""
         self.session_round = int(state["session_round"])
+        self.counters = LinkCounters.of(state["stats"])
         saved = state["session"]
         if self._streamer is None or saved is None:
             self.session = None if saved is None else SessionInfo(**saved)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, TypeVar
 
 from trainer_client._link import ServiceLink
@@ -27,10 +28,7 @@ def _control(state: LoaderState, link: ServiceLink) -> dict[str, Any]:
         "need_request": state.need_request,
         "session": link.session,
         "session_round": link.session_round,
-        "service_errors": state.stats.service_errors,
-        "persistent_failures": state.stats.persistent_failures,
-        "sessions_opened": state.stats.sessions_opened,
-        "rounds_prefetched": state.stats.rounds_prefetched,
+        "counters": replace(link.counters, wait_s=0.0, batches_received=0),
     }
 
 
@@ -45,9 +43,8 @@ def _follow(dist: DistContext, c: dict[str, Any], state: LoaderState, link: Serv
         )
     state.need_request = c["need_request"]
     link.session, link.session_round = c["session"], c["session_round"]
-    stats = state.stats
-    stats.service_errors, stats.sessions_opened = c["service_errors"], c["sessions_opened"]
-    stats.persistent_failures, stats.rounds_prefetched = c["persistent_failures"], c["rounds_prefetched"]
+    # Rank 0's counters; this rank's own wait, and no batches received (rank 0 receives them).
+    link.counters = replace(c["counters"], wait_s=link.counters.wait_s, batches_received=0)
 
 
 def on_main(dist: DistContext, fn: Callable[[], T | None], state: LoaderState, link: ServiceLink) -> T | None:
@@ -78,5 +75,5 @@ def on_main(dist: DistContext, fn: Callable[[], T | None], state: LoaderState, l
         raise SelectionUnavailable(f"rank 0 stopped the selection loop: {message['error']}")
     if not dist.is_main:
         _follow(dist, message["control"], state, link)
-        state.stats.wait_s += time.perf_counter() - start
+        link.counters.wait_s += time.perf_counter() - start
     return message["result"]

@@ -137,3 +137,9 @@ class Embedder:
         if self._on_device is None or self._on_device.device != device:
             self._on_device = self.projection.to(device)
         return self._on_device
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (the CPU for a model without parameters)."""
+    param = next(model.parameters(), None)
+    return torch.device("cpu") if param is None else param.device

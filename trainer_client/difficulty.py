@@ -31,6 +31,12 @@ class RoundDifficulty:
     # coresets lean to the harder examples of the round.
     selected_percentile: float
 
+    def __str__(self) -> str:
+        return (
+            f"selected loss {self.selected_loss:.3f} (weighted {self.selected_loss_weighted:.3f}) against "
+            f"{self.embedded_loss:.3f} for the round's ids; percentile {self.selected_percentile:.2f}"
+        )
+
 
 def round_difficulty(
     round: int,

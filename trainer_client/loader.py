@@ -7,40 +7,26 @@ The loop changes by a few lines::
         loss = weighted_loss(model(x), y, w)
         ...
 
-Each *region* trains on the union of one round's coresets, reshuffled into batches every pass. A
-``RegionController`` (``region.py``) ends the region: in CREST mode when the quadratic model of the coreset
-loss stops predicting the loss on the round's random subsets, in fixed mode after a set number of steps. At
-that step the loader asks the service for a round, embeds its candidate ids with the current model (one no-grad
-forward pass), and a background thread streams them out and the weighted batches back. Training switches to
-the new region exactly ``lookahead_steps`` later, waiting there (bounded by ``deadline_s``, counted in
-``wait_s``) if the round is late, so for a seed the batches do not depend on timing and a resumed run continues
-with the same batches. The service call that starts a round (its random subsets) is made ahead, on the stream
-thread, as soon as the round's size is known at the previous switch (``LoaderConfig.prefetch_rounds``): the
-draw does not depend on when it is made, so the plan is the one the step would have received.
-
-Never blocking: when the round is not there by the deadline, or the service is unreachable or drops, the loader
-yields uniformly sampled batches (weights 1, counted in ``fallback_batches``) and reconnects with exponential
-backoff, opening a new session when the old one is gone. ``strict=True`` raises instead. A failure the service
-will repeat (INTERNAL, UNKNOWN) is logged as an error and, repeated, stops the run: see ``CoresetLoader``.
-
-Weights are normalised once, by the service's selection engine: each coreset's weights have mean 1. A region
-concatenates whole coresets, so its weights have mean 1 too and the loader passes them on unchanged.
+Each *region* trains on the union of one round's coresets, reshuffled into batches every pass (their weights have
+mean 1, as the service's engine normalised them). A ``RegionController`` (``region.py``) ends the region: in CREST
+mode when the quadratic model of the coreset loss stops predicting the loss on the round's random subsets, in
+fixed mode after a set number of steps. At that step the loader asks the service for a round (started ahead, on
+the stream thread, when its size is known: ``LoaderConfig.prefetch_rounds``), embeds its candidates with the
+current model (one no-grad forward pass), and a background thread streams them out and the weighted batches back.
+Training switches to the new region exactly ``lookahead_steps`` later, waiting there (bounded by ``deadline_s``,
+counted in ``wait_s``) if the round is late, so for a seed the batches do not depend on timing and a resumed run
+continues with the same batches. It never blocks beyond that: see ``CoresetLoader`` for what a failure does.
 
 This module schedules: iteration, regions, switching, and when each rank follows rank 0 under DDP. The link to
-the service is ``_link.py``, the model passes (embedding, check, fit) ``_passes.py``, the state a checkpoint
-holds ``_state.py``, and the mirroring of rank 0's service state on the other ranks ``_mirror.py``.
+the service is ``_link.py``, the model passes ``_passes.py``, the checkpointed state ``_state.py``, the training
+logits' cache rows ``_observed.py``, and the mirroring of rank 0's service state on the other ranks ``_mirror.py``.
 
-Under ``torch.distributed`` (detected when initialised with more than one rank; the single-process path is
-unchanged otherwise) every rank builds the loader with the same arguments and iterates it in step. Rank 0 owns
-the session and is the only one that talks to the service; the ranks embed disjoint shards of each round's
-candidate ids and gather them to rank 0; rank 0's service events (a round started, a failure, coresets ready at
-a switch, a late round) are broadcast, so every rank switches regions, falls back and reconnects at the same
-steps. Each region's pool is dealt between ranks (``distributed.owners``), so no id reaches two ranks in one
-round, and every step's global batch (about ``batch_size`` examples) is the union of the ranks' batches. The
-Taylor check sums the loss over per-rank shards of the check ids (and averages the prediction), so every rank
-takes the same decision. The quadratic model is fitted on the whole pool on every rank (identical weights
-under DDP give identical fits; rank 0's interval is broadcast to make sure). See ``state_dict`` for
-checkpoints and the README for what the world size changes.
+Under ``torch.distributed`` (more than one rank) every rank builds the loader with the same arguments and
+iterates it in step. Rank 0 alone talks to the service and broadcasts its service events, so every rank switches,
+falls back and reconnects at the same steps; the ranks embed disjoint shards of each round's candidates; each
+region's pool is dealt between the ranks (``distributed.owners``), so every step's global batch is the union of
+the ranks' batches; the Taylor check sums per-rank shards of the loss, and the quadratic model is fitted on every
+rank (identical weights give identical fits; rank 0's interval is broadcast).
 """
 
 from __future__ import annotations
@@ -49,7 +35,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import replace
+from dataclasses import asdict, replace
 from typing import Any, TypeVar
 
 import numpy as np
@@ -61,7 +47,8 @@ from crest.selector.v1.api import RoundPlan, SelectionService, SessionInfo, Weig
 from trainer_client._embedding_cache import EmbeddingCache
 from trainer_client._link import ServiceLink
 from trainer_client._mirror import on_main
-from trainer_client._passes import ModelPasses, RoundEmbeddings, trainable
+from trainer_client._observed import SHARE_EVERY, TrainingRows
+from trainer_client._passes import ModelPasses, trainable
 from trainer_client._state import LoaderState, PendingRound, Region, on_cpu
 from trainer_client.batches import (
     Embedder,
@@ -70,11 +57,11 @@ from trainer_client.batches import (
     default_forward,
     label_array,
     last_linear,
+    model_device,
     with_weights,
 )
 from trainer_client.difficulty import RoundDifficulty, round_difficulty
 from trainer_client.distributed import DistContext
-from trainer_client.embeddings import logit_gradient, per_example_loss
 from trainer_client.loader_config import LoaderConfig, LoaderStats, SelectionUnavailable
 from trainer_client.region import Decision, RegionController
 
@@ -83,10 +70,6 @@ log = logging.getLogger(__name__)
 __all__ = ["CoresetLoader", "LoaderConfig", "LoaderStats", "SelectionUnavailable"]
 
 T = TypeVar("T")
-
-# Under DDP with LoaderConfig.training_logits, the steps between two exchanges of the ranks' observed rows at the
-# latest (they are exchanged at every round's start too).
-SHARE_OBSERVED_EVERY = 64
 
 
 class CoresetLoader:
@@ -160,7 +143,7 @@ class CoresetLoader:
             layer = last_layer or last_linear(model)
         self.embedder = Embedder(cfg.embedding, layer, cfg.embedding_dim, cfg.seed)
         # The embedding pass's precision ("auto": what the model's device runs fastest, embed_dtype_for).
-        self.embed_dtype = cfg.embed_dtype_on(_device_of(model))
+        self.embed_dtype = cfg.embed_dtype_on(model_device(model))
         log.info("loader settings: %s; embedding pass in %s", cfg.describe(), self.embed_dtype)
         self.controller = RegionController(
             replace(cfg.region, seed=cfg.seed), max_coresets=cfg.num_subsets, lead_steps=cfg.lookahead_steps
@@ -183,30 +166,25 @@ class CoresetLoader:
             embed_dtype=getattr(torch, self.embed_dtype),
         )
         embedding_dim = self.embedder.dim(self.num_classes)
-        self._cache: EmbeddingCache | None = None
-        if cfg.embedding_max_age or cfg.learned_embedding_max_age:
-            self._cache = EmbeddingCache(
-                len(self.labels),
-                embedding_dim,
-                cfg.embedding_max_age,
-                learned_max_age=cfg.learned_embedding_max_age,
-                learned_loss=cfg.learned_embedding_loss,
-            )
+        self._cache = EmbeddingCache.for_loader(len(self.labels), embedding_dim, cfg)
         is_main = self._dist is None or self._dist.is_main  # only the rank that talks to the service streams
-        # Under DDP, the rows observe_logits took since the last round, (ids, rows, step) per step: the ranks'
-        # caches must stay equal, so they are exchanged at the next round (or checkpoint) and stored then.
-        self._observed: list[tuple[np.ndarray, RoundEmbeddings, int]] = []
+        self._rows = TrainingRows(self._cache, self.labels, self._dist) if self._cache and cfg.training_logits else None
         # The fit's micro-batch: the largest batch a training step runs through the model at once.
         world = 1 if self._dist is None else self._dist.world_size
         self._fit_batch_size = cfg.fit_batch_size or -(-cfg.batch_size // world)
-        self._link = ServiceLink(client, cfg, self.labels, self.num_classes, embedding_dim, streams=is_main)
+        self._link = ServiceLink(
+            client, cfg, self.labels, self.num_classes, embedding_dim, streams=is_main, step=self._step
+        )
         self._state = LoaderState.new(len(self.labels), cfg.seed, cfg.batch_size)
         self._closed = False
 
+    def _step(self) -> int:
+        return self._state.stats.steps
+
     @property
     def stats(self) -> LoaderStats:
-        """This loader's counters (they travel with ``state_dict``)."""
-        return self._state.stats
+        """A snapshot of this loader's counters and its service link's (they travel with ``state_dict``)."""
+        return replace(self._state.stats, **asdict(self._link.counters))
 
     @property
     def difficulty(self) -> list[RoundDifficulty]:
@@ -235,7 +213,7 @@ class CoresetLoader:
             self._want_round()
         s.yielded = True
         if self._dist is None:
-            if not self._link.drain(s.pending, s.stats):
+            if not self._link.drain(s.pending):
                 self._give_up_round()
             plan = self._request_plan()
             if plan is not None:
@@ -244,7 +222,7 @@ class CoresetLoader:
             if p is not None:
                 self._switch(p)
         else:
-            if self.config.training_logits and s.stats.steps % SHARE_OBSERVED_EVERY == 0:
+            if s.stats.steps % SHARE_EVERY == 0:
                 self._share_observed()  # bounds what a rank holds while no round starts (the service down)
             self._follow_service()
         due = s.want_at is not None and s.stats.steps >= s.want_at
@@ -267,43 +245,18 @@ class CoresetLoader:
         (``LoaderConfig.training_logits``). Call it after the forward pass and before the next batch; its cost is a
         softmax over the batch. Logits that are not of the batch's shape or not finite are refused and nothing is
         stored."""
-        if self._cache is None or not self.config.training_logits:
+        if self._rows is None:
             raise RuntimeError("observe_logits needs LoaderConfig(training_logits=True) and an embedding max age")
-        s, ids = self._state, self.last_ids
+        s = self._state
         if not s.yielded:
             raise RuntimeError("observe_logits takes the logits of the batch yielded last; none was yielded yet")
-        if tuple(logits.shape) != (len(ids), self.num_classes):
-            raise ValueError(
-                f"observe_logits takes the logits of the batch yielded last, shape ({len(ids)}, {self.num_classes}); "
-                f"received {tuple(logits.shape)}"
-            )
-        z = logits.detach().float()
-        targets = torch.from_numpy(self.labels[ids]).to(z.device)
-        # One copy to the host (one sync between the forward and the backward pass): the rows, their losses, and
-        # whether each row's logits were finite.
-        finite = torch.isfinite(z).all(dim=1, keepdim=True).float()
-        host = torch.cat([logit_gradient(z, targets), per_example_loss(z, targets)[:, None], finite], dim=1).cpu()
-        bad = int((host[:, -1] == 0).sum())
-        if bad:
-            raise ValueError(f"observe_logits received non-finite logits in {bad} of {len(ids)} rows; nothing stored")
-        rows = RoundEmbeddings(host[:, :-2].numpy().copy(), self.labels[ids], host[:, -2].numpy().copy(), embedded=0)
-        step = s.stats.steps - 1  # the model before this batch's optimizer step
-        s.stats.training_rows += len(ids)
-        if self._dist is None:
-            self._cache.refresh(ids, rows, step)
-        else:
-            self._observed.append((ids, rows, step))
+        # Taken by the model before this batch's optimizer step.
+        s.stats.training_rows += self._rows.observe(logits, self.last_ids, self.num_classes, s.stats.steps - 1)
 
     def _share_observed(self) -> None:
-        """Under DDP, every rank's observed rows into every rank's cache, in rank order (a collective when
-        ``training_logits`` is on)."""
-        if self._dist is None or self._cache is None or not self.config.training_logits:
-            return
-        everyone = self._dist.all_gather_object(self._observed)
-        self._observed = []
-        for part in everyone:
-            for ids, rows, step in part:
-                self._cache.refresh(ids, rows, step)
+        """Under DDP, every rank's observed rows into every rank's cache (a collective with training_logits)."""
+        if self._rows is not None:
+            self._rows.share()
 
     def _uniform_batch(self) -> tuple[np.ndarray, np.ndarray]:
         """A uniformly sampled batch (weights 1); under DDP every rank draws the same one and keeps its share."""
@@ -355,7 +308,7 @@ class CoresetLoader:
         if not s.need_request or s.pending is not None:
             return None
         # Only the coresets this region will use are drawn, embedded and selected.
-        return self._link.start_round(min(self.controller.num_coresets, self.config.num_subsets), s.stats)
+        return self._link.start_round(min(self.controller.num_coresets, self.config.num_subsets))
 
     def _begin_round(self, plan: RoundPlan) -> None:
         """Embed the round's ids (sharded over the ranks under DDP) and hand them to the stream thread."""
@@ -391,7 +344,7 @@ class CoresetLoader:
         if not p.ready and p.requested_step <= s.want_at and s.stats.steps == s.want_at:
             first = s.stats.regions == 0
             timeout = self.config.first_batch_timeout_s if first else self.config.deadline_s
-            if not self._link.wait(p, timeout, s.stats):
+            if not self._link.wait(p, timeout):
                 self._give_up_round()
                 return None
             if not p.ready:
@@ -400,12 +353,8 @@ class CoresetLoader:
                         f"round {p.round} from {self.client.target} not ready within {timeout:.1f} s at step "
                         f"{s.stats.steps} ({len(p.coresets)}/{p.num_coresets} coresets arrived)"
                     )
-                log.warning(
-                    "step %d: round %d late after %.1f s; uniform batches until it arrives",
-                    s.stats.steps,
-                    p.round,
-                    timeout,
-                )
+                late = "step %d: round %d late after %.1f s; uniform batches until it arrives"
+                log.warning(late, s.stats.steps, p.round, timeout)
         return p if p.ready and s.pending is p else None
 
     def _switch(self, p: PendingRound) -> None:
@@ -419,38 +368,21 @@ class CoresetLoader:
             s.stats.partial_rounds += 1
             log.warning(
                 "step %d: round %d ended with %d of its %d coresets (subsets %s); training on those",
-                s.stats.steps,
-                p.round,
-                used,
-                p.num_coresets,
-                sorted(p.coresets),
+                *(s.stats.steps, p.round, used, p.num_coresets, sorted(p.coresets)),
             )
         s.pending, s.want_at, s.pass_perm, s.pass_next = None, None, None, 0
         s.stats.regions += 1
-        checks = f"; checks on {len(region.check_ids)} of {len(p.check_ids)} random-subset ids"
         fixed = self.controller.config.mode == "fixed"  # a fixed region runs no check
+        checks = "" if fixed else f"; checks on {len(region.check_ids)} of {len(p.check_ids)} random-subset ids"
         log.info(
-            "step %d: region %d: %d coresets, %d examples%s",
-            s.stats.steps,
-            p.round,
-            used,
-            len(region.ids),
-            "" if fixed else checks,
+            "step %d: region %d: %d coresets, %d examples%s", s.stats.steps, p.round, used, len(region.ids), checks
         )
         if p.losses is not None:
             self._unscored.append(
                 (p.round, p.requested_step, s.stats.steps, p.check_ids, p.losses, region.ids, region.weights)
             )
             if log.isEnabledFor(logging.INFO):
-                d = self.difficulty[-1]
-                log.info(
-                    "region %d: selected loss %.3f (weighted %.3f) against %.3f for the round's ids; percentile %.2f",
-                    p.round,
-                    d.selected_loss,
-                    d.selected_loss_weighted,
-                    d.embedded_loss,
-                    d.selected_percentile,
-                )
+                log.info("region %d: %s", p.round, self.difficulty[-1])
         if self.controller.config.mode == "fixed":
             self.controller.start_region()  # the fixed rule needs no model: skip the Hessian estimate
             earliest_end = s.stats.steps + self.controller.reselect_at
@@ -462,7 +394,7 @@ class CoresetLoader:
             earliest_end = s.stats.steps + self.controller.interval  # the first check
         # The next round's size is final now (only a fit changes it): start that round on the stream thread, after
         # this one's upload, so that the step that asks for it finds its plan (see ServiceLink.prefetch).
-        self._link.prefetch(min(self.controller.num_coresets, self.config.num_subsets), earliest_end, s.stats)
+        self._link.prefetch(min(self.controller.num_coresets, self.config.num_subsets), earliest_end)
 
     # -- DDP: rank 0 talks to the service, every rank follows ----------------------------------------------
 
@@ -484,7 +416,7 @@ class CoresetLoader:
                 self._switch(p)
 
     def _main_request(self) -> RoundPlan | None:
-        if not self._link.drain(self._state.pending, self._state.stats):
+        if not self._link.drain(self._state.pending):
             self._give_up_round()
         return self._request_plan()
 
@@ -495,7 +427,7 @@ class CoresetLoader:
     def _main_settle(self) -> tuple[dict[int, WeightedBatch], bool] | None:
         """Wait (up to ``first_batch_timeout_s``) for the round in flight, so that a checkpoint holds it."""
         p = self._state.pending
-        if p is not None and not p.ready and not self._link.wait(p, self.config.first_batch_timeout_s, self.stats):
+        if p is not None and not p.ready and not self._link.wait(p, self.config.first_batch_timeout_s):
             self._give_up_round()
         p = self._state.pending
         return None if p is None else (dict(p.coresets), p.ended)
@@ -526,9 +458,10 @@ class CoresetLoader:
                 s.pending.coresets, s.pending.ended = settled
         elif self._dist is None:
             self._main_settle()
-        self._link.settle(s.stats)  # a round started ahead (rank 0): its plan is saved, as the service has it
+        self._link.settle()  # a round started ahead (rank 0): its plan is saved, as the service has it
         self._share_observed()
         state = {**s.state_dict(), **self._link.state_dict(), "controller": self.controller.state_dict()}
+        state["stats"] = asdict(self.stats)  # the link's counters with the loader's
         if self._cache is not None:
             state["embedding_cache"] = self._cache.state_dict(s.stats.steps)
         return state
@@ -563,9 +496,3 @@ class CoresetLoader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _device_of(model: torch.nn.Module) -> torch.device:
-    """The device of the model's first parameter (the CPU for a model without parameters)."""
-    param = next(model.parameters(), None)
-    return torch.device("cpu") if param is None else param.device
