@@ -44,7 +44,6 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spin-waiting starves the selectors
 
 import argparse
-import logging
 import shlex
 import signal
 import sys
@@ -60,6 +59,7 @@ from crest_bench.report import machine, write_atomic, write_json
 from crest_bench.train import start_service
 from crest_bench.train_data import BenchData, load_data, materialize, split_validation
 from crest_bench.train_methods import DEFAULT_METHODS, METHODS, BenchConfig, EvalSets, RunResult, run_one, warm_up
+from experiments._main import run_main
 from experiments.frontier_report import REFERENCE, SWEEP, FrontierRun, budget_steps, summarize
 from experiments.frontier_tables import markdown, plot
 from selector_service.process import ServiceProcess
@@ -498,10 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m experiments.frontier [flags]``, from the root of a checkout."""
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
-    args.argv = sys.argv[1:] if argv is None else list(argv)
-    return run(args)
+    return run_main(build_parser, run, argv)
 
 
 if __name__ == "__main__":

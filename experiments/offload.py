@@ -35,7 +35,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse
 import copy
 import itertools
-import logging
 import queue
 import sys
 import threading
@@ -52,6 +51,7 @@ import torch.nn.functional as F
 from crest_bench.report import machine, write_json
 from crest_bench.train_data import DEFAULT_HOOK, BenchData, fetch, load_data
 from crest_bench.train_methods import BenchConfig, full_batches
+from experiments._main import run_main
 from trainer_client.batches import Embedder, default_forward
 from trainer_client.embeddings import per_example_loss
 
@@ -313,10 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m experiments.offload [flags]``, from the root of a checkout."""
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
-    args.argv = sys.argv[1:] if argv is None else list(argv)
-    return run(args)
+    return run_main(build_parser, run, argv)
 
 
 if __name__ == "__main__":

@@ -120,10 +120,8 @@ class InProcessSelection:
     ) -> SessionInfo:
         """See ``SelectionService.create_session``. Settings are checked here, as ``SelectionClient`` checks them
         before its call: both settings= and fields raise ``TypeError``, a value outside the wire's ``WireError``."""
-        if settings is not None and fields:
-            raise TypeError(f"create_session takes settings= or its fields, received both ({sorted(fields)})")
         # Through the wire's form, so that a zero field means the wire's default exactly as over gRPC.
-        wire = SelectionSettings.from_proto((settings or SelectionSettings(**fields)).to_proto())
+        wire = SelectionSettings.from_proto(SelectionSettings.of_call(settings, fields).to_proto())
         return self._create(np.array(labels, dtype=codec.INT64, copy=True), num_classes, wire, client_name)
 
     @_as_call_error

@@ -127,9 +127,7 @@ class SelectionClient:
         outside ``codec.SIMILARITIES`` / ``codec.EMBEDDING_KINDS`` raises ``codec.WireError`` (a ValueError), an
         unknown setting ``TypeError``.
         """
-        if settings is not None and fields:
-            raise TypeError(f"create_session takes settings= or its fields, received both ({sorted(fields)})")
-        config = (settings or SelectionSettings(**fields)).to_proto()
+        config = SelectionSettings.of_call(settings, fields).to_proto()
         reply = self._stub.CreateSession(
             pb.CreateSessionRequest(
                 dataset_size=len(labels),

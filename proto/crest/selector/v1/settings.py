@@ -9,6 +9,7 @@ its ``SessionConfig`` from it, and sends the one in force back. The defaults are
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from crest.selector.v1 import codec
 from crest.selector.v1 import selector_pb2 as pb
@@ -60,6 +61,14 @@ class SelectionSettings:
             keep_excluded=self.keep_excluded,
             joint_selection=self.joint_selection,
         )
+
+    @classmethod
+    def of_call(cls, settings: SelectionSettings | None, fields: dict[str, Any]) -> SelectionSettings:
+        """The settings a ``create_session`` call gives: ``settings``, or its fields as keyword arguments (what is
+        left out is the wire's default). Both raise ``TypeError``, an unknown field too."""
+        if settings is not None and fields:
+            raise TypeError(f"create_session takes settings= or its fields, received both ({sorted(fields)})")
+        return settings or cls(**fields)
 
     @classmethod
     def from_proto(cls, c: pb.CrestConfig) -> SelectionSettings:
