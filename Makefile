@@ -4,6 +4,7 @@
 #   make test   set up, then lint, type-check and run every test tier, the Docker deploy tier included (it installs
 #               and starts a Docker engine: tests/test_deploy_engine.py)
 # Also: make test-deploy (the deploy tier alone), make wheel (dist/crest_selection-*.whl, to install by side).
+# make docs: the documentation site (mkdocs.yml) into build/site, strict: a broken link or reference fails it.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -11,12 +12,12 @@ DATA := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 # OpenMP spin-waiting slows torch 10-70x next to other busy processes on small machines.
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: demo test test-deploy lint setup dataset engine wheel proto clean
+.PHONY: demo test test-deploy lint docs setup dataset engine wheel proto clean
 
 demo: setup dataset
 	$(BIN)/crest bench train --demo
 
-test: setup dataset engine lint
+test: setup dataset engine lint docs
 	$(BIN)/python -m pytest
 
 # The deploy tier alone: a real engine builds the images and runs the CPU compose stack (deploy/README.md).
@@ -27,6 +28,11 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy selector_service trainer_client proto/generate.py proto/crest/cli.py
+
+# The reference and results pages are generated during the build (docs/_gen/). The two variables silence banners
+# that mkdocs-material and a plugin print about MkDocs 2.0, which are not warnings about this site.
+docs: setup
+	NO_MKDOCS_2_WARNING=1 DISABLE_MKDOCS_2_WARNING=true $(BIN)/mkdocs build --strict
 
 setup: $(VENV)/.installed
 

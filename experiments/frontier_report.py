@@ -139,7 +139,7 @@ def _ratio(num: float | None, den: float | None) -> float | None:
 
 
 def summarize(runs: Sequence[FrontierRun]) -> dict[str, Any]:
-    """Every table of the frontier report, as JSON-ready data (see the README's "Budget frontier")."""
+    """Every table of the frontier report, as JSON-ready data (docs/results/methods.md, "The budget frontier")."""
     sweep = [r for r in runs if r.role == SWEEP]
     methods = list(dict.fromkeys(r.method for r in sweep))
     budgets = sorted({r.budget for r in sweep})

@@ -281,7 +281,7 @@ def embed_dtype_for(device: torch.device) -> str:
     - CUDA: "bfloat16" where the GPU has it (Ampere and newer), else "float16" (the pass takes no gradients, so
       float16's range needs no loss scaling); emulated bfloat16 on older GPUs is slower than float32.
     - CPU: "bfloat16" when the CPU has bfloat16 instructions (AVX512-BF16 or AMX: SmallCNN's pass 35 against 59 us
-      per example on two such cores, README "Third round"); without them bfloat16 is emulated and slower, so
+      per example on two such cores, docs/research/05-third-round.md); without them bfloat16 is emulated and slower, so
       "float32".
     - anything else: "float32".
     """
