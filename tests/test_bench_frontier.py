@@ -309,7 +309,7 @@ def test_frontier_quick_end_to_end(tmp_path: Path) -> None:
     assert s["cost"]["crest"]["0.5"]["ms_per_step"]["embed_s"]["mean"] > 0
     summary = json.loads(summary_path.read_text())
     assert "runs" not in summary and set(summary["summary"]) == set(s)
-    assert summary["command"] == "crest " + " ".join([*flags, "--summary", str(summary_path)])
+    assert summary["command"] == "python -m experiments.frontier " + " ".join([*flags, "--summary", str(summary_path)])
     table = out.with_suffix(".md").read_text()
     assert "Paired differences" in table and "| crest | 50% |" in table and "Paired differences" in run.stdout
     # The recipe and what the command line (here --quick's subsets) overrode in it, named in the table and the JSON.
