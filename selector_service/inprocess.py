@@ -96,7 +96,11 @@ class InProcessSelection:
         self.manager = SessionManager(make_backend(backend, num_workers=num_workers, **backend_options), limits)
         self._session_tokens: dict[str, str] = {}
         if warm_up:
-            log.info("in-process selection warmed up in %.2f s", self.manager.backend.warm_up())
+            try:
+                log.info("in-process selection warmed up in %.2f s", self.manager.backend.warm_up())
+            except BaseException:
+                self.manager.backend.close()  # no selector thread outlives a failed start
+                raise
 
     def _authorize(self, session_id: str) -> None:
         self.manager.authorize(session_id, self._session_tokens.get(session_id))
