@@ -13,10 +13,11 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, TypeVar
 
+from crest.selector.v1.api import RoundPlan, WeightedBatch
 from trainer_client._link import ServiceLink
-from trainer_client._state import LoaderState
+from trainer_client._state import LoaderState, PendingRound
 from trainer_client.distributed import DistContext
-from trainer_client.loader_config import SelectionUnavailable
+from trainer_client.loader_config import LoaderConfig, SelectionUnavailable
 
 T = TypeVar("T")
 
@@ -77,3 +78,58 @@ def on_main(dist: DistContext, fn: Callable[[], T | None], state: LoaderState, l
         _follow(dist, message["control"], state, link)
         link.counters.wait_s += time.perf_counter() - start
     return message["result"]
+
+
+class FollowsRankZero:
+    """The loader's steps under DDP: rank 0 talks to the service and every rank follows (``on_main``).
+    ``CoresetLoader`` inherits them; they are its methods, kept here beside the mirroring they rely on."""
+
+    # What they use of the loader (defined by CoresetLoader).
+    config: LoaderConfig
+    _state: LoaderState
+    _link: ServiceLink
+    _dist: DistContext | None
+    _begin_round: Callable[[RoundPlan], None]
+    _give_up_round: Callable[[], None]
+    _request_plan: Callable[[], RoundPlan | None]
+    _switch: Callable[[PendingRound], None]
+    _switch_candidate: Callable[[], PendingRound | None]
+    _switch_due: Callable[[], bool]
+
+    def _follow_service(self) -> None:
+        """The DDP version of drain / request / switch. Collective, but only while a round is wanted or in flight
+        (the same condition on every rank): inside a region with nothing pending, steps need no communication."""
+        s = self._state
+        if s.pending is None and not s.need_request:
+            return
+        plan = self._on_main(self._main_request)
+        if plan is not None:
+            self._begin_round(plan)
+        if self._switch_due():
+            coresets = self._on_main(self._main_switch)
+            if coresets is not None:
+                p = s.pending
+                assert p is not None
+                p.coresets, p.ended = coresets, True
+                self._switch(p)
+
+    def _main_request(self) -> RoundPlan | None:
+        if not self._link.drain(self._state.pending):
+            self._give_up_round()
+        return self._request_plan()
+
+    def _main_switch(self) -> dict[int, WeightedBatch] | None:
+        p = self._switch_candidate()
+        return None if p is None else dict(p.coresets)
+
+    def _main_settle(self) -> tuple[dict[int, WeightedBatch], bool] | None:
+        """Wait (up to ``first_batch_timeout_s``) for the round in flight, so that a checkpoint holds it."""
+        p = self._state.pending
+        if p is not None and not p.ready and not self._link.wait(p, self.config.first_batch_timeout_s):
+            self._give_up_round()
+        p = self._state.pending
+        return None if p is None else (dict(p.coresets), p.ended)
+
+    def _on_main(self, fn: Callable[[], T | None]) -> T | None:
+        assert self._dist is not None
+        return on_main(self._dist, fn, self._state, self._link)

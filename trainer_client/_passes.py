@@ -9,7 +9,7 @@ Under DDP (``dist`` set) a rank embeds and checks its contiguous shard of the id
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,8 +24,8 @@ from trainer_client.region import RegionController
 
 log = logging.getLogger("trainer_client.loader")
 
-# ids int64 (n,) -> the collated batch of those examples
-Fetch = Callable[[np.ndarray], Any]
+# id chunks (int64 arrays) -> their collated batches, in order (fetched ahead by the input pipeline's workers)
+Fetch = Callable[[Sequence[np.ndarray]], Iterator[Any]]
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ class ModelPasses:
 
     Args:
         model: the replica being trained (not a DDP wrapper: these passes need no gradient sync).
-        fetch: collates the examples of some ids into a batch.
+        fetch: the batches of a pass's id chunks, in order.
         forward_fn: ``(model, batch) -> (logits (n, C), targets (n,))``.
         embedder: turns a batch into gradient embeddings.
         num_classes: C.
@@ -98,8 +98,7 @@ class ModelPasses:
         return forward
 
     def _eval_batches(self, ids: np.ndarray) -> Iterator[Any]:
-        for lo in range(0, len(ids), self.embed_batch_size):
-            yield self.fetch(ids[lo : lo + self.embed_batch_size])
+        return self.fetch([ids[lo : lo + self.embed_batch_size] for lo in range(0, len(ids), self.embed_batch_size)])
 
     def embed_round(self, ids: np.ndarray) -> RoundEmbeddings:
         """Embed the round's ``ids`` (int64 (n,)) with the current model.
@@ -178,8 +177,9 @@ class ModelPasses:
         in batches of ``batch_size``, eval mode."""
 
         def batches() -> Iterator[tuple[torch.Tensor, int]]:
-            for lo in range(0, len(ids), batch_size):
-                logits, y = self.forward_fn(self.model, self.fetch(ids[lo : lo + batch_size]))
+            starts = range(0, len(ids), batch_size)
+            for lo, batch in zip(starts, self.fetch([ids[lo : lo + batch_size] for lo in starts]), strict=True):
+                logits, y = self.forward_fn(self.model, batch)
                 w = torch.from_numpy(weights[lo : lo + batch_size]).to(logits.device)
                 ce = torch.nn.functional.cross_entropy(logits.float(), y, reduction="none")
                 yield (ce * w).mean(), len(y)

@@ -157,6 +157,13 @@ class LoaderState:
         self.pass_next += 1
         return region.ids[take], region.weights[take]
 
+    def uniform_batch(self, rank: int = 0, world_size: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """Next uniformly sampled (ids int64, weights float32 ones) batch, ``rank``'s share: every rank draws the
+        same ``batch_size`` ids (so the RNG state stays the same on every rank) and keeps every ``world_size``-th."""
+        n = self.dataset_size
+        ids = np.sort(self.fallback_rng.choice(n, size=min(self.batch_size, n), replace=False))[rank::world_size]
+        return ids.astype(np.int64), np.ones(len(ids), dtype=np.float32)
+
     @classmethod
     def new(cls, dataset_size: int, seed: int, batch_size: int) -> LoaderState:
         return cls(

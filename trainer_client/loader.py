@@ -17,9 +17,10 @@ Training switches to the new region exactly ``lookahead_steps`` later, waiting t
 counted in ``wait_s``) if the round is late, so for a seed the batches do not depend on timing and a resumed run
 continues with the same batches. It never blocks beyond that: see ``CoresetLoader`` for what a failure does.
 
-This module schedules: iteration, regions, switching, and when each rank follows rank 0 under DDP. The link to
-the service is ``_link.py``, the model passes ``_passes.py``, the checkpointed state ``_state.py``, the training
-logits' cache rows ``_observed.py``, and the mirroring of rank 0's service state on the other ranks ``_mirror.py``.
+This module schedules: iteration, regions, switching. The link to the service is ``_link.py``, the model passes
+``_passes.py``, the input pipeline (DataLoader workers fetching batches ahead) ``_fetch.py`` with its forecast
+``_forecast.py``, the checkpointed state ``_state.py``, the training logits' rows ``_observed.py``, and the DDP
+steps (every rank follows rank 0) ``_mirror.py``.
 
 Under ``torch.distributed`` (more than one rank) every rank builds the loader with the same arguments and
 iterates it in step. Rank 0 alone talks to the service and broadcasts its service events, so every rank switches,
@@ -31,29 +32,29 @@ rank (identical weights give identical fits; rank 0's interval is broadcast).
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, replace
-from typing import Any, TypeVar
+from dataclasses import asdict, fields, replace
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import torch
 from numpy.typing import ArrayLike
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, default_collate
 
-from crest.selector.v1.api import RoundPlan, SelectionService, SessionInfo, WeightedBatch
+from crest.selector.v1.api import RoundPlan, SelectionService, SessionInfo
 from trainer_client._embedding_cache import EmbeddingCache
+from trainer_client._fetch import InputPipeline, Workers
+from trainer_client._forecast import Forecaster
 from trainer_client._link import ServiceLink
-from trainer_client._mirror import on_main
+from trainer_client._mirror import FollowsRankZero
 from trainer_client._observed import SHARE_EVERY, TrainingRows
 from trainer_client._passes import ModelPasses, trainable
 from trainer_client._state import LoaderState, PendingRound, Region, on_cpu
 from trainer_client.batches import (
     Embedder,
     ForwardFn,
-    collate_ids,
     default_forward,
     label_array,
     last_linear,
@@ -72,7 +73,7 @@ __all__ = ["CoresetLoader", "LoaderConfig", "LoaderStats", "SelectionUnavailable
 T = TypeVar("T")
 
 
-class CoresetLoader:
+class CoresetLoader(FollowsRankZero):
     """Infinite iterator of weighted batches selected by the service.
 
     Yields ``(*batch, weights)`` for tuple/list batches (so ``(x, y, w)``) and ``{**batch, "weights": w}``
@@ -81,22 +82,13 @@ class CoresetLoader:
     region this loader switched to, how hard its coresets were against the round's random subsets
     (``RoundDifficulty``, from the embedding pass's losses; not kept in checkpoints).
 
-    When the service fails:
-
-    - a transient failure (UNAVAILABLE, DEADLINE_EXCEEDED, a broken stream that could not be resumed,
-      RESOURCE_EXHAUSTED, ABORTED; NOT_FOUND of a session the service lost, which opens a new one) is logged as
-      a warning and counted in ``stats.service_errors``; training goes on on uniform batches
-      (``stats.fallback_batches``) and the round is asked for again after an exponential backoff. With
-      ``strict=True`` it raises ``SelectionUnavailable`` instead.
-    - a persistent failure (INTERNAL, UNKNOWN, DATA_LOSS: the service failed on its side and would fail again,
-      e.g. its selectors cannot import faiss) is handled the same way, but logged as an ERROR naming the code
-      and the server's message and counted in ``stats.persistent_failures`` too; after
-      ``max_persistent_failures`` identical ones in a row (a round delivered in between resets the run) it
-      raises ``SelectionUnavailable`` with the server's message, whatever ``strict`` says.
-    - a refused request (INVALID_ARGUMENT, UNAUTHENTICATED, ...) is the trainer's bug or setup: raised at once.
-
-    A round whose stream ends with fewer coresets than its random subsets (a partial round) is trained on, and
-    logged and counted in ``stats.partial_rounds``.
+    When the service fails (docs/concepts/failures.md): a transient failure (UNAVAILABLE, DEADLINE_EXCEEDED, a
+    broken stream, RESOURCE_EXHAUSTED, ABORTED, NOT_FOUND of a lost session) is logged, counted in
+    ``stats.service_errors``, and trained through on uniform batches (``stats.fallback_batches``) until a round
+    arrives again; ``strict=True`` raises ``SelectionUnavailable`` instead. A persistent one (INTERNAL, UNKNOWN,
+    DATA_LOSS) is logged as an ERROR and counted in ``stats.persistent_failures`` too, and raised after
+    ``max_persistent_failures`` in a row. A refused request (INVALID_ARGUMENT, UNAUTHENTICATED, ...) is raised
+    at once. A partial round (fewer coresets than subsets) is trained on and counted in ``stats.partial_rounds``.
 
     Under DDP, initialise ``torch.distributed`` before building the loader (it looks at the default group
     then), build it on every rank with the same arguments, and take the same number of batches on every rank;
@@ -107,11 +99,17 @@ class CoresetLoader:
         model: the model being trained (run in eval mode for embeddings, checks and the quadratic model).
         client: the selection service: a ``SelectionClient`` (gRPC to a running service) or a
             ``selector_service.InProcessSelection`` (the service's selection in this process, no server); the
-            session is opened lazily, so the service may be down at start.
+            session is opened lazily, so the service may be down at start. None with
+            ``LoaderConfig(selection="uniform")``, which asks no service for anything.
         labels: int (N,) label of every example, in dataset order.
         num_classes: C; 0 means max(labels) + 1.
         config: selection and scheduling settings.
-        collate_fn: turns a list of samples into a batch.
+        collate_fn: turns a list of samples into a batch (in the worker processes, when there are workers).
+        num_workers, pin_memory, prefetch_factor, persistent_workers, worker_init_fn, multiprocessing_context,
+            timeout: as a ``torch.utils.data.DataLoader`` takes them: the loader's batches (training batches and
+            the examples of its model passes) are fetched by a ``DataLoader`` with these settings, ahead of need
+            (``_fetch.py``); ``from_dataloader`` takes them from a user's ``DataLoader``. The ids and weights of
+            every step do not depend on them.
         forward_fn: ``(model, batch) -> (logits (n, C), targets (n,))``; needed for dict or other batches.
         last_layer: the classifier's ``nn.Linear`` for the last-layer embedding; default: the model's last.
     """
@@ -120,7 +118,7 @@ class CoresetLoader:
         self,
         dataset: Dataset,
         model: torch.nn.Module,
-        client: SelectionService,
+        client: SelectionService | None,
         labels: ArrayLike,
         *,
         num_classes: int = 0,
@@ -128,13 +126,22 @@ class CoresetLoader:
         collate_fn: Callable[[list[Any]], Any] = default_collate,
         forward_fn: ForwardFn = default_forward,
         last_layer: torch.nn.Linear | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        prefetch_factor: int | None = None,
+        persistent_workers: bool = False,
+        worker_init_fn: Callable[[int], None] | None = None,
+        multiprocessing_context: Any = None,
+        timeout: float = 0,
     ) -> None:
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
             # Embedding, checks and the quadratic model run the replica directly: no gradient sync for them.
             model = model.module
-        self.dataset, self.model, self.client = dataset, model, client
-        self._dist = DistContext.detect()
         self.config = cfg = config or LoaderConfig()
+        if client is None and cfg.selection == "crest":
+            raise ValueError("CoresetLoader needs a client unless LoaderConfig(selection='uniform')")
+        self.dataset, self.model, self.client = dataset, model, cast(SelectionService, client)
+        self._dist = DistContext.detect()
         self.labels = label_array(labels)
         self.num_classes = num_classes or int(self.labels.max()) + 1
         self.collate_fn, self.forward_fn = collate_fn, forward_fn
@@ -149,15 +156,25 @@ class CoresetLoader:
             replace(cfg.region, seed=cfg.seed), max_coresets=cfg.num_subsets, lead_steps=cfg.lookahead_steps
         )
         self._difficulty: list[RoundDifficulty] = []
-        # Regions switched to whose difficulty is not computed yet: round_difficulty's arguments. Scored when
-        # ``difficulty`` is read, off the switch step (a sort of the round's losses: 0.2 ms a round).
+        # round_difficulty's arguments of regions not scored yet: scored when ``difficulty`` is read, off the step.
         self._unscored: list[tuple[Any, ...]] = []
         self.last_ids = np.zeros(0, dtype=np.int64)  # ids of the batch yielded last (this rank's share)
         self.last_round: int | None = None  # loader round of the region it came from; None for a uniform batch
-        self._fetch = functools.partial(collate_ids, dataset, collate_fn)
+        workers = Workers(
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            prefetch_factor=prefetch_factor,
+            persistent_workers=persistent_workers,
+            worker_init_fn=worker_init_fn,
+            multiprocessing_context=multiprocessing_context,
+            timeout=timeout,
+        )
+        self._input = InputPipeline(dataset, collate_fn, workers, self._forecast)
+        self._forecaster = Forecaster(cfg, self.controller, *self._place)
+        self._between_steps = True  # the state is a step's end: the forecast may replay from it
         self._passes = ModelPasses(
             model,
-            self._fetch,
+            self._input.batches,
             forward_fn,
             self.embedder,
             self.num_classes,
@@ -170,21 +187,40 @@ class CoresetLoader:
         is_main = self._dist is None or self._dist.is_main  # only the rank that talks to the service streams
         self._rows = TrainingRows(self._cache, self.labels, self._dist) if self._cache and cfg.training_logits else None
         # The fit's micro-batch: the largest batch a training step runs through the model at once.
-        world = 1 if self._dist is None else self._dist.world_size
-        self._fit_batch_size = cfg.fit_batch_size or -(-cfg.batch_size // world)
+        self._fit_batch_size = cfg.fit_batch_size or -(-cfg.batch_size // self._place[1])
         self._link = ServiceLink(
-            client, cfg, self.labels, self.num_classes, embedding_dim, streams=is_main, step=self._step
+            self.client, cfg, self.labels, self.num_classes, embedding_dim, streams=is_main, step=self._step
         )
         self._state = LoaderState.new(len(self.labels), cfg.seed, cfg.batch_size)
         self._closed = False
+
+    @classmethod
+    def from_dataloader(
+        cls,
+        loader: DataLoader,
+        model: torch.nn.Module,
+        client: SelectionService | None,
+        labels: ArrayLike,
+        **kwargs: Any,
+    ) -> CoresetLoader:
+        """A loader on a user's ``DataLoader``'s dataset, ``collate_fn`` and worker settings (its sampler and batch
+        size are not used: the schedule picks the examples and ``LoaderConfig.batch_size`` counts them)."""
+        w = Workers.of(loader)
+        settings = {f.name: getattr(w, f.name) for f in fields(w) if f.name != "pin_memory_device"}
+        return cls(loader.dataset, model, client, labels, collate_fn=loader.collate_fn, **settings, **kwargs)
 
     def _step(self) -> int:
         return self._state.stats.steps
 
     @property
+    def _place(self) -> tuple[int, int]:
+        """(rank, world size): (0, 1) in one process."""
+        return (0, 1) if self._dist is None else (self._dist.rank, self._dist.world_size)
+
+    @property
     def stats(self) -> LoaderStats:
         """A snapshot of this loader's counters and its service link's (they travel with ``state_dict``)."""
-        return replace(self._state.stats, **asdict(self._link.counters))
+        return replace(self._state.stats, **asdict(self._link.counters), **asdict(self._input.counters))
 
     @property
     def difficulty(self) -> list[RoundDifficulty]:
@@ -206,10 +242,10 @@ class CoresetLoader:
             yield self._next()
 
     def _next(self) -> Any:
-        s = self._state
+        s, self._between_steps = self._state, False
         if s.yielded:
             self._after_step()
-        elif s.region is None and s.pending is None and s.want_at is None:
+        elif s.region is None and s.pending is None and s.want_at is None and self.config.selection == "crest":
             self._want_round()
         s.yielded = True
         if self._dist is None:
@@ -227,17 +263,21 @@ class CoresetLoader:
             self._follow_service()
         due = s.want_at is not None and s.stats.steps >= s.want_at
         if s.region is not None and not due:
-            rank, world = (0, 1) if self._dist is None else (self._dist.rank, self._dist.world_size)
-            ids, weights = s.region_batch(rank, world)
+            ids, weights = s.region_batch(*self._place)
         else:
             ids, weights = self._uniform_batch()
         s.from_region = s.region is not None and not due
         self.last_round = s.region.round if s.region is not None and s.from_region else None
-        batch = self._fetch(ids)
         self.last_ids = ids
         s.stats.steps += 1
         s.stats.examples_backpropagated += len(ids)
+        self._between_steps = True
+        batch = self._input.step_batch(s.stats.steps - 1, ids)
         return with_weights(batch, torch.from_numpy(weights.astype(np.float32)), self.config.weights_key)
+
+    def _forecast(self, step: int) -> np.ndarray | None:
+        """This rank's ids at ``step`` as far as the schedule knows them (``_forecast.py``); None mid-step."""
+        return self._forecaster(self._state, step) if self._between_steps and not self._closed else None
 
     def observe_logits(self, logits: torch.Tensor) -> None:
         """The training forward's logits of the batch yielded last (float (n, C), this rank's share): they refresh
@@ -260,14 +300,12 @@ class CoresetLoader:
 
     def _uniform_batch(self) -> tuple[np.ndarray, np.ndarray]:
         """A uniformly sampled batch (weights 1); under DDP every rank draws the same one and keeps its share."""
-        s, n = self._state, len(self.labels)
-        ids = np.sort(s.fallback_rng.choice(n, size=min(self.config.batch_size, n), replace=False))
-        if self._dist is not None:
-            ids = ids[self._dist.rank :: self._dist.world_size]
-        s.stats.fallback_batches += 1
+        s = self._state
+        if self.config.selection == "crest":
+            s.stats.fallback_batches += 1
         if s.want_at is not None and s.pending is not None:
             s.stats.late_steps += 1
-        return ids.astype(np.int64), np.ones(len(ids), dtype=np.float32)
+        return s.uniform_batch(*self._place)
 
     # -- region control --------------------------------------------------------------------------------------
 
@@ -396,46 +434,6 @@ class CoresetLoader:
         # this one's upload, so that the step that asks for it finds its plan (see ServiceLink.prefetch).
         self._link.prefetch(min(self.controller.num_coresets, self.config.num_subsets), earliest_end)
 
-    # -- DDP: rank 0 talks to the service, every rank follows ----------------------------------------------
-
-    def _follow_service(self) -> None:
-        """The DDP version of drain / request / switch. Collective, but only while a round is wanted or in flight
-        (the same condition on every rank): inside a region with nothing pending, steps need no communication."""
-        s = self._state
-        if s.pending is None and not s.need_request:
-            return
-        plan = self._on_main(self._main_request)
-        if plan is not None:
-            self._begin_round(plan)
-        if self._switch_due():
-            coresets = self._on_main(self._main_switch)
-            if coresets is not None:
-                p = s.pending
-                assert p is not None
-                p.coresets, p.ended = coresets, True
-                self._switch(p)
-
-    def _main_request(self) -> RoundPlan | None:
-        if not self._link.drain(self._state.pending):
-            self._give_up_round()
-        return self._request_plan()
-
-    def _main_switch(self) -> dict[int, WeightedBatch] | None:
-        p = self._switch_candidate()
-        return None if p is None else dict(p.coresets)
-
-    def _main_settle(self) -> tuple[dict[int, WeightedBatch], bool] | None:
-        """Wait (up to ``first_batch_timeout_s``) for the round in flight, so that a checkpoint holds it."""
-        p = self._state.pending
-        if p is not None and not p.ready and not self._link.wait(p, self.config.first_batch_timeout_s):
-            self._give_up_round()
-        p = self._state.pending
-        return None if p is None else (dict(p.coresets), p.ended)
-
-    def _on_main(self, fn: Callable[[], T | None]) -> T | None:
-        assert self._dist is not None
-        return on_main(self._dist, fn, self._state, self._link)
-
     # -- checkpointing ---------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
@@ -483,13 +481,17 @@ class CoresetLoader:
             self._cache.load_state_dict(state["embedding_cache"])
         self._state = loaded
         self._link.resume(state, loaded.stats.steps)
+        self._input.resume(state["stats"], loaded.stats.steps)
 
     def close(self, end_session: bool = True) -> None:
         """Stop the stream thread and, unless ``end_session`` is False, close the session (idempotent)."""
         if self._closed:
             return
         self._closed = True
-        self._link.close(end_session)
+        try:
+            self._input.close()
+        finally:
+            self._link.close(end_session)
 
     def __enter__(self) -> CoresetLoader:
         return self

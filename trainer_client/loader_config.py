@@ -19,6 +19,8 @@ class SelectionUnavailable(RuntimeError):
     side ``max_persistent_failures`` times in a row; the message carries the service's."""
 
 
+# LoaderConfig.selection: where the training batches come from.
+Selection = Literal["crest", "uniform"]
 # LoaderConfig.coreset_weights: the loss weight of a coreset example.
 CoresetWeights = Literal["cluster", "uniform"]
 CORESET_WEIGHTS: tuple[str, ...] = get_args(CoresetWeights)
@@ -54,6 +56,9 @@ class LoaderConfig:
 
     # The recipe these settings started from (RECIPES); runs print and record it.
     recipe: str = "recommended"
+    # Where training batches come from: "crest", the service's coresets; "uniform", uniformly sampled batches with
+    # weight 1 through the same schedule and input pipeline, and no service: a control run to compare against.
+    selection: Selection = "crest"
     # Coreset size m per random subset, and the training batch size (CREST's 128).
     batch_size: int = codec.DEFAULT_BATCH_SIZE
     # Random-subset size r as a fraction of the dataset (recommended 0.5%: 1.2 candidates embedded per trained
@@ -339,6 +344,8 @@ class LoaderStats:
     check_s: float = 0.0
     fit_s: float = 0.0
     rounds_prefetched: int = 0  # rounds whose StartRound ran ahead, on the stream thread (rank 0's, mirrored)
+    input_wait_s: float = 0.0  # training-thread time spent getting training batches (collating them without workers)
+    input_misses: int = 0  # training batches the workers had not fetched ahead (their step was not known in time)
 
 
 # -- recipes: complete LoaderConfig values, each from a committed result --------------------------------------------

@@ -296,10 +296,17 @@ class RegionController:
 
     def after_step(self) -> Decision:
         """Count one optimizer step in the current region and say what is due."""
+        decision = self.decision_in(1)
         self.steps_since_fit += 1
+        return decision
+
+    def decision_in(self, calls: int) -> Decision:
+        """What the ``calls``-th ``after_step`` from now will return in this region (no state changes): the loader's
+        input pipeline forecasts its batches with it."""
+        since = self.steps_since_fit + calls
         if self.config.mode == "fixed":
-            return Decision.RESELECT if self.steps_since_fit == self.reselect_at else Decision.NONE
-        if self._w_sel is not None and self.steps_since_fit % self.interval == 0:
+            return Decision.RESELECT if since == self.reselect_at else Decision.NONE
+        if self._w_sel is not None and since % self.interval == 0:
             return Decision.CHECK
         return Decision.NONE
 

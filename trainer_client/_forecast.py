@@ -1,0 +1,119 @@
+"""The forecast of a future step's batch: what the loader's schedule will draw for it, as far as the schedule
+knows now. The input pipeline (``_fetch.py``) gives forecast batches to the ``DataLoader``'s workers ahead of
+need; the loader uses one only when its ids are the ids it then draws, so a wrong forecast costs a fetch, never
+a different batch.
+
+The forecast replays the loader's step (``CoresetLoader._next``) on a copy of its state, with the service's
+part replaced by what is known:
+
+- inside a region, its batches continue (the pass over the pool is replayed on a copy of the RNG);
+- the fixed rule ends the region at a known step; a Taylor check's outcome is not known and is forecast to keep
+  the region (most checks do);
+- at the step a new region is due, its batches are known when its round has arrived (its coresets are all here);
+  otherwise that step is unknown (``None``): the loader will wait for the round there;
+- after that step, while the round is late or none is in flight, uniform batches continue (replayed on a copy
+  of the fallback RNG).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import numpy as np
+
+from trainer_client._state import LoaderState, Region
+from trainer_client.loader_config import LoaderConfig
+from trainer_client.region import Decision, RegionController
+
+
+class Forecaster:
+    """A loader's forecasts (``forecast_ids``), with the region of its pending round built once per round.
+
+    Args:
+        config: the loader's settings.
+        controller: the loader's region controller (read, never changed).
+        rank, world_size: this rank's place under DDP (0, 1 in one process).
+    """
+
+    def __init__(self, config: LoaderConfig, controller: RegionController, rank: int = 0, world_size: int = 1) -> None:
+        self.config, self.controller, self.rank, self.world_size = config, controller, rank, world_size
+        self._next: tuple[tuple[int, int], Region] | None = None  # the pending round's region, by (round, coresets)
+
+    def __call__(self, state: LoaderState, step: int) -> np.ndarray | None:
+        """This rank's ids at ``step`` as far as ``state`` (a step's end) knows them; None for a past step."""
+        if step < state.stats.steps:
+            return None
+        p, region = state.pending, None
+        if p is not None and p.ready:
+            key = (p.round, len(p.coresets))
+            if self._next is None or self._next[0] != key:
+                cfg = self.config
+                region = Region.of_round(p, cfg.check_examples, cfg.seed, self.world_size, cfg.coreset_weights)
+                self._next = key, region
+            region = self._next[1]
+        return forecast_ids(
+            state,
+            self.controller,
+            step,
+            lookahead_steps=self.config.lookahead_steps,
+            selecting=self.config.selection == "crest",
+            next_region=region,
+            rank=self.rank,
+            world_size=self.world_size,
+        )
+
+
+def forecast_ids(
+    state: LoaderState,
+    controller: RegionController,
+    step: int,
+    *,
+    lookahead_steps: int,
+    selecting: bool,
+    next_region: Region | None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> np.ndarray | None:
+    """The ids (int64, this rank's share) the loader will train on at ``step`` (>= ``state.stats.steps``, the next
+    step), or None when they depend on a round not here yet.
+
+    ``state`` is the loader's between two steps (it is not changed); ``selecting`` is False in uniform mode (no
+    rounds); ``next_region`` is the region of the pending round when it has arrived.
+    """
+    sim = replace(state, rng=copy.deepcopy(state.rng), fallback_rng=copy.deepcopy(state.fallback_rng))
+    fixed = controller.config.mode == "fixed"
+    calls = 0  # after_step calls replayed in the controller's current region
+    since_switch: int | None = None  # steps replayed in a region switched to in the replay
+    pending = sim.pending is not None or sim.need_request  # a round is in flight or about to be asked for
+    for u in range(sim.stats.steps, step + 1):
+        # The decision for the batch yielded last (CoresetLoader._after_step, or the first round's request).
+        if sim.yielded and sim.from_region and sim.region is not None:
+            if since_switch is None:
+                calls += 1
+                decision = controller.decision_in(calls)
+            else:
+                since_switch += 1
+                reselect = fixed and since_switch == controller.reselect_at
+                decision = Decision.RESELECT if reselect else Decision.NONE  # a new fit's checks: not known
+            if sim.want_at is None and decision == Decision.RESELECT:
+                sim.want_at, pending, next_region = u + lookahead_steps, True, None
+        elif not sim.yielded and selecting and sim.region is None and not pending and sim.want_at is None:
+            sim.want_at, pending = u, True
+        sim.yielded = True
+        # The switch to the next region.
+        due = sim.want_at is not None and u >= sim.want_at
+        if due and next_region is not None:
+            sim.region, sim.pass_perm, sim.pass_next = next_region, None, 0
+            sim.want_at, pending, next_region, since_switch, due = None, False, None, 0, False
+        elif due and u == sim.want_at and pending:
+            return None  # the loader waits for the round here: its batch is not known yet
+        # The batch.
+        if sim.region is not None and not due:
+            ids, _ = sim.region_batch(rank, world_size)
+        else:
+            ids, _ = sim.uniform_batch(rank, world_size)
+        sim.from_region = sim.region is not None and not due
+        if u == step:
+            return ids
+    raise ValueError(f"step {step} is before the loader's next step {state.stats.steps}")
