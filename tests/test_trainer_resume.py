@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -23,7 +24,7 @@ from trainer_client.models import SmallCNN
 
 SCRIPT = textwrap.dedent(
     """
-    import json, sys
+    import json, os, signal, sys
     import torch
     from trainer_client.client import SelectionClient
     from trainer_client.data import FashionMNIST
@@ -32,6 +33,7 @@ SCRIPT = textwrap.dedent(
     from trainer_client.models import SmallCNN
 
     target, phase, ckpt, first, total = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+    workers = int(sys.argv[6])
     torch.set_num_threads(1)
     torch.manual_seed(0)
     data = FashionMNIST("train", limit=1000)
@@ -40,7 +42,7 @@ SCRIPT = textwrap.dedent(
     config = LoaderConfig.from_recipe("released", batch_size=32, subset_fraction=0.05, num_subsets=2,
                           check_examples=128, lookahead_steps=2, deadline_s=60.0)
     client = SelectionClient(target, timeout_s=60)
-    loader = CoresetLoader(data, model, client, data.targets.numpy(), config=config)
+    loader = CoresetLoader(data, model, client, data.targets.numpy(), config=config, num_workers=workers)
     start, stop = {"full": (0, total), "first": (0, first), "rest": (first, total)}[phase]
     if phase == "rest":
         state = torch.load(ckpt, weights_only=True)
@@ -56,6 +58,9 @@ SCRIPT = textwrap.dedent(
         ids.append(loader.last_ids.tolist())
     if phase == "first":
         torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "loader": loader.state_dict()}, ckpt)
+        if workers:  # preempted while the workers fetch the next steps' batches: no cleanup at all
+            print(json.dumps({"ids": ids}), flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
         loader.close(end_session=False)  # as if preempted: the session stays on the service
     else:
         loader.close()
@@ -65,19 +70,20 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def _run(tmp_path: Path, target: str, phase: str, first: int, total: int) -> dict:
+def _run(tmp_path: Path, target: str, phase: str, first: int, total: int, workers: int = 0) -> dict:
     script = tmp_path / "resume_run.py"
     script.write_text(SCRIPT)
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
     out = subprocess.run(
-        [sys.executable, str(script), target, phase, str(tmp_path / "ckpt.pt"), str(first), str(total)],
+        [sys.executable, str(script), target, phase, str(tmp_path / "ckpt.pt"), str(first), str(total), str(workers)],
         capture_output=True,
         text=True,
         env=env,
         timeout=240,
         check=False,
     )
-    assert out.returncode == 0, out.stderr[-3000:]
+    killed = phase == "first" and workers > 0
+    assert out.returncode == (-signal.SIGKILL if killed else 0), out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -93,6 +99,19 @@ def test_restored_loader_continues_with_the_batches_of_an_uninterrupted_run(
     assert rest["ids"] == full["ids"][first:]  # the next batches, not a fresh start
     assert full["regions"] >= 3 and rest["regions"] == full["regions"]  # regions switched after the restore too
     assert rest["checks"] == full["checks"]  # counters travelled with the state
+
+
+def test_a_run_with_workers_killed_and_resumed_has_the_batches_of_an_uninterrupted_run_without_them(
+    local_server: RunningServer, tmp_path: Path
+) -> None:
+    """Two DataLoader workers; the process is SIGKILLed right after the checkpoint, with batches in flight."""
+    first, total = 14, 30
+    full = _run(tmp_path, local_server.target, "full", first, total)
+    head = _run(tmp_path, local_server.target, "first", first, total, workers=2)
+    rest = _run(tmp_path, local_server.target, "rest", first, total, workers=2)
+    assert head["ids"] == full["ids"][:first]
+    assert rest["ids"] == full["ids"][first:] and rest["fallback"] == 0
+    assert rest["regions"] == full["regions"] >= 3
 
 
 def _fixed_run(
