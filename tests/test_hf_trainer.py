@@ -275,6 +275,48 @@ def test_a_short_run_trains_on_coresets_from_the_server(local_server: RunningSer
     assert local_server.manager.totals()["sessions"] == 0  # closed when train() returned
 
 
+class ReadBy(Pixels):
+    """``Pixels`` that appends the id of every example it reads, and the reading process, to ``log``."""
+
+    def __init__(self, log: Path) -> None:
+        super().__init__()
+        self.log = log
+        self.targets = self.data.targets  # the labels without reading the examples
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        with self.log.open("a") as f:
+            f.write(f"{os.getpid()} {i}\n")
+        return super().__getitem__(i)
+
+
+def _steps_read(tmp_path: Path, endpoint: str, workers: int) -> tuple[list[list[int]], set[int], CoresetTrainer]:
+    """8 steps with ``dataloader_num_workers=workers``: each training forward's ids, and the pids that read them."""
+    torch.manual_seed(0)
+    model = ViTForImageClassification(ViTConfig(**VIT, num_labels=10))
+    training = {"max_steps": 8, "dataloader_num_workers": workers}
+    log = tmp_path / f"reads-{workers}.txt"
+    trainer = _trainer(tmp_path, model, ReadBy(log), endpoint, training, steps_per_round=3)
+    seen: list[list[int]] = []
+    model.register_forward_pre_hook(
+        lambda m, _: seen.append(trainer.coreset_loader.last_ids.tolist()) if m.training else None
+    )
+    trainer.train()
+    return seen, {int(line.split()[0]) for line in log.read_text().splitlines()}, trainer
+
+
+def test_dataloader_num_workers_fetch_the_coreset_batches_in_workers(
+    local_server: RunningServer, tmp_path: Path
+) -> None:
+    """dataloader_num_workers=2: every example is read in a worker process, and every step trains on the ids of a
+    run without workers."""
+    plain, plain_readers, _ = _steps_read(tmp_path, local_server.target, 0)
+    ahead, readers, trainer = _steps_read(tmp_path, local_server.target, 2)
+    assert plain_readers == {os.getpid()} and os.getpid() not in readers and len(readers) == 2
+    assert len(ahead) == 8 and ahead == plain
+    stats = trainer.coreset_loader.stats
+    assert stats.fallback_batches == 0 and stats.regions >= 2
+
+
 def test_a_model_without_logits_is_refused_by_name(local_server: RunningServer, tmp_path: Path) -> None:
     trainer = _trainer(tmp_path, ViTModel(ViTConfig(**VIT)), Pixels(), local_server.target)
     with pytest.raises(TypeError, match="ViTModel returned no logits"):

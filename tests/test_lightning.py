@@ -211,6 +211,47 @@ def test_a_short_fit_trains_on_coresets_from_the_server(local_server: RunningSer
     assert local_server.manager.totals()["sessions"] == 0  # closed at teardown
 
 
+class MainReads(Dataset):
+    """Fashion-MNIST examples, counting those read in the process that built the dataset."""
+
+    def __init__(self) -> None:
+        self.data, self.main = FashionMNIST("train", limit=200), os.getpid()
+        self.targets, self.main_reads = self.data.targets, 0
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        self.main_reads += os.getpid() == self.main
+        return self.data[i]
+
+
+def _fit_steps(target: str, workers: int) -> tuple[list[list[int]], int, CoresetDataModule]:
+    """6 steps with ``num_workers=workers``: each training forward's ids, the examples read in this process."""
+    torch.manual_seed(0)
+    dataset = MainReads()
+    data = CoresetDataModule(
+        dataset, target, batch_size=16, loader_config=_config(steps_per_round=2), num_workers=workers
+    )
+    model = Classifier()
+    steps: list[list[int]] = []
+    model.net.register_forward_pre_hook(
+        lambda m, _: steps.append(data.loader.last_ids.tolist()) if m.training and data.loader else None
+    )
+    _fit(model, data, steps=6)
+    return steps, dataset.main_reads, data
+
+
+def test_a_fit_with_workers_reads_every_example_in_them(local_server: RunningServer) -> None:
+    """num_workers=2: the coreset batches and the embedding pass's examples are read in worker processes, and the
+    fit trains on the steps of a fit without workers."""
+    plain, plain_reads, _ = _fit_steps(local_server.target, 0)
+    ahead, reads, data = _fit_steps(local_server.target, 2)
+    assert plain_reads > 0 and reads == 0
+    assert len(ahead) == 6 and ahead == plain
+    assert data.loader is not None and data.loader.stats.fallback_batches == 0 and data.loader.stats.regions >= 2
+
+
 def test_a_model_without_logits_is_refused(local_server: RunningServer) -> None:
     features = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10), torch.nn.Flatten(0))  # (n·10,)
     dataset = FashionMNIST("train", limit=200)

@@ -9,7 +9,10 @@ Two lines change in a training script::
 The model and the dataset stay as they are: dict examples collated by the Trainer's collator, a model that returns
 ``logits`` (n, C) and takes its labels under ``labels`` (the Trainer's ``label_names``). ``CoresetTrainer``:
 
-- replaces the train dataloader with a ``CoresetLoader`` on the Trainer's collated dict batches, never sharded by
+- replaces the train dataloader with a ``CoresetLoader`` on the Trainer's collated dict batches, fetched by the
+  Trainer's DataLoader settings (``dataloader_num_workers``, ``dataloader_pin_memory``,
+  ``dataloader_persistent_workers``, ``dataloader_prefetch_factor``, ``dataloader_multiprocessing_context``, and its
+  per-worker seeding), never sharded by
   ``accelerate`` (under DDP the loader gives each rank its own share of every step's coreset batch). One loader
   batch is one optimizer step: the coreset size is the Trainer's total train batch size (per-device batch x
   gradient accumulation x processes), cut into the accumulation's micro-batches (``steps.StepBatches``);
@@ -28,6 +31,7 @@ initialised, and rank 0 alone talks to the service.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -53,7 +57,7 @@ from trainer_client.loader import CoresetLoader, LoaderConfig
 
 try:
     from transformers import Trainer
-    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, seed_worker
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise missing_extra("trainer_client.integrations.hf", "hf", exc) from exc
 
@@ -155,6 +159,7 @@ class CoresetTrainer(Trainer):
             config=config,
             collate_fn=collate,
             forward_fn=self._forward_fn(),
+            **self._worker_settings(),
         )
         if self._resume_dir is not None:
             path = Path(self._resume_dir) / LOADER_STATE_NAME
@@ -165,6 +170,20 @@ class CoresetTrainer(Trainer):
                 log.warning("%s has no loader state (%s): selection starts afresh", self._resume_dir, LOADER_STATE_NAME)
         self.coreset_loader, self._loader_open = loader, True
         return StepBatches(loader, self.args.gradient_accumulation_steps)
+
+    def _worker_settings(self) -> dict[str, Any]:
+        """The Trainer's DataLoader settings for the loader's workers, as ``Trainer.get_train_dataloader`` sets them."""
+        args = self.args
+        return {
+            "num_workers": args.dataloader_num_workers,
+            "pin_memory": args.dataloader_pin_memory,
+            "persistent_workers": args.dataloader_persistent_workers,
+            "prefetch_factor": args.dataloader_prefetch_factor,
+            "multiprocessing_context": args.dataloader_multiprocessing_context,
+            "worker_init_fn": functools.partial(
+                seed_worker, num_workers=args.dataloader_num_workers, rank=args.process_index
+            ),
+        }
 
     def _forward_fn(self) -> Callable[[torch.nn.Module, Any], tuple[torch.Tensor, torch.Tensor]]:
         """The loader's ``(model, batch) -> (logits, labels)`` for the Trainer's dict batches."""

@@ -39,6 +39,7 @@ from typing import Any
 from numpy.typing import ArrayLike
 from torch.utils.data import Dataset, default_collate
 
+from trainer_client._fetch import Workers
 from trainer_client.batches import ForwardFn, default_forward, label_array
 from trainer_client.client import SelectionClient
 from trainer_client.integrations.steps import (
@@ -74,6 +75,9 @@ class CoresetDataModule(pl.LightningDataModule):
         num_classes: C; 0 means max(labels) + 1.
         collate_fn: turns a list of examples into a batch.
         forward_fn: ``(model, batch) -> (logits (n, C), targets (n,))``; the default runs ``model(batch[0])``.
+        num_workers, pin_memory, prefetch_factor, persistent_workers, worker_init_fn: the worker settings a
+            data module passes to its ``DataLoader``: the coreset batches, and the examples the loader embeds, are
+            fetched by a ``DataLoader`` with them (each rank its own share under DDP).
 
     Attributes:
         loader: the ``CoresetLoader`` of the running (or last) fit; ``loader.stats``, ``loader.last_ids``.
@@ -91,8 +95,20 @@ class CoresetDataModule(pl.LightningDataModule):
         num_classes: int = 0,
         collate_fn: Callable[[list[Any]], Any] = default_collate,
         forward_fn: ForwardFn = default_forward,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        prefetch_factor: int | None = None,
+        persistent_workers: bool = False,
+        worker_init_fn: Callable[[int], None] | None = None,
     ) -> None:
         super().__init__()
+        self.workers = Workers(
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            prefetch_factor=prefetch_factor,
+            persistent_workers=persistent_workers,
+            worker_init_fn=worker_init_fn,
+        )
         self.train_dataset, self.endpoint = train_dataset, endpoint
         config = integration_config(recipe, loader_config, "CoresetDataModule")
         self.config = replace(config, batch_size=batch_size)
@@ -125,6 +141,11 @@ class CoresetDataModule(pl.LightningDataModule):
             config=config,
             collate_fn=self.collate_fn,
             forward_fn=checked_forward(self.forward_fn),
+            num_workers=self.workers.num_workers,
+            pin_memory=self.workers.pin_memory,
+            prefetch_factor=self.workers.prefetch_factor,
+            persistent_workers=self.workers.persistent_workers,
+            worker_init_fn=self.workers.worker_init_fn,
         )
         if self._restored is not None:
             loader.load_state_dict(self._restored)
