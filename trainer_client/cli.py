@@ -61,6 +61,12 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--device", default="auto", help="where the model trains: auto (cuda when available), cpu, cuda or cuda:N"
     )
+    p.add_argument(
+        "--dataloader-workers",
+        type=int,
+        default=0,
+        help="DataLoader worker processes reading the batches (0: the training thread reads them); default 0",
+    )
 
 
 def loader_config(
@@ -116,6 +122,7 @@ def train_config(args: argparse.Namespace) -> Any:
         threads=args.threads,
         log_every=args.log_every,
         device=args.device,
+        dataloader_workers=args.dataloader_workers,
     )
 
 

@@ -105,11 +105,11 @@ class CoresetLoader(FollowsRankZero):
         num_classes: C; 0 means max(labels) + 1.
         config: selection and scheduling settings.
         collate_fn: turns a list of samples into a batch (in the worker processes, when there are workers).
-        num_workers, pin_memory, prefetch_factor, persistent_workers, worker_init_fn, multiprocessing_context,
-            timeout: as a ``torch.utils.data.DataLoader`` takes them: the loader's batches (training batches and
-            the examples of its model passes) are fetched by a ``DataLoader`` with these settings, ahead of need
-            (``_fetch.py``); ``from_dataloader`` takes them from a user's ``DataLoader``. The ids and weights of
-            every step do not depend on them.
+        num_workers, pin_memory, prefetch_factor: as a ``torch.utils.data.DataLoader`` takes them: the loader's
+            batches (training batches and the examples of its model passes) are fetched by a ``DataLoader`` with
+            these settings, ahead of need (``_fetch.py``); ``from_dataloader`` takes them from a user's
+            ``DataLoader``. The ids and weights of every step do not depend on them.
+        persistent_workers, worker_init_fn, multiprocessing_context, timeout: the ``DataLoader``'s, likewise.
         forward_fn: ``(model, batch) -> (logits (n, C), targets (n,))``; needed for dict or other batches.
         last_layer: the classifier's ``nn.Linear`` for the last-layer embedding; default: the model's last.
     """

@@ -75,9 +75,10 @@ class CoresetDataModule(pl.LightningDataModule):
         num_classes: C; 0 means max(labels) + 1.
         collate_fn: turns a list of examples into a batch.
         forward_fn: ``(model, batch) -> (logits (n, C), targets (n,))``; the default runs ``model(batch[0])``.
-        num_workers, pin_memory, prefetch_factor, persistent_workers, worker_init_fn: the worker settings a
-            data module passes to its ``DataLoader``: the coreset batches, and the examples the loader embeds, are
-            fetched by a ``DataLoader`` with them (each rank its own share under DDP).
+        num_workers, pin_memory, prefetch_factor: the worker settings a data module passes to its ``DataLoader``:
+            the coreset batches, and the examples the loader embeds, are fetched by a ``DataLoader`` with them
+            (each rank its own share under DDP).
+        persistent_workers, worker_init_fn: the ``DataLoader``'s, likewise.
 
     Attributes:
         loader: the ``CoresetLoader`` of the running (or last) fit; ``loader.stats``, ``loader.last_ids``.
