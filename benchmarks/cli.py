@@ -1,7 +1,8 @@
 """The ``bench`` command: benchmarks that start what they measure.
 
-``add_commands`` registers ``crest bench {train,frontier,facility-location,workload,service,integrations,staleness,
-offload}`` on the ``crest`` parser (``crest.cli``, the composition root, loads this module for ``bench`` only).
+``add_commands`` registers ``crest bench {train,frontier,facility-location,workload,service,integrations,dataloading,
+staleness,offload}`` on the ``crest`` parser (``crest.cli``, the composition root, loads this module for ``bench``
+only).
 Building the parser imports the flag definitions only; each benchmark imports what it measures when it runs.
 CREST's selection flags of ``bench frontier`` are ``LoaderConfig``'s fields (``trainer_client.flags``) under
 ``--crest-``, with the names they had before they were derived as aliases. Environment read here: CREST_DATA_DIR
@@ -32,6 +33,7 @@ def add_commands(sub: Any) -> None:
     _add_bench_workload(benches)
     _add_bench_service(benches)
     _add_bench_integrations(benches)
+    _add_bench_dataloading(benches)
 
 
 def _add_bench_train(benches: Any) -> None:
@@ -160,6 +162,35 @@ def _add_bench_integrations(benches: Any) -> None:
     p.add_argument("--out", default="results/integrations.json", help="JSON output path")
 
 
+def _add_bench_dataloading(benches: Any) -> None:
+    p = benches.add_parser(
+        "dataloading",
+        help="input-pipeline throughput: CoresetLoader's DataLoader workers against a plain DataLoader",
+        description="Fashion-MNIST behind a CPU-heavy per-example transform (upsample, random resized crop to 64x64, "
+        "flip, normalise) and a model cheap enough that input is the bottleneck, trained by a plain DataLoader, "
+        "CoresetLoader on uniform batches and CoresetLoader with CREST (a local service) at each worker count, in "
+        "interleaved rounds: batches/s and the training thread's input wait, against the issue's targets. Default "
+        "output benchmarks/results/dataloading_<machine>.json. See benchmarks/dataloading.py.",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="10,000 examples, W = 0 and 1, 1 round of 5 + 25 steps per run (the test suite's mode)",
+    )
+    p.add_argument("--repeats", type=int, default=None, help="interleaved rounds of every run (default 3; --quick 1)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per run (default 60; --quick 25)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        nargs="+",
+        default=None,
+        help="DataLoader worker counts W to run (default 0 1 2; --quick 0 1)",
+    )
+    p.add_argument(
+        "--out", default=None, help="JSON output path (default benchmarks/results/dataloading_<machine>.json)"
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     """Import the benchmark that runs (each pulls in what it measures) and run it."""
     if args.bench == "train":
@@ -170,6 +201,8 @@ def run(args: argparse.Namespace) -> int:
         from crest_bench import crest_workload as bench  # type: ignore[no-redef]
     elif args.bench == "integrations":
         from crest_bench import integrations as bench  # type: ignore[no-redef]
+    elif args.bench == "dataloading":
+        from crest_bench import dataloading as bench  # type: ignore[no-redef]
     else:
         from crest_bench import service as bench  # type: ignore[no-redef]
     return int(bench.run(args))

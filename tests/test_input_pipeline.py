@@ -84,7 +84,7 @@ def test_workers_give_every_step_the_ids_and_weights_of_a_run_without_them(
     client: SelectionClient, fmnist: FashionMNIST, config: LoaderConfig, misses_per_region: int
 ) -> None:
     data, labels = Tagged(fmnist), fmnist.targets.numpy()
-    base, plain, main_readers = _run(client, data, labels, config, 64)
+    base, plain, main_readers = _run(client, data, labels, config, 64, pin_memory=True)  # ignored without a GPU
     ahead, loader, readers = _run(client, data, labels, config, 64, num_workers=2, pin_memory=True)
     assert plain.stats.regions >= 3 and plain.stats.fallback_batches == 0
     assert ahead == base  # every step: the same ids and the same weights

@@ -86,6 +86,7 @@ TRAIN_FLAGS = [
     "--threads",
     "--log-every",
     "--device",
+    "--dataloader-workers",
 ]
 
 CLI_FLAGS = {
@@ -136,6 +137,7 @@ CLI_FLAGS = {
     "bench workload": ["--repeats", "--timeout"],
     "bench service": ["--quick", "--rounds", "--out"],
     "bench integrations": ["--quick", "--steps", "--blocks", "--frameworks", "--out"],
+    "bench dataloading": ["--quick", "--repeats", "--steps", "--workers", "--out"],
     "experiments.staleness": [
         "--quick",
         "--ages",
@@ -244,6 +246,7 @@ def _subparser(path: str) -> argparse.ArgumentParser:
 def test_cli_commands_are_frozen() -> None:
     assert sorted(_commands(build_parser())) == ["bench", "demo", "inspect", "serve", "train"]
     assert sorted(_commands(_subparser("bench"))) == [
+        "dataloading",
         "facility-location",
         "integrations",
         "service",

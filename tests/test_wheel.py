@@ -20,6 +20,7 @@ BENCH_MODULES = {
     "cli",
     "crest_flags",
     "crest_workload",
+    "dataloading",
     "demo",
     "facility_location",
     "gpu_check",

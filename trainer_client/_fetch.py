@@ -25,6 +25,7 @@ pinned when asked), as a plain ``DataLoader`` without workers does.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections import deque
@@ -33,6 +34,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data._utils.pin_memory import pin_memory
 
@@ -202,7 +204,12 @@ class InputPipeline:
 
     def _direct(self, ids: np.ndarray) -> Any:
         batch = self.collate_fn([self.dataset[int(i)] for i in ids])
-        return pin_memory(batch, self.workers.pin_memory_device or None) if self.workers.pin_memory else batch
+        # Pinned where an accelerator is: without one a DataLoader ignores pin_memory (it warns), and so does this.
+        return pin_memory(batch, self.workers.pin_memory_device or None) if self._pins else batch
+
+    @functools.cached_property
+    def _pins(self) -> bool:
+        return self.workers.pin_memory and torch.accelerator.is_available()
 
     def resume(self, stats: dict[str, Any], step: int) -> None:
         """Continue a checkpoint's counters (``stats``: the loader's saved stats) at its ``step``; before any fetch."""

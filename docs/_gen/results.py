@@ -282,6 +282,45 @@ def _integrations(path: Path, data: dict[str, Any]) -> list[str]:
     return lines + _table(head, rows)
 
 
+def _dataloading(path: Path, data: dict[str, Any]) -> list[str]:
+    c = data["config"]
+    lines = [
+        f"`crest {' '.join(data['argv'] or ['bench', 'dataloading'])}`: {c['repeats']} interleaved round(s) of "
+        f"{c['warmup']} untimed + {c['steps']} timed steps per run, batch {c['batch_size']}, "
+        f"{c['train_limit'] or 60_000:,} examples; the transform {data['transform_ms_per_example']:.3f} ms per "
+        f"example before the runs ({', '.join(f'{ms:.3f}' for ms in data['transform_ms_per_example_by_round'])} "
+        f"before each round), the model's step {data['model_step_ms']:.1f} ms; CREST's service: {data['service']}. "
+        "Medians over the rounds; the input wait share is the training thread's time getting batches over the step, "
+        "CREST's model passes excluded.",
+        "",
+    ]
+    head = ["arm", "W", "batches/s", "input wait share", "input misses", "fallback batches", "CREST passes s"]
+    rows = []
+    for arm, by_workers in data["medians"].items():
+        for w, m in by_workers.items():
+            passes = m["embed_s"] + m["fit_s"] + m["check_s"]
+            rows.append(
+                [
+                    arm,
+                    w,
+                    f"{m['batches_per_s']:.2f}",
+                    f"{100 * m['input_wait_share']:.1f}%",
+                    f"{m['input_misses']:.0f}",
+                    f"{m['fallback_batches']:.0f}",
+                    "-" if arm != "crest" else f"{passes:.2f}",
+                ]
+            )
+    lines += _table(head, rows)
+    ratios = data["uniform_to_plain_batches_per_s"]
+    lines += _table(
+        ["W", "uniform / plain batches/s (ratio of medians)", "median of the per-round ratios"],
+        [[w, f"{r['ratio_of_medians']:.3f}", f"{r['median_paired']:.3f}"] for w, r in ratios.items()],
+    )
+    for t in data["targets"].values():
+        lines.append(f"- {t['target']}: **{'met' if t['met'] else 'not met'}**")
+    return [*lines, ""]
+
+
 def _generic(path: Path, data: dict[str, Any]) -> list[str]:
     keys = ", ".join(f"`{k}`" for k in data)
     return [f"No table for this family yet; its top-level fields: {keys}.", ""]
@@ -344,6 +383,15 @@ FAMILIES = [
         "`crest bench integrations`: each framework's own loop, the integration on uniform batches and on CREST "
         "coresets, in interleaved blocks ([the guide's summary](../guides/lightning.md#overhead)).",
         _integrations,
+    ),
+    Family(
+        "dataloading",
+        "Input pipeline",
+        "dataloading_*.json",
+        "`crest bench dataloading`: a plain `DataLoader`, `CoresetLoader` on uniform batches and `CoresetLoader` with "
+        "CREST, at 0, 1 and 2 DataLoader workers, on Fashion-MNIST behind a CPU-heavy per-example transform "
+        "(`benchmarks/dataloading.py`).",
+        _dataloading,
     ),
     Family(
         "gpu-check",
