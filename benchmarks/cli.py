@@ -169,7 +169,7 @@ def _add_bench_dataloading(benches: Any) -> None:
         description="Fashion-MNIST behind a CPU-heavy per-example transform (upsample, random resized crop to 64x64, "
         "flip, normalise) and a model cheap enough that input is the bottleneck, trained by a plain DataLoader, "
         "CoresetLoader on uniform batches and CoresetLoader with CREST (a local service) at each worker count, in "
-        "interleaved rounds: batches/s and the training thread's input wait, against the issue's targets. Default "
+        "interleaved rounds: batches/s and the training thread's input wait, against its targets. Default "
         "output benchmarks/results/dataloading_<machine>.json. See benchmarks/dataloading.py.",
     )
     p.add_argument(

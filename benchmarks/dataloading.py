@@ -24,7 +24,7 @@ fetch, forward, backward, optimizer step); the time blocked in ``next(iterator)`
 ``embed_s``, ``fit_s``, ``check_s``; ``wait_s`` on the service; ``input_misses``; ``fallback_batches``). The input
 wait share of a step is ``input_wait / (wall - embed - fit - check)``: waiting for input, CREST's passes excluded
 (the plain loader's input wait is its time blocked in ``next``). Writes JSON (default
-benchmarks/results/dataloading_<machine>.json) and checks the issue's two targets: uniform at >= 0.95x plain's
+benchmarks/results/dataloading_<machine>.json) and checks its two targets: uniform at >= 0.95x plain's
 batches per second at every W, and CREST's input wait share at most 5% at every W >= 1.
 """
 
@@ -78,8 +78,8 @@ class DataloadingConfig:
     repeats: int = 3
     workers: tuple[int, ...] = (0, 1, 2)
     # The transform: upsampled to this side (bilinear), then a random resized crop to ``crop`` (antialiased). 448
-    # makes it cost 0.55 ms per example on one idle core of a 2-core Xeon with AMX (384: 0.43 ms; the issue asks
-    # for at least about 0.5).
+    # makes it cost 0.55 ms per example on one idle core of a 2-core Xeon with AMX (384: 0.43 ms; the workload
+    # needs at least about 0.5).
     upsample: int = 448
     crop: int = 64
     # Examples whose transform is timed in this process before the runs.
