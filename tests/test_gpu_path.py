@@ -10,6 +10,7 @@ Each test runs on the CPU here; those parametrised by device run on CUDA too whe
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -178,8 +179,8 @@ def test_an_rnns_fit_runs_without_cudnn(fmnist: FashionMNIST, device: str) -> No
     model = _Recurrent().to(device)
     ids = np.arange(48)
 
-    def fetch(batch_ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        return fmnist.images[batch_ids], fmnist.targets[batch_ids]
+    def fetch(chunks: Sequence[np.ndarray]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return ((fmnist.images[c], fmnist.targets[c]) for c in chunks)
 
     def forward_fn(m: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         return m(batch[0].to(device)), batch[1].to(device)
