@@ -150,7 +150,6 @@ class InputPipeline:
     ) -> None:
         self.dataset, self.collate_fn, self.workers, self._forecast = dataset, collate_fn, workers, forecast
         self.counters = InputCounters()
-        self.holes = 0  # empty jobs given while the next step was not known
         self._next_step = first_step  # the first step not given to the workers yet
         self._todo: deque[_Job] = deque()  # a running pass's jobs not given to the workers yet
         self._sent: deque[_Job] = deque()  # given to the workers, results not received, in order
@@ -167,7 +166,6 @@ class InputPipeline:
             ids = self._forecast(self._next_step)
             if ids is None:
                 job = _Job("hole", self._next_step, np.zeros(0, np.int64))
-                self.holes += 1
             else:
                 job = _Job("step", self._next_step, ids)
                 self._next_step += 1
