@@ -137,7 +137,6 @@ class InputPipeline:
         collate_fn: turns a list of samples into a batch (in a worker).
         workers: the worker settings.
         forecast: the schedule's forecast of a step's ids (None while unknown).
-        first_step: the step the first training batch will be asked for (a resumed loader's step count).
     """
 
     def __init__(
@@ -146,15 +145,13 @@ class InputPipeline:
         collate_fn: Callable[[list[Any]], Any],
         workers: Workers,
         forecast: Forecast,
-        first_step: int = 0,
     ) -> None:
         self.dataset, self.collate_fn, self.workers, self._forecast = dataset, collate_fn, workers, forecast
         self.counters = InputCounters()
-        self._next_step = first_step  # the first step not given to the workers yet
+        self._next_step = 0  # the first step not given to the workers yet (a resumed loader's: ``resume``)
         self._todo: deque[_Job] = deque()  # a running pass's jobs not given to the workers yet
         self._sent: deque[_Job] = deque()  # given to the workers, results not received, in order
         self._ahead: dict[int, tuple[np.ndarray, Any]] = {}  # step -> (ids, batch) received before it was needed
-        self._loader: DataLoader | None = None
         self._it: Iterator[Any] | None = None
 
     # -- what the workers are given ------------------------------------------------------------------------
@@ -182,7 +179,7 @@ class InputPipeline:
 
     def _start(self) -> None:
         w = self.workers
-        self._loader = DataLoader(
+        loader = DataLoader(
             self.dataset,
             batch_sampler=_Jobs(self._next_job),
             num_workers=w.num_workers,
@@ -195,7 +192,7 @@ class InputPipeline:
             persistent_workers=w.persistent_workers,
             pin_memory_device=w.pin_memory_device,
         )
-        self._it = iter(self._loader)  # the DataLoader asks _next_job for its first prefetch_factor * W jobs here
+        self._it = iter(loader)  # the DataLoader asks _next_job for its first prefetch_factor * W jobs here
         log.info("input pipeline: %d workers, pin_memory=%s", w.num_workers, w.pin_memory)
 
     # -- what the loader asks for --------------------------------------------------------------------------
@@ -274,7 +271,7 @@ class InputPipeline:
 
     def close(self) -> None:
         """Shut the workers down (idempotent); nothing is fetched after it."""
-        it, self._it, self._loader = self._it, None, None
+        it, self._it = self._it, None
         self._sent.clear()
         self._todo.clear()
         self._ahead.clear()
