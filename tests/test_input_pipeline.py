@@ -152,7 +152,7 @@ def test_a_workers_failure_is_raised_in_the_training_loop(fmnist: FashionMNIST, 
     expected = (
         (ValueError, "example 7 is corrupt")
         if how == "raise"
-        else (RuntimeError, "DataLoader worker .* (killed by signal|exited unexpectedly)")
+        else (RuntimeError, "DataLoader worker .*(killed by signal|exited unexpectedly)")
     )
     with pytest.raises(expected[0], match=expected[1]), loader:
         for _ in zip(range(400), loader, strict=False):

@@ -175,7 +175,15 @@ class InputPipeline:
             self._start()
         assert self._it is not None
         job = self._sent.popleft()
-        return job, next(self._it)
+        try:
+            return job, next(self._it)
+        except (ConnectionError, EOFError) as exc:
+            # A worker that dies after queueing a batch takes its shared memory with it: torch then fails while
+            # reading the batch, not with its "worker exited unexpectedly" error.
+            raise RuntimeError(
+                f"a DataLoader worker of the loader's input pipeline exited unexpectedly while sending a batch "
+                f"({type(exc).__name__}: {exc})"
+            ) from exc
 
     def _start(self) -> None:
         w = self.workers
