@@ -21,7 +21,8 @@ seconds apart; the medians over rounds are reported. A run takes ``warmup`` unti
 first round), then ``steps`` timed ones. Per run: batches per second over the timed steps (the loop's wall clock:
 fetch, forward, backward, optimizer step); the time blocked in ``next(iterator)``; for the loaders the
 ``LoaderStats`` deltas (``input_wait_s``, the training thread's time getting training batches; the model passes
-``embed_s``, ``fit_s``, ``check_s``; ``wait_s`` on the service; ``input_misses``; ``fallback_batches``). The input
+``embed_s``, ``fit_s``, ``check_s``; ``wait_s`` on the service; ``input_misses``; ``passes_ahead``, the embedding
+passes whose candidates the workers were given before the pass; ``fallback_batches``). The input
 wait share of a step is ``input_wait / (wall - embed - fit - check)``: waiting for input, CREST's passes excluded
 (the plain loader's input wait is its time blocked in ``next``). Writes JSON (default
 benchmarks/results/dataloading_<machine>.json) and checks its two targets: uniform at >= 0.95x plain's
@@ -58,8 +59,18 @@ SERVICE = "crest serve --backend local --num-workers 1, a child process, gRPC on
 UNIFORM_TARGET = 0.95  # uniform's batches/s against plain's, at every W
 WAIT_TARGET = 0.05  # CREST's input wait share of a step, embedding excluded, at every W >= 1
 # The LoaderStats counters a run reports as deltas over its timed steps.
-COUNTERS = ("input_wait_s", "input_misses", "embed_s", "fit_s", "check_s", "wait_s", "fallback_batches", "regions")
-COUNTS = ("input_misses", "fallback_batches", "regions")  # of COUNTERS, the integer ones
+COUNTERS = (
+    "input_wait_s",
+    "input_misses",
+    "passes_ahead",
+    "embed_s",
+    "fit_s",
+    "check_s",
+    "wait_s",
+    "fallback_batches",
+    "regions",
+)
+COUNTS = ("input_misses", "passes_ahead", "fallback_batches", "regions")  # of COUNTERS, the integer ones
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -213,6 +224,7 @@ class Run:
     check_s: float = 0.0
     wait_s: float = 0.0  # blocked on the service
     input_misses: int = 0
+    passes_ahead: int = 0  # embedding passes whose candidates were given to the workers before the pass began
     fallback_batches: int = 0
     regions: int = 0
 
@@ -435,6 +447,8 @@ def _print(report: dict[str, Any]) -> None:
     print(f"CREST input wait share, passes excluded: {shares}")
     misses = ", ".join(f"W={w} {med['crest'][w]['input_misses']:.0f}" for w in workers)
     print(f"CREST input misses per run (median): {misses}")
+    ahead = ", ".join(f"W={w} {med['crest'][w].get('passes_ahead', 0):.0f}" for w in workers)
+    print(f"CREST embedding passes fetched ahead per run (median): {ahead}")
     by_round = ", ".join(f"{ms:.3f}" for ms in report["transform_ms_per_example_by_round"])
     print(f"transform: {report['transform_ms_per_example']:.3f} ms per example before the runs ({by_round} by round)")
     for name, t in report["targets"].items():

@@ -16,6 +16,7 @@ from loader_settings import loader_settings
 from torch.utils.data import DataLoader, Dataset
 
 from trainer_client import LoaderConfig
+from trainer_client._fetch import InputPipeline, Workers
 from trainer_client.client import SelectionClient
 from trainer_client.data import FashionMNIST
 from trainer_client.embeddings import weighted_loss
@@ -94,6 +95,66 @@ def test_workers_give_every_step_the_ids_and_weights_of_a_run_without_them(
     # Fetched ahead except where a step was not known in time (the first, a switch to a round still in flight).
     assert loader.stats.input_misses <= misses_per_region * loader.stats.regions, loader.stats
     assert not multiprocessing.active_children()  # close() shut the workers down
+
+
+def test_the_next_rounds_candidates_are_given_to_the_workers_before_its_pass(
+    client: SelectionClient, fmnist: FashionMNIST
+) -> None:
+    """The fixed rule's pass runs at a known step: once its round's plan is back (awaited here at every step, so
+    the forecast finds it), its chunks are fetched right after the step before it, and match the pass's."""
+    data, labels, config = Tagged(fmnist), fmnist.targets.numpy(), LoaderConfig(**SMALL)  # type: ignore[arg-type]
+    torch.manual_seed(0)
+    model = SmallCNN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)  # as _run trains
+    seen = []
+    with CoresetLoader(data, model, client, labels, config=config, num_workers=2) as loader:
+        for _, (x, y, ids, _, w) in zip(range(64), loader, strict=False):
+            loss = weighted_loss(model(x), y, w)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            seen.append(ids.tolist())
+            loader._link.settle()  # internal: the round started ahead has its plan back before the next step
+    base, _, _ = _run(client, data, labels, config, 64)
+    assert seen == [ids for ids, _ in base]
+    assert loader.stats.regions == 4 and loader.stats.rounds_prefetched == 3, loader.stats
+    assert loader.stats.passes_ahead == 3  # every pass but the first round's, at step 0
+    assert loader.stats.input_misses <= 2 * loader.stats.regions
+
+
+def test_a_forecast_pass_that_does_not_run_as_forecast_costs_a_fetch_never_a_wrong_batch() -> None:
+    """The pipeline alone, on a dataset of ids: a pass forecast with other chunks than the pass asks for, and one
+    that never runs, are dropped; every batch holds the ids asked for."""
+    forecast_at = {3: [np.arange(100, 110), np.arange(110, 115)], 6: [np.arange(200, 204)], 12: [np.arange(300, 306)]}
+    pipe = InputPipeline(Ids(), torch.utils.data.default_collate, Workers(num_workers=2), _steps, forecast_at.get)
+    try:
+        for step in range(12):
+            if step == 3:  # the pass forecast before step 3 asks for other chunks
+                got = list(pipe.batches([np.arange(100, 108), np.arange(108, 115)]))
+                assert [b.tolist() for b in got] == [list(range(100, 108)), list(range(108, 115))]
+            if step == 8:  # a pass with no forecast, after the one forecast before step 6 that never ran
+                assert [b.tolist() for b in pipe.batches([np.arange(200, 204)])] == [list(range(200, 204))]
+            assert pipe.step_batch(step, _steps(step)).tolist() == _steps(step).tolist()
+        assert pipe.counters.passes_ahead == 0 and pipe.counters.input_misses == 1  # the first step
+        # The pass forecast before step 12 runs as forecast: its chunks were given to the workers ahead.
+        assert [b.tolist() for b in pipe.batches([np.arange(300, 306)])] == [list(range(300, 306))]
+        assert pipe.counters.passes_ahead == 1
+        assert pipe.step_batch(12, _steps(12)).tolist() == _steps(12).tolist()
+    finally:
+        pipe.close()
+    assert not multiprocessing.active_children()
+
+
+class Ids(Dataset):
+    def __len__(self) -> int:
+        return 1000
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+
+def _steps(step: int) -> np.ndarray:
+    return np.arange(step * 4, step * 4 + 4, dtype=np.int64)
 
 
 def test_uniform_mode_trains_on_forecast_batches_with_no_service(fmnist: FashionMNIST) -> None:

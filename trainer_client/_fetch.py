@@ -7,7 +7,9 @@ from the service's rounds. A ``DataLoader`` wants its batch sampler to run ahead
 *forecast*: when the ``DataLoader`` asks for the next batch to prefetch, the pipeline hands it, in order,
 
 1. the batches of a model pass that has started (the embedding pass's candidates, the Taylor check's ids, the
-   quadratic model's fit sample), which are known when the pass begins; else
+   quadratic model's fit sample), which are known when the pass begins; and the chunks of an embedding pass the
+   schedule knows ahead (``ForecastPass``: the fixed rule's pass, once its round's plan is here), right after
+   the batch of the step before it; else
 2. the forecast of the next training step the workers have not been given yet: its ids as the loader's schedule
    will draw them, when the schedule already knows them (``CoresetLoader._forecast``); else
 3. a *hole*: an empty job the workers return at once, because the next step depends on something not known
@@ -42,6 +44,8 @@ log = logging.getLogger("trainer_client.loader")
 
 # step -> the ids (int64 (n,)) that step will train on, or None while the schedule does not know them yet
 Forecast = Callable[[int], "np.ndarray | None"]
+# step -> the id chunks of the embedding pass that will run before that step's batch, or None when none is known
+ForecastPass = Callable[[int], "list[np.ndarray] | None"]
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,7 @@ class InputCounters:
 
     input_wait_s: float = 0.0  # training-thread time spent getting training batches (collating them without workers)
     input_misses: int = 0  # training batches not fetched ahead (their step was not known in time, or was mispredicted)
+    passes_ahead: int = 0  # embedding passes whose candidates were given to the workers before the pass began
 
     @classmethod
     def of(cls, stats: dict[str, Any]) -> InputCounters:
@@ -137,6 +142,7 @@ class InputPipeline:
         collate_fn: turns a list of samples into a batch (in a worker).
         workers: the worker settings.
         forecast: the schedule's forecast of a step's ids (None while unknown).
+        forecast_pass: the schedule's forecast of the embedding pass before a step (None: none is known).
     """
 
     def __init__(
@@ -145,18 +151,29 @@ class InputPipeline:
         collate_fn: Callable[[list[Any]], Any],
         workers: Workers,
         forecast: Forecast,
+        forecast_pass: ForecastPass | None = None,
     ) -> None:
         self.dataset, self.collate_fn, self.workers, self._forecast = dataset, collate_fn, workers, forecast
+        self._forecast_pass = forecast_pass
         self.counters = InputCounters()
         self._next_step = 0  # the first step not given to the workers yet (a resumed loader's: ``resume``)
         self._todo: deque[_Job] = deque()  # a running pass's jobs not given to the workers yet
         self._sent: deque[_Job] = deque()  # given to the workers, results not received, in order
         self._ahead: dict[int, tuple[np.ndarray, Any]] = {}  # step -> (ids, batch) received before it was needed
+        self._early: tuple[int, list[_Job]] | None = None  # (step, jobs) of a pass forecast before that step
+        self._pass_asked = -1  # the last step whose pass forecast was asked for
         self._it: Iterator[Any] | None = None
 
     # -- what the workers are given ------------------------------------------------------------------------
 
     def _next_job(self) -> list[int]:
+        if not self._todo and self._forecast_pass is not None and self._pass_asked < self._next_step:
+            self._pass_asked = step = self._next_step
+            chunks = self._forecast_pass(step)
+            if chunks:
+                jobs = [_Job("pass", k, np.asarray(ids, np.int64)) for k, ids in enumerate(chunks)]
+                self._early = step, jobs
+                self._todo.extend(jobs)
         if self._todo:
             job = self._todo.popleft()
         else:
@@ -230,6 +247,8 @@ class InputPipeline:
             self.counters.input_wait_s += time.perf_counter() - start
 
     def _step_batch(self, step: int, ids: np.ndarray) -> Any:
+        if self._early is not None and self._early[0] <= step:  # the pass forecast before this step did not run
+            self._forget(self._early[1])
         if self.workers.num_workers == 0:
             self._next_step = step + 1
             return self._direct(ids)
@@ -261,8 +280,14 @@ class InputPipeline:
             for ids in chunks:
                 yield self._direct(ids)
             return
-        mine = [_Job("pass", k, np.asarray(ids, np.int64)) for k, ids in enumerate(chunks)]
-        self._todo.extend(mine)
+        early = self._early[1] if self._early is not None else []
+        if len(early) == len(chunks) and all(np.array_equal(j.ids, c) for j, c in zip(early, chunks, strict=True)):
+            mine, self._early = early, None  # given to the workers before the pass began
+            self.counters.passes_ahead += 1
+        else:
+            self._forget(early)  # a forecast pass with other chunks: its results in flight are dropped below
+            mine = [_Job("pass", k, np.asarray(ids, np.int64)) for k, ids in enumerate(chunks)]
+            self._todo.extend(mine)
         try:
             for want in mine:
                 while True:
@@ -275,7 +300,15 @@ class InputPipeline:
         finally:
             # A pass abandoned part-way (an error in the model): its jobs not yet given are forgotten, and its
             # results still in flight are dropped as they arrive (the loop above keeps only the jobs it wants).
-            self._todo = deque(j for j in self._todo if all(j is not m for m in mine))
+            self._forget(mine)
+
+    def _forget(self, jobs: list[_Job]) -> None:
+        """Jobs no pass will wait for: those not given to the workers yet are not given (the others' results are
+        dropped as they arrive: the receiving loops keep only the jobs they want)."""
+        if self._early is not None and self._early[1] is jobs:
+            self._early = None
+        if jobs:
+            self._todo = deque(j for j in self._todo if all(j is not m for m in jobs))
 
     def close(self) -> None:
         """Shut the workers down (idempotent); nothing is fetched after it."""
@@ -283,6 +316,7 @@ class InputPipeline:
         self._sent.clear()
         self._todo.clear()
         self._ahead.clear()
+        self._early = None
         shutdown = getattr(it, "_shutdown_workers", None)
         if shutdown is not None:
             shutdown()

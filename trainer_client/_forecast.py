@@ -13,6 +13,10 @@ part replaced by what is known:
   otherwise that step is unknown (``None``): the loader will wait for the round there;
 - after that step, while the round is late or none is in flight, uniform batches continue (replayed on a copy
   of the fallback RNG).
+
+The embedding pass that ends a region of the fixed rule runs at a known step too (``pass_step``); once the next
+round's plan has come back (``ServiceLink.prefetch``), its candidates are known, and the pipeline gives their
+chunks to the workers right after the batch of the step before, as a ``DataLoader`` prefetches its next batches.
 """
 
 from __future__ import annotations
@@ -117,3 +121,19 @@ def forecast_ids(
         if u == step:
             return ids
     raise ValueError(f"step {step} is before the loader's next step {state.stats.steps}")
+
+
+def pass_step(state: LoaderState, controller: RegionController) -> int | None:
+    """The step at which the loader will run its next embedding pass (the ``stats.steps`` of the ``_next`` that
+    runs it, before that step's batch), when the schedule knows it: inside a region of the fixed rule, with no
+    round wanted yet. None otherwise (a Taylor check's outcome is not known, nor when a late round arrives).
+
+    ``state`` is the loader's between two steps; the pass is due at the ``after_step`` call that returns
+    ``RESELECT``, which the next step's ``_next`` makes first.
+    """
+    if controller.config.mode != "fixed" or state.region is None or not (state.yielded and state.from_region):
+        return None
+    if state.want_at is not None or state.pending is not None or state.need_request:
+        return None
+    calls = controller.reselect_at - controller.steps_since_fit  # decision_in(calls) is RESELECT
+    return state.stats.steps + calls - 1 if calls >= 1 else None

@@ -120,6 +120,21 @@ class ServiceLink:
         )
         self._streamer.submit(self._ahead)
 
+    def planned(self, num_subsets: int) -> RoundPlan | None:
+        """The plan of the round started ahead (``prefetch``), once its call has returned, when it is the session's
+        next round of ``num_subsets``: the plan the next ``start_round`` of that size will take. Never waits; None
+        otherwise (the input pipeline fetches the embedding pass's candidates ahead with it)."""
+        ahead, session = self._ahead, self.session
+        if ahead is None or session is None or not ahead.plan.done() or ahead.plan.cancelled():
+            return None
+        if (ahead.session_id, ahead.session_round, ahead.num_subsets) != (
+            session.session_id,
+            self.session_round,
+            num_subsets,
+        ):
+            return None
+        return None if ahead.plan.exception() is not None else ahead.plan.result()
+
     def start_round(self, num_subsets: int) -> RoundPlan | None:
         """Start the session's next round of ``num_subsets`` random subsets, opening a session first if needed;
         the round started ahead (``prefetch``) when it is that one, waiting for its call if needed.

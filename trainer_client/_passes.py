@@ -97,8 +97,16 @@ class ModelPasses:
 
         return forward
 
+    def _chunks(self, ids: np.ndarray) -> list[np.ndarray]:
+        return [ids[lo : lo + self.embed_batch_size] for lo in range(0, len(ids), self.embed_batch_size)]
+
     def _eval_batches(self, ids: np.ndarray) -> Iterator[Any]:
-        return self.fetch([ids[lo : lo + self.embed_batch_size] for lo in range(0, len(ids), self.embed_batch_size)])
+        return self.fetch(self._chunks(ids))
+
+    def round_chunks(self, ids: np.ndarray) -> list[np.ndarray]:
+        """The id chunks (int64) ``embed_round(ids)`` fetches on this rank, in order: its shard's, under DDP."""
+        lo, hi = (0, len(ids)) if self.dist is None else self.dist.shard_bounds(len(ids))
+        return self._chunks(ids[lo:hi])
 
     def embed_round(self, ids: np.ndarray) -> RoundEmbeddings:
         """Embed the round's ``ids`` (int64 (n,)) with the current model.

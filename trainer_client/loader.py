@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from crest.selector.v1.api import RoundPlan, SelectionService, SessionInfo
 from trainer_client._embedding_cache import EmbeddingCache
 from trainer_client._fetch import InputPipeline, Workers
-from trainer_client._forecast import Forecaster
+from trainer_client._forecast import Forecaster, pass_step
 from trainer_client._link import ServiceLink
 from trainer_client._mirror import FollowsRankZero
 from trainer_client._observed import SHARE_EVERY, TrainingRows
@@ -169,7 +169,7 @@ class CoresetLoader(FollowsRankZero):
             multiprocessing_context=multiprocessing_context,
             timeout=timeout,
         )
-        self._input = InputPipeline(dataset, collate_fn, workers, self._forecast)
+        self._input = InputPipeline(dataset, collate_fn, workers, self._forecast, self._forecast_pass)
         self._forecaster = Forecaster(cfg, self.controller, *self._place)
         self._between_steps = True  # the state is a step's end: the forecast may replay from it
         self._passes = ModelPasses(
@@ -278,6 +278,17 @@ class CoresetLoader(FollowsRankZero):
     def _forecast(self, step: int) -> np.ndarray | None:
         """This rank's ids at ``step`` as far as the schedule knows them (``_forecast.py``); None mid-step."""
         return self._forecaster(self._state, step) if self._between_steps and not self._closed else None
+
+    def _forecast_pass(self, step: int) -> list[np.ndarray] | None:
+        """This rank's chunks of the embedding pass due before ``step``'s batch, when known: the fixed rule's, once
+        its round's plan is here (not with training_logits: the steps before the pass change which ids it embeds)."""
+        if not self._between_steps or self._closed or self._rows is not None:
+            return None
+        plan = self._link.planned(min(self.controller.num_coresets, self.config.num_subsets))
+        if plan is None or pass_step(self._state, self.controller) != step:
+            return None
+        ids = plan.ids if self._cache is None else plan.ids[self._cache.stale(plan.ids, step)]
+        return self._passes.round_chunks(ids) if len(ids) else None
 
     def observe_logits(self, logits: torch.Tensor) -> None:
         """The training forward's logits of the batch yielded last (float (n, C), this rank's share): they refresh

@@ -346,6 +346,7 @@ class LoaderStats:
     rounds_prefetched: int = 0  # rounds whose StartRound ran ahead, on the stream thread (rank 0's, mirrored)
     input_wait_s: float = 0.0  # training-thread time spent getting training batches (collating them without workers)
     input_misses: int = 0  # training batches the workers had not fetched ahead (their step was not known in time)
+    passes_ahead: int = 0  # embedding passes whose candidates the workers were given before the pass began
 
 
 # -- recipes: complete LoaderConfig values, each from a committed result --------------------------------------------

@@ -294,7 +294,8 @@ def _dataloading(path: Path, data: dict[str, Any]) -> list[str]:
         "CREST's model passes excluded.",
         "",
     ]
-    head = ["arm", "W", "batches/s", "input wait share", "input misses", "fallback batches", "CREST passes s"]
+    head = ["arm", "W", "batches/s", "input wait share", "input misses", "passes fetched ahead", "fallback batches"]
+    head.append("CREST passes s")
     rows = []
     for arm, by_workers in data["medians"].items():
         for w, m in by_workers.items():
@@ -306,6 +307,7 @@ def _dataloading(path: Path, data: dict[str, Any]) -> list[str]:
                     f"{m['batches_per_s']:.2f}",
                     f"{100 * m['input_wait_share']:.1f}%",
                     f"{m['input_misses']:.0f}",
+                    "-" if arm != "crest" or "passes_ahead" not in m else f"{m['passes_ahead']:.0f}",
                     f"{m['fallback_batches']:.0f}",
                     "-" if arm != "crest" else f"{passes:.2f}",
                 ]
