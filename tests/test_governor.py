@@ -1,0 +1,123 @@
+"""The payoff schedule and governor (trainer_client/governor.py) on synthetic runs: the A B A schedule and its
+probes, the governor moving training to the control when selection loses and back when it pays, spoiled
+measurements dropped, decisions repeated by a resumed governor, and bad input refused with no state change."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from trainer_client.governor import Governor, Phase
+
+
+def _run(
+    gov: Governor,
+    steps: range,
+    speed: dict[str, object],
+    rng: np.random.Generator,
+    loss: float = 2.3,
+    taken: list[str] | None = None,
+) -> float:
+    """Drive ``gov`` over ``steps``: each step lowers the probe loss by ``speed[arm](step)`` plus noise and costs
+    10 ms (selection 2 ms more); returns the loss at the end; ``taken`` gets each step's arm."""
+    for step in steps:
+        if gov.probe_due(step):
+            gov.probe(step, loss)
+        arm = gov.arm_at(step)
+        if taken is not None:
+            taken.append(arm)
+        loss -= speed[arm](step) + rng.normal(0, 0.002)  # type: ignore[operator]
+        gov.charge(arm, 0.010, 0.002 if arm == "selection" else 0.0)
+    return loss
+
+
+def test_the_schedule_is_one_arm_the_other_the_first_with_a_probe_at_each_boundary() -> None:
+    gov = Governor("measure", segment_steps=5, every=4, window=4, start=10)
+    arms, probes = [], []
+    for step in range(50):
+        if gov.probe_due(step):
+            probes.append(step)
+            gov.probe(step, 2.0 - step / 100)
+            assert gov.phase == (Phase.IDLE if step in (25, 45) else Phase.OPEN)
+        arms.append(gov.arm_at(step)[0])
+    assert "".join(arms) == "s" * 15 + "c" * 5 + "s" * 15 + "c" * 5 + "s" * 10
+    assert probes == [10, 15, 20, 25, 30, 35, 40, 45]
+    assert len(gov.pairs) == 2 and gov.decisions == []  # measuring never moves training
+    assert gov.pairs[0].selection == pytest.approx(0.01) and gov.pairs[0].control == pytest.approx(0.01)
+
+
+def test_the_forecast_of_a_later_measurements_arms_follows_the_period() -> None:
+    gov = Governor("measure", segment_steps=5, every=4, window=4, start=10)
+    assert [gov.arm_at(s) for s in (14, 15, 19, 20, 35, 36, 55)] == [
+        "selection",
+        "control",
+        "control",
+        "selection",
+        "control",
+        "control",
+        "control",
+    ]
+
+
+def test_governing_moves_training_to_the_control_when_selection_loses_and_back_when_it_pays() -> None:
+    rng = np.random.default_rng(0)
+    gov = Governor("govern", segment_steps=10, every=4, window=3, start=0)
+    # Selection makes half the control's progress per step for 1,200 steps.
+    taken: list[str] = []
+    _run(gov, range(1200), {"selection": lambda s: 0.0005, "control": lambda s: 0.001}, rng, taken=taken)
+    assert gov.arm == "control", gov.decisions
+    first = next(d for d in gov.decisions if d.arm == "control")
+    assert first.verdict == "loses" and first.per_second_hi is not None and first.per_second_hi < 1
+    assert first.step <= 8 * 40  # within 8 measurements of 40 steps each
+    assert taken[first.step :].count("control") > 0.6 * (1200 - first.step)
+    # Then selection makes twice the control's progress: training moves back, on probes at half the rate.
+    _run(gov, range(1200, 3200), {"selection": lambda s: 0.002, "control": lambda s: 0.001}, rng)
+    back = [d for d in gov.decisions if d.step >= 1200 and d.arm == "selection"]
+    assert gov.arm == "selection" and back and back[0].verdict == "pays"
+    assert gov.payoff() is not None and gov.spoiled == 0
+
+
+def test_a_measurement_with_uniform_batches_in_its_selection_segments_is_dropped() -> None:
+    gov = Governor("measure", segment_steps=2, every=4, window=2, start=0)
+    for step in range(8):
+        if gov.probe_due(step):
+            gov.probe(step, 1.0 - step / 10)
+        if step == 1:
+            gov.spoil()
+    gov.probe(8, 0.2)  # the first boundary of the second measurement
+    assert gov.spoiled == 1 and gov.pairs == []
+
+
+def test_a_resumed_governor_repeats_the_decisions_of_an_uninterrupted_one() -> None:
+    speed = {"selection": lambda s: 0.0005, "control": lambda s: 0.001}
+    whole = Governor("govern", segment_steps=10, every=4, window=3, start=0)
+    _run(whole, range(800), speed, np.random.default_rng(3))
+    first = Governor("govern", segment_steps=10, every=4, window=3, start=0)
+    rng = np.random.default_rng(3)
+    loss = _run(first, range(415), speed, rng)  # stops inside a measurement
+    assert first.phase == Phase.OPEN
+    resumed = Governor("govern", segment_steps=10, every=4, window=3, start=0)
+    resumed.load_state_dict(first.state_dict())
+    _run(resumed, range(415, 800), speed, rng, loss)
+    assert resumed.decisions == whole.decisions and resumed.pairs == whole.pairs
+    assert resumed.costs.control_steps == whole.costs.control_steps
+    assert resumed.costs.selection_s == pytest.approx(whole.costs.selection_s)
+
+
+def test_bad_settings_probes_and_states_are_refused() -> None:
+    with pytest.raises(ValueError, match="must be 'measure' or 'govern', received 'always'"):
+        Governor("always", 10, 4, 3, 0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"every >= 4 segments.*received 10, 3, 3, 0"):
+        Governor("measure", 10, 3, 3, 0)
+    gov = Governor("measure", segment_steps=10, every=4, window=3, start=20)
+    before = gov.state_dict()
+    with pytest.raises(ValueError, match=r"no probe loss is due at step 25 \(the measurement's next boundary: 20\)"):
+        gov.probe(25, 1.0)
+    with pytest.raises(ValueError, match="probe loss must be finite, received nan at step 20"):
+        gov.probe(20, math.nan)
+    assert gov.state_dict() == before
+    other = Governor("govern", segment_steps=10, every=4, window=3, start=20)
+    with pytest.raises(ValueError, match=r"settings \['measure', 10, 4, 3\].*this loader's are 1 and \['govern'"):
+        other.load_state_dict(before)
