@@ -6,6 +6,7 @@ uninterrupted run; bad use fails clearly."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -315,6 +316,39 @@ def test_dataloader_num_workers_fetch_the_coreset_batches_in_workers(
     assert len(ahead) == 8 and ahead == plain
     stats = trainer.coreset_loader.stats
     assert stats.fallback_batches == 0 and stats.regions >= 2
+
+
+def test_a_wrong_endpoint_is_loud_in_the_log_and_the_logged_metrics(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Nothing listens at the endpoint: the run trains on uniform batches (not strict), logs an ERROR that names
+    the endpoint once 50 steps had no coreset, and the Trainer's logged metrics carry the fallback count."""
+    torch.manual_seed(0)
+    model = ViTForImageClassification(ViTConfig(**VIT, num_labels=10))
+    training = {"max_steps": 55, "logging_steps": 5}
+    trainer = _trainer(tmp_path, model, Pixels(), "127.0.0.1:1", training, reconnect_initial_s=0.01)
+    with caplog.at_level(logging.ERROR, logger="trainer_client"):
+        trainer.train()
+    stats = trainer.coreset_loader.stats
+    assert stats.fallback_batches == 55 and stats.regions == 0 and stats.service_errors >= 1
+    (error,) = [r.getMessage() for r in caplog.records if "no coreset yet" in r.getMessage()]
+    assert "all 50 batches so far were uniform fallbacks" in error and "127.0.0.1:1" in error
+    assert "UNAVAILABLE" in error and "CREST_AUTH_TOKEN" in error
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["crest/fallback_batches"] for h in logged] == [5.0 * k for k in range(1, 12)]
+    assert all(h["crest/regions"] == 0 and h["crest/service_errors"] >= 1 for h in logged)
+
+
+def test_a_short_run_logs_the_loaders_counters(local_server: RunningServer, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = ViTForImageClassification(ViTConfig(**VIT, num_labels=10))
+    training = {"max_steps": 4, "logging_steps": 2}
+    trainer = _trainer(tmp_path, model, Pixels(), local_server.target, training, steps_per_round=2)
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logged) == 2 and all(h["crest/fallback_batches"] == 0 for h in logged)
+    assert logged[-1]["crest/regions"] >= 1 and logged[-1]["crest/embed_s"] > 0
+    assert {"crest/coreset_wait_s", "crest/input_wait_s", "crest/service_errors"} <= set(logged[-1])
 
 
 def test_a_model_without_logits_is_refused_by_name(local_server: RunningServer, tmp_path: Path) -> None:

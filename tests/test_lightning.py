@@ -5,6 +5,7 @@ use fails clearly."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -18,6 +19,7 @@ import torch
 pytest.importorskip("lightning", reason="the lightning extra is not installed")
 
 import lightning.pytorch as pl
+from lightning.pytorch.loggers import CSVLogger
 from loader_settings import loader_settings
 from torch.utils.data import Dataset
 
@@ -209,6 +211,28 @@ def test_a_short_fit_trains_on_coresets_from_the_server(local_server: RunningSer
     assert data.loader is not None
     assert trainer.global_step == 3 and data.loader.stats.steps == 3 and data.loader.stats.fallback_batches == 0
     assert local_server.manager.totals()["sessions"] == 0  # closed at teardown
+
+
+def test_a_fit_logs_the_loaders_counters_to_its_loggers(local_server: RunningServer, tmp_path: Path) -> None:
+    data = CoresetDataModule(
+        FashionMNIST("train", limit=200), local_server.target, batch_size=16, loader_config=_config(steps_per_round=2)
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=6,
+        logger=CSVLogger(tmp_path),
+        log_every_n_steps=2,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(Classifier(), datamodule=data)
+    with open(Path(trainer.logger.log_dir) / "metrics.csv") as f:  # type: ignore[union-attr]
+        rows = [r for r in csv.DictReader(f) if r.get("crest/regions")]
+    assert [int(r["step"]) for r in rows] == [0, 2, 4]
+    assert all(float(r["crest/fallback_batches"]) == 0 for r in rows) and float(rows[-1]["crest/regions"]) >= 1
+    assert {"crest/service_errors", "crest/coreset_wait_s", "crest/embed_s", "crest/input_wait_s"} <= set(rows[0])
 
 
 class MainReads(Dataset):

@@ -94,6 +94,7 @@ class ServiceLink:
         self._next_attempt = 0.0
         self._persistent: tuple[str, str] | None = None  # signature of the last persistent failure in the run
         self._persistent_run = 0
+        self._last_failure: str | None = None  # the last failed call, described (for ``report_no_coresets``)
         self._ahead: PlanJob | None = None  # the next round, started on the stream thread (``prefetch``)
 
     # -- rounds ----------------------------------------------------------------------------------------------
@@ -310,6 +311,25 @@ class ServiceLink:
 
     # -- failures --------------------------------------------------------------------------------------------
 
+    def report_no_coresets(self, fallback_batches: int) -> None:
+        """Say loudly (an ERROR) that the run has trained on ``fallback_batches`` uniform batches and no coreset yet:
+        a wrong endpoint, token or TLS setting is otherwise a quiet uniform run (rank 0 only)."""
+        if self._streamer is None:
+            return
+        if self._last_failure is None:
+            why = "it has not failed, but no round has come back: is it selecting for another, larger job?"
+        else:
+            why = f"{self.counters.service_errors} failed call(s), the last while {self._last_failure}"
+        log.error(
+            "step %d: no coreset yet: all %d batches so far were uniform fallbacks, so selection is not running. "
+            "Selection service at %s: %s. Check the endpoint and its credentials (CREST_AUTH_TOKEN, TLS), or set "
+            "LoaderConfig(strict=True) to stop instead of training on uniform batches",
+            self._step(),
+            fallback_batches,
+            self.client.target,
+            why,
+        )
+
     def failed(self, exc: BaseException, doing: str) -> None:
         """Apply the failure policy (module docstring) to ``exc``, raised while ``doing``: raise, or count it
         and schedule the next attempt (the caller gives the round up)."""
@@ -318,6 +338,7 @@ class ServiceLink:
             raise exc
         self.counters.service_errors += 1
         what = describe(exc)
+        self._last_failure = f"{doing}: {what}"
         if kind is Failure.PERSISTENT:
             assert isinstance(exc, grpc.RpcError)
             self.counters.persistent_failures += 1

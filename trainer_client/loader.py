@@ -72,6 +72,9 @@ __all__ = ["CoresetLoader", "LoaderConfig", "LoaderStats", "SelectionUnavailable
 
 T = TypeVar("T")
 
+# Uniform batches with no region yet at which the loader logs an ERROR (``ServiceLink.report_no_coresets``).
+NO_CORESETS_AT = frozenset((50, 500, 5_000, 50_000))
+
 
 class CoresetLoader(FollowsRankZero):
     """Infinite iterator of weighted batches selected by the service.
@@ -314,6 +317,8 @@ class CoresetLoader(FollowsRankZero):
         s = self._state
         if self.config.selection == "crest":
             s.stats.fallback_batches += 1
+            if s.stats.regions == 0 and s.stats.fallback_batches in NO_CORESETS_AT:
+                self._link.report_no_coresets(s.stats.fallback_batches)
         if s.want_at is not None and s.pending is not None:
             s.stats.late_steps += 1
         return s.uniform_batch(*self._place)

@@ -50,6 +50,7 @@ from trainer_client.integrations.steps import (
     StepBatches,
     dataset_labels,
     integration_config,
+    logged_stats,
     logits_of,
     missing_extra,
 )
@@ -198,6 +199,13 @@ class CoresetTrainer(Trainer):
             return logits_of(model(**inputs), model), batch[key].to(device)
 
         return forward
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """The Trainer's log with the loader's ``crest/`` counters beside the loss (``steps.logged_stats``), so
+        TensorBoard, W&B and every other ``report_to`` show whether selection runs, with no extra code."""
+        if self.coreset_loader is not None:
+            logs = {**logs, **logged_stats(self.coreset_loader)}
+        super().log(logs, start_time)
 
     # -- the weighted loss ---------------------------------------------------------------------------------
 

@@ -47,6 +47,7 @@ from trainer_client.integrations.steps import (
     checked_forward,
     dataset_labels,
     integration_config,
+    logged_stats,
     missing_extra,
 )
 from trainer_client.loader import CoresetLoader, LoaderConfig
@@ -118,6 +119,7 @@ class CoresetDataModule(pl.LightningDataModule):
         self.loader: CoresetLoader | None = None
         self._batches: StepBatches | None = None
         self._restored: dict[str, Any] | None = None
+        self._logged_at = -1  # the optimizer step the counters were last logged at
 
     def train_dataloader(self) -> StepBatches:
         """The coreset batches of this fit, built once (with the checkpoint's loader state when resuming)."""
@@ -155,6 +157,21 @@ class CoresetDataModule(pl.LightningDataModule):
         self.loader = loader
         self._batches = StepBatches(loader, trainer.accumulate_grad_batches)
         return self._batches
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Every ``log_every_n_steps`` optimizer steps of a fit, the loader's ``crest/`` counters
+        (``steps.logged_stats``) go to the fit's loggers, so TensorBoard, W&B or CSV show whether selection runs
+        with no extra code; the batch passes unchanged."""
+        trainer = self.trainer
+        # Set on the trainer by its logger connector (not a declared attribute); 0 turns logging off.
+        every = int(getattr(trainer, "log_every_n_steps", 50))
+        if trainer is not None and trainer.training and self.loader is not None and trainer.loggers and every > 0:
+            step = trainer.global_step
+            if step != self._logged_at and step % every == 0:
+                self._logged_at = step
+                for logger in trainer.loggers:
+                    logger.log_metrics(logged_stats(self.loader), step=step)
+        return batch
 
     def state_dict(self) -> dict[str, Any]:
         """``{"loader": CoresetLoader.state_dict()}`` once training has started (a collective under DDP)."""

@@ -51,6 +51,21 @@ def refuse_training_logits(config: LoaderConfig, integration: str) -> None:
         )
 
 
+def logged_stats(loader: CoresetLoader) -> dict[str, float]:
+    """The loader's counters an integration adds to the framework's logged metrics, under ``crest/``: whether
+    selection runs at all (uniform fallback batches, failed calls to the service, regions trained on) and what it
+    costs (seconds waiting for coresets, in the embedding passes, getting training batches)."""
+    s = loader.stats
+    return {
+        "crest/fallback_batches": float(s.fallback_batches),
+        "crest/service_errors": float(s.service_errors),
+        "crest/regions": float(s.regions),
+        "crest/coreset_wait_s": s.wait_s,
+        "crest/embed_s": s.embed_s,
+        "crest/input_wait_s": s.input_wait_s,
+    }
+
+
 def missing_extra(module: str, extra: str, exc: ImportError) -> ImportError:
     """The error to raise when an integration's framework is not installed."""
     return ImportError(
