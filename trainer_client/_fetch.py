@@ -134,6 +134,10 @@ class _Job:
     ids: np.ndarray  # int64 (n,)
 
 
+def _pass_jobs(chunks: Sequence[np.ndarray]) -> list[_Job]:
+    return [_Job("pass", k, np.asarray(ids, np.int64)) for k, ids in enumerate(chunks)]
+
+
 class InputPipeline:
     """Batches of example ids, fetched by a ``DataLoader``'s workers ahead of need (see the module docstring).
 
@@ -171,7 +175,7 @@ class InputPipeline:
             self._pass_asked = step = self._next_step
             chunks = self._forecast_pass(step)
             if chunks:
-                jobs = [_Job("pass", k, np.asarray(ids, np.int64)) for k, ids in enumerate(chunks)]
+                jobs = _pass_jobs(chunks)
                 self._early = step, jobs
                 self._todo.extend(jobs)
         if self._todo:
@@ -286,7 +290,7 @@ class InputPipeline:
             self.counters.passes_ahead += 1
         else:
             self._forget(early)  # a forecast pass with other chunks: its results in flight are dropped below
-            mine = [_Job("pass", k, np.asarray(ids, np.int64)) for k, ids in enumerate(chunks)]
+            mine = _pass_jobs(chunks)
             self._todo.extend(mine)
         try:
             for want in mine:

@@ -125,14 +125,8 @@ class ServiceLink:
         """The plan of the round started ahead (``prefetch``), once its call has returned, when it is the session's
         next round of ``num_subsets``: the plan the next ``start_round`` of that size will take. Never waits; None
         otherwise (the input pipeline fetches the embedding pass's candidates ahead with it)."""
-        ahead, session = self._ahead, self.session
-        if ahead is None or session is None or not ahead.plan.done() or ahead.plan.cancelled():
-            return None
-        if (ahead.session_id, ahead.session_round, ahead.num_subsets) != (
-            session.session_id,
-            self.session_round,
-            num_subsets,
-        ):
+        ahead = self._ahead
+        if ahead is None or not self._is_next(ahead, num_subsets) or not ahead.plan.done() or ahead.plan.cancelled():
             return None
         return None if ahead.plan.exception() is not None else ahead.plan.result()
 
@@ -168,12 +162,7 @@ class ServiceLink:
         """The plan of the round started ahead, when it is the session's next round of ``num_subsets`` (waiting
         for its call, counted in ``counters.wait_s``); None when it is not, or was cancelled. Raises its call's
         ``grpc.RpcError``, and re-raises anything else it raised (a bug, as on the synchronous path)."""
-        session = self.session
-        if session is None or (ahead.session_id, ahead.session_round, ahead.num_subsets) != (
-            session.session_id,
-            self.session_round,
-            num_subsets,
-        ):
+        if not self._is_next(ahead, num_subsets):
             log.info("round %d started ahead is not the one asked for; starting that one", ahead.session_round)
             return None
         try:
@@ -182,6 +171,15 @@ class ServiceLink:
             return None
         self.counters.rounds_prefetched += 1
         return plan
+
+    def _is_next(self, ahead: PlanJob, num_subsets: int) -> bool:
+        """Whether the round started ahead is the session's next round of ``num_subsets``."""
+        session = self.session
+        return session is not None and (ahead.session_id, ahead.session_round, ahead.num_subsets) == (
+            session.session_id,
+            self.session_round,
+            num_subsets,
+        )
 
     def _settle(self, ahead: PlanJob) -> PlanJob:
         """Wait until ``ahead``'s call has returned (counted in ``counters.wait_s``). Called with no round pending:

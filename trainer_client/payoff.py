@@ -119,23 +119,22 @@ class Payoff:
     def undetermined(self) -> bool:
         return not (math.isfinite(self.per_step_lo) and math.isfinite(self.per_step_hi))
 
+    def _headline(self) -> tuple[float, float, float, str]:
+        """(value, lo, hi, unit): per second once both arms' costs are known, per step before."""
+        if self.per_second is not None and self.per_second_lo is not None and self.per_second_hi is not None:
+            return self.per_second, self.per_second_lo, self.per_second_hi, "per second"
+        return self.per_step, self.per_step_lo, self.per_step_hi, "per step"
+
     def verdict(self) -> str:
         """ "pays", "loses" or "undetermined": where the per-second interval (the per-step one before costs are
         known) lies against 1."""
-        lo, hi = (
-            (self.per_second_lo, self.per_second_hi)
-            if self.per_second_lo is not None and self.per_second_hi is not None
-            else (self.per_step_lo, self.per_step_hi)
-        )
+        _, lo, hi, _ = self._headline()
         return "pays" if lo > 1 else "loses" if hi < 1 else "undetermined"
 
     def describe(self) -> str:
         """One line for a summary, e.g. ``selection paid: 1.30x [1.10, 1.52] per second (8 measurements)``."""
         head = {"pays": "selection paid", "loses": "selection lost", "undetermined": "selection's payoff unclear"}
-        if self.per_second is not None and self.per_second_lo is not None and self.per_second_hi is not None:
-            value, lo, hi, unit = self.per_second, self.per_second_lo, self.per_second_hi, "per second"
-        else:
-            value, lo, hi, unit = self.per_step, self.per_step_lo, self.per_step_hi, "per step"
+        value, lo, hi, unit = self._headline()
         return (
             f"{head[self.verdict()]}: {value:.2f}x [{_fmt(lo)}, {_fmt(hi)}] {unit} "
             f"({self.measurements} measurement{'s' if self.measurements != 1 else ''}, {LEVEL:.0%} interval)"
