@@ -26,6 +26,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from trainer_client._payoff_run import PayoffRun
 from trainer_client._state import LoaderState, Region
 from trainer_client.loader_config import LoaderConfig
 from trainer_client.region import Decision, RegionController
@@ -40,8 +41,16 @@ class Forecaster:
         rank, world_size: this rank's place under DDP (0, 1 in one process).
     """
 
-    def __init__(self, config: LoaderConfig, controller: RegionController, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        config: LoaderConfig,
+        controller: RegionController,
+        rank: int = 0,
+        world_size: int = 1,
+        payoff: PayoffRun | None = None,
+    ) -> None:
         self.config, self.controller, self.rank, self.world_size = config, controller, rank, world_size
+        self.payoff = payoff
         self._next: tuple[tuple[int, int], Region] | None = None  # the pending round's region, by (round, coresets)
 
     def __call__(self, state: LoaderState, step: int) -> np.ndarray | None:
@@ -65,6 +74,7 @@ class Forecaster:
             next_region=region,
             rank=self.rank,
             world_size=self.world_size,
+            payoff=self.payoff,
         )
 
 
@@ -78,14 +88,17 @@ def forecast_ids(
     next_region: Region | None,
     rank: int = 0,
     world_size: int = 1,
+    payoff: PayoffRun | None = None,
 ) -> np.ndarray | None:
     """The ids (int64, this rank's share) the loader will train on at ``step`` (>= ``state.stats.steps``, the next
     step), or None when they depend on a round not here yet.
 
     ``state`` is the loader's between two steps (it is not changed); ``selecting`` is False in uniform mode (no
-    rounds); ``next_region`` is the region of the pending round when it has arrived.
+    rounds); ``next_region`` is the region of the pending round when it has arrived; ``payoff`` the loader's payoff
+    run (its arms as its governor knows them now: a decision at a probe may change later steps).
     """
     sim = replace(state, rng=copy.deepcopy(state.rng), fallback_rng=copy.deepcopy(state.fallback_rng))
+    control_rng = None if payoff is None else copy.deepcopy(payoff.rng)
     fixed = controller.config.mode == "fixed"
     calls = 0  # after_step calls replayed in the controller's current region
     since_switch: int | None = None  # steps replayed in a region switched to in the replay
@@ -100,11 +113,16 @@ def forecast_ids(
                 since_switch += 1
                 reselect = fixed and since_switch == controller.reselect_at
                 decision = Decision.RESELECT if reselect else Decision.NONE  # a new fit's checks: not known
-            if sim.want_at is None and decision == Decision.RESELECT:
+            wanted = payoff is None or payoff.wants_round(u + lookahead_steps)
+            if sim.want_at is None and decision == Decision.RESELECT and wanted:
                 sim.want_at, pending, next_region = u + lookahead_steps, True, None
         elif not sim.yielded and selecting and sim.region is None and not pending and sim.want_at is None:
             sim.want_at, pending = u, True
         sim.yielded = True
+        # A fresh round ahead of a selection segment while governed onto the control (CoresetLoader._payoff_step).
+        ahead = None if payoff is None else payoff.round_ahead(u, lookahead_steps)
+        if ahead is not None and sim.want_at is None and not pending:
+            sim.want_at, pending, next_region = ahead, True, None
         # The switch to the next region.
         due = sim.want_at is not None and u >= sim.want_at
         if due and next_region is not None:
@@ -113,27 +131,45 @@ def forecast_ids(
         elif due and u == sim.want_at and pending:
             return None  # the loader waits for the round here: its batch is not known yet
         # The batch.
-        if sim.region is not None and not due:
+        control = payoff is not None and payoff.arm_at(u) == "control"
+        if control:
+            assert payoff is not None
+            ids = payoff.control_ids(rank, world_size, control_rng)
+        elif sim.region is not None and not due:
             ids, _ = sim.region_batch(rank, world_size)
         else:
             ids, _ = sim.uniform_batch(rank, world_size)
-        sim.from_region = sim.region is not None and not due
+        sim.from_region = not control and sim.region is not None and not due
         if u == step:
             return ids
     raise ValueError(f"step {step} is before the loader's next step {state.stats.steps}")
 
 
-def pass_step(state: LoaderState, controller: RegionController) -> int | None:
+def pass_step(
+    state: LoaderState, controller: RegionController, payoff: PayoffRun | None = None, lookahead_steps: int = 0
+) -> int | None:
     """The step at which the loader will run its next embedding pass (the ``stats.steps`` of the ``_next`` that
     runs it, before that step's batch), when the schedule knows it: inside a region of the fixed rule, with no
     round wanted yet. None otherwise (a Taylor check's outcome is not known, nor when a late round arrives).
 
     ``state`` is the loader's between two steps; the pass is due at the ``after_step`` call that returns
-    ``RESELECT``, which the next step's ``_next`` makes first.
+    ``RESELECT``, which the next step's ``_next`` makes first. With ``payoff``, the control arm's steps make no call
+    (the region pauses), and a region that ends where the control is governed asks for no round.
     """
     if controller.config.mode != "fixed" or state.region is None or not (state.yielded and state.from_region):
         return None
     if state.want_at is not None or state.pending is not None or state.need_request:
         return None
     calls = controller.reselect_at - controller.steps_since_fit  # decision_in(calls) is RESELECT
-    return state.stats.steps + calls - 1 if calls >= 1 else None
+    if calls < 1:
+        return None
+    if payoff is None:
+        return state.stats.steps + calls - 1
+    u, horizon = state.stats.steps, state.stats.steps + 4 * controller.reselect_at + 2 * payoff.governor.period
+    while u < horizon:  # the _next at step u makes the call for the batch of step u - 1 when it trained on selection
+        if u == state.stats.steps or payoff.arm_at(u - 1) == "selection":
+            calls -= 1
+            if calls == 0:
+                return u if payoff.wants_round(u + lookahead_steps) else None
+        u += 1
+    return None

@@ -51,6 +51,7 @@ from trainer_client._link import ServiceLink
 from trainer_client._mirror import FollowsRankZero
 from trainer_client._observed import SHARE_EVERY, TrainingRows
 from trainer_client._passes import ModelPasses, trainable
+from trainer_client._payoff_run import PayoffRun
 from trainer_client._state import LoaderState, PendingRound, Region, on_cpu
 from trainer_client.batches import (
     Embedder,
@@ -63,7 +64,9 @@ from trainer_client.batches import (
 )
 from trainer_client.difficulty import RoundDifficulty, round_difficulty
 from trainer_client.distributed import DistContext
+from trainer_client.governor import Decision as GovernorDecision
 from trainer_client.loader_config import LoaderConfig, LoaderStats, SelectionUnavailable
+from trainer_client.payoff import Arm
 from trainer_client.region import Decision, RegionController
 
 log = logging.getLogger(__name__)
@@ -115,6 +118,9 @@ class CoresetLoader(FollowsRankZero):
         persistent_workers, worker_init_fn, multiprocessing_context, timeout: the ``DataLoader``'s, likewise.
         forward_fn: ``(model, batch) -> (logits (n, C), targets (n,))``; needed for dict or other batches.
         last_layer: the classifier's ``nn.Linear`` for the last-layer embedding; default: the model's last.
+        probe: a small held-out dataset (a few hundred examples, not trained on) on which ``LoaderConfig.payoff``
+            scores the arms; its items are collated by ``collate_fn`` and run by ``forward_fn``. Required when the
+            payoff is on, unused otherwise.
     """
 
     def __init__(
@@ -136,6 +142,7 @@ class CoresetLoader(FollowsRankZero):
         worker_init_fn: Callable[[int], None] | None = None,
         multiprocessing_context: Any = None,
         timeout: float = 0,
+        probe: Dataset | None = None,
     ) -> None:
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
             # Embedding, checks and the quadratic model run the replica directly: no gradient sync for them.
@@ -163,6 +170,7 @@ class CoresetLoader(FollowsRankZero):
         self._unscored: list[tuple[Any, ...]] = []
         self.last_ids = np.zeros(0, dtype=np.int64)  # ids of the batch yielded last (this rank's share)
         self.last_round: int | None = None  # loader round of the region it came from; None for a uniform batch
+        self.last_arm: Arm = "selection"  # the payoff's arm of the batch yielded last (LoaderConfig.payoff)
         workers = Workers(
             num_workers=num_workers,
             pin_memory=pin_memory,
@@ -173,7 +181,7 @@ class CoresetLoader(FollowsRankZero):
             timeout=timeout,
         )
         self._input = InputPipeline(dataset, collate_fn, workers, self._forecast, self._forecast_pass)
-        self._forecaster = Forecaster(cfg, self.controller, *self._place)
+        self._forecaster = Forecaster(cfg, self.controller, *self._place)  # its payoff is set below
         self._between_steps = True  # the state is a step's end: the forecast may replay from it
         self._passes = ModelPasses(
             model,
@@ -195,6 +203,19 @@ class CoresetLoader(FollowsRankZero):
             self.client, cfg, self.labels, self.num_classes, embedding_dim, streams=is_main, step=self._step
         )
         self._state = LoaderState.new(len(self.labels), cfg.seed, cfg.batch_size)
+        self._payoff: PayoffRun | None = None
+        if cfg.payoff != "off":
+            if cfg.selection != "crest":
+                raise ValueError("LoaderConfig.payoff compares selection with a control; selection='uniform' has none")
+            if probe is None:
+                raise ValueError(
+                    f"LoaderConfig(payoff={cfg.payoff!r}) scores the arms on a held-out probe set: pass "
+                    "CoresetLoader(..., probe=dataset), a few hundred examples the run does not train on"
+                )
+            self._payoff = PayoffRun(
+                cfg, probe, collate_fn, forward_fn, model, self.labels, self.num_classes, self._dist
+            )
+            self._forecaster.payoff = self._payoff
         self._closed = False
 
     @classmethod
@@ -223,7 +244,8 @@ class CoresetLoader(FollowsRankZero):
     @property
     def stats(self) -> LoaderStats:
         """A snapshot of this loader's counters and its service link's (they travel with ``state_dict``)."""
-        return replace(self._state.stats, **asdict(self._link.counters), **asdict(self._input.counters))
+        payoff = {} if self._payoff is None else self._payoff.counters()
+        return replace(self._state.stats, **asdict(self._link.counters), **asdict(self._input.counters), **payoff)
 
     @property
     def difficulty(self) -> list[RoundDifficulty]:
@@ -232,6 +254,12 @@ class CoresetLoader(FollowsRankZero):
             self._difficulty.extend(round_difficulty(*args) for args in self._unscored)
             self._unscored.clear()
         return self._difficulty
+
+    @property
+    def payoff_decisions(self) -> list[GovernorDecision]:
+        """The governor's decisions so far (``LoaderConfig(payoff="govern")``), oldest first: one per measurement,
+        with the arm training stays on after it; empty in the other modes."""
+        return [] if self._payoff is None else list(self._payoff.governor.decisions)
 
     @property
     def session(self) -> SessionInfo | None:
@@ -245,12 +273,15 @@ class CoresetLoader(FollowsRankZero):
             yield self._next()
 
     def _next(self) -> Any:
-        s, self._between_steps = self._state, False
+        s, self._between_steps, payoff = self._state, False, self._payoff
+        if payoff is not None:
+            payoff.step_begins(self._overheads_s())
         if s.yielded:
             self._after_step()
         elif s.region is None and s.pending is None and s.want_at is None and self.config.selection == "crest":
             self._want_round()
         s.yielded = True
+        probe_s = self._payoff_step() if payoff is not None else 0.0
         if self._dist is None:
             if not self._link.drain(s.pending):
                 self._give_up_round()
@@ -265,18 +296,53 @@ class CoresetLoader(FollowsRankZero):
                 self._share_observed()  # bounds what a rank holds while no round starts (the service down)
             self._follow_service()
         due = s.want_at is not None and s.stats.steps >= s.want_at
-        if s.region is not None and not due:
+        arm: Arm = "selection" if payoff is None else payoff.arm_at(s.stats.steps)
+        if arm == "control":  # the region pauses: no after_step for this batch
+            ids = payoff.control_ids(*self._place)  # type: ignore[union-attr]
+            weights = np.ones(len(ids), dtype=np.float32)
+        elif s.region is not None and not due:
             ids, weights = s.region_batch(*self._place)
         else:
             ids, weights = self._uniform_batch()
-        s.from_region = s.region is not None and not due
+            if payoff is not None:
+                payoff.governor.spoil()  # a selection segment that trained on a uniform batch
+        s.from_region = arm == "selection" and s.region is not None and not due
         self.last_round = s.region.round if s.region is not None and s.from_region else None
-        self.last_ids = ids
+        self.last_ids, self.last_arm = ids, arm
         s.stats.steps += 1
         s.stats.examples_backpropagated += len(ids)
         self._between_steps = True
         batch = self._input.step_batch(s.stats.steps - 1, ids)
+        if payoff is not None:
+            payoff.step_ends(arm, self._overheads_s(), probe_s)
         return with_weights(batch, torch.from_numpy(weights.astype(np.float32)), self.config.weights_key)
+
+    def _overheads_s(self) -> float:
+        """Selection's overheads so far, seconds (embedding passes, fits, checks, waits for the service): the
+        payoff charges them to selection wherever they fell."""
+        s = self._state.stats
+        return s.embed_s + s.fit_s + s.check_s + self._link.counters.wait_s
+
+    def _payoff_step(self) -> float:
+        """The payoff's part of a step's start: the probe loss when due (a decision may move training to the other
+        arm), and a fresh round ahead of a selection segment while governed onto the control. Returns the probe's
+        seconds."""
+        payoff, s = self._payoff, self._state
+        assert payoff is not None
+        step, took = s.stats.steps, 0.0
+        if payoff.probe_due(step):
+            decision, took = payoff.probe_step(step)
+            if decision is not None:
+                log.info(
+                    "step %d: payoff %s over the last %d measurements; training on %s",
+                    *(step, decision.verdict, self.config.payoff_window, decision.arm),
+                )
+                if decision.arm == "selection" and s.want_at is None and s.region is not None:
+                    self._want_round()  # back from the control: the region held since is stale
+        ahead = payoff.round_ahead(step, self.config.lookahead_steps)
+        if ahead is not None and s.want_at is None and s.pending is None and not s.need_request:
+            s.want_at, s.need_request = ahead, True
+        return took
 
     def _forecast(self, step: int) -> np.ndarray | None:
         """This rank's ids at ``step`` as far as the schedule knows them (``_forecast.py``); None mid-step."""
@@ -288,7 +354,7 @@ class CoresetLoader(FollowsRankZero):
         if not self._between_steps or self._closed or self._rows is not None:
             return None
         plan = self._link.planned(min(self.controller.num_coresets, self.config.num_subsets))
-        if plan is None or pass_step(self._state, self.controller) != step:
+        if plan is None or pass_step(self._state, self.controller, self._payoff, self.config.lookahead_steps) != step:
             return None
         ids = plan.ids if self._cache is None else plan.ids[self._cache.stale(plan.ids, step)]
         return self._passes.round_chunks(ids) if len(ids) else None
@@ -338,6 +404,8 @@ class CoresetLoader(FollowsRankZero):
         decision = self.controller.after_step()
         if s.want_at is not None:
             return  # already moving to the next region
+        if self._payoff is not None and not self._payoff.wants_round(s.stats.steps + self.config.lookahead_steps):
+            return  # governed onto the control: the round comes ahead of the next selection segment
         if decision == Decision.CHECK:
             start = time.perf_counter()
             loss = self._passes.check_loss(s.region.check_ids, self.controller)
@@ -476,6 +544,8 @@ class CoresetLoader(FollowsRankZero):
         self._share_observed()
         state = {**s.state_dict(), **self._link.state_dict(), "controller": self.controller.state_dict()}
         state["stats"] = asdict(self.stats)  # the link's counters with the loader's
+        if self._payoff is not None:
+            state["payoff"] = self._payoff.state_dict()
         if self._cache is not None:
             state["embedding_cache"] = self._cache.state_dict(s.stats.steps)
         return state
@@ -492,6 +562,9 @@ class CoresetLoader(FollowsRankZero):
             batch_size=self.config.batch_size,
             world_size=1 if self._dist is None else self._dist.world_size,
         )
+        if self._payoff is not None:
+            # First: it validates its settings against this loader's before anything is loaded.
+            self._payoff.resume(state.get("payoff"), loaded.stats.steps)
         self.controller.load_state_dict(state["controller"])
         if self._cache is not None and "embedding_cache" in state:  # absent: saved with the cache off
             self._cache.load_state_dict(state["embedding_cache"])

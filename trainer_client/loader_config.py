@@ -29,6 +29,8 @@ EmbedDtype = Literal["auto", "float32", "bfloat16", "float16"]
 EMBED_DTYPES: tuple[str, ...] = get_args(EmbedDtype)
 Similarity = Literal["exp", "maxdist"]
 EmbeddingKind = Literal["logit_gradient", "last_layer_gradient"]
+# LoaderConfig.payoff: whether the run measures selection's payoff, and governs by it.
+PayoffMode = Literal["off", "measure", "govern"]
 
 # The committed result each tuned recipe reproduces (benchmarks/results/; the released one reproduces the released
 # code). tests/test_recipes.py reads their command lines and recorded settings against RECIPES.
@@ -152,9 +154,26 @@ class LoaderConfig:
     # Start the next round on the service on the stream thread as soon as its size is known (at the switch), so
     # that the step that asks for it finds the plan there instead of waiting for the call.
     prefetch_rounds: bool = True
+    # Whether selection pays on this run (docs/concepts/payoff.md): "measure" interleaves short segments of a
+    # control arm (uniform batches, class-balanced when the labels are skewed) with selection and scores both on
+    # the held-out probe set given to the loader (``CoresetLoader(probe=...)``), reporting selection's speedup per
+    # step and per second with a 90% interval (``LoaderStats.payoff_*``); "govern" also trains on the control while
+    # that interval says selection loses, probing at half the rate, and selects again when it pays; "off".
+    payoff: PayoffMode = "off"
+    # Steps of one payoff segment; a measurement takes three (selection, control, selection).
+    payoff_segment_steps: int = 20
+    # Segments from one measurement's start to the next (>= 4), doubled while governed onto the control.
+    payoff_every: int = 10
+    # Measurements a governing decision reads: the last this many (>= 2).
+    payoff_window: int = 4
 
     def __post_init__(self) -> None:
         _check_choices(self)
+        if self.payoff_segment_steps < 1 or self.payoff_every < 4 or self.payoff_window < 2:
+            raise ValueError(
+                "payoff_segment_steps must be >= 1, payoff_every >= 4 segments and payoff_window >= 2 measurements; "
+                f"received {self.payoff_segment_steps}, {self.payoff_every}, {self.payoff_window}"
+            )
         if self.fit_batch_size < 0:
             raise ValueError(
                 f"fit_batch_size must be >= 0 (0: this rank's share of batch_size), received {self.fit_batch_size}"
@@ -347,6 +366,16 @@ class LoaderStats:
     input_wait_s: float = 0.0  # training-thread time spent getting training batches (collating them without workers)
     input_misses: int = 0  # training batches the workers had not fetched ahead (their step was not known in time)
     passes_ahead: int = 0  # embedding passes whose candidates the workers were given before the pass began
+    # The payoff (LoaderConfig.payoff; rank 0's decisions, the same on every rank). nan: not measured yet.
+    control_steps: int = 0  # steps trained on the control arm (measurement segments, and governed ones)
+    probe_s: float = 0.0  # time spent on the probe set's loss (charged to neither arm)
+    payoff_measurements: int = 0  # A B A measurements recorded
+    payoff_spoiled: int = 0  # measurements dropped: a selection segment trained on fallback batches
+    payoff_arm: str = "selection"  # the arm training is governed onto ("control" only in govern mode)
+    payoff_per_step: float = math.nan  # selection's speedup per step over the control
+    payoff_per_second: float = math.nan  # ... per wall-second, each arm charged its costs
+    payoff_per_second_lo: float = math.nan  # its 90% interval (-inf/inf: not bounded by the data)
+    payoff_per_second_hi: float = math.nan
 
 
 # -- recipes: complete LoaderConfig values, each from a committed result --------------------------------------------
