@@ -112,6 +112,14 @@ def test_crest_demo_command_runs_end_to_end() -> None:
             "0.05",
             "--steps-per-round",
             "20",
+            "--payoff",
+            "measure",
+            "--payoff-segment-steps",
+            "4",
+            "--payoff-every",
+            "4",
+            "--probe-examples",
+            "200",
         ],
         env=env,
         capture_output=True,
@@ -124,6 +132,10 @@ def test_crest_demo_command_runs_end_to_end() -> None:
     assert "1,920" in out.stdout  # 60 steps x 32 examples
     accuracy = float(next(line for line in out.stdout.splitlines() if "test accuracy" in line).split()[-1])
     assert accuracy > 0.3, out.stdout
+    # The payoff: measurements of 12 steps every 16 from step 4 (4 control steps each): 3 done by step 60, 1 open.
+    row = {k.strip(): v.strip() for k, v in (x.rsplit("  ", 1) for x in out.stdout.splitlines() if "  " in x)}
+    assert "(3 measurements, 90% interval); probes took" in row["payoff"], out.stdout
+    assert row["control steps / probe time"].startswith("16 / "), out.stdout
 
 
 TUNED = [
@@ -159,6 +171,8 @@ def test_train_flags_reach_the_loader_config() -> None:
     assert (loader.coreset_weights, loader.joint_selection, loader.embed_dtype) == ("uniform", True, "bfloat16")
     assert (loader.embedding_max_age, loader.learned_embedding_max_age, loader.learned_embedding_loss) == (20, 100, 0.2)
     assert loader.training_logits and not train_config(_train_args()).loader.training_logits
+    governed = train_config(_train_args("--payoff", "govern", "--payoff-window", "3", "--probe-examples", "300"))
+    assert (governed.loader.payoff, governed.loader.payoff_window, governed.probe_examples) == ("govern", 3, 300)
     default = train_config(_train_args()).loader
     assert default == replace(LoaderConfig(), client_name="crest-train")  # the recommended recipe
     released = train_config(_train_args("--recipe", "released")).loader

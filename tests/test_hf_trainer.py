@@ -433,3 +433,29 @@ def test_import_trainer_client_loads_no_framework_and_a_missing_extra_is_named()
     missing = "import sys; sys.modules['transformers'] = None; import trainer_client.integrations.hf"
     out = subprocess.run([sys.executable, "-c", missing], capture_output=True, text=True, env=ENV, check=False)
     assert out.returncode != 0 and "pip install '.[hf]'" in out.stderr, out.stderr[-2000:]
+
+
+def test_the_payoff_is_measured_on_the_eval_dataset_and_logged(local_server: RunningServer, tmp_path: Path) -> None:
+    """``payoff="measure"`` with no probe given takes the eval_dataset's first examples; after two measurements the
+    Trainer's logs carry selection's speedup per second and its interval."""
+    torch.manual_seed(0)
+    model = ViTForImageClassification(ViTConfig(**VIT, num_labels=10))
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=17, logging_steps=17, per_device_train_batch_size=16, report_to=[],
+        use_cpu=True, save_strategy="no", disable_tqdm=True, dataloader_pin_memory=False,
+    )  # fmt: skip
+    payoff = {"payoff": "measure", "payoff_segment_steps": 2, "payoff_every": 4}
+    config = loader_settings(subset_fraction=0.2, num_subsets=1, steps_per_round=2, **payoff)  # type: ignore[arg-type]
+    trainer = CoresetTrainer(
+        model=model, args=args, train_dataset=Pixels(), eval_dataset=Pixels(limit=40), endpoint=local_server.target,
+        loader_config=config,
+    )  # fmt: skip
+    trainer.train()
+    stats = trainer.coreset_loader.stats
+    assert stats.payoff_measurements == 2 and stats.control_steps == 4 and stats.fallback_batches == 0
+    (logged,) = [h for h in trainer.state.log_history if "loss" in h]
+    assert logged["crest/payoff_measurements"] == 2 and logged["crest/control_steps"] == 4
+    assert logged["crest/payoff_per_second"] == stats.payoff_per_second and logged["crest/probe_s"] > 0
+    assert {"crest/payoff_per_second_lo", "crest/payoff_per_second_hi", "crest/payoff_on_control"} <= set(logged)
+    with pytest.raises(ValueError, match="payoff_probe=dataset .* or an eval_dataset"):
+        CoresetTrainer(model=model, args=args, train_dataset=Pixels(), endpoint=local_server.target, loader_config=config)

@@ -311,3 +311,24 @@ def test_import_trainer_client_loads_no_framework_and_a_missing_extra_is_named()
     missing = "import sys; sys.modules['lightning'] = None; import trainer_client.integrations.lightning"
     out = subprocess.run([sys.executable, "-c", missing], capture_output=True, text=True, env=ENV, check=False)
     assert out.returncode != 0 and "pip install '.[lightning]'" in out.stderr, out.stderr[-2000:]
+
+
+def test_a_fit_measures_the_payoff_on_its_probe_set_and_logs_it(local_server: RunningServer, tmp_path: Path) -> None:
+    payoff = {"payoff": "measure", "payoff_segment_steps": 2, "payoff_every": 4}
+    config = _config(steps_per_round=2, **payoff)
+    train = FashionMNIST("train", limit=200)
+    with pytest.raises(ValueError, match="payoff_probe=dataset"):
+        CoresetDataModule(train, local_server.target, batch_size=16, loader_config=config)
+    probe = FashionMNIST("test", limit=40)
+    data = CoresetDataModule(train, local_server.target, batch_size=16, loader_config=config, payoff_probe=probe)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_steps=17, logger=CSVLogger(tmp_path), log_every_n_steps=16,
+        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+    )  # fmt: skip
+    trainer.fit(Classifier(), datamodule=data)
+    assert data.loader is not None and data.loader.stats.payoff_measurements == 2
+    with open(Path(trainer.logger.log_dir) / "metrics.csv") as f:  # type: ignore[union-attr]
+        rows = [r for r in csv.DictReader(f) if r.get("crest/regions")]
+    assert [int(r["step"]) for r in rows] == [0, 16]
+    assert float(rows[-1]["crest/payoff_measurements"]) == 2 and float(rows[-1]["crest/control_steps"]) == 4
+    assert float(rows[-1]["crest/payoff_per_second"]) == pytest.approx(data.loader.stats.payoff_per_second)

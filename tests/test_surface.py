@@ -87,6 +87,7 @@ TRAIN_FLAGS = [
     "--log-every",
     "--device",
     "--dataloader-workers",
+    "--probe-examples",
 ]
 
 CLI_FLAGS = {

@@ -39,6 +39,8 @@ log = logging.getLogger("trainer_client.loader")
 # Labels count as skewed, and the control arm is class-balanced, when the largest class has more than this many
 # times the examples of the smallest.
 SKEW = 2.0
+# The share of a run's time the probes should stay under; the summary says when they did not.
+MEASURE_BUDGET = 0.03
 _COSTS = ("selection_steps", "selection_s", "overhead_s", "control_steps", "control_s")
 
 
@@ -113,6 +115,7 @@ class PayoffRun:
         self._clock: tuple[float, Arm, float, float] | None = None
         self._step_start = 0.0
         self._overheads = 0.0  # selection's overheads so far, at the step's start
+        self._began: float | None = None  # the first step's start, for the probe's share of the run
 
     # -- the schedule ------------------------------------------------------------------------------------------
 
@@ -145,6 +148,8 @@ class PayoffRun:
         """At a ``_next``'s start: charge the step before to its arm. ``overheads_s``: selection's overheads so far
         (the loader's embedding, fit, check and wait seconds, summed)."""
         now = time.perf_counter()
+        if self._began is None:
+            self._began = now
         if self._clock is not None:
             yielded, arm, next_s, overhead = self._clock
             self.governor.charge(arm, next_s + (now - yielded), overhead)
@@ -220,6 +225,28 @@ class PayoffRun:
             "payoff_per_second_lo": float("nan") if p is None or p.per_second_lo is None else p.per_second_lo,
             "payoff_per_second_hi": float("nan") if p is None or p.per_second_hi is None else p.per_second_hi,
         }
+
+    def summary(self) -> str:
+        """One line for a run's end: whether selection paid (``Payoff.describe``), where the governor left training,
+        and what the probes cost (said when above the 3% target)."""
+        g, p = self.governor, self.governor.payoff()
+        if p is None:
+            line = (
+                f"selection's payoff not measured: {len(g.pairs)} of the 2 measurements it needs (each takes "
+                f"{3 * g.segment_steps} steps, one every {g.period} steps from step {g.segment_steps})"
+            )
+        else:
+            line = p.describe()
+        if g.mode == "govern":
+            switches = sum(1 for a, b in zip(g.decisions, g.decisions[1:], strict=False) if a.arm != b.arm)
+            switches += bool(g.decisions) and g.decisions[0].arm != "selection"
+            line += f"; governed: training on {g.arm} after {switches} switch{'es' if switches != 1 else ''}"
+        run_s = 0.0 if self._began is None else time.perf_counter() - self._began
+        share = self.probe_s / run_s if run_s > 0 else 0.0
+        line += f"; probes took {share:.1%} of the run"
+        if share > MEASURE_BUDGET:
+            line += f" (above the {MEASURE_BUDGET:.0%} target: a smaller probe set or a larger payoff_every)"
+        return line
 
     def state_dict(self) -> dict[str, Any]:
         return {

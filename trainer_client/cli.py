@@ -67,6 +67,12 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
         default=0,
         help="DataLoader worker processes reading the batches (0: the training thread reads them); default 0",
     )
+    p.add_argument(
+        "--probe-examples",
+        type=int,
+        default=500,
+        help="training examples held out as the probe set of --payoff measure/govern (not trained on); default 500",
+    )
 
 
 def loader_config(
@@ -123,6 +129,7 @@ def train_config(args: argparse.Namespace) -> Any:
         log_every=args.log_every,
         device=args.device,
         dataloader_workers=args.dataloader_workers,
+        probe_examples=args.probe_examples,
     )
 
 
@@ -158,6 +165,11 @@ def run_train(args: argparse.Namespace, endpoint: str, token: str | None) -> int
         ("service errors ridden out", f"{result.service_errors}"),
         ("of them on the service's side / partial rounds", f"{result.persistent_failures} / {result.partial_rounds}"),
     ]
+    if result.payoff:
+        rows += [
+            ("payoff", result.payoff),
+            ("control steps / probe time", f"{result.control_steps} / {result.probe_s:.2f} s"),
+        ]
     width = max(len(k) for k, _ in rows)
     print(f"\nCREST on Fashion-MNIST via {endpoint}, {config.loader.describe()}")
     for k, v in rows:

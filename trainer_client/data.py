@@ -85,3 +85,16 @@ class FashionMNIST(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.images[i], self.targets[i]
+
+    def held_out(self, n: int, seed: int) -> tuple[FashionMNIST, FashionMNIST]:
+        """(the rest, ``n`` examples drawn at random by ``seed``): a held-out split, each in its original order."""
+        if not 0 < n < len(self):
+            raise ValueError(f"a held-out split needs 0 < n < {len(self)} examples, received {n}")
+        out = np.zeros(len(self), dtype=bool)
+        out[np.random.default_rng([seed, 6]).choice(len(self), n, replace=False)] = True
+        return self._rows(torch.from_numpy(~out)), self._rows(torch.from_numpy(out))
+
+    def _rows(self, keep: torch.Tensor) -> FashionMNIST:
+        part = object.__new__(FashionMNIST)
+        part.images, part.targets = self.images[keep], self.targets[keep]
+        return part

@@ -261,6 +261,10 @@ class CoresetLoader(FollowsRankZero):
         with the arm training stays on after it; empty in the other modes."""
         return [] if self._payoff is None else list(self._payoff.governor.decisions)
 
+    def payoff_summary(self) -> str:
+        """One line on whether selection paid (``LoaderConfig.payoff``), for a run's end; "" with the payoff off."""
+        return "" if self._payoff is None else self._payoff.summary()
+
     @property
     def session(self) -> SessionInfo | None:
         """The service session (rank 0's under DDP); None until the first round is asked for."""

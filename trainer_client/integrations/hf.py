@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 from numpy.typing import ArrayLike
+from torch.utils.data import Dataset
 
 from crest.selector.v1 import codec
 from trainer_client.batches import label_array
@@ -53,6 +54,7 @@ from trainer_client.integrations.steps import (
     logged_stats,
     logits_of,
     missing_extra,
+    probe_set,
 )
 from trainer_client.loader import CoresetLoader, LoaderConfig
 
@@ -85,6 +87,8 @@ class CoresetTrainer(Trainer):
         labels: int (N,) label of every training example; default: read from the dataset (a ``labels``/``label``
             key or column, or a ``targets`` attribute).
         num_classes: C; 0 means max(labels) + 1.
+        payoff_probe: the held-out probe set of ``LoaderConfig.payoff`` (collated by the Trainer's collator);
+            default: the first 512 examples of ``eval_dataset``.
 
     Attributes:
         coreset_loader: the loader of the running (or last) ``train`` call; its ``stats`` and ``last_ids``
@@ -99,6 +103,7 @@ class CoresetTrainer(Trainer):
         loader_config: LoaderConfig | None = None,
         labels: ArrayLike | None = None,
         num_classes: int = 0,
+        payoff_probe: Dataset | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -108,6 +113,8 @@ class CoresetTrainer(Trainer):
         self._config = integration_config(recipe, loader_config, "CoresetTrainer")
         self._labels = None if labels is None else label_array(labels)
         self._num_classes = num_classes
+        eval_set = self.eval_dataset if not isinstance(self.eval_dataset, dict) else None
+        self._probe = probe_set(self._config, payoff_probe, eval_set, "CoresetTrainer")  # type: ignore[arg-type]
         self._resume_dir: str | None = None
         self.coreset_loader: CoresetLoader | None = None
         self._loader_open = False
@@ -160,6 +167,7 @@ class CoresetTrainer(Trainer):
             config=config,
             collate_fn=collate,
             forward_fn=self._forward_fn(),
+            probe=self._probe,
             **self._worker_settings(),
         )
         if self._resume_dir is not None:

@@ -49,6 +49,7 @@ from trainer_client.integrations.steps import (
     integration_config,
     logged_stats,
     missing_extra,
+    probe_set,
 )
 from trainer_client.loader import CoresetLoader, LoaderConfig
 
@@ -80,6 +81,8 @@ class CoresetDataModule(pl.LightningDataModule):
             the coreset batches, and the examples the loader embeds, are fetched by a ``DataLoader`` with them
             (each rank its own share under DDP).
         persistent_workers, worker_init_fn: the ``DataLoader``'s, likewise.
+        payoff_probe: the held-out probe set of ``LoaderConfig.payoff`` (collated by ``collate_fn``); required
+            when the payoff is on.
 
     Attributes:
         loader: the ``CoresetLoader`` of the running (or last) fit; ``loader.stats``, ``loader.last_ids``.
@@ -102,6 +105,7 @@ class CoresetDataModule(pl.LightningDataModule):
         prefetch_factor: int | None = None,
         persistent_workers: bool = False,
         worker_init_fn: Callable[[int], None] | None = None,
+        payoff_probe: Dataset | None = None,
     ) -> None:
         super().__init__()
         self.workers = Workers(
@@ -114,6 +118,7 @@ class CoresetDataModule(pl.LightningDataModule):
         self.train_dataset, self.endpoint = train_dataset, endpoint
         config = integration_config(recipe, loader_config, "CoresetDataModule")
         self.config = replace(config, batch_size=batch_size)
+        self.probe = probe_set(self.config, payoff_probe, None, "CoresetDataModule")
         self.labels = None if labels is None else label_array(labels)
         self.num_classes, self.collate_fn, self.forward_fn = num_classes, collate_fn, forward_fn
         self.loader: CoresetLoader | None = None
@@ -149,6 +154,7 @@ class CoresetDataModule(pl.LightningDataModule):
             prefetch_factor=self.workers.prefetch_factor,
             persistent_workers=self.workers.persistent_workers,
             worker_init_fn=self.workers.worker_init_fn,
+            probe=self.probe,
         )
         if self._restored is not None:
             loader.load_state_dict(self._restored)

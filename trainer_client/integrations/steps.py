@@ -17,10 +17,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset, Subset
 
 from trainer_client.batches import ForwardFn
 from trainer_client.distributed import split_bounds
 from trainer_client.loader import CoresetLoader, LoaderConfig
+
+# Examples of an evaluation dataset an integration takes as the payoff's probe set when none is given.
+PROBE_EXAMPLES = 512
 
 # Keys a Hugging Face batch or example carries its class label under (the default collator renames "label" and
 # "label_ids" to "labels").
@@ -40,6 +44,24 @@ def integration_config(recipe: str | None, config: LoaderConfig | None, integrat
     return out
 
 
+def probe_set(
+    config: LoaderConfig, probe: Dataset | None, held_out: Dataset | None, integration: str
+) -> Dataset | None:
+    """The payoff's probe set (``LoaderConfig.payoff``): ``probe``, else the first ``PROBE_EXAMPLES`` of
+    ``held_out`` (an evaluation dataset the run does not train on); None with the payoff off. Refuses a payoff
+    with neither, naming both ways to give one."""
+    if config.payoff == "off":
+        return None
+    if probe is not None:
+        return probe
+    if held_out is None:
+        raise ValueError(
+            f"{integration} with LoaderConfig(payoff={config.payoff!r}) scores the arms on a held-out probe set: pass "
+            "payoff_probe=dataset (a few hundred examples not trained on), or an eval_dataset to take them from"
+        )
+    return Subset(held_out, range(min(PROBE_EXAMPLES, len(held_out))))  # type: ignore[arg-type]
+
+
 def refuse_training_logits(config: LoaderConfig, integration: str) -> None:
     """``LoaderConfig.training_logits`` asks the training loop to call ``CoresetLoader.observe_logits``; the
     integrations do not (the framework runs the forward, micro-batch by micro-batch), so the setting is refused
@@ -54,9 +76,11 @@ def refuse_training_logits(config: LoaderConfig, integration: str) -> None:
 def logged_stats(loader: CoresetLoader) -> dict[str, float]:
     """The loader's counters an integration adds to the framework's logged metrics, under ``crest/``: whether
     selection runs at all (uniform fallback batches, failed calls to the service, regions trained on) and what it
-    costs (seconds waiting for coresets, in the embedding passes, getting training batches)."""
+    costs (seconds waiting for coresets, in the embedding passes, getting training batches); with
+    ``LoaderConfig.payoff`` on, whether it pays (selection's speedup per second over the control, its 90% interval,
+    nan until 2 measurements; the measurements; 1 while governed onto the control; control steps; probe seconds)."""
     s = loader.stats
-    return {
+    out = {
         "crest/fallback_batches": float(s.fallback_batches),
         "crest/service_errors": float(s.service_errors),
         "crest/regions": float(s.regions),
@@ -64,6 +88,17 @@ def logged_stats(loader: CoresetLoader) -> dict[str, float]:
         "crest/embed_s": s.embed_s,
         "crest/input_wait_s": s.input_wait_s,
     }
+    if loader.config.payoff != "off":
+        out |= {
+            "crest/payoff_per_second": s.payoff_per_second,
+            "crest/payoff_per_second_lo": s.payoff_per_second_lo,
+            "crest/payoff_per_second_hi": s.payoff_per_second_hi,
+            "crest/payoff_measurements": float(s.payoff_measurements),
+            "crest/payoff_on_control": float(s.payoff_arm == "control"),
+            "crest/control_steps": float(s.control_steps),
+            "crest/probe_s": s.probe_s,
+        }
+    return out
 
 
 def missing_extra(module: str, extra: str, exc: ImportError) -> ImportError:
