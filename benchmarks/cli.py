@@ -21,7 +21,7 @@ from crest_bench.crest_flags import add_recipe_flag
 COMMANDS = ("bench",)
 
 # The training benchmark's methods (crest_bench.train_methods.METHODS, which imports torch).
-METHOD_NAMES = ("full", "random", "crest", "infobatch", "balanced")
+METHOD_NAMES = ("full", "random", "crest", "infobatch", "balanced", "crest-measure", "crest-govern")
 
 
 def add_commands(sub: Any) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import Subset
 
 from crest.selector.v1 import codec
 from crest_bench._progress import Progress
@@ -24,7 +25,11 @@ from crest_bench.train_data import DEFAULT_HOOK, BenchData, fetch
 from trainer_client import CoresetLoader, LoaderConfig, SelectionClient, WeightedBatch
 from trainer_client.train import evaluate
 
-METHODS = ("full", "random", "crest", "infobatch", "balanced")
+METHODS = ("full", "random", "crest", "infobatch", "balanced", "crest-measure", "crest-govern")
+# CREST with its payoff measured ("crest-measure") or governing ("crest-govern", LoaderConfig.payoff) on a probe set
+# of PROBE_EXAMPLES training examples held out of its training set.
+SELECTING = ("crest", "crest-measure", "crest-govern")
+PROBE_EXAMPLES = 500
 # What runs when --methods is not given: the frontier's four; "balanced" (the control of CREST's class-balanced
 # subsets, which matters on skewed tasks) is asked for by name.
 DEFAULT_METHODS = METHODS[:4]
@@ -106,6 +111,8 @@ class RunResult:
     flipped_weight_share: float | None = None
     # The share of the trained examples in each class (index = class; uniform sampling: the data's shares).
     class_share: list[float] = field(default_factory=list)
+    # Whether selection paid, as the run printed it (LoaderConfig.payoff; "" with it off).
+    payoff: str = ""
     target_accuracy: float | None = None
     time_to_target_s: float | None = None
     speedup: float | None = None
@@ -278,6 +285,7 @@ def run_one(
     client: _TimedClient | None = None
     info: InfoBatch | None = None
     current = [0]
+    kept: np.ndarray | None = None  # the training ids of a run with a held-out probe set, by its loader's ids
 
     def step_counter() -> Iterator[int]:
         while True:
@@ -293,14 +301,22 @@ def run_one(
     elif method == "infobatch":
         info = InfoBatch(n, config, seed)
         source = info.batches(step_counter())
-    elif method == "crest":
+    elif method in SELECTING:
         assert endpoint is not None
         client = _TimedClient(endpoint)
         client.wait_ready(timeout_s=60)
+        payoff = method.removeprefix("crest-") if method != "crest" else config.crest.payoff
         loader_config = replace(
-            config.crest, batch_size=config.batch_size, seed=seed, client_name=f"bench-train-{seed}"
+            config.crest, batch_size=config.batch_size, seed=seed, client_name=f"bench-train-{seed}", payoff=payoff
         )
-        loader = CoresetLoader(data.train, model, client, labels, num_classes=data.num_classes, config=loader_config)
+        train, train_labels, probe = data.train, labels, None
+        if payoff != "off":  # the probe set is held out: ids are mapped back to the dataset's below
+            keep, probe_ids = held_out(n, PROBE_EXAMPLES, seed)
+            train, train_labels, probe = Subset(data.train, keep), labels[keep], Subset(data.train, probe_ids)
+            kept = keep
+        loader = CoresetLoader(
+            train, model, client, train_labels, num_classes=data.num_classes, config=loader_config, probe=probe
+        )
         source = iter(loader)
     else:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
@@ -332,7 +348,7 @@ def run_one(
             current[0] = step
             if loader is not None:
                 x, y, w = next(source)
-                ids = loader.last_ids
+                ids = loader.last_ids if kept is None else kept[loader.last_ids]
                 if len(loader.difficulty) > len(excluded):
                     assert client is not None
                     record_excluded(loader, client, len(excluded))
@@ -365,6 +381,7 @@ def run_one(
             bar.update(step + 1, f"acc {curve[-1]['accuracy']:.3f}" if curve else "")
         wall = clock.read()
         stats = loader.stats if loader is not None else None
+        payoff_line = loader.payoff_summary() if loader is not None else ""
     finally:
         bar.close()
         if loader is not None:
@@ -396,7 +413,14 @@ def run_one(
         flipped_share=flipped_examples / backprop if flipped is not None else None,
         flipped_weight_share=flipped_weight / weight_total if flipped is not None else None,
         class_share=(per_class / max(1, backprop)).tolist(),
+        payoff=payoff_line,
     )
+
+
+def held_out(n: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(the rest, ``k`` ids drawn by ``seed``) of ``n`` examples, each int64 ascending: a payoff run's probe set."""
+    probe = np.sort(np.random.default_rng([seed, 6]).choice(n, k, replace=False))
+    return np.setdiff1d(np.arange(n), probe), probe
 
 
 def warm_up(data: BenchData, config: BenchConfig) -> None:

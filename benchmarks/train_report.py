@@ -11,7 +11,9 @@ import numpy as np
 
 from crest_bench.train_methods import METHODS, BenchConfig, RunResult
 
-COLOURS = dict(zip(METHODS, ("black", "tab:grey", "tab:red", "tab:blue", "tab:green"), strict=True))
+COLOURS = dict(
+    zip(METHODS, ("black", "tab:grey", "tab:red", "tab:blue", "tab:green", "tab:orange", "tab:purple"), strict=True)
+)
 
 
 def score(runs: list[RunResult], drop: float) -> None:

@@ -58,7 +58,16 @@ from crest_bench.crest_flags import add_recipe_flag
 from crest_bench.report import machine, write_atomic, write_json
 from crest_bench.train import start_service
 from crest_bench.train_data import BenchData, load_data, materialize, split_validation
-from crest_bench.train_methods import DEFAULT_METHODS, METHODS, BenchConfig, EvalSets, RunResult, run_one, warm_up
+from crest_bench.train_methods import (
+    DEFAULT_METHODS,
+    METHODS,
+    SELECTING,
+    BenchConfig,
+    EvalSets,
+    RunResult,
+    run_one,
+    warm_up,
+)
 from experiments._main import run_main
 from experiments.frontier_report import REFERENCE, SWEEP, FrontierRun, budget_steps, summarize
 from experiments.frontier_tables import markdown, plot
@@ -178,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"python -m experiments.frontier: {exc}", file=sys.stderr)
         return 2
     command = "python -m experiments.frontier " + shlex.join(getattr(args, "argv", None) or sys.argv[1:])
-    if "crest" in config.methods:
+    if any(m in SELECTING for m in config.methods):
         print(f"python -m experiments.frontier: CREST with {config.bench.crest.describe()}", flush=True)
     out = Path(args.out)
     bench = config.bench
@@ -190,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
     )
     service = (
         start_service(config.num_workers, cpus_per_worker=config.cpus_per_worker, backend=config.service_backend)
-        if "crest" in config.methods
+        if any(m in SELECTING for m in config.methods)
         else None
     )
     runs: list[FrontierRun] = []
@@ -244,7 +253,7 @@ def measure(
     """Train one method for a budget and score it, with its threads, cost split and counters."""
     n = len(data.train)  # type: ignore[arg-type]
     steps = budget_steps(budget, config.epochs, n, config.bench.batch_size)
-    crest = method == "crest"
+    crest = method in SELECTING
     threads = config.crest_threads if crest else config.baseline_threads
     torch.set_num_threads(threads)
     cpu_before = tree_cpu_s(service.proc.pid) if service is not None else None
@@ -424,8 +433,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--methods",
         default=",".join(DEFAULT_METHODS),
-        help="comma-separated subset of full,random,crest,infobatch,balanced (uniform class-balanced batches: the "
-        "control of CREST's class-balanced subsets); full is required (default all but balanced)",
+        help="comma-separated subset of full,random,crest,infobatch,balanced,crest-measure,crest-govern (balanced: "
+        "uniform class-balanced batches, the control of CREST's class-balanced subsets; crest-measure/-govern: CREST "
+        "with its payoff measured or governing on 500 held-out training examples); full is required (default "
+        "full,random,crest,infobatch)",
     )
     p.add_argument("--seeds", type=int, default=None, help="seeds per method, paired across methods (default 3)")
     p.add_argument(

@@ -25,7 +25,8 @@ from typing import Any
 
 SWEEP, REFERENCE = "sweep", "reference"
 BASELINES = ("full", "random")
-SELECTORS = ("crest", "infobatch")  # methods compared against the baselines (paired, equal steps and time)
+# Methods compared against the baselines (paired, equal steps and time).
+SELECTORS = ("crest", "infobatch", "crest-measure", "crest-govern")
 # The target: full data at 30% of the budget, minus 0.5 points.
 TARGET_BUDGET, TARGET_DROP = 0.3, 0.005
 # Cost of a run, seconds: the trainer's wall time cut by what it spent on (training is the rest), then the

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from crest_bench import cli
@@ -318,3 +319,29 @@ def test_frontier_quick_end_to_end(tmp_path: Path) -> None:
     assert "CREST with recipe released (overrides: subset_fraction=0.1)" in run.stdout
     for name in ("accuracy_vs_time", "accuracy_vs_steps"):
         assert (tmp_path / f"frontier_{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_payoff_methods_hold_out_their_probe_set_and_run(tmp_path: Path) -> None:
+    """crest-measure and crest-govern: CREST with LoaderConfig.payoff, on a probe set held out of its training set
+    (seeded, disjoint, every id once); a short run through ``run_one`` against a real service reports its payoff."""
+    from crest_bench.train import start_service
+    from crest_bench.train_data import load_data, materialize
+    from crest_bench.train_methods import BenchConfig, EvalSets, held_out, run_one
+
+    keep, probe = held_out(1000, 50, seed=3)
+    assert len(probe) == 50 and np.array_equal(np.sort(np.concatenate([keep, probe])), np.arange(1000))
+    assert np.array_equal(held_out(1000, 50, seed=3)[1], probe) and not np.array_equal(held_out(1000, 50, 4)[1], probe)
+    c = plan(_args("--methods", "full,crest-measure,crest-govern"))
+    assert c.methods == ("full", "crest-measure", "crest-govern")
+    data = load_data(BenchConfig().dataset, None, 3000, 500)
+    evals = EvalSets(curve=materialize(data.test, 200), test=materialize(data.test))
+    crest = LoaderConfig(batch_size=32, payoff_segment_steps=4, payoff_every=4)
+    config = BenchConfig(steps=40, batch_size=32, train_limit=3000, test_limit=500, eval_every=40, crest=crest)
+    service = start_service(1, backend="local")
+    try:
+        r = run_one("crest-govern", 0, config, data, evals, service.target, progress=False)
+    finally:
+        service.stop()
+    assert r.loader["payoff_measurements"] == 2 and r.loader["control_steps"] == 8 and r.fallback_batches == 0
+    assert "(2 measurements, 90% interval); governed: training on" in r.payoff
+    assert r.examples_backpropagated == 40 * 32

@@ -457,5 +457,5 @@ def test_the_payoff_is_measured_on_the_eval_dataset_and_logged(local_server: Run
     assert logged["crest/payoff_measurements"] == 2 and logged["crest/control_steps"] == 4
     assert logged["crest/payoff_per_second"] == stats.payoff_per_second and logged["crest/probe_s"] > 0
     assert {"crest/payoff_per_second_lo", "crest/payoff_per_second_hi", "crest/payoff_on_control"} <= set(logged)
-    with pytest.raises(ValueError, match="payoff_probe=dataset .* or an eval_dataset"):
-        CoresetTrainer(model=model, args=args, train_dataset=Pixels(), endpoint=local_server.target, loader_config=config)
+    with pytest.raises(ValueError, match=r"payoff_probe=dataset .* or an eval_dataset"):
+        CoresetTrainer(model=model, args=args, train_dataset=Pixels(), endpoint="127.0.0.1:1", loader_config=config)
