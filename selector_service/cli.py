@@ -104,7 +104,9 @@ def add_commands(sub: Any) -> None:
         "inspect",
         help="show which batches a session was served (provenance)",
         description="Read a session's provenance log from the service's --state-dir: every delivered batch "
-        "with its round, the trainer step its embeddings came from, staleness, worker, ids and weights.",
+        "with its round, the trainer step its embeddings came from, staleness, worker, ids and weights. An open "
+        "session's checkpoint there is described first: its rounds and what its trainer last reported (fallback "
+        "batches, failed calls, control steps, payoff).",
     )
     inspect.add_argument("--state-dir", required=True, help="the --state-dir the service ran with")
     inspect.add_argument("--session", required=True, help="session id (as logged by the service and the trainer)")
@@ -150,6 +152,30 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _describe_session(state_dir: str, session_id: str) -> None:
+    """Print the session's checkpoint in ``state_dir`` in two lines, when it has one (an open session's)."""
+    from selector_service import trainer_report
+    from selector_service.persistence import CorruptCheckpoint, SessionStore
+
+    try:
+        store = SessionStore(state_dir)
+        path = store.path(session_id)
+        if not path.exists():
+            print(f"session {session_id}: no checkpoint in {store.dir} (closed, or never saved)")
+            return
+        state = store.load(path)
+        report = trainer_report.from_state(state.get("trainer_report"))
+    except (CorruptCheckpoint, OSError, ValueError, TypeError) as exc:
+        print(f"crest inspect: cannot read the checkpoint of session {session_id!r}: {exc}", file=sys.stderr)
+        return
+    print(
+        f"session {session_id} ({state['client_name']}): next round {state['next_round_id']}, "
+        f"{state['rounds_completed']} completed, {state['batches_delivered']} batches delivered, "
+        f"trainer waited {state['trainer_wait_s']:.1f} s"
+    )
+    print(trainer_report.describe(report))
+
+
 def _inspect(args: argparse.Namespace) -> int:
     from selector_service.provenance import ProvenanceLog
 
@@ -159,6 +185,7 @@ def _inspect(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as exc:
         print(f"crest inspect: {exc}", file=sys.stderr)
         return 2
+    _describe_session(args.state_dir, args.session)
     print(f"{'round':>6} {'subset':>6} {'step':>7} {'behind':>6} {'size':>5} {'sel ms':>7}  worker")
     for r in records:
         print(

@@ -26,7 +26,7 @@ import numpy as np
 
 from crest.selector.v1 import codec
 from crest.selector.v1 import selector_pb2 as pb
-from crest.selector.v1.api import CallError, RoundPlan, SessionInfo, WeightedBatch
+from crest.selector.v1.api import CallError, RoundPlan, SessionInfo, TrainerReport, WeightedBatch
 from crest.selector.v1.settings import SelectionSettings
 from selector_service.backends import make_backend
 from selector_service.errors import InvalidArgument
@@ -154,9 +154,10 @@ class InProcessSelection:
         timeout_s: float | None = None,
         num_subsets: int = 0,
         trainer_wait_s: float = 0.0,
+        report: TrainerReport | None = None,
     ) -> RoundPlan:
         self._authorize(session_id)
-        plan = self.manager.start_round(session_id, round_id, trainer_step, num_subsets, trainer_wait_s)
+        plan = self.manager.start_round(session_id, round_id, trainer_step, num_subsets, trainer_wait_s, report)
         return RoundPlan(plan.round_id, np.array(plan.ids, dtype=codec.INT64), plan.num_subsets)
 
     @_as_call_error

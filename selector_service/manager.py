@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from selector_service import tokens
+from crest.selector.v1.api import TrainerReport
+from selector_service import tokens, trainer_report
 from selector_service.backends import SelectionBackend
 from selector_service.errors import (
     AlreadyExists,
@@ -47,7 +48,7 @@ from selector_service.tasks import Batch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["NewSession", "SessionManager"]
+__all__ = ["NewSession", "SessionManager", "SessionReport"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,15 @@ class NewSession:
 
     session: Session
     token: str
+
+
+@dataclass(frozen=True)
+class SessionReport:
+    """An open session's trainer report and what names the session (the per-session metrics' labels)."""
+
+    session_id: str
+    client_name: str
+    report: TrainerReport
 
 
 class SessionManager:
@@ -183,6 +193,16 @@ class SessionManager:
         out["sessions"] = len(sessions)
         return out
 
+    def trainer_reports(self) -> list[SessionReport]:
+        """The trainer's report of every open session (for per-session metrics), in no particular order."""
+        with self._lock:
+            sessions = list(self._sessions.values())
+        out = []
+        for s in sessions:
+            with s.lock:
+                out.append(SessionReport(s.id, s.client_name, s.trainer_report))
+        return out
+
     def get(self, session_id: str) -> Session:
         with self._lock:
             session = self._sessions.get(session_id)
@@ -218,12 +238,22 @@ class SessionManager:
     # -- rounds ---------------------------------------------------------------------------------------------
 
     def start_round(
-        self, session_id: str, round_id: int, trainer_step: int, num_subsets: int = 0, trainer_wait_s: float = 0.0
+        self,
+        session_id: str,
+        round_id: int,
+        trainer_step: int,
+        num_subsets: int = 0,
+        trainer_wait_s: float = 0.0,
+        report: TrainerReport | None = None,
     ) -> RoundPlan:
-        """Draw the round's random subsets (``num_subsets``, 0: the session's P) and return the ids to embed."""
+        """Draw the round's random subsets (``num_subsets``, 0: the session's P) and return the ids to embed.
+
+        ``trainer_wait_s`` and ``report`` (None: ``TrainerReport()``, what a call that sets none of its fields
+        carries over gRPC) are the trainer's, kept for monitoring (``trainer_report.merge``)."""
         s = self.get(session_id)
         if not (math.isfinite(trainer_wait_s) and trainer_wait_s >= 0):
             raise InvalidArgument(f"trainer_wait_s must be a finite number of seconds >= 0, received {trainer_wait_s}")
+        report = trainer_report.validate(report or TrainerReport())
         if not 0 <= num_subsets <= s.config.num_subsets:
             raise InvalidArgument(
                 f"num_subsets {num_subsets} exceeds the session's {s.config.num_subsets} (0 means the session's)"
@@ -245,6 +275,7 @@ class SessionManager:
                 )
             rng = np.random.default_rng([s.config.seed, round_id])
             s.trainer_wait_s = max(s.trainer_wait_s, trainer_wait_s)
+            s.trainer_report = trainer_report.merge(s.trainer_report, report)
             count = num_subsets or s.config.num_subsets
             subsets = class_balanced_subsets(s.labels, s.exclusion.active, s.quota, count, rng)
             ids = np.unique(np.concatenate(subsets))

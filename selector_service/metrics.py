@@ -2,6 +2,11 @@
 
 Counts are read from the ``SessionManager`` at scrape time; selection latency is a histogram fed per
 delivered batch. Each server gets its own registry, so several servers (tests) can run in one process.
+
+Totals are unlabelled sums over the open sessions. What each trainer reports of itself with StartRound
+(``TrainerReport``: its fallback batches, failed calls, control steps and payoff) is exported per open session,
+labelled ``session`` (its id) and ``client`` (the name it was created with; "unnamed" when none), and leaves the
+exposition when the session closes.
 """
 
 from __future__ import annotations
@@ -13,8 +18,71 @@ from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from selector_service.manager import SessionManager
+from selector_service.manager import SessionManager, SessionReport
 from selector_service.tasks import Batch
+
+# Labels of the per-session families.
+SESSION_LABELS = ("session", "client")
+# The per-session families of the trainers' reports: (metric, kind, TrainerReport field, help). The cumulative
+# counts are counters (exposed as NAME_total); the payoff, the latest the trainer sent, gauges.
+REPORT_FAMILIES = (
+    (
+        "crest_trainer_fallback_batches",
+        "counter",
+        "trainer_fallback_batches",
+        "Uniform batches the trainer trained on instead of coresets, as reported by the trainer",
+    ),
+    (
+        "crest_trainer_service_errors",
+        "counter",
+        "trainer_service_errors",
+        "Failed calls to the service the trainer rode out, as reported by the trainer",
+    ),
+    (
+        "crest_trainer_control_steps",
+        "counter",
+        "trainer_control_steps",
+        "Steps the trainer took on the payoff's control arm, as reported by the trainer",
+    ),
+    ("crest_payoff_measurements", "gauge", "payoff_measurements", "A B A payoff measurements the trainer has taken"),
+    (
+        "crest_payoff_per_second",
+        "gauge",
+        "payoff_per_second",
+        "Selection's speedup per wall-second over the control arm (a ratio; NaN when not known)",
+    ),
+    (
+        "crest_payoff_per_second_lo",
+        "gauge",
+        "payoff_per_second_lo",
+        "Lower bound of the payoff's 90% interval (-Inf when unbounded, NaN when not known)",
+    ),
+    (
+        "crest_payoff_per_second_hi",
+        "gauge",
+        "payoff_per_second_hi",
+        "Upper bound of the payoff's 90% interval (+Inf when unbounded, NaN when not known)",
+    ),
+)
+_FAMILY = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily}
+
+
+def _per_session(reports: list[SessionReport]) -> Iterator[Any]:
+    """The families of the trainers' reports (``REPORT_FAMILIES`` and ``crest_payoff_on_control``), one sample per
+    open session."""
+    for name, kind, field, about in REPORT_FAMILIES:
+        family = _FAMILY[kind](name, about, labels=SESSION_LABELS)
+        for r in reports:
+            family.add_metric([r.session_id, r.client_name], float(getattr(r.report, field)))
+        yield family
+    on_control = GaugeMetricFamily(
+        "crest_payoff_on_control",
+        "1 when the trainer's payoff governor trains on the control arm, else 0",
+        labels=SESSION_LABELS,
+    )
+    for r in reports:
+        on_control.add_metric([r.session_id, r.client_name], float(r.report.payoff_arm == "control"))
+    yield on_control
 
 
 class _ManagerCollector(Collector):
@@ -47,6 +115,7 @@ class _ManagerCollector(Collector):
             "Seconds trainers spent blocked on coresets, summed over open sessions (as reported by the trainers)",
             value=totals["trainer_wait_s"],
         )
+        yield from _per_session(self.manager.trainer_reports())
         backend = self.manager.backend.describe()
         yield GaugeMetricFamily(
             "crest_selector_workers", "Selector workers of the backend", value=backend.get("workers", 0)

@@ -16,6 +16,7 @@ import grpc
 from crest.selector.v1 import codec
 from crest.selector.v1 import selector_pb2 as pb
 from crest.selector.v1 import selector_pb2_grpc as pb_grpc
+from crest.selector.v1.api import TrainerReport
 from crest.selector.v1.settings import SelectionSettings
 from selector_service import tokens
 from selector_service.errors import (
@@ -150,6 +151,7 @@ def snapshot_to_proto(s: SessionSnapshot) -> pb.SessionState:
         excluded_size=s.excluded_size,
         readmitted_total=s.readmitted_total,
         trainer_wait_s=s.trainer_wait_s,
+        **s.trainer_report.proto_fields(),
     )
 
 
@@ -187,7 +189,12 @@ class SelectorServicer(pb_grpc.SelectorServiceServicer):
     def StartRound(self, request: pb.StartRoundRequest, context: grpc.ServicerContext) -> Any:
         self.manager.authorize(request.session_id, _session_token(context))
         plan = self.manager.start_round(
-            request.session_id, request.round_id, request.trainer_step, request.num_subsets, request.trainer_wait_s
+            request.session_id,
+            request.round_id,
+            request.trainer_step,
+            request.num_subsets,
+            request.trainer_wait_s,
+            TrainerReport.from_proto(request),
         )
         return pb.RoundPlan(
             session_id=plan.session_id,

@@ -14,7 +14,9 @@ from typing import Any
 import numpy as np
 
 from crest.selector.v1 import codec
+from crest.selector.v1.api import TrainerReport
 from crest.selector.v1.settings import SelectionSettings
+from selector_service import trainer_report
 from selector_service.errors import InvalidArgument
 from selector_service.exclusion import ExclusionConfig, ExclusionState
 from selector_service.exclusion import validate_config as validate_exclusion
@@ -24,7 +26,9 @@ from selector_service.subsets import per_class_quota
 from selector_service.tasks import Batch
 
 EMBEDDING_KINDS = tuple(codec.EMBEDDING_KINDS)
-SESSION_STATE_VERSION = 2  # 2: adds token_digest
+# 2: adds token_digest. The trainer's report ("trainer_report") came later as an optional key, with no new version:
+# a state without it loads with an empty report, and an older build restores a state with it (ignoring the key).
+SESSION_STATE_VERSION = 2
 # Completed rounds per session whose batches stay available to a retried stream (a dropped connection).
 RECENT_ROUNDS = 4
 
@@ -127,6 +131,7 @@ class SessionSnapshot:
     excluded_size: int
     readmitted_total: int
     trainer_wait_s: float
+    trainer_report: TrainerReport
 
 
 class Session:
@@ -158,6 +163,7 @@ class Session:
         self.batches_delivered = 0
         self.examples_delivered = 0
         self.trainer_wait_s = 0.0  # cumulative, as last reported by the trainer
+        self.trainer_report = TrainerReport()  # as kept by trainer_report.merge: the largest counts, the last payoff
         self.lock = threading.Lock()
         self.save_lock = threading.Lock()  # orders checkpoint writes of this session
 
@@ -181,6 +187,7 @@ class Session:
             "batches_delivered": self.batches_delivered,
             "examples_delivered": self.examples_delivered,
             "trainer_wait_s": self.trainer_wait_s,
+            "trainer_report": trainer_report.to_state(self.trainer_report),
             "exclusion": self.exclusion.state_dict(),
         }
 
@@ -208,6 +215,7 @@ class Session:
         session.batches_delivered = int(state["batches_delivered"])
         session.examples_delivered = int(state["examples_delivered"])
         session.trainer_wait_s = float(state["trainer_wait_s"])
+        session.trainer_report = trainer_report.from_state(state.get("trainer_report"))
         return session
 
     @property
@@ -237,6 +245,7 @@ class Session:
             excluded,
             self.exclusion.readmitted_total,
             self.trainer_wait_s,
+            self.trainer_report,
         )
 
     def count_delivery(self, rnd: Round, batch: Batch) -> int | None:

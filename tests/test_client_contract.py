@@ -8,6 +8,8 @@ message sizes) are ``test_service.py``'s.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from crest.selector.v1.api import SelectionService, SessionInfo
+from crest.selector.v1.api import SelectionService, SessionInfo, TrainerReport
 from selector_service.backends import LocalBackend
 from selector_service.inprocess import InProcessSelection
 from selector_service.server import ServerConfig, start_server
@@ -210,6 +212,88 @@ def test_rounds_can_ask_for_fewer_subsets_and_share_the_first_ones(
             service.start_round(sid, 1, 0, num_subsets=5)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "exceeds the session's 4" in err.value.details()
     assert sorted(plans[0]) == [0, 1] and sorted(plans[1]) == [0, 1, 2, 3]
+
+
+# A trainer's report with every field set: counts, a payoff whose interval is unbounded below, the control arm.
+REPORT = TrainerReport(
+    trainer_fallback_batches=7,
+    trainer_service_errors=2,
+    trainer_control_steps=40,
+    payoff_measurements=3,
+    payoff_per_second=1.25,
+    payoff_per_second_lo=-math.inf,
+    payoff_per_second_hi=2.5,
+    payoff_arm="control",
+)
+
+
+def _kept(service: SelectionService, sid: str) -> tuple[Any, ...]:
+    """The session's trainer report as the service keeps it, as a tuple (compare with ``np.testing.assert_equal``,
+    which holds NaN equal to NaN)."""
+    return dataclasses.astuple(TrainerReport.from_proto(service.session_state(sid)))
+
+
+def test_the_trainers_report_round_trips_keeping_the_largest_counts_and_the_last_payoff(
+    service: SelectionService, small_labels: np.ndarray
+) -> None:
+    sid = service.create_session(small_labels, subset_fraction=0.05, num_subsets=2, batch_size=20).session_id
+    np.testing.assert_equal(_kept(service, sid), dataclasses.astuple(TrainerReport()))  # nothing reported yet
+    service.start_round(sid, 0, 0, report=REPORT)
+    assert _kept(service, sid) == dataclasses.astuple(REPORT)
+    # A trainer resumed from an older checkpoint: smaller counts but one (kept at its largest), one measurement.
+    resumed = TrainerReport(
+        trainer_fallback_batches=3, trainer_control_steps=50, payoff_measurements=1, payoff_arm="selection"
+    )
+    service.start_round(sid, 1, 10, trainer_wait_s=0.5, report=resumed)
+    kept = TrainerReport.from_proto(service.session_state(sid))
+    assert (kept.trainer_fallback_batches, kept.trainer_service_errors, kept.trainer_control_steps) == (7, 2, 50)
+    assert (kept.payoff_measurements, kept.payoff_arm) == (1, "selection")
+    assert all(math.isnan(v) for v in (kept.payoff_per_second, kept.payoff_per_second_lo, kept.payoff_per_second_hi))
+    # A round started with no report: the counts stay, the payoff is the call's (none).
+    service.start_round(sid, 2, 20)
+    np.testing.assert_equal(
+        _kept(service, sid),
+        dataclasses.astuple(
+            TrainerReport(trainer_fallback_batches=7, trainer_service_errors=2, trainer_control_steps=50)
+        ),
+    )
+    assert service.session_state(sid).trainer_wait_s == 0.5
+
+
+# Bad trainer reports, each refused naming what came, with nothing changed.
+BAD_REPORTS = {
+    "unknown arm": (
+        dict(payoff_arm="bogus"),
+        "payoff_arm must be 'selection', 'control' or '' (not reported), received 'bogus'",
+    ),
+    "lo above hi": (
+        dict(payoff_per_second=1.0, payoff_per_second_lo=1.5, payoff_per_second_hi=0.5),
+        "payoff_per_second_lo must be <= payoff_per_second_hi, received lo 1.5 > hi 0.5",
+    ),
+    "infinite estimate": (
+        dict(payoff_per_second=math.inf),
+        "payoff_per_second must be finite, or NaN when not known, received inf",
+    ),
+    "interval bounded inwards": (dict(payoff_per_second_lo=math.inf), "received lo inf, hi 2.5"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_REPORTS))
+def test_a_bad_report_is_refused_the_same_way_and_changes_nothing(
+    service: SelectionService, small_labels: np.ndarray, case: str
+) -> None:
+    sid = service.create_session(small_labels, subset_fraction=0.05, num_subsets=2, batch_size=20).session_id
+    service.start_round(sid, 0, 0, report=REPORT)
+    before = service.session_state(sid)
+    fields, message = BAD_REPORTS[case]
+    bad = dataclasses.replace(REPORT, trainer_fallback_batches=99, **fields)
+    with pytest.raises(grpc.RpcError) as err:
+        service.start_round(sid, 1, 5, trainer_wait_s=3.0, report=bad)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert message in err.value.details()
+    assert service.session_state(sid) == before  # no round started, no count or wait taken, the report as it was
+    assert service.start_round(sid, 1, 5, report=REPORT).round_id == 1
+    assert _kept(service, sid) == dataclasses.astuple(REPORT)
 
 
 # Bad embeddings a caller can send through the interface, each refused naming what came, with nothing changed.

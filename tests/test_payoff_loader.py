@@ -88,6 +88,11 @@ def test_measuring_interleaves_control_segments_and_reports_the_payoff(
     assert stats.fallback_batches == 0 and stats.regions >= 3 and stats.payoff_arm == "selection"
     assert stats.probe_s > 0 and np.isfinite(stats.payoff_per_step) and np.isfinite(stats.payoff_per_second)
     assert loader.payoff_decisions == []  # measure mode decides nothing
+    # Each StartRound told the service: its session holds the payoff as of the last round asked for.
+    assert loader.session is not None
+    state = client.session_state(loader.session.session_id)
+    assert state.payoff_measurements >= 3 and state.payoff_arm == "selection"
+    assert state.trainer_control_steps >= 15 and state.trainer_fallback_batches == 0
     # The forecast knows the arms: the workers fetch every step's batch as the run without them trains on it.
     fed, ahead, _ = _run(client, data, config, range(85), num_workers=2)
     assert fed == base and ahead.stats.input_misses <= 2 * ahead.stats.regions

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 
+from crest.selector.v1.api import TrainerReport
 from selector_service.backends import LocalBackend
 from selector_service.persistence import SessionStore
 from selector_service.server import RunningServer, ServerConfig, start_server
@@ -112,6 +114,50 @@ def test_restarted_service_resumes_sessions_with_identical_exclusion_state(tmp_p
             assert err.value.code() == grpc.StatusCode.NOT_FOUND  # closed sessions stay closed
     finally:
         second.stop(grace=0)
+
+
+def test_the_trainers_report_survives_a_restart_and_a_state_saved_without_one_loads(tmp_path: Path) -> None:
+    report = TrainerReport(
+        trainer_fallback_batches=4,
+        trainer_service_errors=1,
+        trainer_control_steps=9,
+        payoff_measurements=2,
+        payoff_per_second=0.75,
+        payoff_per_second_lo=0.5,
+        payoff_per_second_hi=float("inf"),
+        payoff_arm="selection",
+    )
+    first = _server(tmp_path)
+    try:
+        with SelectionClient(first.target, timeout_s=30) as client:
+            info = client.create_session(_labels(), subset_fraction=0.1, num_subsets=2, batch_size=20)
+            client.start_round(info.session_id, 0, 0, trainer_wait_s=1.5, report=report)
+    finally:
+        first.stop(grace=0)
+    state = SessionStore(tmp_path).load_all()[0]
+    assert TrainerReport(**state["trainer_report"]) == report  # the JSON document keeps the infinity
+    second = _server(tmp_path)
+    try:
+        with SelectionClient(second.target, timeout_s=30) as client:
+            client.attach_session(info)
+            assert TrainerReport.from_proto(client.session_state(info.session_id)) == report
+    finally:
+        second.stop(grace=0)
+
+    del state["trainer_report"]  # the state a build from before the report wrote (the same version, without it)
+    SessionStore(tmp_path).save(state)
+    third = _server(tmp_path)
+    try:
+        with SelectionClient(third.target, timeout_s=30) as client:
+            client.attach_session(info)
+            restored = client.session_state(info.session_id)
+            assert (restored.next_round_id, restored.trainer_wait_s) == (1, 1.5)
+            kept = dataclasses.astuple(TrainerReport.from_proto(restored))
+            np.testing.assert_equal(kept, dataclasses.astuple(TrainerReport()))  # nothing reported yet
+            assert client.start_round(info.session_id, 1, 5, report=report).round_id == 1
+            assert TrainerReport.from_proto(client.session_state(info.session_id)) == report
+    finally:
+        third.stop(grace=0)
 
 
 def test_corrupt_checkpoint_is_set_aside_and_the_previous_one_used(tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from crest.selector.v1.api import RoundPlan, SelectionService, SessionInfo
+from crest.selector.v1.api import RoundPlan, SelectionService, SessionInfo, TrainerReport
 from trainer_client._failures import Failure, describe, kind_of, signature
 from trainer_client._passes import RoundEmbeddings
 from trainer_client._state import PendingRound, plan_of_state, plan_state
@@ -71,6 +71,9 @@ class ServiceLink:
         embedding_dim: d of the embeddings the loader sends.
         streams: True on the rank that talks to the service (starts the stream thread).
         step: the loader's current step (for the service's provenance and the log).
+        report: the trainer's report on itself now (its counts and payoff), sent with every StartRound for the
+            service's monitoring: read when the call is made, or when a round started ahead is queued (``prefetch``).
+            None sends nothing to report.
     """
 
     def __init__(
@@ -83,8 +86,9 @@ class ServiceLink:
         *,
         streams: bool,
         step: Callable[[], int],
+        report: Callable[[], TrainerReport] | None = None,
     ) -> None:
-        self.client, self.config, self._step = client, config, step
+        self.client, self.config, self._step, self._report = client, config, step, report
         self.counters = LinkCounters()
         self._labels, self._num_classes, self._embedding_dim = labels, num_classes, embedding_dim
         self.session: SessionInfo | None = None
@@ -117,7 +121,12 @@ class ServiceLink:
         if self._ahead is not None or time.monotonic() < self._next_attempt:
             return
         self._ahead = PlanJob(
-            self.session.session_id, self.session_round, num_subsets, trainer_step, self.counters.wait_s
+            self.session.session_id,
+            self.session_round,
+            num_subsets,
+            trainer_step,
+            self.counters.wait_s,
+            self._trainer_report(),
         )
         self._streamer.submit(self._ahead)
 
@@ -200,6 +209,10 @@ class ServiceLink:
         if self._ahead is not None:
             self._settle(self._ahead)
 
+    def _trainer_report(self) -> TrainerReport | None:
+        """The trainer's report now, for a StartRound (None without a ``report`` callable)."""
+        return None if self._report is None else self._report()
+
     def _open_session(self) -> SessionInfo:
         cfg = self.config
         self.session = self.client.create_session(
@@ -224,6 +237,7 @@ class ServiceLink:
                     self._step(),
                     num_subsets=num_subsets,
                     trainer_wait_s=self.counters.wait_s,  # reported for the service's metrics
+                    report=self._trainer_report(),
                 )
             except grpc.RpcError as exc:
                 if kind_of(exc) is Failure.SESSION_LOST:

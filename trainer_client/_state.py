@@ -273,7 +273,7 @@ def _coreset(version: int, pending: dict[str, Any], subset: int, saved: Any) -> 
 
 def plan_state(job: PlanJob) -> dict[str, Any]:
     """A round started ahead whose StartRound succeeded (``job.plan`` holds its plan), for a checkpoint: what
-    ``ServiceLink`` matches it by, and the plan (the step and wait it reported went to the service already)."""
+    ``ServiceLink`` matches it by, and the plan (the step, wait and report it sent went to the service already)."""
     plan = job.plan.result(timeout=0)
     return {
         "session_round": job.session_round,
@@ -287,4 +287,4 @@ def plan_of_state(session_id: str, saved: dict[str, Any]) -> PlanJob:
     p = saved["plan"]
     plan: Future[RoundPlan] = Future()
     plan.set_result(RoundPlan(int(p["round_id"]), p["ids"].numpy(), int(p["num_subsets"])))
-    return PlanJob(session_id, int(saved["session_round"]), int(saved["num_subsets"]), 0, 0.0, plan)
+    return PlanJob(session_id, int(saved["session_round"]), int(saved["num_subsets"]), 0, 0.0, None, plan)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 
-from crest.selector.v1.api import RoundPlan, SelectionService, WeightedBatch
+from crest.selector.v1.api import RoundPlan, SelectionService, TrainerReport, WeightedBatch
 from trainer_client._failures import Failure, kind_of
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,7 @@ class PlanJob:
     num_subsets: int
     trainer_step: int  # sent as StartRound's trainer_step: the step the embeddings are expected at
     trainer_wait_s: float  # the loader's wait so far, reported for the service's metrics
+    report: TrainerReport | None  # the trainer's report when the job was created (None: nothing to report)
     plan: Future[RoundPlan] = field(default_factory=Future, compare=False)
 
 
@@ -127,6 +128,7 @@ class RoundStreamer:
                 job.trainer_step,
                 num_subsets=job.num_subsets,
                 trainer_wait_s=job.trainer_wait_s,
+                report=job.report,
             )
         except BaseException as exc:  # the training loop reads it from the future
             log.debug("starting round %d of session %s ahead failed: %s", job.session_round, job.session_id, exc)

@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from crest.selector.v1 import codec
 from crest.selector.v1 import selector_pb2 as pb
 from crest.selector.v1 import selector_pb2_grpc as pb_grpc
-from crest.selector.v1.api import RoundPlan, SessionInfo, WeightedBatch
+from crest.selector.v1.api import RoundPlan, SessionInfo, TrainerReport, WeightedBatch
 from crest.selector.v1.settings import SelectionSettings
 
 
@@ -167,8 +167,10 @@ class SelectionClient:
         timeout_s: float | None = None,
         num_subsets: int = 0,
         trainer_wait_s: float = 0.0,
+        report: TrainerReport | None = None,
     ) -> RoundPlan:
-        """Open a round of ``num_subsets`` random subsets (0: the session's P); returns the ids to embed."""
+        """Open a round of ``num_subsets`` random subsets (0: the session's P); returns the ids to embed.
+        ``trainer_wait_s`` and ``report`` (None: nothing to report) go to the service's monitoring."""
         reply = self._stub.StartRound(
             pb.StartRoundRequest(
                 session_id=session_id,
@@ -176,6 +178,7 @@ class SelectionClient:
                 trainer_step=trainer_step,
                 num_subsets=num_subsets,
                 trainer_wait_s=trainer_wait_s,
+                **(report.proto_fields() if report is not None else {}),
             ),
             timeout=timeout_s or self._timeout,
             metadata=self._session_metadata(session_id),

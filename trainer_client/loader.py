@@ -43,7 +43,7 @@ import torch
 from numpy.typing import ArrayLike
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from crest.selector.v1.api import RoundPlan, SelectionService, SessionInfo
+from crest.selector.v1.api import RoundPlan, SelectionService, SessionInfo, TrainerReport
 from trainer_client._embedding_cache import EmbeddingCache
 from trainer_client._fetch import InputPipeline, Workers
 from trainer_client._forecast import Forecaster, pass_step
@@ -200,7 +200,14 @@ class CoresetLoader(FollowsRankZero):
         # The fit's micro-batch: the largest batch a training step runs through the model at once.
         self._fit_batch_size = cfg.fit_batch_size or -(-cfg.batch_size // self._place[1])
         self._link = ServiceLink(
-            self.client, cfg, self.labels, self.num_classes, embedding_dim, streams=is_main, step=self._step
+            self.client,
+            cfg,
+            self.labels,
+            self.num_classes,
+            embedding_dim,
+            streams=is_main,
+            step=self._step,
+            report=self._trainer_report,
         )
         self._state = LoaderState.new(len(self.labels), cfg.seed, cfg.batch_size)
         self._payoff: PayoffRun | None = None
@@ -235,6 +242,21 @@ class CoresetLoader(FollowsRankZero):
 
     def _step(self) -> int:
         return self._state.stats.steps
+
+    def _trainer_report(self) -> TrainerReport:
+        """What StartRound tells the service of this run: its fallbacks and errors, and its payoff (the service's
+        per-session metrics and ``crest inspect`` show them)."""
+        s = self.stats
+        return TrainerReport(
+            trainer_fallback_batches=s.fallback_batches,
+            trainer_service_errors=s.service_errors,
+            trainer_control_steps=s.control_steps,
+            payoff_measurements=s.payoff_measurements,
+            payoff_per_second=s.payoff_per_second,
+            payoff_per_second_lo=s.payoff_per_second_lo,
+            payoff_per_second_hi=s.payoff_per_second_hi,
+            payoff_arm="" if self._payoff is None else s.payoff_arm,
+        )
 
     @property
     def _place(self) -> tuple[int, int]:

@@ -17,8 +17,9 @@ Arrays are numpy: ids int64, embeddings, weights and losses float32; each field 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Protocol, runtime_checkable
 
 import grpc
@@ -27,7 +28,10 @@ import numpy as np
 from crest.selector.v1 import selector_pb2 as pb
 from crest.selector.v1.settings import SelectionSettings
 
-__all__ = ["CallError", "RoundPlan", "SelectionService", "SessionInfo", "WeightedBatch"]
+__all__ = ["PAYOFF_ARMS", "CallError", "RoundPlan", "SelectionService", "SessionInfo", "TrainerReport", "WeightedBatch"]
+
+# What ``TrainerReport.payoff_arm`` may be: "" (not reported) or the arm the trainer's payoff governor trains on.
+PAYOFF_ARMS = ("", "selection", "control")
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,38 @@ class WeightedBatch:
     trainer_step: int
     selection_ms: float
     worker: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainerReport:
+    """What the trainer reports of itself with every round it starts, for the service's monitoring (its session
+    state and per-session metrics); selection does not read it. The fields are ``StartRoundRequest``'s of the same
+    names. The defaults are "nothing to report": no counts, the payoff not known (NaN), no arm."""
+
+    # Uniform batches trained on instead of coresets, cumulative over the run.
+    trainer_fallback_batches: int = 0
+    # Failed calls to the service the trainer rode out, cumulative.
+    trainer_service_errors: int = 0
+    # Steps on the payoff's control arm (uniform batches, selection paused), cumulative.
+    trainer_control_steps: int = 0
+    # A B A payoff measurements so far; 0: the payoff is off or not measured yet.
+    payoff_measurements: int = 0
+    # Selection's speedup per wall-second over the control and its 90% interval (lo may be -inf, hi +inf when
+    # unbounded); meaningful only with payoff_measurements >= 2, NaN when not known.
+    payoff_per_second: float = math.nan
+    payoff_per_second_lo: float = math.nan
+    payoff_per_second_hi: float = math.nan
+    # The arm the trainer's payoff governor trains on, one of PAYOFF_ARMS ("": not reported).
+    payoff_arm: str = ""
+
+    @classmethod
+    def from_proto(cls, message: pb.StartRoundRequest | pb.SessionState) -> TrainerReport:
+        """The report carried by a ``StartRoundRequest`` or a ``SessionState`` (same field names in both)."""
+        return cls(**{f.name: getattr(message, f.name) for f in fields(cls)})
+
+    def proto_fields(self) -> dict[str, Any]:
+        """The report as keyword arguments of ``StartRoundRequest`` or ``SessionState``."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 class CallError(grpc.RpcError):
@@ -117,9 +153,11 @@ class SelectionService(Protocol):
         timeout_s: float | None = None,
         num_subsets: int = 0,
         trainer_wait_s: float = 0.0,
+        report: TrainerReport | None = None,
     ) -> RoundPlan:
         """Draw round ``round_id``'s ``num_subsets`` random subsets (0: the session's P); returns the ids to
-        embed. ``trainer_step`` is kept for provenance, ``trainer_wait_s`` for the service's metrics."""
+        embed. ``trainer_step`` is kept for provenance; ``trainer_wait_s`` (cumulative seconds blocked on
+        coresets) and ``report`` (None: ``TrainerReport()``, nothing to report) for the service's monitoring."""
         ...
 
     def submit_embeddings(

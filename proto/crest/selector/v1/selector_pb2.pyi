@@ -96,18 +96,34 @@ class CloseSessionResponse(_message.Message):
     def __init__(self, rounds_completed: _Optional[int] = ...) -> None: ...
 
 class StartRoundRequest(_message.Message):
-    __slots__ = ("session_id", "round_id", "trainer_step", "num_subsets", "trainer_wait_s")
+    __slots__ = ("session_id", "round_id", "trainer_step", "num_subsets", "trainer_wait_s", "trainer_fallback_batches", "trainer_service_errors", "trainer_control_steps", "payoff_measurements", "payoff_per_second", "payoff_per_second_lo", "payoff_per_second_hi", "payoff_arm")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     TRAINER_STEP_FIELD_NUMBER: _ClassVar[int]
     NUM_SUBSETS_FIELD_NUMBER: _ClassVar[int]
     TRAINER_WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    TRAINER_FALLBACK_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    TRAINER_SERVICE_ERRORS_FIELD_NUMBER: _ClassVar[int]
+    TRAINER_CONTROL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    PAYOFF_MEASUREMENTS_FIELD_NUMBER: _ClassVar[int]
+    PAYOFF_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    PAYOFF_PER_SECOND_LO_FIELD_NUMBER: _ClassVar[int]
+    PAYOFF_PER_SECOND_HI_FIELD_NUMBER: _ClassVar[int]
+    PAYOFF_ARM_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     round_id: int
     trainer_step: int
     num_subsets: int
     trainer_wait_s: float
-    def __init__(self, session_id: _Optional[str] = ..., round_id: _Optional[int] = ..., trainer_step: _Optional[int] = ..., num_subsets: _Optional[int] = ..., trainer_wait_s: _Optional[float] = ...) -> None: ...
+    trainer_fallback_batches: int
+    trainer_service_errors: int
+    trainer_control_steps: int
+    payoff_measurements: int
+    payoff_per_second: float
+    payoff_per_second_lo: float
+    payoff_per_second_hi: float
+    payoff_arm: str
+    def __init__(self, session_id: _Optional[str] = ..., round_id: _Optional[int] = ..., trainer_step: _Optional[int] = ..., num_subsets: _Optional[int] = ..., trainer_wait_s: _Optional[float] = ..., trainer_fallback_batches: _Optional[int] = ..., trainer_service_errors: _Optional[int] = ..., trainer_control_steps: _Optional[int] = ..., payoff_measurements: _Optional[int] = ..., payoff_per_second: _Optional[float] = ..., payoff_per_second_lo: _Optional[float] = ..., payoff_per_second_hi: _Optional[float] = ..., payoff_arm: _Optional[str] = ...) -> None: ...
 
 class RoundPlan(_message.Message):
     __slots__ = ("session_id", "round_id", "ids", "num_ids", "num_subsets")
@@ -190,7 +206,7 @@ class GetSessionStateRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ...) -> None: ...
 
 class SessionState(_message.Message):
-    __slots__ = ("session_id", "dataset_size", "active_size", "rounds_started", "rounds_completed", "batches_delivered", "examples_delivered", "config", "num_classes", "next_round_id", "excluded_size", "readmitted_total", "trainer_wait_s")
+    __slots__ = ("session_id", "dataset_size", "active_size", "rounds_started", "rounds_completed", "batches_delivered", "examples_delivered", "config", "num_classes", "next_round_id", "excluded_size", "readmitted_total", "trainer_wait_s", "trainer_fallback_batches", "trainer_service_errors", "trainer_control_steps", "payoff_measurements", "payoff_per_second", "payoff_per_second_lo", "payoff_per_second_hi", "payoff_arm")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     DATASET_SIZE_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -204,6 +220,14 @@ class SessionState(_message.Message):
     EXCLUDED_SIZE_FIELD_NUMBER: _ClassVar[int]
     READMITTED_TOTAL_FIELD_NUMBER: _ClassVar[int]
     TRAINER_WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    TRAINER_FALLBACK_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    TRAINER_SERVICE_ERRORS_FIELD_NUMBER: _ClassVar[int]
+    TRAINER_CONTROL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    PAYOFF_MEASUREMENTS_FIELD_NUMBER: _ClassVar[int]
+    PAYOFF_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    PAYOFF_PER_SECOND_LO_FIELD_NUMBER: _ClassVar[int]
+    PAYOFF_PER_SECOND_HI_FIELD_NUMBER: _ClassVar[int]
+    PAYOFF_ARM_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     dataset_size: int
     active_size: int
@@ -217,4 +241,12 @@ class SessionState(_message.Message):
     excluded_size: int
     readmitted_total: int
     trainer_wait_s: float
-    def __init__(self, session_id: _Optional[str] = ..., dataset_size: _Optional[int] = ..., active_size: _Optional[int] = ..., rounds_started: _Optional[int] = ..., rounds_completed: _Optional[int] = ..., batches_delivered: _Optional[int] = ..., examples_delivered: _Optional[int] = ..., config: _Optional[_Union[CrestConfig, _Mapping]] = ..., num_classes: _Optional[int] = ..., next_round_id: _Optional[int] = ..., excluded_size: _Optional[int] = ..., readmitted_total: _Optional[int] = ..., trainer_wait_s: _Optional[float] = ...) -> None: ...
+    trainer_fallback_batches: int
+    trainer_service_errors: int
+    trainer_control_steps: int
+    payoff_measurements: int
+    payoff_per_second: float
+    payoff_per_second_lo: float
+    payoff_per_second_hi: float
+    payoff_arm: str
+    def __init__(self, session_id: _Optional[str] = ..., dataset_size: _Optional[int] = ..., active_size: _Optional[int] = ..., rounds_started: _Optional[int] = ..., rounds_completed: _Optional[int] = ..., batches_delivered: _Optional[int] = ..., examples_delivered: _Optional[int] = ..., config: _Optional[_Union[CrestConfig, _Mapping]] = ..., num_classes: _Optional[int] = ..., next_round_id: _Optional[int] = ..., excluded_size: _Optional[int] = ..., readmitted_total: _Optional[int] = ..., trainer_wait_s: _Optional[float] = ..., trainer_fallback_batches: _Optional[int] = ..., trainer_service_errors: _Optional[int] = ..., trainer_control_steps: _Optional[int] = ..., payoff_measurements: _Optional[int] = ..., payoff_per_second: _Optional[float] = ..., payoff_per_second_lo: _Optional[float] = ..., payoff_per_second_hi: _Optional[float] = ..., payoff_arm: _Optional[str] = ...) -> None: ...
