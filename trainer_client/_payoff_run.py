@@ -220,10 +220,10 @@ class PayoffRun:
             "payoff_measurements": len(g.pairs),
             "payoff_spoiled": g.spoiled,
             "payoff_arm": g.arm,
-            "payoff_per_step": float("nan") if p is None else p.per_step,
-            "payoff_per_second": float("nan") if p is None or p.per_second is None else p.per_second,
-            "payoff_per_second_lo": float("nan") if p is None or p.per_second_lo is None else p.per_second_lo,
-            "payoff_per_second_hi": float("nan") if p is None or p.per_second_hi is None else p.per_second_hi,
+            "payoff_per_step": None if p is None else p.per_step,
+            "payoff_per_second": None if p is None else p.per_second,
+            "payoff_per_second_lo": None if p is None else p.per_second_lo,
+            "payoff_per_second_hi": None if p is None else p.per_second_hi,
         }
 
     def summary(self) -> str:

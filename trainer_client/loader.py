@@ -33,6 +33,7 @@ rank (identical weights give identical fits; rank 0's interval is broadcast).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, fields, replace
@@ -252,9 +253,9 @@ class CoresetLoader(FollowsRankZero):
             trainer_service_errors=s.service_errors,
             trainer_control_steps=s.control_steps,
             payoff_measurements=s.payoff_measurements,
-            payoff_per_second=s.payoff_per_second,
-            payoff_per_second_lo=s.payoff_per_second_lo,
-            payoff_per_second_hi=s.payoff_per_second_hi,
+            payoff_per_second=math.nan if s.payoff_per_second is None else s.payoff_per_second,
+            payoff_per_second_lo=math.nan if s.payoff_per_second_lo is None else s.payoff_per_second_lo,
+            payoff_per_second_hi=math.nan if s.payoff_per_second_hi is None else s.payoff_per_second_hi,
             payoff_arm="" if self._payoff is None else s.payoff_arm,
         )
 

@@ -366,16 +366,16 @@ class LoaderStats:
     input_wait_s: float = 0.0  # training-thread time spent getting training batches (collating them without workers)
     input_misses: int = 0  # training batches the workers had not fetched ahead (their step was not known in time)
     passes_ahead: int = 0  # embedding passes whose candidates the workers were given before the pass began
-    # The payoff (LoaderConfig.payoff; rank 0's decisions, the same on every rank). nan: not measured yet.
+    # The payoff (LoaderConfig.payoff; rank 0's decisions, the same on every rank). None: not measured yet.
     control_steps: int = 0  # steps trained on the control arm (measurement segments, and governed ones)
     probe_s: float = 0.0  # time spent on the probe set's loss (charged to neither arm)
     payoff_measurements: int = 0  # A B A measurements recorded
     payoff_spoiled: int = 0  # measurements dropped: a selection segment trained on fallback batches
     payoff_arm: str = "selection"  # the arm training is governed onto ("control" only in govern mode)
-    payoff_per_step: float = math.nan  # selection's speedup per step over the control
-    payoff_per_second: float = math.nan  # ... per wall-second, each arm charged its costs
-    payoff_per_second_lo: float = math.nan  # its 90% interval (-inf/inf: not bounded by the data)
-    payoff_per_second_hi: float = math.nan
+    payoff_per_step: float | None = None  # selection's speedup per step over the control
+    payoff_per_second: float | None = None  # ... per wall-second, each arm charged its costs
+    payoff_per_second_lo: float | None = None  # its 90% interval (-inf/inf: not bounded by the data)
+    payoff_per_second_hi: float | None = None
 
 
 # -- recipes: complete LoaderConfig values, each from a committed result --------------------------------------------

@@ -90,15 +90,19 @@ def logged_stats(loader: CoresetLoader) -> dict[str, float]:
     }
     if loader.config.payoff != "off":
         out |= {
-            "crest/payoff_per_second": s.payoff_per_second,
-            "crest/payoff_per_second_lo": s.payoff_per_second_lo,
-            "crest/payoff_per_second_hi": s.payoff_per_second_hi,
+            "crest/payoff_per_second": _nan_if_none(s.payoff_per_second),
+            "crest/payoff_per_second_lo": _nan_if_none(s.payoff_per_second_lo),
+            "crest/payoff_per_second_hi": _nan_if_none(s.payoff_per_second_hi),
             "crest/payoff_measurements": float(s.payoff_measurements),
             "crest/payoff_on_control": float(s.payoff_arm == "control"),
             "crest/control_steps": float(s.control_steps),
             "crest/probe_s": s.probe_s,
         }
     return out
+
+
+def _nan_if_none(x: float | None) -> float:
+    return math.nan if x is None else x
 
 
 def missing_extra(module: str, extra: str, exc: ImportError) -> ImportError:
