@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
+from test_client_contract import REPORT
 
-from crest.selector.v1.api import TrainerReport
 from selector_service.backends import LocalBackend
 from selector_service.provenance import ProvenanceLog
 from selector_service.server import ServerConfig, start_server
@@ -78,16 +78,7 @@ def test_trainer_reports_are_exported_per_session_and_shown_by_inspect(tmp_path:
     running = start_server(
         ServerConfig(port=0, backend="local", state_dir=str(tmp_path), metrics_port=0), backend=LocalBackend(2)
     )
-    report = TrainerReport(
-        trainer_fallback_batches=7,
-        trainer_service_errors=2,
-        trainer_control_steps=40,
-        payoff_measurements=3,
-        payoff_per_second=1.25,
-        payoff_per_second_lo=-math.inf,
-        payoff_per_second_hi=2.5,
-        payoff_arm="control",
-    )
+    report = REPORT  # every field set: counts, an interval unbounded below, the control arm
     try:
         with SelectionClient(running.target, timeout_s=30) as client:
             labels = np.random.default_rng(1).permutation(np.repeat(np.arange(10), 100)).astype(np.int64)

@@ -17,6 +17,7 @@ clock that charges each step to its arm, and the governor (``governor.py``) that
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -238,8 +239,8 @@ class PayoffRun:
         else:
             line = p.describe()
         if g.mode == "govern":
-            switches = sum(1 for a, b in zip(g.decisions, g.decisions[1:], strict=False) if a.arm != b.arm)
-            switches += bool(g.decisions) and g.decisions[0].arm != "selection"
+            arms = ["selection", *(d.arm for d in g.decisions)]
+            switches = sum(a != b for a, b in itertools.pairwise(arms))
             line += f"; governed: training on {g.arm} after {switches} switch{'es' if switches != 1 else ''}"
         run_s = 0.0 if self._began is None else time.perf_counter() - self._began
         share = self.probe_s / run_s if run_s > 0 else 0.0

@@ -33,7 +33,6 @@ rank (identical weights give identical fits; rank 0's interval is broadcast).
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, fields, replace
@@ -67,7 +66,7 @@ from trainer_client.difficulty import RoundDifficulty, round_difficulty
 from trainer_client.distributed import DistContext
 from trainer_client.governor import Decision as GovernorDecision
 from trainer_client.loader_config import LoaderConfig, LoaderStats, SelectionUnavailable
-from trainer_client.payoff import Arm
+from trainer_client.payoff import Arm, or_nan
 from trainer_client.region import Decision, RegionController
 
 log = logging.getLogger(__name__)
@@ -253,9 +252,9 @@ class CoresetLoader(FollowsRankZero):
             trainer_service_errors=s.service_errors,
             trainer_control_steps=s.control_steps,
             payoff_measurements=s.payoff_measurements,
-            payoff_per_second=math.nan if s.payoff_per_second is None else s.payoff_per_second,
-            payoff_per_second_lo=math.nan if s.payoff_per_second_lo is None else s.payoff_per_second_lo,
-            payoff_per_second_hi=math.nan if s.payoff_per_second_hi is None else s.payoff_per_second_hi,
+            payoff_per_second=or_nan(s.payoff_per_second),
+            payoff_per_second_lo=or_nan(s.payoff_per_second_lo),
+            payoff_per_second_hi=or_nan(s.payoff_per_second_hi),
             payoff_arm="" if self._payoff is None else s.payoff_arm,
         )
 

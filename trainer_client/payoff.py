@@ -141,6 +141,11 @@ class Payoff:
         )
 
 
+def or_nan(x: float | None) -> float:
+    """A payoff value where a float must stand (logged metrics, the service's report): nan when not known."""
+    return math.nan if x is None else x
+
+
 def _fmt(x: float) -> str:
     return f"{x:.2f}" if math.isfinite(x) else ("inf" if x > 0 else "-inf")
 

@@ -22,6 +22,7 @@ from torch.utils.data import Dataset, Subset
 from trainer_client.batches import ForwardFn
 from trainer_client.distributed import split_bounds
 from trainer_client.loader import CoresetLoader, LoaderConfig
+from trainer_client.payoff import or_nan
 
 # Examples of an evaluation dataset an integration takes as the payoff's probe set when none is given.
 PROBE_EXAMPLES = 512
@@ -90,19 +91,15 @@ def logged_stats(loader: CoresetLoader) -> dict[str, float]:
     }
     if loader.config.payoff != "off":
         out |= {
-            "crest/payoff_per_second": _nan_if_none(s.payoff_per_second),
-            "crest/payoff_per_second_lo": _nan_if_none(s.payoff_per_second_lo),
-            "crest/payoff_per_second_hi": _nan_if_none(s.payoff_per_second_hi),
+            "crest/payoff_per_second": or_nan(s.payoff_per_second),
+            "crest/payoff_per_second_lo": or_nan(s.payoff_per_second_lo),
+            "crest/payoff_per_second_hi": or_nan(s.payoff_per_second_hi),
             "crest/payoff_measurements": float(s.payoff_measurements),
             "crest/payoff_on_control": float(s.payoff_arm == "control"),
             "crest/control_steps": float(s.control_steps),
             "crest/probe_s": s.probe_s,
         }
     return out
-
-
-def _nan_if_none(x: float | None) -> float:
-    return math.nan if x is None else x
 
 
 def missing_extra(module: str, extra: str, exc: ImportError) -> ImportError:
