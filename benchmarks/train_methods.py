@@ -113,6 +113,8 @@ class RunResult:
     class_share: list[float] = field(default_factory=list)
     # Whether selection paid, as the run printed it (LoaderConfig.payoff; "" with it off).
     payoff: str = ""
+    # Its measurements, costs and decisions: the loader's state_dict()["payoff"] at the end (None with it off).
+    payoff_state: dict[str, Any] | None = None
     target_accuracy: float | None = None
     time_to_target_s: float | None = None
     speedup: float | None = None
@@ -382,6 +384,7 @@ def run_one(
         wall = clock.read()
         stats = loader.stats if loader is not None else None
         payoff_line = loader.payoff_summary() if loader is not None else ""
+        payoff_state = loader.state_dict().get("payoff") if loader is not None else None
     finally:
         bar.close()
         if loader is not None:
@@ -414,6 +417,7 @@ def run_one(
         flipped_weight_share=flipped_weight / weight_total if flipped is not None else None,
         class_share=(per_class / max(1, backprop)).tolist(),
         payoff=payoff_line,
+        payoff_state=payoff_state,
     )
 
 

@@ -192,6 +192,7 @@ def summarize(runs: Sequence[FrontierRun]) -> dict[str, Any]:
         "paper": _paper(sweep, methods, budgets, runs),
         "selection": _equal_steps_and_time(sweep, methods, budgets),
         "cost": _cost(sweep, methods, budgets),
+        "payoff": _payoff(sweep, methods, budgets),
     }
 
 
@@ -271,16 +272,22 @@ def _paper(
     return {"reference": f"full data, {longest:g} x E epochs", "methods": table}
 
 
-def _equal_steps_and_time(sweep: list[FrontierRun], methods: list[str], budgets: list[float]) -> dict[str, Any]:
+def _equal_steps_and_time(
+    sweep: list[FrontierRun],
+    methods: list[str],
+    budgets: list[float],
+    selectors: Sequence[str] = SELECTORS,
+    bases: Sequence[str] = BASELINES,
+) -> dict[str, Any]:
     """Each selection run against the baselines of its seed: at equal steps (the same budget) and at equal
     wall-clock (the baseline's per-seed frontier at the run's wall time)."""
     out: dict[str, Any] = {}
-    for m in (m for m in SELECTORS if m in methods):
+    for m in (m for m in selectors if m in methods):
         out[m] = {}
         for b in budgets:
             mine = _by(sweep, m, b)
             row: dict[str, Any] = {}
-            for base in (x for x in BASELINES if x in methods):
+            for base in (x for x in bases if x in methods):
                 same = _by(sweep, base, b)
                 at_time = {}
                 for s, r in mine.items():
@@ -301,6 +308,60 @@ def _equal_steps_and_time(sweep: list[FrontierRun], methods: list[str], budgets:
                 }
             out[m][key(b)] = row
     return out
+
+
+def _payoff(sweep: list[FrontierRun], methods: list[str], budgets: list[float]) -> dict[str, Any] | None:
+    """The payoff each measuring or governed run printed (LoaderConfig.payoff), per seed, and the sign check: does
+    the measuring run's speedup per second lie on the same side of 1 as CREST's paired equal-time difference with
+    full data at that budget?"""
+    payoff_methods = [m for m in ("crest-measure", "crest-govern") if m in methods]
+    if not payoff_methods:
+        return None
+    runs: dict[str, Any] = {}
+    for m in payoff_methods:
+        runs[m] = {}
+        for b in budgets:
+            rows = {}
+            for seed, r in sorted(_by(sweep, m, b).items()):
+                stats = r.detail.get("loader", {})
+                state = r.detail.get("payoff_state") or {}
+                decisions = state.get("governor", {}).get("decisions", [])
+                rows[str(seed)] = {
+                    "line": r.detail.get("payoff", ""),
+                    **{k: stats.get(f"payoff_{k}") for k in ("per_second", "per_second_lo", "per_second_hi")},
+                    "measurements": stats.get("payoff_measurements"),
+                    "control_steps": stats.get("control_steps"),
+                    "probe_share": stats.get("probe_s", 0.0) / r.wall_s if r.wall_s > 0 else None,
+                    "arm": stats.get("payoff_arm"),
+                    "moved_to_control_at": next((d["step"] for d in decisions if d["arm"] == "control"), None),
+                }
+            runs[m][key(b)] = rows
+    signs: dict[str, Any] = {}
+    if "crest-measure" in methods and "crest" in methods:
+        for b in budgets:
+            crest = _equal_steps_and_time(sweep, ["crest", "full"], [b])["crest"][key(b)]["full"]["equal_time"]
+            measured = runs["crest-measure"][key(b)]
+            verdicts = {seed: _side(row) for seed, row in measured.items()}
+            frontier = crest.get("mean")
+            signs[key(b)] = {
+                "crest_minus_full_equal_time": frontier,
+                "payoff_side": verdicts,
+                "agree": {
+                    seed: None if side is None or frontier is None else (side == "above 1") == (frontier > 0)
+                    for seed, side in verdicts.items()
+                },
+            }
+    # The issue's targets: the measuring and governed runs against plain CREST (equal steps and equal time).
+    against_crest = _equal_steps_and_time(sweep, methods, budgets, selectors=payoff_methods, bases=("crest",))
+    return {"runs": runs, "sign_agreement": signs, "vs_crest": against_crest}
+
+
+def _side(row: dict[str, Any]) -> str | None:
+    """Where a run's payoff per second lies against 1: "above 1" / "below 1" (its estimate), None if not measured."""
+    value = row.get("per_second")
+    if value is None or value != value:
+        return None
+    return "above 1" if value > 1 else "below 1"
 
 
 def _cost(sweep: list[FrontierRun], methods: list[str], budgets: list[float]) -> dict[str, Any]:

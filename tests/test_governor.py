@@ -48,6 +48,40 @@ def test_the_schedule_is_one_arm_the_other_the_first_with_a_probe_at_each_bounda
     assert gov.pairs[0].selection == pytest.approx(0.01) and gov.pairs[0].control == pytest.approx(0.01)
 
 
+def test_the_first_measurements_come_in_a_burst_and_the_forecast_knows_it() -> None:
+    """burst=2: the first two measurements start 4 segments apart, the next ones 6; arm_at at step 0 forecasts
+    every step's arm, and the probes fall on the boundaries."""
+    gov = Governor("measure", segment_steps=5, every=6, window=0, start=5, burst=2)
+    forecast = "".join(gov.arm_at(step)[0] for step in range(100))
+    arms, probes = [], []
+    for step in range(100):
+        if gov.probe_due(step):
+            probes.append(step)
+            gov.probe(step, 2.0 - step / 100)
+        arms.append(gov.arm_at(step)[0])
+    measurement = "s" * 5 + "c" * 5 + "s" * 5
+    expected = "s" * 5 + measurement + "s" * 5 + (measurement + "s" * 15) * 2 + measurement
+    assert "".join(arms) == forecast == expected
+    assert probes == [5, 10, 15, 20, 25, 30, 35, 40, 55, 60, 65, 70, 85, 90, 95]
+    assert len(gov.pairs) == 3
+
+
+def test_a_decision_reads_the_measurements_since_the_last_move() -> None:
+    """window=0: every measurement since the governor last moved training; the evidence that moved it to the control
+    does not hold it there once the control's own measurements say selection pays."""
+    rng = np.random.default_rng(1)
+    gov = Governor("govern", segment_steps=10, every=4, window=0, start=0)
+    _run(gov, range(600), {"selection": lambda s: 0.0005, "control": lambda s: 0.001}, rng)
+    moved = next(i for i, d in enumerate(gov.decisions) if d.arm == "control")
+    assert gov.moved_at == moved + 1  # the measurements recorded when it moved
+    _run(gov, range(600, 2400), {"selection": lambda s: 0.003, "control": lambda s: 0.001}, rng)
+    back = next(d for d in gov.decisions[moved + 1 :] if d.arm == "selection")
+    assert back.verdict == "pays" and gov.arm == "selection"
+    # Back on selection, the decision after the move reads only the measurements taken since it: not 2 yet.
+    after = gov.decisions[gov.decisions.index(back) + 1]
+    assert after.verdict == "undetermined" and after.per_second_lo is None
+
+
 def test_the_forecast_of_a_later_measurements_arms_follows_the_period() -> None:
     gov = Governor("measure", segment_steps=5, every=4, window=4, start=10)
     assert [gov.arm_at(s) for s in (14, 15, 19, 20, 35, 36, 55)] == [
@@ -119,5 +153,5 @@ def test_bad_settings_probes_and_states_are_refused() -> None:
         gov.probe(20, math.nan)
     assert gov.state_dict() == before
     other = Governor("govern", segment_steps=10, every=4, window=3, start=20)
-    with pytest.raises(ValueError, match=r"settings \['measure', 10, 4, 3\].*this loader's are 1 and \['govern'"):
+    with pytest.raises(ValueError, match=r"settings \['measure', 10, 4, 3, 0\].*this loader's are 2 and \['govern'"):
         other.load_state_dict(before)

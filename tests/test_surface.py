@@ -116,6 +116,7 @@ CLI_FLAGS = {
         "--seeds",
         "--first-seed",
         "--reference",
+        "--no-e-run",
         "--baseline-threads",
         "--crest-threads",
         "--num-workers",

@@ -90,8 +90,18 @@ WORKER = textwrap.dedent(
     config = LoaderConfig.from_recipe("released", batch_size=batch, subset_fraction=0.05, num_subsets=2,
                           check_examples=128, lookahead_steps=2, deadline_s=60.0, reconnect_initial_s=0.05,
                           reconnect_max_s=0.2, embedding_max_age=12, training_logits=True)
+    probe = None
+    if os.environ.get("DDP_TEST_PAYOFF"):  # governed, where a selection step embeds its share of 100 examples afresh
+        from trainer_client.region import RegionConfig
+        config = LoaderConfig(batch_size=batch, subset_fraction=0.1, num_subsets=2, lookahead_steps=1,
+                              region=RegionConfig(mode="fixed", steps_per_round=2), embedding_max_age=0,
+                              learned_embedding_max_age=0, embed_dtype="float32", deadline_s=60.0,
+                              payoff="govern", payoff_segment_steps=3, payoff_every=4, payoff_window=2)
+        held = FashionMNIST("test", limit=101)  # an odd size: the ranks' probe shards differ
+        probe = [(*held[i], -1) for i in range(len(held))]
     client = SelectionClient(target, timeout_s=60)
-    loader = CoresetLoader(data, model, client, fmnist.targets.numpy(), config=config, num_workers=workers)
+    loader = CoresetLoader(data, model, client, fmnist.targets.numpy(), config=config, num_workers=workers,
+                           probe=probe)
     start, stop = {"full": (0, steps), "first": (0, first), "rest": (first, steps)}[phase]
     if phase == "rest":  # every rank loads rank 0's checkpoint
         state = torch.load(ckpt, weights_only=True)
@@ -102,12 +112,13 @@ WORKER = textwrap.dedent(
     for step, (x, y, ids, w) in zip(range(start, stop), loader):
         assert ids.tolist() == loader.last_ids.tolist(), (step, ids.tolist(), loader.last_ids.tolist())
         logits = model(x)
-        loader.observe_logits(logits)
+        if config.training_logits:
+            loader.observe_logits(logits)
         loss = weighted_loss(logits, y, w)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        delivered.append({"round": loader.last_round, "ids": loader.last_ids.tolist()})
+        delivered.append({"round": loader.last_round, "ids": loader.last_ids.tolist(), "arm": loader.last_arm})
         if server is not None and step == kill_at:
             server.stop(grace=0)
     saved = loader.state_dict() if kill_at < 0 else None  # a collective: every rank
@@ -119,13 +130,16 @@ WORKER = textwrap.dedent(
     else:
         loader.close()
     cache = None
-    if saved is not None:  # the same on every rank, and after a resume as without one
+    if saved is not None and "embedding_cache" in saved:  # the same on every rank, and after a resume as without one
         rows = saved["embedding_cache"]
         cache = [rows["ids"].tolist(), rows["steps"].tolist(), float(rows["embeddings"].double().sum())]
     digest = float(sum(p.double().sum() for p in model.parameters()))
+    payoff = saved.get("payoff") if saved is not None else None
     with open(out, "w") as f:
         json.dump({"decisions": decisions, "delivered": delivered, "stats": vars(loader.stats),
-                   "rounds": loader.stats.regions, "digest": digest, "cache": cache, "fit_sizes": fit_sizes}, f)
+                   "rounds": loader.stats.regions, "digest": digest, "cache": cache, "fit_sizes": fit_sizes,
+                   "payoff": None if payoff is None else {k: payoff["governor"][k] for k in ("pairs", "decisions")}},
+                  f)
     dist.barrier(group=ddp_group)  # no rank tears gloo down while a peer talks to it (a SIGABRT at exit otherwise)
     dist.destroy_process_group()
     """
@@ -169,6 +183,8 @@ def _run_ranks(
     first: int = 0,
     backend: str = "gloo",
     workers: int = 0,
+    payoff: bool = False,
+    steps: int = STEPS,
 ) -> list[dict]:
     """Run WORKER on WORLD ranks of a ``backend`` default group to completion, each rank's loader with ``workers``
     DataLoader workers; each rank's JSON report, in rank order."""
@@ -190,9 +206,10 @@ def _run_ranks(
                 "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo"),
                 "DDP_TEST_BACKEND": backend,
                 "DDP_TEST_WORKERS": str(workers),
+                "DDP_TEST_PAYOFF": "1" if payoff else "",
             }
             out = tmp_path / f"{phase}-rank{rank}.json"
-            cmd = [sys.executable, str(script), target, str(out), str(STEPS), str(BATCH), str(kill_at)]
+            cmd = [sys.executable, str(script), target, str(out), str(steps), str(BATCH), str(kill_at)]
             cmd += [phase, str(tmp_path / "ckpt.pt"), str(first)]
             procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
         logs = [p.communicate(timeout=240)[0] for p in procs]
@@ -282,6 +299,38 @@ def test_ranks_with_dataloader_workers_train_on_the_batches_of_ranks_without_the
         assert a["stats"]["input_misses"] <= 4 * a["stats"]["regions"]
     assert ahead[0]["digest"] == ahead[1]["digest"] == plain[0]["digest"]
     assert len(_assert_disjoint_per_round(ahead)) >= 2
+
+
+@pytest.mark.slow
+def test_the_governor_takes_one_decision_for_every_rank(tmp_path: Path) -> None:
+    """LoaderConfig(payoff="govern") on two ranks: the probe set sharded unevenly (101 examples), its losses and
+    rank 0's costs all-reduced, so both ranks record the same measurements, take the same decisions at the same
+    steps and train the same arm at every step, each on its own half of the control's batches."""
+    server = start_server(ServerConfig(port=0, backend="local"), backend=LocalBackend(num_workers=2))
+    steps = 63  # measurements of 3 x 3 steps every 12 from step 3 (24 while governed onto the control)
+    try:
+        ranks = _run_ranks(tmp_path, server.target, payoff=True, steps=steps)
+    finally:
+        server.stop(grace=0)
+    a, b = ranks
+    assert a["payoff"] == b["payoff"] and len(a["payoff"]["pairs"]) >= 3
+    decisions = a["payoff"]["decisions"]
+    assert len(decisions) == len(a["payoff"]["pairs"])  # one per measurement, none spoiled
+    arms = [d["arm"] for d in a["delivered"]]
+    assert arms == [d["arm"] for d in b["delivered"]] and "control" in arms
+    # Each decision holds from its step: training is on its arm outside the measurements' middle segments.
+    for d, nxt in zip(decisions, [*decisions[1:], None], strict=True):
+        end = steps if nxt is None else nxt["step"]
+        held = arms[d["step"] : end]
+        assert held[:3] == [d["arm"]] * min(3, len(held)), (d, held)
+    for step, (x, y) in enumerate(zip(a["delivered"], b["delivered"], strict=True)):
+        if x["arm"] == "control":  # one uniform batch, dealt between the ranks
+            assert x["round"] is None and y["round"] is None
+            assert not set(x["ids"]) & set(y["ids"]) and len(x["ids"]) + len(y["ids"]) == BATCH, step
+    assert a["digest"] == b["digest"]
+    for r in ranks:
+        assert r["stats"]["fallback_batches"] == 0 and r["stats"]["payoff_spoiled"] == 0
+        assert r["stats"]["control_steps"] == arms.count("control")
 
 
 @pytest.mark.slow

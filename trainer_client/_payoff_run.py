@@ -106,7 +106,9 @@ class PayoffRun:
         self.config, self.probe, self.collate_fn, self.forward_fn = config, probe, collate_fn, forward_fn
         self.model, self.dist, self.dataset_size = model, dist, len(labels)
         length = config.payoff_segment_steps
-        self.governor = Governor(config.payoff, length, config.payoff_every, config.payoff_window, start=length)
+        self.governor = Governor(
+            config.payoff, length, config.payoff_every, config.payoff_window, start=length, burst=config.payoff_burst
+        )
         self.rng = np.random.default_rng([config.seed, 5])  # the control arm's batches
         self.classes = class_index(labels, num_classes)
         self._batches: list[Any] | None = None  # the probe's collated batches (this rank's shard)
@@ -234,7 +236,7 @@ class PayoffRun:
         if p is None:
             line = (
                 f"selection's payoff not measured: {len(g.pairs)} of the 2 measurements it needs (each takes "
-                f"{3 * g.segment_steps} steps, one every {g.period} steps from step {g.segment_steps})"
+                f"{3 * g.segment_steps} steps; the next ends at step {g.next_start + 3 * g.segment_steps})"
             )
         else:
             line = p.describe()

@@ -1,12 +1,15 @@
 """The payoff schedule and governor: which arm each step trains on, when the probe set's loss is taken, what each
 arm cost, and (``govern``) which arm training stays on between measurements (``payoff.py`` holds the estimator).
 
-The schedule is a function of the step and the governor's state. Measurement ``j`` takes ``3 L`` steps from step
-``start + j · every · L`` (``L``: ``segment_steps``): ``L`` steps on the *governed* arm, ``L`` on the other, ``L`` on
-the governed arm again (``A B A``, see ``payoff.py``), with the probe loss taken before the first step of each
-segment and after the last. Every other step trains on the governed arm, which is selection unless the governor
-has moved training to the control. While training is on the control, measurements come half as often (``every``
-doubled): a probe of selection at a low rate, which moves training back when selection pays again.
+The schedule is a function of the step and the governor's state. A measurement takes ``3 L`` steps (``L``:
+``segment_steps``): ``L`` steps on the *governed* arm, ``L`` on the other, ``L`` on the governed arm again
+(``A B A``, see ``payoff.py``), with the probe loss taken before the first step of each segment and after the last.
+The first measurement starts at ``start``; the first ``burst`` measurements come every 4 segments, back to back
+but for one segment on the governed arm, because the probe loss falls fastest early in a run and the arms differ
+most there (later, a segment's loss change is mostly the noise of SGD's iterate); the next every ``every``
+segments. Every other step trains on the governed arm, which is selection unless the governor has moved training
+to the control. While training is on the control, measurements come half as often (``every`` doubled): a probe
+of selection at a low rate, which moves training back when selection pays again.
 
 States of a measurement (``Phase``) and their transitions, all at a step's start:
 
@@ -69,22 +72,26 @@ class Governor:
         segment_steps: L, the steps of one segment (>= 1).
         every: segments from one measurement's start to the next's while training is on selection (>= 4: a
             measurement takes 3).
-        window: the measurements the governor decides on: the last ``window`` (>= 2).
+        window: the measurements a decision reads, of those since the governor last moved training: the last
+            ``window`` (>= 2), or 0 for all of them.
         start: the step of the first measurement.
+        burst: the first measurements, taken every 4 segments (>= 0).
     """
 
-    VERSION: ClassVar[int] = 1
+    VERSION: ClassVar[int] = 2
 
-    def __init__(self, mode: Mode, segment_steps: int, every: int, window: int, start: int) -> None:
+    def __init__(self, mode: Mode, segment_steps: int, every: int, window: int, start: int, burst: int = 0) -> None:
         if mode not in ("measure", "govern"):
             raise ValueError(f"payoff mode must be 'measure' or 'govern', received {mode!r}")
-        if segment_steps < 1 or every < 4 or window < 2 or start < 0:
+        if segment_steps < 1 or every < 4 or window == 1 or window < 0 or start < 0 or burst < 0:
             raise ValueError(
-                "payoff schedule needs segment_steps >= 1, every >= 4 segments, window >= 2 measurements and "
-                f"start >= 0; received {segment_steps}, {every}, {window}, {start}"
+                "payoff schedule needs segment_steps >= 1, every >= 4 segments, window 0 or >= 2 measurements, "
+                f"start >= 0 and burst >= 0; received {segment_steps}, {every}, {window}, {start}, {burst}"
             )
         self.mode, self.segment_steps, self.every, self.window = mode, segment_steps, every, window
+        self.burst = burst
         self.arm: Arm = "selection"  # the governed arm
+        self.moved_at = 0  # measurements recorded when the governor last moved training (decisions read the rest)
         self.next_start = start  # the first step of the open measurement, or of the next one
         self.open: _Open | None = None
         self.pairs: list[Pair] = []
@@ -99,15 +106,30 @@ class Governor:
     # -- the schedule ------------------------------------------------------------------------------------------
 
     @property
+    def taken(self) -> int:
+        """Measurements finished: recorded or spoiled."""
+        return len(self.pairs) + self.spoiled
+
+    def period_after(self, taken: int) -> int:
+        """Steps from the start of the measurement that finishes as the ``taken``-th to the next one's start, while
+        the governed arm stays what it is."""
+        if self.arm == "control":
+            return 2 * self.every * self.segment_steps
+        return (4 if taken < self.burst else self.every) * self.segment_steps
+
+    @property
     def period(self) -> int:
-        """Steps from one measurement's start to the next's, while the governed arm stays what it is."""
-        return (self.every if self.arm == "selection" else 2 * self.every) * self.segment_steps
+        """Steps from the open (or next) measurement's start to the one after."""
+        return self.period_after(self.taken + 1)
 
     def arm_at(self, step: int) -> Arm:
         """The arm step ``step`` (not before the next probe) trains on, as far as the state knows: a decision at a
         measurement's end may change the steps after it (the forecast of a later step can miss)."""
-        offset = step - self.next_start
-        if offset >= 0 and self.segment_steps <= offset % self.period < 2 * self.segment_steps:
+        start, taken, length = self.next_start, self.taken, self.segment_steps
+        while step >= start + 3 * length:  # a later measurement's
+            taken += 1
+            start += self.period_after(taken)
+        if length <= step - start < 2 * length:
             return _other(self.arm)
         return self.arm
 
@@ -165,10 +187,12 @@ class Governor:
         return estimate(self.pairs, self.costs)
 
     def _decide(self, step: int) -> Decision:
-        recent = estimate(self.pairs[-self.window :], self.costs)
+        since = self.pairs[self.moved_at :]
+        recent = estimate(since[-self.window :] if self.window else since, self.costs)
         verdict = "undetermined" if recent is None else recent.verdict()
-        if verdict != "undetermined":
-            self.arm = "selection" if verdict == "pays" else "control"
+        arm: Arm = self.arm if verdict == "undetermined" else "selection" if verdict == "pays" else "control"
+        if arm != self.arm:
+            self.arm, self.moved_at = arm, len(self.pairs)
         lo = None if recent is None else recent.per_second_lo
         hi = None if recent is None else recent.per_second_hi
         decision = Decision(step, self.arm, verdict, lo, hi)
@@ -181,8 +205,9 @@ class Governor:
         """Plain values: the schedule's settings (checked on load), the arm, the measurements and the decisions."""
         return {
             "version": self.VERSION,
-            "settings": [self.mode, self.segment_steps, self.every, self.window],
+            "settings": [self.mode, self.segment_steps, self.every, self.window, self.burst],
             "arm": self.arm,
+            "moved_at": self.moved_at,
             "next_start": self.next_start,
             "open": None if self.open is None else asdict(self.open),
             "pairs": [[p.selection, p.control] for p in self.pairs],
@@ -193,13 +218,13 @@ class Governor:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue ``state_dict()``'s run; refuses another version or other settings."""
-        mine = [self.mode, self.segment_steps, self.every, self.window]
+        mine = [self.mode, self.segment_steps, self.every, self.window, self.burst]
         if state.get("version") != self.VERSION or list(state.get("settings", [])) != mine:
             raise ValueError(
                 f"payoff state has version {state.get('version')!r} and settings {state.get('settings')!r} "
-                f"(mode, segment_steps, every, window); this loader's are {self.VERSION} and {mine}"
+                f"(mode, segment_steps, every, window, burst); this loader's are {self.VERSION} and {mine}"
             )
-        self.arm, self.next_start = state["arm"], int(state["next_start"])
+        self.arm, self.next_start, self.moved_at = state["arm"], int(state["next_start"]), int(state["moved_at"])
         self.open = None if state["open"] is None else _Open(**state["open"])
         self.pairs = [Pair(float(x), float(y)) for x, y in state["pairs"]]
         self.spoiled = int(state["spoiled"])

@@ -357,13 +357,11 @@ class CoresetLoader(FollowsRankZero):
         assert payoff is not None
         step, took = s.stats.steps, 0.0
         if payoff.probe_due(step):
+            was = payoff.governor.arm
             decision, took = payoff.probe_step(step)
             if decision is not None:
-                log.info(
-                    "step %d: payoff %s over the last %d measurements; training on %s",
-                    *(step, decision.verdict, self.config.payoff_window, decision.arm),
-                )
-                if decision.arm == "selection" and s.want_at is None and s.region is not None:
+                log.info("step %d: payoff %s; training on %s", step, decision.verdict, decision.arm)
+                if was == "control" and decision.arm == "selection" and s.want_at is None and s.region is not None:
                     self._want_round()  # back from the control: the region held since is stale
         ahead = payoff.round_ahead(step, self.config.lookahead_steps)
         if ahead is not None and s.want_at is None and s.pending is None and not s.need_request:

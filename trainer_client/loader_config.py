@@ -164,15 +164,26 @@ class LoaderConfig:
     payoff_segment_steps: int = 20
     # Segments from one measurement's start to the next (>= 4), doubled while governed onto the control.
     payoff_every: int = 10
-    # Measurements a governing decision reads: the last this many (>= 2).
-    payoff_window: int = 4
+    # The first measurements, taken every 4 segments: early in a run the probe loss falls fastest and the arms
+    # differ most; later a segment's loss change is mostly SGD's noise (docs/concepts/payoff.md, the tuning).
+    payoff_burst: int = 3
+    # Measurements a governing decision reads, of those since the governor last moved training: the last this
+    # many (>= 2), or 0 for all of them (tuned: a window of 3-4 late in a clean run moved training off selection
+    # on noise; all of them never did, and still moved the noisy-label run by its third measurement).
+    payoff_window: int = 0
 
     def __post_init__(self) -> None:
         _check_choices(self)
-        if self.payoff_segment_steps < 1 or self.payoff_every < 4 or self.payoff_window < 2:
+        if (
+            self.payoff_segment_steps < 1
+            or self.payoff_every < 4
+            or self.payoff_burst < 0
+            or not (self.payoff_window == 0 or self.payoff_window >= 2)
+        ):
             raise ValueError(
-                "payoff_segment_steps must be >= 1, payoff_every >= 4 segments and payoff_window >= 2 measurements; "
-                f"received {self.payoff_segment_steps}, {self.payoff_every}, {self.payoff_window}"
+                "payoff_segment_steps must be >= 1, payoff_every >= 4 segments, payoff_burst >= 0 and payoff_window "
+                "0 (all measurements) or >= 2; received "
+                f"{self.payoff_segment_steps}, {self.payoff_every}, {self.payoff_burst}, {self.payoff_window}"
             )
         if self.fit_batch_size < 0:
             raise ValueError(

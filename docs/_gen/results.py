@@ -40,6 +40,7 @@ class Entry:
 _INTEL = "the 2-core Intel CPU of research rounds 1-9 (its JSON predates the CPU model field)"
 CATALOG: dict[str, Entry] = {
     "demo_recommended_xeon_amx.json": Entry("2026-12-06"),
+    **{f"frontier_payoff_{t}.json": Entry("2026-12-06") for t in ("clean", "noisy", "longtail")},
     "frontier_clean_float32_ray.json": Entry("2026-11-29", "research/03-frontier-clean.md", _INTEL),
     "frontier_longtail_float32_ray.json": Entry("2026-11-29", "research/04-frontier-long-tailed.md", _INTEL),
     "frontier_clean.json": Entry("2026-11-29", "research/05-third-round.md", _INTEL),
@@ -129,6 +130,7 @@ def _budget(b: str, steps: int | None) -> str:
 
 # The methods' names in the tables.
 LABELS = {"full": "full data", "random": "random", "crest": "CREST", "infobatch": "InfoBatch", "balanced": "balanced"}
+LABELS |= {"crest-measure": "CREST, measuring", "crest-govern": "CREST, governed"}
 
 
 def _time_to(t: dict[str, Any], method: str) -> str:
@@ -177,6 +179,70 @@ def _frontier(path: Path, data: dict[str, Any]) -> list[str]:
     lines += ["Time to each target on the method's frontier, and its speedup against full data:", ""]
     rows = [[t["name"], _f(t["accuracy"]), *(_time_to(t, m) for m in methods)] for t in s["targets"]]
     lines += _table(["target", "accuracy", *(LABELS.get(m, m) for m in methods)], rows)
+    lines += ["The command:", "", "```sh", data["command"], "```", ""]
+    return lines
+
+
+def _payoff_frontier(path: Path, data: dict[str, Any]) -> list[str]:
+    """The payoff's frontier: the four methods, the issue's targets as paired differences, and each run's payoff."""
+    s, p = data["summary"], data["protocol"]
+    methods, pay = s["methods"], s.get("payoff") or {}
+    seeds = f"{p['first_seed']}-{p['first_seed'] + p['seeds'] - 1}" if p["seeds"] > 1 else str(p["first_seed"])
+    lines = [
+        f"{data['dataset']}; {data['train_examples']:,} training examples, scored on the {data['evaluation']} set; "
+        f"seeds {seeds}; CREST's recipe `{p.get('crest_recipe', '?')}`. Accuracy, mean ± sd over seeds "
+        "(wall-clock s):",
+        "",
+    ]
+    rows = []
+    for b in s["budgets"]:
+        key = str(b)
+        cells = [_budget(key, p["steps"].get(key))]
+        for m in methods:
+            point = s["points"][m].get(key)
+            cells.append("-" if not point else f"{_pm(point['accuracy'])} ({point['wall_s']['mean']:.1f} s)")
+        rows.append(cells)
+    lines += _table(["budget (steps)", *(LABELS.get(m, m) for m in methods)], rows)
+    vs_crest, vs_full = pay.get("vs_crest", {}), s.get("selection", {})
+    lines += ["Paired differences at equal wall-clock (each run against the other method's frontier of its seed):", ""]
+    head = ["budget", f"governed {MINUS} CREST", f"measuring {MINUS} CREST", f"governed {MINUS} full data"]
+    head += [f"CREST {MINUS} full data"]
+    rows = []
+    for b in s["budgets"]:
+        key = str(b)
+        rows.append(
+            [
+                _budget(key, None),
+                _pm(vs_crest.get("crest-govern", {}).get(key, {}).get("crest", {}).get("equal_time"), sign="+"),
+                _pm(vs_crest.get("crest-measure", {}).get(key, {}).get("crest", {}).get("equal_time"), sign="+"),
+                _pm(vs_full.get("crest-govern", {}).get(key, {}).get("full", {}).get("equal_time"), sign="+"),
+                _pm(vs_full.get("crest", {}).get(key, {}).get("full", {}).get("equal_time"), sign="+"),
+            ]
+        )
+    lines += _table(head, rows)
+    lines += ["What each run printed at its end (the measuring run; where the governed run moved to the control):", ""]
+    rows = []
+    runs = pay.get("runs", {})
+    for b in s["budgets"]:
+        key = str(b)
+        measured, governed = runs.get("crest-measure", {}).get(key, {}), runs.get("crest-govern", {}).get(key, {})
+        agree = pay.get("sign_agreement", {}).get(key, {}).get("agree", {})
+        for seed, row in measured.items():
+            g = governed.get(seed, {})
+            moved = g.get("moved_to_control_at")
+            where = "stayed on selection" if moved is None else f"step {moved}, ended on {g.get('arm')}"
+            rows.append(
+                [
+                    _budget(key, None),
+                    seed,
+                    row["line"].split("; probes")[0],
+                    f"{row.get('probe_share') or 0:.1%}",
+                    {True: "yes", False: "no", None: "-"}[agree.get(seed)],
+                    where,
+                ]
+            )
+    head = ["budget", "seed", "measuring run's payoff", "probes", "sign agrees", "governed run moved"]
+    lines += _table(head, rows)
     lines += ["The command:", "", "```sh", data["command"], "```", ""]
     return lines
 
@@ -348,6 +414,15 @@ _FRONTIER_ABOUT = (
     "each file is below its tables."
 )
 FAMILIES = [
+    Family(
+        "payoff",
+        "Does selection pay? The payoff on the frontier",
+        "frontier_payoff_*.json",
+        "Full data, CREST, CREST measuring its payoff and CREST governed by it (`LoaderConfig.payoff`, "
+        "[the concept](../concepts/payoff.md)) on the budget frontier's protocol, without the E-epoch run "
+        "(`python -m experiments.frontier --no-e-run --methods full,crest,crest-measure,crest-govern`).",
+        _payoff_frontier,
+    ),
     Family(
         "frontier-clean",
         "Budget frontier: Fashion-MNIST",
