@@ -142,6 +142,15 @@ def _time_to(t: dict[str, Any], method: str) -> str:
     return f"{time:.1f} s" + ("" if speedup is None else f" ({speedup:.2f}x)")
 
 
+def _points_row(s: dict[str, Any], p: dict[str, Any], methods: list[str], key: str) -> list[str]:
+    """A budget's cells: the budget (steps), then each method's accuracy, mean ± sd (wall-clock s)."""
+    cells = [_budget(key, p["steps"].get(key))]
+    for m in methods:
+        point = s["points"][m].get(key)
+        cells.append("-" if not point else f"{_pm(point['accuracy'])} ({point['wall_s']['mean']:.1f} s)")
+    return cells
+
+
 def _frontier(path: Path, data: dict[str, Any]) -> list[str]:
     s, p = data["summary"], data["protocol"]
     methods = s["methods"]
@@ -158,10 +167,7 @@ def _frontier(path: Path, data: dict[str, Any]) -> list[str]:
     rows = []
     for b in s["budgets"]:
         key = str(b)
-        cells = [_budget(key, p["steps"].get(key))]
-        for m in methods:
-            point = s["points"][m].get(key)
-            cells.append("-" if not point else f"{_pm(point['accuracy'])} ({point['wall_s']['mean']:.1f} s)")
+        cells = _points_row(s, p, methods, key)
         vs_full = crest.get(key, {}).get("full", {})
         cells += [
             _pm(vs_full.get("equal_steps"), sign="+"),
@@ -194,14 +200,7 @@ def _payoff_frontier(path: Path, data: dict[str, Any]) -> list[str]:
         "(wall-clock s):",
         "",
     ]
-    rows = []
-    for b in s["budgets"]:
-        key = str(b)
-        cells = [_budget(key, p["steps"].get(key))]
-        for m in methods:
-            point = s["points"][m].get(key)
-            cells.append("-" if not point else f"{_pm(point['accuracy'])} ({point['wall_s']['mean']:.1f} s)")
-        rows.append(cells)
+    rows = [_points_row(s, p, methods, str(b)) for b in s["budgets"]]
     lines += _table(["budget (steps)", *(LABELS.get(m, m) for m in methods)], rows)
     vs_crest, vs_full = pay.get("vs_crest", {}), s.get("selection", {})
     lines += ["Paired differences at equal wall-clock (each run against the other method's frontier of its seed):", ""]
