@@ -181,6 +181,7 @@ def summarize(runs: Sequence[FrontierRun]) -> dict[str, Any]:
         for b in budgets
     }
     reference = _reference(runs)
+    selection = _equal_steps_and_time(sweep, methods, budgets)
     return {
         "budgets": budgets,
         "methods": methods,
@@ -190,9 +191,9 @@ def summarize(runs: Sequence[FrontierRun]) -> dict[str, Any]:
         "targets": _targets(points, fronts, reference),
         "reference": reference,
         "paper": _paper(sweep, methods, budgets, runs),
-        "selection": _equal_steps_and_time(sweep, methods, budgets),
+        "selection": selection,
         "cost": _cost(sweep, methods, budgets),
-        "payoff": _payoff(sweep, methods, budgets),
+        "payoff": _payoff(sweep, methods, budgets, selection),
     }
 
 
@@ -310,7 +311,9 @@ def _equal_steps_and_time(
     return out
 
 
-def _payoff(sweep: list[FrontierRun], methods: list[str], budgets: list[float]) -> dict[str, Any] | None:
+def _payoff(
+    sweep: list[FrontierRun], methods: list[str], budgets: list[float], selection: dict[str, Any]
+) -> dict[str, Any] | None:
     """The payoff each measuring or governed run printed (LoaderConfig.payoff), per seed, and the sign check: does
     the measuring run's speedup per second lie on the same side of 1 as CREST's paired equal-time difference with
     full data at that budget?"""
@@ -339,7 +342,7 @@ def _payoff(sweep: list[FrontierRun], methods: list[str], budgets: list[float]) 
     signs: dict[str, Any] = {}
     if "crest-measure" in methods and "crest" in methods:
         for b in budgets:
-            crest = _equal_steps_and_time(sweep, ["crest", "full"], [b])["crest"][key(b)]["full"]["equal_time"]
+            crest = selection["crest"][key(b)]["full"]["equal_time"]
             measured = runs["crest-measure"][key(b)]
             verdicts = {seed: _side(row) for seed, row in measured.items()}
             frontier = crest.get("mean")
