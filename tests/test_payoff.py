@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from trainer_client.payoff import LEVEL, ArmCosts, Pair, Segment, estimate, ratio_interval, t95
+from trainer_client.payoff import LEVEL, ArmCosts, Pair, Segment, estimate, ratio_gap, ratio_interval, t95
 
 STEPS = 20
 
@@ -71,14 +71,46 @@ def test_a_linear_drift_cancels_out_of_a_measurement() -> None:
     assert pair.selection == pytest.approx(1.5 * 0.025) and pair.control == pytest.approx(0.025)
 
 
-def test_no_progress_in_the_control_leaves_the_payoff_undetermined() -> None:
+def test_no_progress_in_either_arm_leaves_the_payoff_undetermined() -> None:
     rng = np.random.default_rng(2)
-    pairs = [Pair(0.01 + rng.normal(0, 0.001), rng.normal(0, 0.003)) for _ in range(6)]
-    _, lo, hi = ratio_interval(pairs)
-    assert (lo, hi) == (-math.inf, math.inf)
+    pairs = [Pair(rng.normal(0, 0.003), rng.normal(0, 0.003)) for _ in range(6)]
+    assert ratio_interval(pairs)[1:] == (-math.inf, math.inf)
     payoff = estimate(pairs, ArmCosts())
     assert payoff is not None and payoff.undetermined and payoff.verdict() == "undetermined"
-    assert "unclear" in payoff.describe() and "[-inf, inf]" in payoff.describe()
+    assert payoff.describe().startswith("selection's payoff unclear: ")
+
+
+def test_selection_progressing_where_the_control_does_not_pays_with_an_unbounded_interval() -> None:
+    """The control's rate cannot be told from 0, so the ratio's set is two rays; it leaves 1 out, and the
+    verdict reads the progress: selection's is above the control's."""
+    rng = np.random.default_rng(2)
+    pairs = [Pair(0.01 + rng.normal(0, 0.001), rng.normal(0, 0.003)) for _ in range(6)]
+    assert ratio_interval(pairs)[1:] == (-math.inf, math.inf)
+    gap = ratio_gap(pairs)
+    assert gap is not None and gap[0] < 1 < gap[1]
+    payoff = estimate(pairs, ArmCosts())
+    assert payoff is not None and payoff.undetermined and payoff.verdict() == "pays"
+    assert f"[-inf, {gap[0]:.2f}] or [{gap[1]:.2f}, inf] per step" in payoff.describe()
+
+
+def test_selection_raising_the_loss_loses_where_the_control_is_noise() -> None:
+    """Late on noisy labels: selection's coresets raise the probe loss while the control's segments are SGD's
+    noise. The ratio's interval is unbounded, but 1 per second is outside its set and selection's progress is
+    below the control's: it loses."""
+    rng = np.random.default_rng(3)
+    pairs = [Pair(-0.004 + rng.normal(0, 0.001), rng.normal(0, 0.001)) for _ in range(8)]
+    costs = ArmCosts(selection_steps=60, selection_s=0.72, control_steps=60, control_s=0.6)
+    payoff = estimate(pairs, costs)
+    assert payoff is not None and payoff.undetermined and payoff.verdict() == "loses"
+    assert payoff.gap is not None and payoff.gap[0] < 1 < payoff.gap[1]
+    assert payoff.describe().startswith("selection lost: ")
+
+
+def test_a_control_that_worsens_the_probe_loss_does_not_make_selection_lose() -> None:
+    """A negative ratio from a control that raises the loss while selection lowers it: selection pays."""
+    pairs = [Pair(0.010 + d, -0.010 + d) for d in (-0.001, 0.0, 0.001, 0.0005)]
+    payoff = estimate(pairs, ArmCosts())
+    assert payoff is not None and payoff.per_step < 0 and payoff.verdict() == "pays"
 
 
 def test_costs_turn_the_per_step_speedup_into_a_per_second_one() -> None:

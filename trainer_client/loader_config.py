@@ -158,7 +158,8 @@ class LoaderConfig:
     # control arm (uniform batches, class-balanced when the labels are skewed) with selection and scores both on
     # the held-out probe set given to the loader (``CoresetLoader(probe=...)``), reporting selection's speedup per
     # step and per second with a 90% interval (``LoaderStats.payoff_*``); "govern" also trains on the control while
-    # that interval says selection loses, probing at half the rate, and selects again when it pays; "off".
+    # the test behind that interval says selection's progress per second is below the control's, probing at half
+    # the rate, and selects again when it pays; "off".
     payoff: PayoffMode = "off"
     # Steps of one payoff segment; a measurement takes three (selection, control, selection).
     payoff_segment_steps: int = 20

@@ -12,8 +12,16 @@ a learning-rate schedule) cancels out of the comparison. Every measurement gives
 and the run's pairs give the ratio of the mean rates, ``x̄ / ȳ``: selection's speedup *per step* (how many
 control steps one selection step is worth, near the losses measured). Its interval is Fieller's for a ratio of
 two means of paired samples (the ratios r whose t interval on ``x - r y`` holds 0), which stays honest when ``ȳ``
-is small: when the control's own progress cannot be told from 0, the interval is unbounded and the payoff
-*undetermined*.
+is small: when the control's own progress cannot be told from 0, the interval is unbounded.
+
+The verdict asks one question of the same test: is selection's progress per second above or below the control's?
+That is the test of one ratio, ``r0`` (1 per second: the arms' cost ratio per step), by the paired t statistic of
+``x - r0 y``: *pays* when it is significantly positive, *loses* when negative, *undetermined* otherwise. Fieller's
+set is exactly the ratios this test keeps, so the verdict and the interval agree; the verdict also stands where the
+set is unbounded but still leaves out ``r0`` (it is then two rays, printed as such: late in a run a segment's
+control progress is mostly SGD's noise, yet selection can still be told apart from it when its steps cost far
+more), and it reads the sign of the progress, not of the ratio, so a control that makes the probe loss worse is
+not mistaken for selection losing.
 
 Per wall-second, the speedup is the per-step one times the two arms' costs per step, ``c_control / c_selection``,
 where each arm is charged what it really costs: a selection step its share of the embedding passes, fits,
@@ -29,6 +37,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 Arm = Literal["selection", "control"]
+Verdict = Literal["pays", "loses", "undetermined"]
 
 # Two-sided 90% intervals: the 0.95 quantile of Student's t with df degrees of freedom (df 1..30, then 40, 60, 120).
 _T95: tuple[float, ...] = (6.3138, 2.9200, 2.3534, 2.1318, 2.0150, 1.9432, 1.8946, 1.8595, 1.8331, 1.8125)
@@ -114,9 +123,12 @@ class Payoff:
     per_second: float | None = None
     per_second_lo: float | None = None
     per_second_hi: float | None = None
+    outcome: Verdict = "undetermined"  # the test at 1 per second (per step before costs are known)
+    gap: tuple[float, float] | None = None  # an unbounded set's excluded ratios, in the headline's unit
 
     @property
     def undetermined(self) -> bool:
+        """Whether the interval is unbounded (the verdict may still be decided: ``verdict``)."""
         return not (math.isfinite(self.per_step_lo) and math.isfinite(self.per_step_hi))
 
     def _headline(self) -> tuple[float, float, float, str]:
@@ -125,18 +137,20 @@ class Payoff:
             return self.per_second, self.per_second_lo, self.per_second_hi, "per second"
         return self.per_step, self.per_step_lo, self.per_step_hi, "per step"
 
-    def verdict(self) -> str:
-        """ "pays", "loses" or "undetermined": where the per-second interval (the per-step one before costs are
-        known) lies against 1."""
-        _, lo, hi, _ = self._headline()
-        return "pays" if lo > 1 else "loses" if hi < 1 else "undetermined"
+    def verdict(self) -> Verdict:
+        """ "pays", "loses" or "undetermined": whether selection's probe-loss progress per second (per step before
+        the costs are known) is above or below the control's at the 90% level (the module docstring)."""
+        return self.outcome
 
     def describe(self) -> str:
         """One line for a summary, e.g. ``selection paid: 1.30x [1.10, 1.52] per second (8 measurements)``."""
         head = {"pays": "selection paid", "loses": "selection lost", "undetermined": "selection's payoff unclear"}
         value, lo, hi, unit = self._headline()
+        bounds = f"[{_fmt(lo)}, {_fmt(hi)}]"
+        if self.gap is not None:
+            bounds = f"[-inf, {_fmt(self.gap[0])}] or [{_fmt(self.gap[1])}, inf]"
         return (
-            f"{head[self.verdict()]}: {value:.2f}x [{_fmt(lo)}, {_fmt(hi)}] {unit} "
+            f"{head[self.verdict()]}: {value:.2f}x {bounds} {unit} "
             f"({self.measurements} measurement{'s' if self.measurements != 1 else ''}, {LEVEL:.0%} interval)"
         )
 
@@ -150,10 +164,8 @@ def _fmt(x: float) -> str:
     return f"{x:.2f}" if math.isfinite(x) else ("inf" if x > 0 else "-inf")
 
 
-def ratio_interval(pairs: Sequence[Pair]) -> tuple[float, float, float]:
-    """(x̄/ȳ, lo, hi): the ratio of the mean selection rate to the mean control rate over ``pairs`` (at least 2),
-    with Fieller's 90% interval; (ratio, -inf, inf) when the interval is unbounded (the mean control rate is
-    not distinguishable from 0, or the data allow every ratio), ratio nan when ȳ is 0."""
+def _moments(pairs: Sequence[Pair]) -> tuple[float, float, float, float, float]:
+    """(x̄, ȳ, var x̄, var ȳ, cov(x̄, ȳ)) of at least 2 finite pairs."""
     n = len(pairs)
     if n < 2:
         raise ValueError(f"an interval needs at least 2 measurements, received {n}")
@@ -162,16 +174,27 @@ def ratio_interval(pairs: Sequence[Pair]) -> tuple[float, float, float]:
     if not all(math.isfinite(v) for v in xs + ys):
         raise ValueError(f"measurement rates must be finite, received {list(zip(xs, ys, strict=True))}")
     mx, my = sum(xs) / n, sum(ys) / n
-    # Variances and covariance of the two means.
     vxx = sum((x - mx) ** 2 for x in xs) / (n - 1) / n
     vyy = sum((y - my) ** 2 for y in ys) / (n - 1) / n
     vxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / (n - 1) / n
+    return mx, my, vxx, vyy, vxy
+
+
+def _fieller(pairs: Sequence[Pair]) -> tuple[float, float, float]:
+    """(a, b, c): the ratio r is kept at the 90% level where a r^2 + b r + c <= 0, i.e. where the paired t test
+    holds ``mx - r my`` at 0: (mx - r my)^2 <= t^2 (vxx - 2 r vxy + r^2 vyy)."""
+    mx, my, vxx, vyy, vxy = _moments(pairs)
+    t2 = t95(len(pairs) - 1) ** 2
+    return my * my - t2 * vyy, -2 * (mx * my - t2 * vxy), mx * mx - t2 * vxx
+
+
+def ratio_interval(pairs: Sequence[Pair]) -> tuple[float, float, float]:
+    """(x̄/ȳ, lo, hi): the ratio of the mean selection rate to the mean control rate over ``pairs`` (at least 2),
+    with Fieller's 90% interval; (ratio, -inf, inf) when the interval is unbounded (the mean control rate is
+    not distinguishable from 0, or the data allow every ratio), ratio nan when ȳ is 0."""
+    mx, my, *_ = _moments(pairs)
+    a, b, c = _fieller(pairs)
     ratio = mx / my if my != 0 else math.nan
-    t2 = t95(n - 1) ** 2
-    # r is in the interval where (mx - r my)^2 <= t^2 (vxx - 2 r vxy + r^2 vyy): a r^2 + b r + c <= 0.
-    a = my * my - t2 * vyy
-    b = -2 * (mx * my - t2 * vxy)
-    c = mx * mx - t2 * vxx
     disc = b * b - 4 * a * c
     if a <= 0 or disc < 0:
         return ratio, -math.inf, math.inf
@@ -179,13 +202,44 @@ def ratio_interval(pairs: Sequence[Pair]) -> tuple[float, float, float]:
     return ratio, (-b - root) / (2 * a), (-b + root) / (2 * a)
 
 
+def ratio_gap(pairs: Sequence[Pair]) -> tuple[float, float] | None:
+    """The ratios an unbounded Fieller set leaves out, (lo, hi), when it is two rays; None otherwise."""
+    a, b, c = _fieller(pairs)
+    disc = b * b - 4 * a * c
+    if a >= 0 or disc <= 0:
+        return None
+    root = math.sqrt(disc)
+    return (-b + root) / (2 * a), (-b - root) / (2 * a)  # a < 0: this order is ascending
+
+
+def compare(pairs: Sequence[Pair], r0: float) -> Verdict:
+    """Whether selection's rate is above ``r0`` times the control's ("pays"), below ("loses"), or neither at the
+    90% level: the paired t test of ``x - r0 y`` (Fieller's test of the ratio ``r0``)."""
+    mx, my, *_ = _moments(pairs)
+    a, b, c = _fieller(pairs)
+    if a * r0 * r0 + b * r0 + c <= 0:
+        return "undetermined"
+    return "pays" if mx - r0 * my > 0 else "loses"
+
+
 def estimate(pairs: Sequence[Pair], costs: ArmCosts) -> Payoff | None:
     """The payoff from a run's measurements and its arms' costs; None with fewer than 2 measurements."""
     if len(pairs) < 2:
         return None
     ratio, lo, hi = ratio_interval(pairs)
+    gap = ratio_gap(pairs)
     per_step = costs.per_step()
-    if per_step is None:
-        return Payoff(len(pairs), ratio, lo, hi)
+    if per_step is None or min(per_step) <= 0:
+        return Payoff(len(pairs), ratio, lo, hi, outcome=compare(pairs, 1.0), gap=gap)
     scale = per_step[1] / per_step[0]  # control's seconds per step over selection's
-    return Payoff(len(pairs), ratio, lo, hi, ratio * scale, lo * scale, hi * scale)
+    return Payoff(
+        len(pairs),
+        ratio,
+        lo,
+        hi,
+        ratio * scale,
+        lo * scale,
+        hi * scale,
+        outcome=compare(pairs, 1 / scale),  # 1 per second is 1 / scale per step
+        gap=None if gap is None else (gap[0] * scale, gap[1] * scale),
+    )

@@ -40,7 +40,7 @@ class Entry:
 _INTEL = "the 2-core Intel CPU of research rounds 1-9 (its JSON predates the CPU model field)"
 CATALOG: dict[str, Entry] = {
     "demo_recommended_xeon_amx.json": Entry("2026-12-06"),
-    **{f"frontier_payoff_{t}.json": Entry("2026-12-06") for t in ("clean", "noisy", "longtail")},
+    **{f"frontier_payoff_{t}.json": Entry("2026-12-06") for t in ("clean", "noisy", "longtail", "released")},
     "frontier_clean_float32_ray.json": Entry("2026-11-29", "research/03-frontier-clean.md", _INTEL),
     "frontier_longtail_float32_ray.json": Entry("2026-11-29", "research/04-frontier-long-tailed.md", _INTEL),
     "frontier_clean.json": Entry("2026-11-29", "research/05-third-round.md", _INTEL),
@@ -102,7 +102,7 @@ def _f(x: float | None, digits: int = 4) -> str:
 
 def _pm(stat: dict[str, Any] | None, digits: int = 4, sign: str = "") -> str:
     """mean ± sd of a summary's {mean, sd, n} (``sign="+"`` for a difference)."""
-    if not stat:
+    if not stat or stat.get("mean") is None:  # no run to compare (one run's time outside the other's frontier)
         return "-"
     sd = stat.get("sd")
     mean = f"{stat['mean']:{sign}.{digits}f}".replace("-", MINUS)
