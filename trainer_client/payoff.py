@@ -18,10 +18,11 @@ The verdict asks one question of the same test: is selection's progress per seco
 That is the test of one ratio, ``r0`` (1 per second: the arms' cost ratio per step), by the paired t statistic of
 ``x - r0 y``: *pays* when it is significantly positive, *loses* when negative, *undetermined* otherwise. Fieller's
 set is exactly the ratios this test keeps, so the verdict and the interval agree; the verdict also stands where the
-set is unbounded but still leaves out ``r0`` (it is then two rays, printed as such: late in a run a segment's
-control progress is mostly SGD's noise, yet selection can still be told apart from it when its steps cost far
-more), and it reads the sign of the progress, not of the ratio, so a control that makes the probe loss worse is
-not mistaken for selection losing.
+set is unbounded but still leaves out ``r0`` (it is then two rays, printed as such: late on noisy labels,
+selection's coresets raise the probe loss while the control's segments are SGD's noise around 0), and it reads the
+sign of the progress, not of the ratio, so a control that makes the probe loss worse is not mistaken for selection
+losing. Where selection's steps cost many control steps, ``r0`` is large and the test asks, in effect, whether the
+control's progress can be told from 0.
 
 Per wall-second, the speedup is the per-step one times the two arms' costs per step, ``c_control / c_selection``,
 where each arm is charged what it really costs: a selection step its share of the embedding passes, fits,
@@ -164,73 +165,84 @@ def _fmt(x: float) -> str:
     return f"{x:.2f}" if math.isfinite(x) else ("inf" if x > 0 else "-inf")
 
 
-def _moments(pairs: Sequence[Pair]) -> tuple[float, float, float, float, float]:
-    """(x̄, ȳ, var x̄, var ȳ, cov(x̄, ȳ)) of at least 2 finite pairs."""
-    n = len(pairs)
-    if n < 2:
-        raise ValueError(f"an interval needs at least 2 measurements, received {n}")
-    xs = [p.selection for p in pairs]
-    ys = [p.control for p in pairs]
-    if not all(math.isfinite(v) for v in xs + ys):
-        raise ValueError(f"measurement rates must be finite, received {list(zip(xs, ys, strict=True))}")
-    mx, my = sum(xs) / n, sum(ys) / n
-    vxx = sum((x - mx) ** 2 for x in xs) / (n - 1) / n
-    vyy = sum((y - my) ** 2 for y in ys) / (n - 1) / n
-    vxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / (n - 1) / n
-    return mx, my, vxx, vyy, vxy
+@dataclass(frozen=True)
+class _Fieller:
+    """Fieller's test of a ratio r of the mean rates, built once from the pairs: r is kept at the 90% level where
+    ``a r^2 + b r + c <= 0``, i.e. where the paired t test holds ``mx - r my`` at 0:
+    (mx - r my)^2 <= t^2 (vxx - 2 r vxy + r^2 vyy), the v's the variances and covariance of the two means."""
 
+    mx: float
+    my: float
+    a: float
+    b: float
+    c: float
 
-def _fieller(pairs: Sequence[Pair]) -> tuple[float, float, float]:
-    """(a, b, c): the ratio r is kept at the 90% level where a r^2 + b r + c <= 0, i.e. where the paired t test
-    holds ``mx - r my`` at 0: (mx - r my)^2 <= t^2 (vxx - 2 r vxy + r^2 vyy)."""
-    mx, my, vxx, vyy, vxy = _moments(pairs)
-    t2 = t95(len(pairs) - 1) ** 2
-    return my * my - t2 * vyy, -2 * (mx * my - t2 * vxy), mx * mx - t2 * vxx
+    @classmethod
+    def of(cls, pairs: Sequence[Pair]) -> _Fieller:
+        n = len(pairs)
+        if n < 2:
+            raise ValueError(f"an interval needs at least 2 measurements, received {n}")
+        xs = [p.selection for p in pairs]
+        ys = [p.control for p in pairs]
+        if not all(math.isfinite(v) for v in xs + ys):
+            raise ValueError(f"measurement rates must be finite, received {list(zip(xs, ys, strict=True))}")
+        mx, my = sum(xs) / n, sum(ys) / n
+        vxx = sum((x - mx) ** 2 for x in xs) / (n - 1) / n
+        vyy = sum((y - my) ** 2 for y in ys) / (n - 1) / n
+        vxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / (n - 1) / n
+        t2 = t95(n - 1) ** 2
+        return cls(mx, my, my * my - t2 * vyy, -2 * (mx * my - t2 * vxy), mx * mx - t2 * vxx)
+
+    def interval(self) -> tuple[float, float, float]:
+        ratio = self.mx / self.my if self.my != 0 else math.nan
+        a, b, c = self.a, self.b, self.c
+        disc = b * b - 4 * a * c
+        if a <= 0 or disc < 0:
+            return ratio, -math.inf, math.inf
+        root = math.sqrt(disc)
+        return ratio, (-b - root) / (2 * a), (-b + root) / (2 * a)
+
+    def gap(self) -> tuple[float, float] | None:
+        a, b, c = self.a, self.b, self.c
+        disc = b * b - 4 * a * c
+        if a >= 0 or disc <= 0:
+            return None
+        root = math.sqrt(disc)
+        return (-b + root) / (2 * a), (-b - root) / (2 * a)  # a < 0: this order is ascending
+
+    def compare(self, r0: float) -> Verdict:
+        if self.a * r0 * r0 + self.b * r0 + self.c <= 0:
+            return "undetermined"
+        return "pays" if self.mx - r0 * self.my > 0 else "loses"
 
 
 def ratio_interval(pairs: Sequence[Pair]) -> tuple[float, float, float]:
     """(x̄/ȳ, lo, hi): the ratio of the mean selection rate to the mean control rate over ``pairs`` (at least 2),
     with Fieller's 90% interval; (ratio, -inf, inf) when the interval is unbounded (the mean control rate is
     not distinguishable from 0, or the data allow every ratio), ratio nan when ȳ is 0."""
-    mx, my, *_ = _moments(pairs)
-    a, b, c = _fieller(pairs)
-    ratio = mx / my if my != 0 else math.nan
-    disc = b * b - 4 * a * c
-    if a <= 0 or disc < 0:
-        return ratio, -math.inf, math.inf
-    root = math.sqrt(disc)
-    return ratio, (-b - root) / (2 * a), (-b + root) / (2 * a)
+    return _Fieller.of(pairs).interval()
 
 
 def ratio_gap(pairs: Sequence[Pair]) -> tuple[float, float] | None:
     """The ratios an unbounded Fieller set leaves out, (lo, hi), when it is two rays; None otherwise."""
-    a, b, c = _fieller(pairs)
-    disc = b * b - 4 * a * c
-    if a >= 0 or disc <= 0:
-        return None
-    root = math.sqrt(disc)
-    return (-b + root) / (2 * a), (-b - root) / (2 * a)  # a < 0: this order is ascending
+    return _Fieller.of(pairs).gap()
 
 
 def compare(pairs: Sequence[Pair], r0: float) -> Verdict:
     """Whether selection's rate is above ``r0`` times the control's ("pays"), below ("loses"), or neither at the
     90% level: the paired t test of ``x - r0 y`` (Fieller's test of the ratio ``r0``)."""
-    mx, my, *_ = _moments(pairs)
-    a, b, c = _fieller(pairs)
-    if a * r0 * r0 + b * r0 + c <= 0:
-        return "undetermined"
-    return "pays" if mx - r0 * my > 0 else "loses"
+    return _Fieller.of(pairs).compare(r0)
 
 
 def estimate(pairs: Sequence[Pair], costs: ArmCosts) -> Payoff | None:
     """The payoff from a run's measurements and its arms' costs; None with fewer than 2 measurements."""
     if len(pairs) < 2:
         return None
-    ratio, lo, hi = ratio_interval(pairs)
-    gap = ratio_gap(pairs)
+    test = _Fieller.of(pairs)
+    (ratio, lo, hi), gap = test.interval(), test.gap()
     per_step = costs.per_step()
     if per_step is None or min(per_step) <= 0:
-        return Payoff(len(pairs), ratio, lo, hi, outcome=compare(pairs, 1.0), gap=gap)
+        return Payoff(len(pairs), ratio, lo, hi, outcome=test.compare(1.0), gap=gap)
     scale = per_step[1] / per_step[0]  # control's seconds per step over selection's
     return Payoff(
         len(pairs),
@@ -240,6 +252,6 @@ def estimate(pairs: Sequence[Pair], costs: ArmCosts) -> Payoff | None:
         ratio * scale,
         lo * scale,
         hi * scale,
-        outcome=compare(pairs, 1 / scale),  # 1 per second is 1 / scale per step
+        outcome=test.compare(1 / scale),  # 1 per second is 1 / scale per step
         gap=None if gap is None else (gap[0] * scale, gap[1] * scale),
     )
