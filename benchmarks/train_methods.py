@@ -113,7 +113,7 @@ class RunResult:
     class_share: list[float] = field(default_factory=list)
     # Whether selection paid, as the run printed it (LoaderConfig.payoff; "" with it off).
     payoff: str = ""
-    # Its measurements, costs and decisions: the loader's state_dict()["payoff"] at the end (None with it off).
+    # Its measurements, costs and decisions at the end (CoresetLoader.payoff_state; None with it off).
     payoff_state: dict[str, Any] | None = None
     target_accuracy: float | None = None
     time_to_target_s: float | None = None
@@ -384,7 +384,7 @@ def run_one(
         wall = clock.read()
         stats = loader.stats if loader is not None else None
         payoff_line = loader.payoff_summary() if loader is not None else ""
-        payoff_state = loader.state_dict().get("payoff") if loader is not None else None
+        payoff_state = loader.payoff_state if loader is not None else None
     finally:
         bar.close()
         if loader is not None:

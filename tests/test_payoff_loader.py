@@ -88,6 +88,8 @@ def test_measuring_interleaves_control_segments_and_reports_the_payoff(
     assert stats.fallback_batches == 0 and stats.regions >= 3 and stats.payoff_arm == "selection"
     assert stats.probe_s > 0 and np.isfinite(stats.payoff_per_step) and np.isfinite(stats.payoff_per_second)
     assert loader.payoff_decisions == []  # measure mode decides nothing
+    pairs = loader.payoff_state["governor"]["pairs"]  # type: ignore[index]
+    assert len(pairs) == 4 and loader.payoff_state == loader.state_dict()["payoff"]
     # Each StartRound told the service: its session holds the payoff as of the last round asked for.
     assert loader.session is not None
     state = client.session_state(loader.session.session_id)

@@ -36,6 +36,9 @@ from trainer_client.payoff import Arm, ArmCosts, Pair, Payoff, Segment, estimate
 
 Mode = Literal["measure", "govern"]
 
+# The arm a decided verdict puts training on ("undetermined" keeps the arm).
+_MOVE: dict[str, Arm] = {"pays": "selection", "loses": "control"}
+
 
 class Phase(enum.IntEnum):
     """Where the current measurement stands (transitions: the module docstring)."""
@@ -83,7 +86,7 @@ class Governor:
     def __init__(self, mode: Mode, segment_steps: int, every: int, window: int, start: int, burst: int = 0) -> None:
         if mode not in ("measure", "govern"):
             raise ValueError(f"payoff mode must be 'measure' or 'govern', received {mode!r}")
-        if segment_steps < 1 or every < 4 or window == 1 or window < 0 or start < 0 or burst < 0:
+        if not schedule_valid(segment_steps, every, window, burst) or start < 0:
             raise ValueError(
                 "payoff schedule needs segment_steps >= 1, every >= 4 segments, window 0 or >= 2 measurements, "
                 f"start >= 0 and burst >= 0; received {segment_steps}, {every}, {window}, {start}, {burst}"
@@ -190,7 +193,7 @@ class Governor:
         since = self.pairs[self.moved_at :]
         recent = estimate(since[-self.window :] if self.window else since, self.costs)
         verdict = "undetermined" if recent is None else recent.verdict()
-        arm: Arm = self.arm if verdict == "undetermined" else "selection" if verdict == "pays" else "control"
+        arm = _MOVE.get(verdict, self.arm)
         if arm != self.arm:
             self.arm, self.moved_at = arm, len(self.pairs)
         lo = None if recent is None else recent.per_second_lo
@@ -230,6 +233,13 @@ class Governor:
         self.spoiled = int(state["spoiled"])
         self.costs = ArmCosts(**state["costs"])
         self.decisions = [Decision(**d) for d in state["decisions"]]
+
+
+def schedule_valid(segment_steps: int, every: int, window: int, burst: int) -> bool:
+    """The payoff schedule's one rule (``LoaderConfig`` checks its fields by it, ``Governor`` its arguments):
+    segments of >= 1 step, >= 4 segments between measurements (one takes 3), a window of 0 (every measurement
+    since the last move) or >= 2, and a burst >= 0."""
+    return segment_steps >= 1 and every >= 4 and (window == 0 or window >= 2) and burst >= 0
 
 
 def _other(arm: Arm) -> Arm:

@@ -276,6 +276,12 @@ class CoresetLoader(RegionRounds, FollowsRankZero):
         with the arm training stays on after it; empty in the other modes."""
         return [] if self._payoff is None else list(self._payoff.governor.decisions)
 
+    @property
+    def payoff_state(self) -> dict[str, Any] | None:
+        """The payoff's measurements, costs and decisions, as ``state_dict()["payoff"]`` holds them but without
+        settling a round in flight; None with the payoff off."""
+        return None if self._payoff is None else self._payoff.state_dict()
+
     def payoff_summary(self) -> str:
         """One line on whether selection paid (``LoaderConfig.payoff``), for a run's end; "" with the payoff off."""
         return "" if self._payoff is None else self._payoff.summary()

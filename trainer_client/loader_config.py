@@ -11,6 +11,7 @@ import torch
 
 from crest.selector.v1 import codec
 from crest.selector.v1.settings import SelectionSettings
+from trainer_client.governor import schedule_valid
 from trainer_client.region import RegionConfig
 
 
@@ -175,12 +176,7 @@ class LoaderConfig:
 
     def __post_init__(self) -> None:
         _check_choices(self)
-        if (
-            self.payoff_segment_steps < 1
-            or self.payoff_every < 4
-            or self.payoff_burst < 0
-            or not (self.payoff_window == 0 or self.payoff_window >= 2)
-        ):
+        if not schedule_valid(self.payoff_segment_steps, self.payoff_every, self.payoff_window, self.payoff_burst):
             raise ValueError(
                 "payoff_segment_steps must be >= 1, payoff_every >= 4 segments, payoff_burst >= 0 and payoff_window "
                 "0 (all measurements) or >= 2; received "
