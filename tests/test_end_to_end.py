@@ -118,6 +118,8 @@ def test_crest_demo_command_runs_end_to_end() -> None:
             "4",
             "--payoff-every",
             "4",
+            "--payoff-control-scale",
+            "1",
             "--probe-examples",
             "200",
         ],

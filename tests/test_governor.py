@@ -19,9 +19,10 @@ def _run(
     rng: np.random.Generator,
     loss: float = 2.3,
     taken: list[str] | None = None,
+    overhead_s: float = 0.002,
 ) -> float:
     """Drive ``gov`` over ``steps``: each step lowers the probe loss by ``speed[arm](step)`` plus noise and costs
-    10 ms (selection 2 ms more); returns the loss at the end; ``taken`` gets each step's arm."""
+    10 ms (selection ``overhead_s`` more); returns the loss at the end; ``taken`` gets each step's arm."""
     for step in steps:
         if gov.probe_due(step):
             gov.probe(step, loss)
@@ -29,7 +30,7 @@ def _run(
         if taken is not None:
             taken.append(arm)
         loss -= speed[arm](step) + rng.normal(0, 0.002)  # type: ignore[operator]
-        gov.charge(arm, 0.010, 0.002 if arm == "selection" else 0.0)
+        gov.charge(arm, 0.010, overhead_s if arm == "selection" else 0.0)
     return loss
 
 
@@ -113,6 +114,62 @@ def test_governing_moves_training_to_the_control_when_selection_loses_and_back_w
     assert gov.payoff() is not None and gov.spoiled == 0
 
 
+def test_control_segments_take_the_time_of_a_selection_segment_at_the_arms_cost_ratio() -> None:
+    """control_scale 0: a selection step costs 3 control steps (30 ms against 10), so each measurement's control
+    segment is 3 segments long; the first, opened before a control step ran, prices the control at a selection
+    step's own time. The probes fall on the boundaries, and the forecast made at step 0 holds."""
+    gov = Governor("measure", segment_steps=5, every=5, window=0, start=5, control_scale=0)
+    forecast_after_open: list[str] = []
+    arms, probes = [], []
+    for step in range(110):
+        if gov.probe_due(step):
+            probes.append(step)
+            gov.probe(step, 2.0 - step / 100)
+            if step == 5:
+                forecast_after_open = [gov.arm_at(u)[0] for u in range(5, 110)]
+        arm = gov.arm_at(step)
+        arms.append(arm[0])
+        gov.charge(arm, 0.010, 0.020 if arm == "selection" else 0.0)
+    measurement = "s" * 5 + "c" * 15 + "s" * 5
+    assert "".join(arms) == "s" * 5 + (measurement + "s" * 10) * 3
+    assert "".join(forecast_after_open) == "".join(arms[5:])
+    assert probes == [5, 10, 25, 30, 40, 45, 60, 65, 75, 80, 95, 100]
+    assert gov.scales == [3, 3, 3] and gov.scale == 3
+    # The rates are per step, each segment's loss change over its own steps.
+    assert gov.pairs[0].selection == pytest.approx(0.01) and gov.pairs[0].control == pytest.approx(0.01)
+
+
+def test_equal_time_segments_see_a_costly_selection_lose_sooner_than_equal_steps() -> None:
+    """A selection step costs 10 control steps and is worth 4: per second it makes 0.4x the control's progress.
+    Over 10 noise seeds, control segments of equal time (scale 0 -> 10) move training to the control every time
+    and in fewer measurements than segments of equal steps, whose 20-step change is mostly SGD's noise."""
+    speed = {"selection": lambda s: 0.002, "control": lambda s: 0.0005}
+    taken: dict[int, list[int]] = {1: [], 0: []}
+    for seed in range(10):
+        for scale in (1, 0):
+            gov = Governor("govern", segment_steps=20, every=4, window=0, start=20, control_scale=scale)
+            rng, step, loss = np.random.default_rng(seed), 0, 2.3
+            while len(gov.pairs) < 12 and gov.arm == "selection":
+                loss = _run(gov, range(step, step + 20), speed, rng, loss, overhead_s=0.090)
+                step += 20
+            assert all(d.verdict != "pays" for d in gov.decisions)
+            taken[scale].append(len(gov.pairs) if gov.arm == "control" else 13)
+    assert max(taken[0]) <= 6 and sum(taken[0]) < sum(taken[1]) and max(taken[1]) == 13, taken
+
+
+def test_a_version_2_state_continues_at_scale_1() -> None:
+    gov = Governor("govern", segment_steps=10, every=4, window=3, start=0)
+    _run(gov, range(95), {"selection": lambda s: 0.0005, "control": lambda s: 0.001}, np.random.default_rng(0))
+    state = gov.state_dict()
+    old = {k: v for k, v in state.items() if k not in ("scale", "scales")}
+    old |= {"version": 2, "settings": state["settings"][:5]}
+    if old["open"] is not None:
+        old["open"] = {k: v for k, v in old["open"].items() if k != "scale"}
+    resumed = Governor("govern", segment_steps=10, every=4, window=3, start=0)
+    resumed.load_state_dict(old)
+    assert resumed.state_dict() == state
+
+
 def test_a_measurement_with_uniform_batches_in_its_selection_segments_is_dropped() -> None:
     gov = Governor("measure", segment_steps=2, every=4, window=2, start=0)
     for step in range(8):
@@ -153,5 +210,8 @@ def test_bad_settings_probes_and_states_are_refused() -> None:
         gov.probe(20, math.nan)
     assert gov.state_dict() == before
     other = Governor("govern", segment_steps=10, every=4, window=3, start=20)
-    with pytest.raises(ValueError, match=r"settings \['measure', 10, 4, 3, 0\].*this loader's are 2 and \['govern'"):
+    refused = r"settings \['measure', 10, 4, 3, 0, 1\].*this loader's are 3 and \['govern'"
+    with pytest.raises(ValueError, match=refused):
         other.load_state_dict(before)
+    with pytest.raises(ValueError, match=r"control_scale 0 to 25; received 10, 4, 3, 20, 0, 26"):
+        Governor("measure", 10, 4, 3, 20, control_scale=26)

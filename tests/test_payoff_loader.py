@@ -27,12 +27,13 @@ from trainer_client.region import RegionConfig
 
 torch.set_num_threads(1)
 MEASURE = {"batch_size": 32, "subset_fraction": 0.05, "num_subsets": 2, "payoff": "measure"}
-MEASURE |= {"payoff_segment_steps": 5, "payoff_every": 4, "payoff_window": 2}
+MEASURE |= {"payoff_segment_steps": 5, "payoff_every": 4, "payoff_window": 2, "payoff_control_scale": 1}
 # Selection made to lose: every 5-step region embeds 1,000 of the 2,000 examples afresh, in float32.
 LOSING = {"batch_size": 32, "subset_fraction": 0.5, "num_subsets": 2}
 LOSING |= {"region": RegionConfig(mode="fixed", steps_per_round=5)}
 LOSING |= {"embedding_max_age": 0, "learned_embedding_max_age": 0, "lookahead_steps": 1, "embed_dtype": "float32"}
 LOSING |= {"payoff": "govern", "payoff_segment_steps": 5, "payoff_every": 4, "payoff_window": 3, "deadline_s": 60.0}
+LOSING |= {"payoff_control_scale": 1}  # segments of equal steps: a schedule that does not move with the clock
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +123,25 @@ def test_a_run_where_selection_loses_is_governed_onto_the_control(
     assert len([s for s in late if s > moved.step]) == probes
 
 
+def test_control_segments_are_scaled_to_the_arms_cost_ratio_in_a_real_run(
+    client: SelectionClient, data: tuple[FashionMNIST, FashionMNIST]
+) -> None:
+    """payoff_control_scale 0 where a selection step costs several control steps: each measurement's control
+    segment is its recorded scale times 5 steps, and the scale is the run's cost ratio, rounded down."""
+    config = LoaderConfig(**{**LOSING, "payoff": "measure", "payoff_control_scale": 0})  # type: ignore[arg-type]
+    seen, loader, _ = _run(client, data, config, range(200))
+    governor = loader._payoff.governor  # type: ignore[union-attr]
+    arms = "".join("c" if arm == "control" else "s" for arm, _, _ in seen)
+    runs = [len(r) for r in arms.replace("s", " ").split()]
+    assert governor.scales and runs[: len(governor.scales)] == [5 * k for k in governor.scales]
+    assert max(governor.scales) > 1
+    selection_s, control_s = governor.costs.per_step()  # type: ignore[misc]
+    assert abs(governor.scales[-1] - selection_s / control_s) < 0.5 + 0.5 * selection_s / control_s
+    assert loader.stats.payoff_measurements == len(governor.scales) and loader.stats.fallback_batches == 0
+    k = governor.scale  # the summary names the last measurement's scale when it is above 1
+    assert (f"control segments of {5 * k} steps, the time of 5 selection steps" in loader.payoff_summary()) == (k > 1)
+
+
 def test_a_resumed_governed_run_repeats_the_uninterrupted_runs_decisions_and_batches(
     local_server: RunningServer, data: tuple[FashionMNIST, FashionMNIST]
 ) -> None:
@@ -159,7 +179,7 @@ def test_bad_payoff_settings_are_refused_naming_what_was_received(
     _, _, state = _run(client, data, LoaderConfig(**MEASURE), range(6))  # type: ignore[arg-type]
     other = LoaderConfig(**{**MEASURE, "payoff_every": 5})  # type: ignore[arg-type]
     loader = CoresetLoader(train, SmallCNN(), client, labels, config=other, probe=probe)
-    refused = r"settings \['measure', 5, 4, 2, 3\].*this loader's are 2 and \['measure', 5, 5, 2, 3\]"
+    refused = r"settings \['measure', 5, 4, 2, 3, 1\].*this loader's are 3 and \['measure', 5, 5, 2, 3, 1\]"
     with pytest.raises(ValueError, match=refused):
         loader.load_state_dict(state["loader"])
     assert loader.stats.steps == 0 and loader.stats.payoff_measurements == 0 and loader.controller.steps_since_fit == 0

@@ -96,7 +96,8 @@ WORKER = textwrap.dedent(
         config = LoaderConfig(batch_size=batch, subset_fraction=0.1, num_subsets=2, lookahead_steps=1,
                               region=RegionConfig(mode="fixed", steps_per_round=2), embedding_max_age=0,
                               learned_embedding_max_age=0, embed_dtype="float32", deadline_s=60.0,
-                              payoff="govern", payoff_segment_steps=3, payoff_every=4, payoff_window=2)
+                              payoff="govern", payoff_segment_steps=3, payoff_every=4, payoff_window=2,
+                              payoff_control_scale=0)
         held = FashionMNIST("test", limit=101)  # an odd size: the ranks' probe shards differ
         probe = [(*held[i], -1) for i in range(len(held))]
     client = SelectionClient(target, timeout_s=60)
@@ -135,10 +136,12 @@ WORKER = textwrap.dedent(
         cache = [rows["ids"].tolist(), rows["steps"].tolist(), float(rows["embeddings"].double().sum())]
     digest = float(sum(p.double().sum() for p in model.parameters()))
     payoff = saved.get("payoff") if saved is not None else None
+    if payoff is not None:
+        payoff = {k: payoff["governor"][k] for k in ("pairs", "decisions", "scales")}
     with open(out, "w") as f:
         json.dump({"decisions": decisions, "delivered": delivered, "stats": vars(loader.stats),
                    "rounds": loader.stats.regions, "digest": digest, "cache": cache, "fit_sizes": fit_sizes,
-                   "payoff": None if payoff is None else {k: payoff["governor"][k] for k in ("pairs", "decisions")}},
+                   "payoff": payoff},
                   f)
     dist.barrier(group=ddp_group)  # no rank tears gloo down while a peer talks to it (a SIGABRT at exit otherwise)
     dist.destroy_process_group()
@@ -304,16 +307,18 @@ def test_ranks_with_dataloader_workers_train_on_the_batches_of_ranks_without_the
 @pytest.mark.slow
 def test_the_governor_takes_one_decision_for_every_rank(tmp_path: Path) -> None:
     """LoaderConfig(payoff="govern") on two ranks: the probe set sharded unevenly (101 examples), its losses and
-    rank 0's costs all-reduced, so both ranks record the same measurements, take the same decisions at the same
-    steps and train the same arm at every step, each on its own half of the control's batches."""
+    rank 0's costs all-reduced, so both ranks scale their control segments alike, record the same measurements,
+    take the same decisions at the same steps and train the same arm at every step, each on its own half of the
+    control's batches."""
     server = start_server(ServerConfig(port=0, backend="local"), backend=LocalBackend(num_workers=2))
-    steps = 63  # measurements of 3 x 3 steps every 12 from step 3 (24 while governed onto the control)
+    steps = 63  # measurements of 3-step selection segments from step 3, control segments at the cost ratio
     try:
         ranks = _run_ranks(tmp_path, server.target, payoff=True, steps=steps)
     finally:
         server.stop(grace=0)
     a, b = ranks
     assert a["payoff"] == b["payoff"] and len(a["payoff"]["pairs"]) >= 3
+    assert a["payoff"]["scales"] == b["payoff"]["scales"]  # the control segments' scale, from rank 0's costs
     decisions = a["payoff"]["decisions"]
     assert len(decisions) == len(a["payoff"]["pairs"])  # one per measurement, none spoiled
     arms = [d["arm"] for d in a["delivered"]]

@@ -107,7 +107,13 @@ class PayoffRun:
         self.model, self.dist, self.dataset_size = model, dist, len(labels)
         length = config.payoff_segment_steps
         self.governor = Governor(
-            config.payoff, length, config.payoff_every, config.payoff_window, start=length, burst=config.payoff_burst
+            config.payoff,
+            length,
+            config.payoff_every,
+            config.payoff_window,
+            start=length,
+            burst=config.payoff_burst,
+            control_scale=config.payoff_control_scale,
         )
         self.rng = np.random.default_rng([config.seed, 5])  # the control arm's batches
         self.classes = class_index(labels, num_classes)
@@ -230,16 +236,23 @@ class PayoffRun:
         }
 
     def summary(self) -> str:
-        """One line for a run's end: whether selection paid (``Payoff.describe``), where the governor left training,
-        and what the probes cost (said when above the 3% target)."""
+        """One line for a run's end: whether selection paid (``Payoff.describe``), the control segments' length when
+        scaled to the cost ratio, where the governor left training, and what the probes cost (said when above the 3%
+        target)."""
         g, p = self.governor, self.governor.payoff()
         if p is None:
+            span = g.bounds(g.scale)[3]
             line = (
                 f"selection's payoff not measured: {len(g.pairs)} of the 2 measurements it needs (each takes "
-                f"{3 * g.segment_steps} steps; the next ends at step {g.next_start + 3 * g.segment_steps})"
+                f"{span} steps; the next ends at step {g.next_start + span})"
             )
         else:
             line = p.describe()
+        if g.scale > 1:
+            line += (
+                f"; control segments of {g.length('control', g.scale)} steps, the time of {g.segment_steps} "
+                "selection steps"
+            )
         if g.mode == "govern":
             arms = ["selection", *(d.arm for d in g.decisions)]
             switches = sum(a != b for a, b in itertools.pairwise(arms))

@@ -1,15 +1,24 @@
 """The payoff schedule and governor: which arm each step trains on, when the probe set's loss is taken, what each
 arm cost, and (``govern``) which arm training stays on between measurements (``payoff.py`` holds the estimator).
 
-The schedule is a function of the step and the governor's state. A measurement takes ``3 L`` steps (``L``:
-``segment_steps``): ``L`` steps on the *governed* arm, ``L`` on the other, ``L`` on the governed arm again
-(``A B A``, see ``payoff.py``), with the probe loss taken before the first step of each segment and after the last.
+The schedule is a function of the step and the governor's state. A measurement is three segments: one on the
+*governed* arm, one on the other, one on the governed arm again (``A B A``, see ``payoff.py``), with the probe loss
+taken before the first step of each segment and after the last. A selection segment is ``L`` steps
+(``segment_steps``); a control segment is ``k L``, where ``k`` (``scale``) is the arms' cost ratio per step,
+rounded down (1 to ``MAX_SCALE``), so that both arms' segments take about the same wall-clock time: the verdict
+compares progress per second, and where a selection step costs many control steps, a control segment of ``L``
+steps moves the probe loss by less than SGD's noise (and by less than the shock of the switch from selection),
+so no test could tell its progress from 0. ``k`` is fixed when a measurement opens, from the costs charged so
+far (before a control step has run, a control step is priced at a selection step's own time, without
+selection's overheads), or set by the caller (``control_scale``); ``k`` 1 is the schedule of equal steps.
+
 The first measurement starts at ``start``; the first ``burst`` measurements come every 4 segments, back to back
 but for one segment on the governed arm, because the probe loss falls fastest early in a run and the arms differ
 most there (later, a segment's loss change is mostly the noise of SGD's iterate); the next every ``every``
 segments. Every other step trains on the governed arm, which is selection unless the governor has moved training
 to the control. While training is on the control, measurements come half as often (``every`` doubled): a probe
-of selection at a low rate, which moves training back when selection pays again.
+of selection at a low rate, which moves training back when selection pays again. The segments between
+measurements are the governed arm's, so at any ``k`` each arm's share of the run's time is what it is at ``k`` 1.
 
 States of a measurement (``Phase``) and their transitions, all at a step's start:
 
@@ -38,6 +47,9 @@ Mode = Literal["measure", "govern"]
 
 # The arm a decided verdict puts training on ("undetermined" keeps the arm).
 _MOVE: dict[str, Arm] = {"pays": "selection", "loses": "control"}
+# The largest control segment, in selection segments: beyond it one measurement outlasts most runs (at L = 20,
+# 500 control steps), and a selection that costs more than this many control steps per step is plain to see.
+MAX_SCALE = 25
 
 
 class Phase(enum.IntEnum):
@@ -60,8 +72,10 @@ class Decision:
 
 @dataclass
 class _Open:
-    """The measurement in progress (it started at ``Governor.next_start``): the probe losses taken so far."""
+    """The measurement in progress (it started at ``Governor.next_start``): its control segments' scale and the
+    probe losses taken so far."""
 
+    scale: int
     losses: list[float] = field(default_factory=list)
     spoiled: bool = False
 
@@ -79,20 +93,35 @@ class Governor:
             ``window`` (>= 2), or 0 for all of them.
         start: the step of the first measurement.
         burst: the first measurements, taken every 4 segments (>= 0).
+        control_scale: a control segment's steps per selection segment step (1 to ``MAX_SCALE``), or 0 for the
+            arms' cost ratio at each measurement's opening (the module docstring).
     """
 
-    VERSION: ClassVar[int] = 2
+    VERSION: ClassVar[int] = 3
 
-    def __init__(self, mode: Mode, segment_steps: int, every: int, window: int, start: int, burst: int = 0) -> None:
+    def __init__(
+        self,
+        mode: Mode,
+        segment_steps: int,
+        every: int,
+        window: int,
+        start: int,
+        burst: int = 0,
+        control_scale: int = 1,
+    ) -> None:
         if mode not in ("measure", "govern"):
             raise ValueError(f"payoff mode must be 'measure' or 'govern', received {mode!r}")
-        if not schedule_valid(segment_steps, every, window, burst) or start < 0:
+        if not schedule_valid(segment_steps, every, window, burst, control_scale) or start < 0:
             raise ValueError(
                 "payoff schedule needs segment_steps >= 1, every >= 4 segments, window 0 or >= 2 measurements, "
-                f"start >= 0 and burst >= 0; received {segment_steps}, {every}, {window}, {start}, {burst}"
+                f"start >= 0, burst >= 0 and control_scale 0 to {MAX_SCALE}; received {segment_steps}, {every}, "
+                f"{window}, {start}, {burst}, {control_scale}"
             )
         self.mode, self.segment_steps, self.every, self.window = mode, segment_steps, every, window
-        self.burst = burst
+        self.burst, self.control_scale = burst, control_scale
+        # The control segments' scale of the open measurement, or of the last one opened (the forecast's).
+        self.scale = max(1, control_scale)
+        self.scales: list[int] = []  # each recorded pair's scale
         self.arm: Arm = "selection"  # the governed arm
         self.moved_at = 0  # measurements recorded when the governor last moved training (decisions read the rest)
         self.next_start = start  # the first step of the open measurement, or of the next one
@@ -113,34 +142,60 @@ class Governor:
         """Measurements finished: recorded or spoiled."""
         return len(self.pairs) + self.spoiled
 
-    def period_after(self, taken: int) -> int:
-        """Steps from the start of the measurement that finishes as the ``taken``-th to the next one's start, while
-        the governed arm stays what it is."""
-        if self.arm == "control":
-            return 2 * self.every * self.segment_steps
-        return (4 if taken < self.burst else self.every) * self.segment_steps
+    def length(self, arm: Arm, scale: int) -> int:
+        """Steps of one segment of ``arm`` in a measurement of control scale ``scale``."""
+        return self.segment_steps * (scale if arm == "control" else 1)
+
+    def bounds(self, scale: int) -> tuple[int, int, int, int]:
+        """A measurement's four probe steps, relative to its first step (the last is its length)."""
+        outer, middle = self.length(self.arm, scale), self.length(_other(self.arm), scale)
+        return 0, outer, outer + middle, 2 * outer + middle
+
+    def period_after(self, taken: int, scale: int) -> int:
+        """Steps from the start of the measurement that finishes as the ``taken``-th (of control scale ``scale``)
+        to the next one's start, while the governed arm stays what it is: the measurement, then governed segments
+        up to 4, ``every`` or (on the control) ``2 every`` segments in all."""
+        segments = 2 * self.every if self.arm == "control" else (4 if taken < self.burst else self.every)
+        return self.bounds(scale)[3] + (segments - 3) * self.length(self.arm, scale)
 
     @property
     def period(self) -> int:
         """Steps from the open (or next) measurement's start to the one after."""
-        return self.period_after(self.taken + 1)
+        return self.period_after(self.taken + 1, self.scale)
 
     def arm_at(self, step: int) -> Arm:
         """The arm step ``step`` (not before the next probe) trains on, as far as the state knows: a decision at a
-        measurement's end may change the steps after it (the forecast of a later step can miss)."""
-        start, taken, length = self.next_start, self.taken, self.segment_steps
-        while step >= start + 3 * length:  # a later measurement's
+        measurement's end may change the steps after it, and a later measurement's scale is fixed when it opens
+        (the forecast of a later step can miss)."""
+        start, taken = self.next_start, self.taken
+        _, outer, inner, end = self.bounds(self.scale)
+        while step >= start + end:  # a later measurement's
             taken += 1
-            start += self.period_after(taken)
-        if length <= step - start < 2 * length:
-            return _other(self.arm)
-        return self.arm
+            start += self.period_after(taken, self.scale)
+        return _other(self.arm) if outer <= step - start < inner else self.arm
 
     def probe_due(self, step: int) -> bool:
         """Whether the probe loss is taken at the start of step ``step``: the open measurement's next boundary, or
         the next measurement's first step."""
         taken = 0 if self.open is None else len(self.open.losses)
-        return step == self.next_start + taken * self.segment_steps
+        return step == self.next_start + self.bounds(self.scale)[taken]
+
+    def scale_now(self) -> int:
+        """The control scale a measurement opening now takes: ``control_scale`` when set; otherwise the arms' cost
+        ratio per step, rounded down (a control segment takes no longer than a selection segment), the control
+        priced at a selection step's own time until one of its steps ran."""
+        if self.control_scale:
+            return self.control_scale
+        c = self.costs
+        per_step = c.per_step()
+        if per_step is not None:
+            ratio = per_step[0] / per_step[1] if per_step[1] > 0 else math.inf
+        elif c.selection_steps and c.selection_s > 0:
+            ratio = (c.selection_s + c.overhead_s) / c.selection_s
+        else:
+            ratio = 1.0
+        # (1e-9: a ratio of whole seconds, 0.03 / 0.01, is 2.9999999999999996 in floating point)
+        return max(1, min(MAX_SCALE, int(ratio + 1e-9))) if math.isfinite(ratio) else MAX_SCALE
 
     # -- what the loader reports -------------------------------------------------------------------------------
 
@@ -152,7 +207,8 @@ class Governor:
         if not math.isfinite(loss):
             raise ValueError(f"probe loss must be finite, received {loss} at step {step}")
         if self.open is None:
-            self.open = _Open()
+            self.scale = self.scale_now()
+            self.open = _Open(self.scale)
         m = self.open
         m.losses.append(loss)
         if len(m.losses) < 4:
@@ -163,12 +219,13 @@ class Governor:
             self.spoiled += 1
             return None
         arms = (self.arm, _other(self.arm), self.arm)
-        segs = [Segment(a, self.segment_steps, m.losses[k], m.losses[k + 1]) for k, a in enumerate(arms)]
+        segs = [Segment(a, self.length(a, m.scale), m.losses[k], m.losses[k + 1]) for k, a in enumerate(arms)]
         self.pairs.append(Pair.of(*segs))
+        self.scales.append(m.scale)
         return self._decide(step) if self.mode == "govern" else None
 
     def _due(self) -> int:
-        return self.next_start + (0 if self.open is None else len(self.open.losses)) * self.segment_steps
+        return self.next_start + self.bounds(self.scale)[0 if self.open is None else len(self.open.losses)]
 
     def spoil(self) -> None:
         """The step just taken was a uniform batch inside a selection segment of the open measurement."""
@@ -208,8 +265,10 @@ class Governor:
         """Plain values: the schedule's settings (checked on load), the arm, the measurements and the decisions."""
         return {
             "version": self.VERSION,
-            "settings": [self.mode, self.segment_steps, self.every, self.window, self.burst],
+            "settings": self._settings(),
             "arm": self.arm,
+            "scale": self.scale,
+            "scales": list(self.scales),
             "moved_at": self.moved_at,
             "next_start": self.next_start,
             "open": None if self.open is None else asdict(self.open),
@@ -219,15 +278,22 @@ class Governor:
             "decisions": [asdict(d) for d in self.decisions],
         }
 
+    def _settings(self) -> list[Any]:
+        return [self.mode, self.segment_steps, self.every, self.window, self.burst, self.control_scale]
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue ``state_dict()``'s run; refuses another version or other settings."""
-        mine = [self.mode, self.segment_steps, self.every, self.window, self.burst]
+        """Continue ``state_dict()``'s run; refuses another version or other settings. A version 2 state (before
+        control segments were scaled) continues at scale 1 when this governor's ``control_scale`` is 1."""
+        state = _upgrade(state)
+        mine = self._settings()
         if state.get("version") != self.VERSION or list(state.get("settings", [])) != mine:
             raise ValueError(
                 f"payoff state has version {state.get('version')!r} and settings {state.get('settings')!r} "
-                f"(mode, segment_steps, every, window, burst); this loader's are {self.VERSION} and {mine}"
+                f"(mode, segment_steps, every, window, burst, control_scale); this loader's are {self.VERSION} and "
+                f"{mine}"
             )
         self.arm, self.next_start, self.moved_at = state["arm"], int(state["next_start"]), int(state["moved_at"])
+        self.scale, self.scales = int(state["scale"]), [int(k) for k in state["scales"]]
         self.open = None if state["open"] is None else _Open(**state["open"])
         self.pairs = [Pair(float(x), float(y)) for x, y in state["pairs"]]
         self.spoiled = int(state["spoiled"])
@@ -235,11 +301,28 @@ class Governor:
         self.decisions = [Decision(**d) for d in state["decisions"]]
 
 
-def schedule_valid(segment_steps: int, every: int, window: int, burst: int) -> bool:
+def schedule_valid(segment_steps: int, every: int, window: int, burst: int, control_scale: int) -> bool:
     """The payoff schedule's one rule (``LoaderConfig`` checks its fields by it, ``Governor`` its arguments):
     segments of >= 1 step, >= 4 segments between measurements (one takes 3), a window of 0 (every measurement
-    since the last move) or >= 2, and a burst >= 0."""
-    return segment_steps >= 1 and every >= 4 and (window == 0 or window >= 2) and burst >= 0
+    since the last move) or >= 2, a burst >= 0, and a control scale of 0 (the cost ratio) to ``MAX_SCALE``."""
+    return (
+        segment_steps >= 1 and every >= 4 and (window == 0 or window >= 2) and burst >= 0
+    ) and 0 <= control_scale <= MAX_SCALE
+
+
+def _upgrade(state: dict[str, Any]) -> dict[str, Any]:
+    """A version 2 state as version 3 reads it: control scale 1 throughout (the only schedule version 2 had)."""
+    if state.get("version") != 2:
+        return state
+    opened = state.get("open")
+    return {
+        **state,
+        "version": 3,
+        "settings": [*state.get("settings", []), 1],
+        "scale": 1,
+        "scales": [1] * len(state.get("pairs", [])),
+        "open": None if opened is None else {"scale": 1, **opened},
+    }
 
 
 def _other(arm: Arm) -> Arm:

@@ -11,7 +11,7 @@ import torch
 
 from crest.selector.v1 import codec
 from crest.selector.v1.settings import SelectionSettings
-from trainer_client.governor import schedule_valid
+from trainer_client.governor import MAX_SCALE, schedule_valid
 from trainer_client.region import RegionConfig
 
 
@@ -162,8 +162,13 @@ class LoaderConfig:
     # the test behind that interval says selection's progress per second is below the control's, probing at half
     # the rate, and selects again when it pays; "off".
     payoff: PayoffMode = "off"
-    # Steps of one payoff segment; a measurement takes three (selection, control, selection).
+    # Steps of one payoff segment of selection; a measurement takes three (selection, control, selection).
     payoff_segment_steps: int = 20
+    # Steps of a control segment per step of a selection segment (1 to 25), or 0 for the arms' cost ratio per step,
+    # rounded down, at each measurement's start: both arms' segments then take about the same time, so the
+    # control's progress stands above SGD's noise even where a selection step costs many control steps (the
+    # released recipe's, 14-19). Below a ratio of 2 (the tuned recipes' 1.0-1.4) 0 is 1.
+    payoff_control_scale: int = 0
     # Segments from one measurement's start to the next (>= 4), doubled while governed onto the control.
     payoff_every: int = 10
     # The first measurements, taken every 4 segments: early in a run the probe loss falls fastest and the arms
@@ -176,11 +181,13 @@ class LoaderConfig:
 
     def __post_init__(self) -> None:
         _check_choices(self)
-        if not schedule_valid(self.payoff_segment_steps, self.payoff_every, self.payoff_window, self.payoff_burst):
+        schedule = (self.payoff_segment_steps, self.payoff_every, self.payoff_window, self.payoff_burst)
+        if not schedule_valid(*schedule, self.payoff_control_scale):
             raise ValueError(
-                "payoff_segment_steps must be >= 1, payoff_every >= 4 segments, payoff_burst >= 0 and payoff_window "
-                "0 (all measurements) or >= 2; received "
-                f"{self.payoff_segment_steps}, {self.payoff_every}, {self.payoff_burst}, {self.payoff_window}"
+                "payoff_segment_steps must be >= 1, payoff_every >= 4 segments, payoff_burst >= 0, payoff_window "
+                f"0 (all measurements) or >= 2 and payoff_control_scale 0 (the cost ratio) to {MAX_SCALE}; received "
+                f"{self.payoff_segment_steps}, {self.payoff_every}, {self.payoff_burst}, {self.payoff_window}, "
+                f"{self.payoff_control_scale}"
             )
         if self.fit_batch_size < 0:
             raise ValueError(

@@ -40,7 +40,10 @@ class Entry:
 _INTEL = "the 2-core Intel CPU of research rounds 1-9 (its JSON predates the CPU model field)"
 CATALOG: dict[str, Entry] = {
     "demo_recommended_xeon_amx.json": Entry("2026-12-06"),
-    **{f"frontier_payoff_{t}.json": Entry("2026-12-06") for t in ("clean", "noisy", "longtail", "released")},
+    **{
+        f"frontier_payoff_{t}.json": Entry("2026-12-06")
+        for t in ("clean", "noisy", "longtail", "released", "released_equal_time")
+    },
     "frontier_clean_float32_ray.json": Entry("2026-11-29", "research/03-frontier-clean.md", _INTEL),
     "frontier_longtail_float32_ray.json": Entry("2026-11-29", "research/04-frontier-long-tailed.md", _INTEL),
     "frontier_clean.json": Entry("2026-11-29", "research/05-third-round.md", _INTEL),
@@ -230,6 +233,8 @@ def _payoff_frontier(path: Path, data: dict[str, Any]) -> list[str]:
             g = governed.get(seed, {})
             moved = g.get("moved_to_control_at")
             where = "stayed on selection" if moved is None else f"step {moved}, ended on {g.get('arm')}"
+            if g.get("control_steps") is not None:
+                where += f" ({g['control_steps']:,} of {p['steps'][key]:,} steps on the control)"
             rows.append(
                 [
                     _budget(key, None),
