@@ -72,10 +72,9 @@ class Decision:
 
 @dataclass
 class _Open:
-    """The measurement in progress (it started at ``Governor.next_start``): its control segments' scale and the
+    """The measurement in progress (it started at ``Governor.next_start``; its scale is ``Governor.scale``): the
     probe losses taken so far."""
 
-    scale: int
     losses: list[float] = field(default_factory=list)
     spoiled: bool = False
 
@@ -208,7 +207,7 @@ class Governor:
             raise ValueError(f"probe loss must be finite, received {loss} at step {step}")
         if self.open is None:
             self.scale = self.scale_now()
-            self.open = _Open(self.scale)
+            self.open = _Open()
         m = self.open
         m.losses.append(loss)
         if len(m.losses) < 4:
@@ -219,9 +218,9 @@ class Governor:
             self.spoiled += 1
             return None
         arms = (self.arm, _other(self.arm), self.arm)
-        segs = [Segment(a, self.length(a, m.scale), m.losses[k], m.losses[k + 1]) for k, a in enumerate(arms)]
+        segs = [Segment(a, self.length(a, self.scale), m.losses[k], m.losses[k + 1]) for k, a in enumerate(arms)]
         self.pairs.append(Pair.of(*segs))
-        self.scales.append(m.scale)
+        self.scales.append(self.scale)
         return self._decide(step) if self.mode == "govern" else None
 
     def _due(self) -> int:
@@ -314,14 +313,12 @@ def _upgrade(state: dict[str, Any]) -> dict[str, Any]:
     """A version 2 state as version 3 reads it: control scale 1 throughout (the only schedule version 2 had)."""
     if state.get("version") != 2:
         return state
-    opened = state.get("open")
     return {
         **state,
         "version": 3,
         "settings": [*state.get("settings", []), 1],
         "scale": 1,
         "scales": [1] * len(state.get("pairs", [])),
-        "open": None if opened is None else {"scale": 1, **opened},
     }
 
 
