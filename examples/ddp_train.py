@@ -81,6 +81,8 @@ def main() -> None:
             logits = model.module(test_set.images.to(device))
             accuracy = (logits.argmax(1).cpu() == test_set.targets).float().mean().item()
         print(f"test accuracy {accuracy:.4f} after {args.steps} steps on {world} ranks")
+    # No rank tears gloo down while rank 0 still evaluates: a rank that destroys the group early can abort at exit.
+    dist.barrier()
     dist.destroy_process_group()
 
 
