@@ -23,6 +23,7 @@ from trainer_client.data import FashionMNIST
 from trainer_client.embeddings import weighted_loss
 from trainer_client.loader import CoresetLoader
 from trainer_client.models import SmallCNN
+from trainer_client.payoff import ArmCosts
 from trainer_client.region import RegionConfig
 
 torch.set_num_threads(1)
@@ -130,15 +131,16 @@ def test_control_segments_are_scaled_to_the_arms_cost_ratio_in_a_real_run(
     segment is its recorded scale times 5 steps, and the scale is the run's cost ratio, rounded down."""
     config = LoaderConfig(**{**LOSING, "payoff": "measure", "payoff_control_scale": 0})  # type: ignore[arg-type]
     seen, loader, _ = _run(client, data, config, range(200))
-    governor = loader._payoff.governor  # type: ignore[union-attr]
+    governor = loader.payoff_state["governor"]  # type: ignore[index]
+    scales = governor["scales"]
     arms = "".join("c" if arm == "control" else "s" for arm, _, _ in seen)
     runs = [len(r) for r in arms.replace("s", " ").split()]
-    assert governor.scales and runs[: len(governor.scales)] == [5 * k for k in governor.scales]
-    assert max(governor.scales) > 1
-    selection_s, control_s = governor.costs.per_step()  # type: ignore[misc]
-    assert abs(governor.scales[-1] - selection_s / control_s) < 0.5 + 0.5 * selection_s / control_s
-    assert loader.stats.payoff_measurements == len(governor.scales) and loader.stats.fallback_batches == 0
-    k = governor.scale  # the summary names the last measurement's scale when it is above 1
+    assert scales and runs[: len(scales)] == [5 * k for k in scales]
+    assert max(scales) > 1
+    selection_s, control_s = ArmCosts(**governor["costs"]).per_step()  # type: ignore[misc]
+    assert abs(scales[-1] - selection_s / control_s) < 0.5 + 0.5 * selection_s / control_s
+    assert loader.stats.payoff_measurements == len(scales) and loader.stats.fallback_batches == 0
+    k = governor["scale"]  # the summary names the last measurement's scale when it is above 1
     assert (f"control segments of {5 * k} steps, the time of 5 selection steps" in loader.payoff_summary()) == (k > 1)
 
 

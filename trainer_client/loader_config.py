@@ -167,7 +167,7 @@ class LoaderConfig:
     # Steps of a control segment per step of a selection segment (1 to 25), or 0 for the arms' cost ratio per step,
     # rounded down, at each measurement's start: both arms' segments then take about the same time, so the
     # control's progress stands above SGD's noise even where a selection step costs many control steps (the
-    # released recipe's, 14-19). Below a ratio of 2 (the tuned recipes' 1.0-1.4) 0 is 1.
+    # released recipe's, 11-17). Below a ratio of 2 (the tuned recipes' 1.0-1.4) 0 is 1.
     payoff_control_scale: int = 0
     # Segments from one measurement's start to the next (>= 4), doubled while governed onto the control.
     payoff_every: int = 10
