@@ -49,22 +49,52 @@ def test_the_schedule_is_one_arm_the_other_the_first_with_a_probe_at_each_bounda
     assert gov.pairs[0].selection == pytest.approx(0.01) and gov.pairs[0].control == pytest.approx(0.01)
 
 
-def test_the_first_measurements_come_in_a_burst_and_the_forecast_knows_it() -> None:
-    """burst=2: the first two measurements start 4 segments apart, the next ones 6; arm_at at step 0 forecasts
-    every step's arm, and the probes fall on the boundaries."""
-    gov = Governor("measure", segment_steps=5, every=6, window=0, start=5, burst=2)
-    forecast = "".join(gov.arm_at(step)[0] for step in range(100))
+def _arms_and_probes(
+    gov: Governor, steps: range, speed: dict[str, float], loss: float = 2.0
+) -> tuple[str, list[int], float]:
+    """Drive ``gov`` over ``steps`` with no noise: each step lowers the probe loss by ``speed[arm]``; (each step's
+    arm's initial, the probe steps, the loss at the end)."""
     arms, probes = [], []
-    for step in range(100):
+    for step in steps:
         if gov.probe_due(step):
             probes.append(step)
-            gov.probe(step, 2.0 - step / 100)
-        arms.append(gov.arm_at(step)[0])
-    measurement = "s" * 5 + "c" * 5 + "s" * 5
-    expected = "s" * 5 + measurement + "s" * 5 + (measurement + "s" * 15) * 2 + measurement
-    assert "".join(arms) == forecast == expected
-    assert probes == [5, 10, 15, 20, 25, 30, 35, 40, 55, 60, 65, 70, 85, 90, 95]
-    assert len(gov.pairs) == 3
+            gov.probe(step, loss)
+        arm = gov.arm_at(step)
+        arms.append(arm[0])
+        loss -= speed[arm]
+    return "".join(arms), probes, loss
+
+
+@pytest.mark.parametrize(
+    ("speed", "gaps"),
+    [
+        # Selection looks slower: the next 2 (burst) measurements come 4 segments after the one before.
+        ({"selection": 0.001, "control": 0.002}, [20, 20, 30, 30]),
+        # Selection looks faster: the second (for an estimate) 4 segments after the first, then every 6.
+        ({"selection": 0.002, "control": 0.001}, [20, 30, 30, 30]),
+    ],
+)
+def test_measurements_come_every_4_segments_while_they_lean_toward_a_move_and_the_forecast_knows_it(
+    speed: dict[str, float], gaps: list[int]
+) -> None:
+    """burst=2, every=6: the second measurement starts 4 segments after the first; after it, while the measurements
+    say (before their noise is weighed) that selection is the slower arm, measurements start 4 segments after the
+    one before, up to 2 in all; otherwise every 6 segments. The forecast made once the first measurement is in
+    holds for every later step, and the probes fall on the boundaries."""
+    gov = Governor("measure", segment_steps=5, every=6, window=0, start=5, burst=2)
+    head, probes, loss = _arms_and_probes(gov, range(21), speed)  # the first measurement: probes at 5-20
+    forecast = "".join(gov.arm_at(step)[0] for step in range(21, 131))
+    tail, later, _ = _arms_and_probes(gov, range(21, 131), speed, loss)
+    assert tail == forecast
+    starts = [5]
+    for gap in gaps:
+        starts.append(starts[-1] + gap)
+    assert probes + later == [s + k for s in starts for k in (0, 5, 10, 15)]
+    expected = ["s"] * 131
+    for s in starts:
+        expected[s + 5 : s + 10] = ["c"] * 5
+    assert head + tail == "".join(expected)
+    assert gov.dense == gaps.count(20)
 
 
 def test_a_decision_reads_the_measurements_since_the_last_move() -> None:
@@ -161,9 +191,23 @@ def test_a_version_2_state_continues_at_scale_1() -> None:
     gov = Governor("govern", segment_steps=10, every=4, window=3, start=0)
     _run(gov, range(95), {"selection": lambda s: 0.0005, "control": lambda s: 0.001}, np.random.default_rng(0))
     state = gov.state_dict()
-    old = {k: v for k, v in state.items() if k not in ("scale", "scales")}
+    old = {k: v for k, v in state.items() if k not in ("scale", "scales", "dense")}
     old |= {"version": 2, "settings": state["settings"][:5]}
     resumed = Governor("govern", segment_steps=10, every=4, window=3, start=0)
+    resumed.load_state_dict(old)
+    assert resumed.state_dict() == state
+
+
+def test_a_version_3_state_continues_with_its_burst_spent_as_it_ran() -> None:
+    """Version 3 took its first ``burst`` measurements every 4 segments whatever they said: ``burst - 1`` of them 4
+    segments after the one before, version 4's ``burst``."""
+    gov = Governor("govern", segment_steps=10, every=6, window=3, start=0, burst=2)
+    _run(gov, range(130), {"selection": lambda s: 0.0005, "control": lambda s: 0.005}, np.random.default_rng(0))
+    state = gov.state_dict()
+    assert gov.taken == 3 and state["dense"] == 2
+    old = {k: v for k, v in state.items() if k != "dense"}
+    old |= {"version": 3, "settings": [*state["settings"][:4], 3, state["settings"][5]]}
+    resumed = Governor("govern", segment_steps=10, every=6, window=3, start=0, burst=2)
     resumed.load_state_dict(old)
     assert resumed.state_dict() == state
 
@@ -208,7 +252,7 @@ def test_bad_settings_probes_and_states_are_refused() -> None:
         gov.probe(20, math.nan)
     assert gov.state_dict() == before
     other = Governor("govern", segment_steps=10, every=4, window=3, start=20)
-    refused = r"settings \['measure', 10, 4, 3, 0, 1\].*this loader's are 3 and \['govern'"
+    refused = r"settings \['measure', 10, 4, 3, 0, 1\].*this loader's are 4 and \['govern'"
     with pytest.raises(ValueError, match=refused):
         other.load_state_dict(before)
     with pytest.raises(ValueError, match=r"control_scale 0 to 25; received 10, 4, 3, 20, 0, 26"):

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from trainer_client.payoff import LEVEL, ArmCosts, Pair, Segment, estimate, ratio_gap, ratio_interval, t95
+from trainer_client.payoff import LEVEL, ArmCosts, Pair, Segment, estimate, lean, ratio_gap, ratio_interval, t95
 
 STEPS = 20
 
@@ -126,6 +126,19 @@ def test_costs_turn_the_per_step_speedup_into_a_per_second_one() -> None:
     assert "per second (5 measurements, 90% interval)" in payoff.describe()
     assert estimate(pairs[:1], costs) is None  # one measurement gives no interval
     assert estimate(pairs, ArmCosts()).per_second is None  # type: ignore[union-attr]
+
+
+def test_the_lean_reads_progress_per_second_at_the_arms_cost_ratio() -> None:
+    """The lean is the mean of x - r y, r selection's cost per step over the control's (1 before both ran): a
+    selection twice as fast per step leans to pays at equal costs and to loses at 3 times the cost."""
+    pairs = [Pair(0.002, 0.001), Pair(0.004, 0.002)]
+    assert lean(pairs, ArmCosts()) == pytest.approx(0.0015)
+    equal = ArmCosts(selection_steps=10, selection_s=0.1, control_steps=10, control_s=0.1)
+    assert lean(pairs, equal) == pytest.approx(0.0015)
+    dearer = ArmCosts(selection_steps=10, selection_s=0.2, overhead_s=0.1, control_steps=10, control_s=0.1)
+    assert lean(pairs, dearer) == pytest.approx(0.003 - 3 * 0.0015)
+    with pytest.raises(ValueError, match="at least 1 measurement, received 0"):
+        lean([], equal)
 
 
 def test_bad_measurements_are_refused() -> None:

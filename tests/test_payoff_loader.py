@@ -171,7 +171,7 @@ def test_bad_payoff_settings_are_refused_naming_what_was_received(
         CoresetLoader(train, SmallCNN(), client, labels, config=LoaderConfig(payoff="measure"))
     with pytest.raises(ValueError, match="selection='uniform' has none"):
         CoresetLoader(train, SmallCNN(), None, labels, config=LoaderConfig(payoff="govern", selection="uniform"))
-    with pytest.raises(ValueError, match="received 0, 10, 3, 0"):
+    with pytest.raises(ValueError, match="received 0, 10, 4, 0"):
         LoaderConfig(payoff="measure", payoff_segment_steps=0)
     with pytest.raises(ValueError, match="payoff must be one of off, measure, govern, received 'on'"):
         LoaderConfig(payoff="on")  # type: ignore[arg-type]
@@ -181,7 +181,7 @@ def test_bad_payoff_settings_are_refused_naming_what_was_received(
     _, _, state = _run(client, data, LoaderConfig(**MEASURE), range(6))  # type: ignore[arg-type]
     other = LoaderConfig(**{**MEASURE, "payoff_every": 5})  # type: ignore[arg-type]
     loader = CoresetLoader(train, SmallCNN(), client, labels, config=other, probe=probe)
-    refused = r"settings \['measure', 5, 4, 2, 3, 1\].*this loader's are 3 and \['measure', 5, 5, 2, 3, 1\]"
+    refused = r"settings \['measure', 5, 4, 2, 4, 1\].*this loader's are 4 and \['measure', 5, 5, 2, 4, 1\]"
     with pytest.raises(ValueError, match=refused):
         loader.load_state_dict(state["loader"])
     assert loader.stats.steps == 0 and loader.stats.payoff_measurements == 0 and loader.controller.steps_since_fit == 0

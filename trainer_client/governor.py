@@ -12,12 +12,16 @@ so no test could tell its progress from 0. ``k`` is fixed when a measurement ope
 far (before a control step has run, a control step is priced at a selection step's own time, without
 selection's overheads), or set by the caller (``control_scale``); ``k`` 1 is the schedule of equal steps.
 
-The first measurement starts at ``start``; the first ``burst`` measurements come every 4 segments, back to back
-but for one segment on the governed arm, because the probe loss falls fastest early in a run and the arms differ
-most there (later, a segment's loss change is mostly the noise of SGD's iterate); the next every ``every``
-segments. Every other step trains on the governed arm, which is selection unless the governor has moved training
-to the control. While training is on the control, measurements come half as often (``every`` doubled): a probe
-of selection at a low rate, which moves training back when selection pays again. The segments between
+The first measurement starts at ``start``; the next starts ``every`` segments after it, or 4 (back to back but for
+one segment on the governed arm) while training is on selection and the measurements since the last move are
+fewer than 2 (no estimate yet) or lean toward a move: they say, before their noise is weighed, that selection's
+progress per second is below the control's (``payoff.lean``). At most ``burst`` measurements in a run come 4
+segments after the one before. So a run where selection looks to lose is measured densely until the test can
+decide (early in a run the probe loss falls fastest and the arms differ most; later a segment's loss change is
+mostly the noise of SGD's iterate), and a run where it looks to pay spends little more of its time on the
+control than ``every`` asks. Every other step trains on the governed arm, which is selection unless the governor has
+moved training to the control. While training is on the control, measurements come half as often (``every``
+doubled): a probe of selection at a low rate, which moves training back when selection pays again. The segments between
 measurements are the governed arm's, so at any ``k`` each arm's share of the run's time is what it is at ``k`` 1.
 
 States of a measurement (``Phase``) and their transitions, all at a step's start:
@@ -41,7 +45,7 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, ClassVar, Literal
 
-from trainer_client.payoff import Arm, ArmCosts, Pair, Payoff, Segment, estimate
+from trainer_client.payoff import Arm, ArmCosts, Pair, Payoff, Segment, estimate, lean
 
 Mode = Literal["measure", "govern"]
 
@@ -91,12 +95,13 @@ class Governor:
         window: the measurements a decision reads, of those since the governor last moved training: the last
             ``window`` (>= 2), or 0 for all of them.
         start: the step of the first measurement.
-        burst: the first measurements, taken every 4 segments (>= 0).
+        burst: the most measurements in a run that start 4 segments after the one before, taken until there are 2
+            and while the measurements lean toward a move (>= 0; the module docstring).
         control_scale: a control segment's steps per selection segment step (1 to ``MAX_SCALE``), or 0 for the
             arms' cost ratio at each measurement's opening (the module docstring).
     """
 
-    VERSION: ClassVar[int] = 3
+    VERSION: ClassVar[int] = 4
 
     def __init__(
         self,
@@ -124,6 +129,7 @@ class Governor:
         self.arm: Arm = "selection"  # the governed arm
         self.moved_at = 0  # measurements recorded when the governor last moved training (decisions read the rest)
         self.next_start = start  # the first step of the open measurement, or of the next one
+        self.dense = 0  # measurements that started 4 segments after the one before (at most ``burst``)
         self.open: _Open | None = None
         self.pairs: list[Pair] = []
         self.spoiled = 0  # measurements dropped (a selection segment trained on uniform batches)
@@ -145,32 +151,55 @@ class Governor:
         """Steps of one segment of ``arm`` in a measurement of control scale ``scale``."""
         return self.segment_steps * (scale if arm == "control" else 1)
 
-    def bounds(self, scale: int) -> tuple[int, int, int, int]:
-        """A measurement's four probe steps, relative to its first step (the last is its length)."""
-        outer, middle = self.length(self.arm, scale), self.length(_other(self.arm), scale)
+    def bounds(self, scale: int, arm: Arm | None = None) -> tuple[int, int, int, int]:
+        """A measurement's four probe steps, relative to its first step (the last is its length), with ``arm``
+        (the governed arm when None) on its outer segments."""
+        arm = self.arm if arm is None else arm
+        outer, middle = self.length(arm, scale), self.length(_other(arm), scale)
         return 0, outer, outer + middle, 2 * outer + middle
 
-    def period_after(self, taken: int, scale: int) -> int:
-        """Steps from the start of the measurement that finishes as the ``taken``-th (of control scale ``scale``)
-        to the next one's start, while the governed arm stays what it is: the measurement, then governed segments
-        up to 4, ``every`` or (on the control) ``2 every`` segments in all."""
-        segments = 2 * self.every if self.arm == "control" else (4 if taken < self.burst else self.every)
-        return self.bounds(scale)[3] + (segments - 3) * self.length(self.arm, scale)
+    def period_of(self, arm: Arm, scale: int, dense: bool) -> int:
+        """Steps from the start of a measurement governed on ``arm`` (of control scale ``scale``) to the next one's
+        start, while the governed arm stays what it is: the measurement, then governed segments up to 4 (``dense``,
+        on selection), ``every`` or (on the control) ``2 every`` segments in all."""
+        segments = 2 * self.every if arm == "control" else (4 if dense else self.every)
+        return self.bounds(scale, arm)[3] + (segments - 3) * self.length(arm, scale)
+
+    def dense_next(self) -> bool:
+        """Whether the next measurement starts 4 segments after the last one's, as the measurements stand: training
+        is on selection, fewer than ``burst`` measurements came so, and the measurements since the last move are
+        fewer than 2 (no estimate yet) or look (before their noise is weighed) to say that selection's progress
+        per second is below the control's."""
+        since = self.pairs[self.moved_at :]
+        return self._dense(len(since), self.dense, not since or lean(since, self.costs) < 0)
+
+    def _dense(self, since: int, dense: int, leaning: bool) -> bool:
+        """``dense_next`` with ``since`` measurements since the last move, ``dense`` taken 4 segments apart, and
+        the lean."""
+        return self.arm == "selection" and dense < self.burst and (since < 2 or leaning)
 
     @property
     def period(self) -> int:
-        """Steps from the open (or next) measurement's start to the one after."""
-        return self.period_after(self.taken + 1, self.scale)
+        """Steps from the open (or next) measurement's start to the one after, as the measurements stand (the
+        forecast: ``arm_at``)."""
+        since = self.pairs[self.moved_at :]
+        leaning = not since or lean(since, self.costs) < 0
+        return self.period_of(self.arm, self.scale, self._dense(len(since) + 1, self.dense, leaning))
 
     def arm_at(self, step: int) -> Arm:
         """The arm step ``step`` (not before the next probe) trains on, as far as the state knows: a decision at a
-        measurement's end may change the steps after it, and a later measurement's scale is fixed when it opens
-        (the forecast of a later step can miss)."""
-        start, taken = self.next_start, self.taken
+        measurement's end may change the steps after it, and a later measurement's start and scale are fixed when
+        the one before it ends and when it opens (the forecast takes each measurement as recorded, the lean and the
+        scale as they stand), so the forecast of a later step can miss."""
+        since = self.pairs[self.moved_at :]
+        leaning = not since or lean(since, self.costs) < 0
+        start, count, dense = self.next_start, len(since), self.dense
         _, outer, inner, end = self.bounds(self.scale)
         while step >= start + end:  # a later measurement's
-            taken += 1
-            start += self.period_after(taken, self.scale)
+            count += 1
+            gap_dense = self._dense(count, dense, leaning)
+            dense += gap_dense
+            start += self.period_of(self.arm, self.scale, gap_dense)
         return _other(self.arm) if outer <= step - start < inner else self.arm
 
     def probe_due(self, step: int) -> bool:
@@ -213,15 +242,19 @@ class Governor:
         if len(m.losses) < 4:
             return None
         self.open = None
-        self.next_start += self.period  # the arm has not changed yet: the period it was measured with
         if m.spoiled:
             self.spoiled += 1
-            return None
-        arms = (self.arm, _other(self.arm), self.arm)
-        segs = [Segment(a, self.length(a, self.scale), m.losses[k], m.losses[k + 1]) for k, a in enumerate(arms)]
-        self.pairs.append(Pair.of(*segs))
-        self.scales.append(self.scale)
-        return self._decide(step) if self.mode == "govern" else None
+        else:
+            arms = (self.arm, _other(self.arm), self.arm)
+            segs = [Segment(a, self.length(a, self.scale), m.losses[k], m.losses[k + 1]) for k, a in enumerate(arms)]
+            self.pairs.append(Pair.of(*segs))
+            self.scales.append(self.scale)
+        # The next start reads this measurement's lean, with the arm it was measured on (a decision below moves
+        # the steps after it, not the next measurement's start).
+        dense = self.dense_next()
+        self.next_start += self.period_of(self.arm, self.scale, dense)
+        self.dense += dense
+        return self._decide(step) if self.mode == "govern" and not m.spoiled else None
 
     def _due(self) -> int:
         return self.next_start + self.bounds(self.scale)[0 if self.open is None else len(self.open.losses)]
@@ -270,6 +303,7 @@ class Governor:
             "scales": list(self.scales),
             "moved_at": self.moved_at,
             "next_start": self.next_start,
+            "dense": self.dense,
             "open": None if self.open is None else asdict(self.open),
             "pairs": [[p.selection, p.control] for p in self.pairs],
             "spoiled": self.spoiled,
@@ -281,8 +315,8 @@ class Governor:
         return [self.mode, self.segment_steps, self.every, self.window, self.burst, self.control_scale]
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue ``state_dict()``'s run; refuses another version or other settings. A version 2 state (before
-        control segments were scaled) continues at scale 1 when this governor's ``control_scale`` is 1."""
+        """Continue ``state_dict()``'s run; refuses another version or other settings. Older states continue as
+        their schedule ran (``_upgrade``)."""
         state = _upgrade(state)
         mine = self._settings()
         if state.get("version") != self.VERSION or list(state.get("settings", [])) != mine:
@@ -292,6 +326,7 @@ class Governor:
                 f"{mine}"
             )
         self.arm, self.next_start, self.moved_at = state["arm"], int(state["next_start"]), int(state["moved_at"])
+        self.dense = int(state["dense"])
         self.scale, self.scales = int(state["scale"]), [int(k) for k in state["scales"]]
         self.open = None if state["open"] is None else _Open(**state["open"])
         self.pairs = [Pair(float(x), float(y)) for x, y in state["pairs"]]
@@ -310,16 +345,29 @@ def schedule_valid(segment_steps: int, every: int, window: int, burst: int, cont
 
 
 def _upgrade(state: dict[str, Any]) -> dict[str, Any]:
-    """A version 2 state as version 3 reads it: control scale 1 throughout (the only schedule version 2 had)."""
-    if state.get("version") != 2:
+    """An older state as this version reads it.
+
+    - Version 2 to 3: control scale 1 throughout (the only schedule version 2 had).
+    - Version 3 to 4: version 3's first ``burst`` measurements came every 4 segments whatever they said, that is
+      ``burst - 1`` of them 4 segments after the one before: its ``burst`` is that many of version 4's, all taken
+      once ``burst`` measurements were. (Its next measurement's start is in the state already.)
+    """
+    if state.get("version") == 2:
+        state = {
+            **state,
+            "version": 3,
+            "settings": [*state.get("settings", []), 1],
+            "scale": 1,
+            "scales": [1] * len(state.get("pairs", [])),
+        }
+    if state.get("version") != 3:
         return state
-    return {
-        **state,
-        "version": 3,
-        "settings": [*state.get("settings", []), 1],
-        "scale": 1,
-        "scales": [1] * len(state.get("pairs", [])),
-    }
+    settings = list(state.get("settings", []))
+    if len(settings) != 6:
+        return state  # refused by the settings check
+    burst = max(0, int(settings[4]) - 1)
+    taken = len(state.get("pairs", [])) + int(state.get("spoiled", 0))
+    return {**state, "version": 4, "settings": [*settings[:4], burst, settings[5]], "dense": min(taken, burst)}
 
 
 def _other(arm: Arm) -> Arm:

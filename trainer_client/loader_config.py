@@ -171,9 +171,11 @@ class LoaderConfig:
     payoff_control_scale: int = 0
     # Segments from one measurement's start to the next (>= 4), doubled while governed onto the control.
     payoff_every: int = 10
-    # The first measurements, taken every 4 segments: early in a run the probe loss falls fastest and the arms
-    # differ most; later a segment's loss change is mostly SGD's noise (docs/concepts/payoff.md, the tuning).
-    payoff_burst: int = 3
+    # The most measurements in a run that start 4 segments after the one before, taken while training is on
+    # selection and the measurements since the last move look (before their noise is weighed) to say it loses:
+    # where selection looks to lose the test then decides sooner, where it looks to pay the run spends no more
+    # time on the control than payoff_every asks (docs/concepts/payoff.md, the tuning).
+    payoff_burst: int = 4
     # Measurements a governing decision reads, of those since the governor last moved training: the last this
     # many (>= 2), or 0 for all of them (tuned: a window of 3-4 late in a clean run moved training off selection
     # on noise; all of them never did, and still moved the noisy-label run by its third measurement).

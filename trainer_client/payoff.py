@@ -234,6 +234,17 @@ def compare(pairs: Sequence[Pair], r0: float) -> Verdict:
     return _Fieller.of(pairs).compare(r0)
 
 
+def lean(pairs: Sequence[Pair], costs: ArmCosts) -> float:
+    """The mean of ``x - r0 y`` over ``pairs`` (at least 1), the numerator of the verdict's test without its noise:
+    above 0 where selection's progress per second looks above the control's (per step before the costs are
+    known), below 0 where it looks below."""
+    if not pairs:
+        raise ValueError("a lean needs at least 1 measurement, received 0")
+    per_step = costs.per_step()
+    r0 = per_step[0] / per_step[1] if per_step is not None and min(per_step) > 0 else 1.0
+    return sum(p.selection - r0 * p.control for p in pairs) / len(pairs)
+
+
 def estimate(pairs: Sequence[Pair], costs: ArmCosts) -> Payoff | None:
     """The payoff from a run's measurements and its arms' costs; None with fewer than 2 measurements."""
     if len(pairs) < 2:

@@ -40,6 +40,7 @@ class Entry:
 _INTEL = "the 2-core Intel CPU of research rounds 1-9 (its JSON predates the CPU model field)"
 CATALOG: dict[str, Entry] = {
     "demo_recommended_xeon_amx.json": Entry("2026-12-06"),
+    "frontier_noisy_random.json": Entry("2026-12-06"),
     **{
         f"frontier_payoff_{t}.json": Entry("2026-12-06")
         for t in ("clean", "noisy", "longtail", "released", "released_equal_time")
