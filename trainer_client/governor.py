@@ -170,8 +170,13 @@ class Governor:
         is on selection, fewer than ``burst`` measurements came so, and the measurements since the last move are
         fewer than 2 (no estimate yet) or look (before their noise is weighed) to say that selection's progress
         per second is below the control's."""
+        since, leaning = self._since()
+        return self._dense(since, self.dense, leaning)
+
+    def _since(self) -> tuple[int, bool]:
+        """(the measurements since the last move, whether they lean toward a move: none yet, or the lean below 0)."""
         since = self.pairs[self.moved_at :]
-        return self._dense(len(since), self.dense, not since or lean(since, self.costs) < 0)
+        return len(since), not since or lean(since, self.costs) < 0
 
     def _dense(self, since: int, dense: int, leaning: bool) -> bool:
         """``dense_next`` with ``since`` measurements since the last move, ``dense`` taken 4 segments apart, and
@@ -182,18 +187,16 @@ class Governor:
     def period(self) -> int:
         """Steps from the open (or next) measurement's start to the one after, as the measurements stand (the
         forecast: ``arm_at``)."""
-        since = self.pairs[self.moved_at :]
-        leaning = not since or lean(since, self.costs) < 0
-        return self.period_of(self.arm, self.scale, self._dense(len(since) + 1, self.dense, leaning))
+        since, leaning = self._since()
+        return self.period_of(self.arm, self.scale, self._dense(since + 1, self.dense, leaning))
 
     def arm_at(self, step: int) -> Arm:
         """The arm step ``step`` (not before the next probe) trains on, as far as the state knows: a decision at a
         measurement's end may change the steps after it, and a later measurement's start and scale are fixed when
         the one before it ends and when it opens (the forecast takes each measurement as recorded, the lean and the
         scale as they stand), so the forecast of a later step can miss."""
-        since = self.pairs[self.moved_at :]
-        leaning = not since or lean(since, self.costs) < 0
-        start, count, dense = self.next_start, len(since), self.dense
+        count, leaning = self._since()
+        start, dense = self.next_start, self.dense
         _, outer, inner, end = self.bounds(self.scale)
         while step >= start + end:  # a later measurement's
             count += 1
