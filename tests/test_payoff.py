@@ -78,6 +78,16 @@ def test_no_progress_in_either_arm_leaves_the_payoff_undetermined() -> None:
     payoff = estimate(pairs, ArmCosts())
     assert payoff is not None and payoff.undetermined and payoff.verdict() == "undetermined"
     assert payoff.describe().startswith("selection's payoff unclear: ")
+    # Where the data keep every ratio (no gap either), no "[-inf, inf]" for a user to read as numbers: the line says
+    # that no ratio is ruled out, and why.
+    rng = np.random.default_rng(1)
+    pairs = [Pair(rng.normal(0, 0.003), rng.normal(0, 0.003)) for _ in range(6)]
+    payoff = estimate(pairs, ArmCosts())
+    assert payoff is not None and payoff.gap is None and payoff.undetermined
+    assert payoff.describe() == (
+        f"selection's payoff unclear: {payoff.per_step:.2f}x per step, no ratio ruled out at 90% (6 measurements; "
+        "the arms' progress on the probe set is within its noise)"
+    )
 
 
 def test_selection_progressing_where_the_control_does_not_pays_with_an_unbounded_interval() -> None:

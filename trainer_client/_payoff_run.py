@@ -256,7 +256,10 @@ class PayoffRun:
         if g.mode == "govern":
             arms = ["selection", *(d.arm for d in g.decisions)]
             switches = sum(a != b for a, b in itertools.pairwise(arms))
-            line += f"; governed: training on {g.arm} after {switches} switch{'es' if switches != 1 else ''}"
+            if switches:
+                line += f"; governed: training on {g.arm} after {switches} switch{'es' if switches != 1 else ''}"
+            else:
+                line += "; governed: training stayed on selection"
         run_s = 0.0 if self._began is None else time.perf_counter() - self._began
         share = self.probe_s / run_s if run_s > 0 else 0.0
         line += f"; probes took {share:.1%} of the run"

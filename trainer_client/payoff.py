@@ -147,13 +147,17 @@ class Payoff:
         """One line for a summary, e.g. ``selection paid: 1.30x [1.10, 1.52] per second (8 measurements)``."""
         head = {"pays": "selection paid", "loses": "selection lost", "undetermined": "selection's payoff unclear"}
         value, lo, hi, unit = self._headline()
+        count = f"{self.measurements} measurement{'s' if self.measurements != 1 else ''}"
+        if self.gap is None and not (math.isfinite(lo) or math.isfinite(hi)):
+            # Every ratio is kept: "[-inf, inf]" would read as a number; say what it means instead.
+            return (
+                f"{head[self.verdict()]}: {value:.2f}x {unit}, no ratio ruled out at {LEVEL:.0%} ({count}; the "
+                "arms' progress on the probe set is within its noise)"
+            )
         bounds = f"[{_fmt(lo)}, {_fmt(hi)}]"
         if self.gap is not None:
             bounds = f"[-inf, {_fmt(self.gap[0])}] or [{_fmt(self.gap[1])}, inf]"
-        return (
-            f"{head[self.verdict()]}: {value:.2f}x {bounds} {unit} "
-            f"({self.measurements} measurement{'s' if self.measurements != 1 else ''}, {LEVEL:.0%} interval)"
-        )
+        return f"{head[self.verdict()]}: {value:.2f}x {bounds} {unit} ({count}, {LEVEL:.0%} interval)"
 
 
 def or_nan(x: float | None) -> float:
