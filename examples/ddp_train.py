@@ -47,10 +47,11 @@ def main() -> None:
     train_set, test_set = FashionMNIST("train", limit=args.train_limit), FashionMNIST("test", limit=2000)
     model = DistributedDataParallel(SmallCNN().to(device), device_ids=[device.index] if cuda else None)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    client = SelectionClient(args.endpoint, token=args.token)  # built on every rank, used by rank 0 only
     loader = CoresetLoader(
         train_set,
         model,  # the loader unwraps DDP for its no-grad passes
-        SelectionClient(args.endpoint, token=args.token),  # built on every rank, used by rank 0 only
+        client,
         labels=train_set.targets,
         config=LoaderConfig(batch_size=args.batch_size),
     )
@@ -62,6 +63,7 @@ def main() -> None:
             opt.step()
     finally:
         loader.close()  # rank 0 closes the session
+        client.close()  # every rank: no gRPC thread is left running into the interpreter's shutdown
 
     stats = loader.stats
     print(
