@@ -18,10 +18,10 @@ Every sparser schedule is a subsequence of the dense one. Two kinds are replayed
 For each it replays the governor's reading after each kept measurement, ``trainer_client.payoff.estimate`` on the
 measured pairs and the run's own costs, and writes the verdicts as a string (``P`` pays, ``L`` loses, ``.``
 undetermined, ``-`` before 2 measurements), the step of the first ``L`` (a dense measurement ``i`` ends at step
-``80 i + 80``), and how many kept measurements end by step 480 (the control's share of a short run). A schedule
-that never says ``L`` on a task where selection pays, says it early where it loses, and keeps few measurements
-where it pays is the one to keep. (A sparser schedule trains fewer control steps than the dense run did, and
-the adaptive replay reads the run's final costs; the replay ignores both.)
+``(4 i + 4) L``, ``L`` the run's segment length), and how many kept measurements end by step 480 (the control's
+share of a short run). A schedule that never says ``L`` on a task where selection pays, says it early where it
+loses, and keeps few measurements where it pays is the one to keep. (A sparser schedule trains fewer control steps
+than the dense run did, and the adaptive replay reads the run's final costs; the replay ignores both.)
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ STRIDES = (2, 3)
 WINDOWS = (2, 3, 4, 0)
 ADAPTIVE_BURSTS = (2, 3, 4, 5)
 CODE = {"pays": "P", "loses": "L", "undetermined": "."}
-SEGMENT_STEPS, DENSE_SEGMENTS = 20, 4
+DENSE_SEGMENTS = 4
 
 
 def verdicts(pairs: list[Pair], costs: ArmCosts, kept: list[int], window: int) -> str:
@@ -69,9 +69,9 @@ def adaptive(pairs: list[Pair], costs: ArmCosts, burst: int, stride: int) -> lis
         kept.append(nxt)
 
 
-def summary(pairs: list[Pair], costs: ArmCosts, kept: list[int], window: int) -> dict[str, Any]:
+def summary(pairs: list[Pair], costs: ArmCosts, kept: list[int], window: int, segment_steps: int) -> dict[str, Any]:
     v = verdicts(pairs, costs, kept, window)
-    end = [SEGMENT_STEPS * (DENSE_SEGMENTS * i + 4) for i in kept]  # a kept measurement's last step
+    end = [segment_steps * (DENSE_SEGMENTS * i + 4) for i in kept]  # a kept measurement's last step
     first_loss = next((end[k] for k, c in enumerate(v) if c == "L"), None)
     return {
         "measurements": kept,
@@ -81,17 +81,17 @@ def summary(pairs: list[Pair], costs: ArmCosts, kept: list[int], window: int) ->
     }
 
 
-def run_schedules(pairs: list[Pair], costs: ArmCosts) -> dict[str, Any]:
+def run_schedules(pairs: list[Pair], costs: ArmCosts, segment_steps: int) -> dict[str, Any]:
     schedules = {}
     for burst in BURSTS:
         for stride in STRIDES:
             for window in WINDOWS:
                 name = f"fixed: burst {burst}, every {DENSE_SEGMENTS * stride} segments, window {window or 'all'}"
-                schedules[name] = summary(pairs, costs, fixed(len(pairs), burst, stride), window)
+                schedules[name] = summary(pairs, costs, fixed(len(pairs), burst, stride), window, segment_steps)
     for burst in ADAPTIVE_BURSTS:
         for stride in STRIDES:
             name = f"adaptive: burst {burst}, every {DENSE_SEGMENTS * stride} segments, window all"
-            schedules[name] = summary(pairs, costs, adaptive(pairs, costs, burst, stride), 0)
+            schedules[name] = summary(pairs, costs, adaptive(pairs, costs, burst, stride), 0, segment_steps)
     return schedules
 
 
@@ -111,7 +111,8 @@ def task(path: Path) -> dict[str, Any]:
             "payoff": run["detail"]["payoff"],
             "pairs_per_step_e3": [[round(p.selection * 1e3, 3), round(p.control * 1e3, 3)] for p in pairs],
             "seconds_per_step": costs.per_step(),
-            "schedules": run_schedules(pairs, costs),
+            "segment_steps": governor["settings"][1],  # the run's L (mode, segment_steps, every, ...)
+            "schedules": run_schedules(pairs, costs, governor["settings"][1]),
         }
     if not seeds:
         raise ValueError(f"{path} has no run with a payoff state (crest-measure with payoff on)")
