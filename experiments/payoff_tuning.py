@@ -106,13 +106,14 @@ def task(path: Path) -> dict[str, Any]:
         governor = state["governor"]
         pairs = [Pair(*p) for p in governor["pairs"]]
         costs = ArmCosts(**governor["costs"])
+        length = int(governor["settings"][1])  # the run's L (settings: mode, segment_steps, every, ...)
         seeds[str(run["seed"])] = {
             "accuracy": {r["method"]: r["accuracy"] for r in doc["runs"] if r["seed"] == run["seed"]},
             "payoff": run["detail"]["payoff"],
             "pairs_per_step_e3": [[round(p.selection * 1e3, 3), round(p.control * 1e3, 3)] for p in pairs],
             "seconds_per_step": costs.per_step(),
-            "segment_steps": governor["settings"][1],  # the run's L (mode, segment_steps, every, ...)
-            "schedules": run_schedules(pairs, costs, governor["settings"][1]),
+            "segment_steps": length,
+            "schedules": run_schedules(pairs, costs, length),
         }
     if not seeds:
         raise ValueError(f"{path} has no run with a payoff state (crest-measure with payoff on)")
