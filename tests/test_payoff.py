@@ -85,8 +85,8 @@ def test_no_progress_in_either_arm_leaves_the_payoff_undetermined() -> None:
     payoff = estimate(pairs, ArmCosts())
     assert payoff is not None and payoff.gap is None and payoff.undetermined
     assert payoff.describe() == (
-        f"selection's payoff unclear: {payoff.per_step:.2f}x per step, no ratio ruled out at 90% (6 measurements; "
-        "the arms' progress on the probe set is within its noise)"
+        "selection's payoff unclear: no ratio ruled out at 90% (6 measurements; the arms' progress on the probe set "
+        f"is within its noise; point estimate {payoff.per_step:.2f}x per step)"
     )
 
 

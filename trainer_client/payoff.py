@@ -149,10 +149,11 @@ class Payoff:
         value, lo, hi, unit = self._headline()
         count = f"{self.measurements} measurement{'s' if self.measurements != 1 else ''}"
         if self.gap is None and not (math.isfinite(lo) or math.isfinite(hi)):
-            # Every ratio is kept: "[-inf, inf]" would read as a number; say what it means instead.
+            # Every ratio is kept: "[-inf, inf]" would read as a number; say what it means instead, and give the
+            # point estimate last, as what it is (it can point either way: docs/concepts/payoff.md).
             return (
-                f"{head[self.verdict()]}: {value:.2f}x {unit}, no ratio ruled out at {LEVEL:.0%} ({count}; the "
-                "arms' progress on the probe set is within its noise)"
+                f"{head[self.verdict()]}: no ratio ruled out at {LEVEL:.0%} ({count}; the arms' progress on the "
+                f"probe set is within its noise; point estimate {value:.2f}x {unit})"
             )
         bounds = f"[{_fmt(lo)}, {_fmt(hi)}]"
         if self.gap is not None:
