@@ -91,9 +91,9 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    # DDP keeps the gloo group and its threads alive past destroy_process_group() (torch 2.13), and a rank that
-    # exits while its peer is still up can abort in the process's own teardown ("terminate called without an
-    # active exception"): torchrun then fails a job whose work is done. End the rank here, output flushed.
+    # DDP keeps the gloo group and its threads alive past destroy_process_group() (torch 2.13), and a rank can then
+    # abort in the process's own teardown ("terminate called without an active exception"): torchrun then fails a
+    # job whose work is done. End the rank here, output flushed.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
