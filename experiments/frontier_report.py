@@ -7,7 +7,8 @@ accuracy, so a method's frontier is built from whole runs, never from the middle
 - ``envelope``: the upper envelope of (time, accuracy) points, the best accuracy reached at or before each time
   (the points no faster point matches), increasing in both;
 - ``accuracy_at`` / ``time_to``: linear interpolation between the envelope's points (before its first point: None;
-  after its last: the last accuracy; above its best accuracy: never, None);
+  after its last: the last accuracy; above its best accuracy: never, None). An equal-time comparison reads a
+  baseline's frontier only up to its longest run: past it, the last accuracy is what the baseline reached sooner;
 - ``paired``: differences between two methods over the seeds both ran (same seed, same initial weights).
 
 The paper's metric, against the converged reference (full data at E or 2E epochs), is kept apart and labelled
@@ -281,7 +282,10 @@ def _equal_steps_and_time(
     bases: Sequence[str] = BASELINES,
 ) -> dict[str, Any]:
     """Each selection run against the baselines of its seed: at equal steps (the same budget) and at equal
-    wall-clock (the baseline's per-seed frontier at the run's wall time)."""
+    wall-clock (the baseline's per-seed frontier at the run's wall time). A run that outlasts the baseline's longest
+    run of its seed has no equal-time comparison: the baseline's frontier stops there, and its last accuracy is
+    what it reached in less time, not what it would reach in the run's; such seeds are listed in
+    ``equal_time_beyond``."""
     out: dict[str, Any] = {}
     for m in (m for m in selectors if m in methods):
         out[m] = {}
@@ -290,11 +294,15 @@ def _equal_steps_and_time(
             row: dict[str, Any] = {}
             for base in (x for x in bases if x in methods):
                 same = _by(sweep, base, b)
-                at_time = {}
+                at_time, beyond = {}, []
                 for s, r in mine.items():
                     front = envelope(
                         {"time_s": x.wall_s, "accuracy": x.accuracy} for x in sweep if x.method == base and x.seed == s
                     )
+                    ran = [x.wall_s for x in sweep if x.method == base and x.seed == s]
+                    if ran and r.wall_s > max(ran):
+                        beyond.append(s)
+                        continue
                     acc = accuracy_at(front, r.wall_s)
                     if acc is not None:
                         at_time[s] = acc
@@ -303,6 +311,7 @@ def _equal_steps_and_time(
                         {s: r.accuracy for s, r in mine.items()}, {s: x.accuracy for s, x in same.items()}
                     ),
                     "equal_time": paired({s: r.accuracy for s, r in mine.items()}, at_time),
+                    "equal_time_beyond": sorted(beyond),
                     "time_per_step_ratio": mean_sd(
                         [r.wall_s / same[s].wall_s for s, r in mine.items() if s in same and same[s].wall_s > 0]
                     ),

@@ -22,6 +22,16 @@ def _pair(p: dict[str, Any] | None) -> str:
     return _pm(p, "+.4f") + (f" ({p['verdict']})" if p["verdict"] else "") + f" n={p['n']}"
 
 
+def _equal_time(row: dict[str, Any], base: str) -> str:
+    """The equal-time pair, and the seeds whose runs outlast the baseline's longest (no comparison there)."""
+    beyond = row.get("equal_time_beyond") or []
+    cell = _pair(row["equal_time"])
+    if not beyond:
+        return cell
+    past = f"seeds {', '.join(map(str, beyond))} past {base}'s runs"
+    return past if cell == "-" else f"{cell}; {past}"
+
+
 def _x(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}x"
 
@@ -104,7 +114,7 @@ def markdown(summary: dict[str, Any], header: str) -> str:
             for b in budgets:
                 row = rows[key(b)]
                 cells = [
-                    f"{_pair(row[base]['equal_steps'])} | {_pair(row[base]['equal_time'])} "
+                    f"{_pair(row[base]['equal_steps'])} | {_equal_time(row[base], base)} "
                     f"| {_pm(row[base]['time_per_step_ratio'], '.2f')}"
                     for base in bases
                 ]

@@ -136,6 +136,35 @@ def _hand_made() -> list[FrontierRun]:
     return runs
 
 
+def test_payoff_comparisons_stop_at_the_other_methods_longest_run() -> None:
+    """A measuring run longer than any CREST or full-data run of its seed has no equal-time difference, and its
+    sign check at that budget waits for one, instead of reading the other method's last accuracy."""
+    walls = {"full": (10.0, 25.0), "crest": (12.0, 30.0), "crest-measure": (13.0, 33.0)}
+    accs = {"full": (0.80, 0.86), "crest": (0.82, 0.87), "crest-measure": (0.81, 0.865)}
+    runs = [
+        FrontierRun(
+            method=m,
+            seed=seed,
+            budget=b,
+            steps=(100, 250)[i],
+            wall_s=walls[m][i],
+            accuracy=accs[m][i] + 0.001 * seed,
+            detail={"loader": {"payoff_per_second": 1.3}, "payoff": "selection paid"} if m == "crest-measure" else {},
+        )
+        for seed, m, (i, b) in itertools.product(range(2), walls, enumerate((0.2, 0.5)))
+    ]
+    s = summarize(runs)
+    early, late = (s["selection"]["crest"][k]["full"] for k in ("0.2", "0.5"))
+    assert early["equal_time_beyond"] == [] and early["equal_time"]["n"] == 2
+    assert late["equal_time_beyond"] == [0, 1] and late["equal_time"]["mean"] is None
+    signs = s["payoff"]["sign_agreement"]
+    assert signs["0.2"]["agree"] == {"0": True, "1": True} and signs["0.2"]["crest_minus_full_equal_time"] > 0
+    assert signs["0.5"]["agree"] == {"0": None, "1": None} and signs["0.5"]["crest_minus_full_equal_time"] is None
+    against_crest = s["payoff"]["vs_crest"]["crest-measure"]["0.5"]["crest"]
+    assert against_crest["equal_time_beyond"] == [0, 1] and against_crest["equal_steps"]["n"] == 2
+    assert "seeds 0, 1 past full's runs" in markdown(s, "hand-made")
+
+
 def test_summary_of_hand_made_runs() -> None:
     s = summarize(_hand_made())
     assert s["methods"] == ["full", "random", "crest"] and s["budgets"] == [0.2, 0.5]
@@ -162,11 +191,14 @@ def test_summary_of_hand_made_runs() -> None:
     paper = s["paper"]["methods"]["crest"]["0.5"]
     assert paper["speedup"]["mean"] == pytest.approx(100 / 35)
     assert paper["relative_error"]["mean"] == pytest.approx((0.884 - 0.871) / 0.884)
-    # CREST at equal time: full's seed-0 frontier at 35 s is its 50% point (0.86); at 15 s, halfway to it.
+    # CREST at equal time: at 15 s, full's seed-0 frontier is a third of the way from its 20% point to its 50%
+    # point. CREST's 50% runs (35 s) outlast full's longest (25 s): no equal-time comparison, not full's 0.86.
     row = s["selection"]["crest"]["0.5"]["full"]
-    assert row["equal_time"]["diffs"][0] == pytest.approx(0.87 - 0.86)
-    early = s["selection"]["crest"]["0.2"]["full"]["equal_time"]["diffs"][0]
-    assert early == pytest.approx(0.82 - (0.80 + 0.06 * 5 / 15))
+    assert row["equal_time"]["n"] == 0 and row["equal_time"]["mean"] is None
+    assert row["equal_time_beyond"] == [0, 1, 2] and row["equal_steps"]["n"] == 3
+    early = s["selection"]["crest"]["0.2"]["full"]
+    assert early["equal_time"]["diffs"][0] == pytest.approx(0.82 - (0.80 + 0.06 * 5 / 15))
+    assert early["equal_time_beyond"] == []
     assert row["time_per_step_ratio"]["mean"] == pytest.approx(35 / 25)
     cost = s["cost"]["crest"]["0.5"]
     assert cost["ms_per_step"]["wall_s"]["mean"] == pytest.approx(140.0)

@@ -113,6 +113,24 @@ def _pm(stat: dict[str, Any] | None, digits: int = 4, sign: str = "") -> str:
     return mean + ("" if sd is None or stat.get("n", 0) < 2 else f" ± {sd:.{digits}f}")
 
 
+def _equal_time(s: dict[str, Any], row: dict[str, Any], method: str, base: str, key: str) -> str:
+    """An equal-time difference's cell, or "past <base>'s runs" where the method's runs outlast the baseline's
+    longest (its frontier stops there). Summaries written before ``equal_time_beyond`` existed took the baseline's
+    last accuracy there, which is an equal-step number; for them this is judged by the two methods' mean times."""
+    past = f"past {LABELS.get(base, base)}'s runs"
+    beyond = row.get("equal_time_beyond")
+    if beyond is None:
+        mine, theirs = s["points"].get(method, {}).get(key), s["points"].get(base, {})
+        if mine and theirs and mine["wall_s"]["mean"] > max(q["wall_s"]["mean"] for q in theirs.values()):
+            return past
+        return _pm(row.get("equal_time"), sign="+")
+    if not beyond:
+        return _pm(row.get("equal_time"), sign="+")
+    if not row.get("equal_time", {}).get("n"):
+        return past
+    return f"{_pm(row['equal_time'], sign='+')} ({len(beyond)} seed{'s' if len(beyond) > 1 else ''} {past})"
+
+
 def _x(x: float | None) -> str:
     return "never" if x is None else f"{x:.2f}x"
 
@@ -175,7 +193,7 @@ def _frontier(path: Path, data: dict[str, Any]) -> list[str]:
         vs_full = crest.get(key, {}).get("full", {})
         cells += [
             _pm(vs_full.get("equal_steps"), sign="+"),
-            _pm(vs_full.get("equal_time"), sign="+"),
+            _equal_time(s, vs_full, "crest", "full", key),
             _f(vs_full.get("time_per_step_ratio", {}).get("mean"), 2),
         ]
         rows.append(cells)
@@ -216,10 +234,15 @@ def _payoff_frontier(path: Path, data: dict[str, Any]) -> list[str]:
         rows.append(
             [
                 _budget(key, None),
-                _pm(vs_crest.get("crest-govern", {}).get(key, {}).get("crest", {}).get("equal_time"), sign="+"),
-                _pm(vs_crest.get("crest-measure", {}).get(key, {}).get("crest", {}).get("equal_time"), sign="+"),
-                _pm(vs_full.get("crest-govern", {}).get(key, {}).get("full", {}).get("equal_time"), sign="+"),
-                _pm(vs_full.get("crest", {}).get(key, {}).get("full", {}).get("equal_time"), sign="+"),
+                *(
+                    _equal_time(s, table.get(m, {}).get(key, {}).get(base, {}), m, base, key)
+                    for table, m, base in (
+                        (vs_crest, "crest-govern", "crest"),
+                        (vs_crest, "crest-measure", "crest"),
+                        (vs_full, "crest-govern", "full"),
+                        (vs_full, "crest", "full"),
+                    )
+                ),
             ]
         )
     lines += _table(head, rows)
