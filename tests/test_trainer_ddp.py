@@ -145,6 +145,11 @@ WORKER = textwrap.dedent(
                   f)
     dist.barrier(group=ddp_group)  # no rank tears gloo down while a peer talks to it (a SIGABRT at exit otherwise)
     dist.destroy_process_group()
+    # DDP keeps gloo's threads past destroy_process_group (torch 2.13), and a rank then aborts now and then in the
+    # interpreter's teardown, after its work (examples/ddp_train.py ends the same way).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
     """
 )
 
