@@ -241,6 +241,27 @@ def test_every_committed_result_is_dated_and_published() -> None:
     assert set(RESULTS.copies()) == {f"{RESULTS.DATA}/{p.name}" for p in results}
 
 
+def test_frontier_pages_do_not_pass_bounds_off_as_measurements() -> None:
+    """A run past the baseline's longest has no equal-time cell, and a frontier that starts above a target gives
+    only a bound on the time to it, with no speedup."""
+    first = {"time_s": 50.0, "accuracy": 0.92}
+    s = {
+        "frontier": {"full": {"time": [first]}, "crest": {"time": [{"time_s": 40.0, "accuracy": 0.90}, first]}},
+        "points": {"full": {"0.5": {"wall_s": {"mean": 50.0}}}, "crest": {"0.5": {"wall_s": {"mean": 60.0}}}},
+    }
+    target = {"accuracy": 0.91, "time_s": {"full": 50.0, "crest": 45.0}, "speedup_vs_full": {"crest": 50 / 45}}
+    assert RESULTS._time_to(s, target, "full") == "≤ 50.0 s"
+    assert RESULTS._time_to(s, target, "crest") == "45.0 s"  # full's time is a bound: no ratio with it
+    pair = {"mean": 0.004, "sd": 0.001, "n": 2}
+    assert RESULTS._equal_time(s, {"equal_time": pair, "equal_time_beyond": []}, "crest", "full", "0.5") == (
+        "+0.0040 ± 0.0010"
+    )
+    beyond = {"equal_time": pair, "equal_time_beyond": [1]}
+    assert RESULTS._equal_time(s, beyond, "crest", "full", "0.5") == "+0.0040 ± 0.0010 (1 seed past full data's runs)"
+    # A summary written before equal_time_beyond: judged by the mean times (CREST's 60 s past full's 50 s).
+    assert RESULTS._equal_time(s, {"equal_time": pair}, "crest", "full", "0.5") == "past full data's runs"
+
+
 def test_an_undated_result_stops_the_build() -> None:
     with pytest.raises(ValueError, match="has no date"):
         RESULTS.date_of(RESULTS.RESULTS / "no_date_here.json", {})
