@@ -8,7 +8,8 @@ accuracy, so a method's frontier is built from whole runs, never from the middle
   (the points no faster point matches), increasing in both;
 - ``accuracy_at`` / ``time_to``: linear interpolation between the envelope's points (before its first point: None;
   after its last: the last accuracy; above its best accuracy: never, None). An equal-time comparison reads a
-  baseline's frontier only up to its longest run: past it, the last accuracy is what the baseline reached sooner;
+  baseline's frontier only up to its longest run, since past it the last accuracy is what the baseline reached
+  sooner (``equal_time_beyond``);
 - ``paired``: differences between two methods over the seeds both ran (same seed, same initial weights).
 
 The paper's metric, against the converged reference (full data at E or 2E epochs), is kept apart and labelled
@@ -296,14 +297,11 @@ def _equal_steps_and_time(
                 same = _by(sweep, base, b)
                 at_time, beyond = {}, []
                 for s, r in mine.items():
-                    front = envelope(
-                        {"time_s": x.wall_s, "accuracy": x.accuracy} for x in sweep if x.method == base and x.seed == s
-                    )
-                    ran = [x.wall_s for x in sweep if x.method == base and x.seed == s]
-                    if ran and r.wall_s > max(ran):
+                    theirs = [x for x in sweep if x.method == base and x.seed == s]
+                    if theirs and r.wall_s > max(x.wall_s for x in theirs):
                         beyond.append(s)
                         continue
-                    acc = accuracy_at(front, r.wall_s)
+                    acc = accuracy_at(envelope({"time_s": x.wall_s, "accuracy": x.accuracy} for x in theirs), r.wall_s)
                     if acc is not None:
                         at_time[s] = acc
                 row[base] = {

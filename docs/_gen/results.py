@@ -119,16 +119,17 @@ def _equal_time(s: dict[str, Any], row: dict[str, Any], method: str, base: str, 
     last accuracy there, which is an equal-step number; for them this is judged by the two methods' mean times."""
     past = f"past {LABELS.get(base, base)}'s runs"
     beyond = row.get("equal_time_beyond")
-    if beyond is None:
+    if beyond is None:  # an older summary
         mine, theirs = s["points"].get(method, {}).get(key), s["points"].get(base, {})
         if mine and theirs and mine["wall_s"]["mean"] > max(q["wall_s"]["mean"] for q in theirs.values()):
             return past
-        return _pm(row.get("equal_time"), sign="+")
+        beyond = []
+    cell = _pm(row.get("equal_time"), sign="+")
     if not beyond:
-        return _pm(row.get("equal_time"), sign="+")
+        return cell
     if not row.get("equal_time", {}).get("n"):
         return past
-    return f"{_pm(row['equal_time'], sign='+')} ({len(beyond)} seed{'s' if len(beyond) > 1 else ''} {past})"
+    return f"{cell} ({len(beyond)} seed{'s' if len(beyond) > 1 else ''} {past})"
 
 
 def _x(x: float | None) -> str:
